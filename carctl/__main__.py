@@ -1,0 +1,3 @@
+from carctl.cli import main
+
+main()

@@ -1,0 +1,60 @@
+"""The ``carctl`` command line.
+
+Each command lives in its own module and imports torch, SimpleITK and carctl's numerical
+code inside its body, so that ``carctl --help`` and ``carctl --version`` stay instant.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from carctl import __version__
+from carctl.cli import apply, demo, evaluate, info
+from carctl.cli.console import run_guarded, set_debug
+
+app = typer.Typer(
+    name="carctl",
+    help="Contrast-agnostic registration of medical images (MR, CT, ultrasound).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"carctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks (also accepted after a command).")
+    ] = False,
+) -> None:
+    """Contrast-agnostic registration of medical images (MR, CT, ultrasound)."""
+    if debug:
+        set_debug(True)
+
+
+for module in (info, apply, evaluate, demo):
+    app.command(name=module.NAME, help=module.command.__doc__)(module.command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: ``--debug`` is accepted anywhere before ``--``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    head = args[: args.index("--")] if "--" in args else args
+    if "--debug" in head:
+        set_debug(True)
+        args.remove("--debug")
+    sys.exit(run_guarded(lambda: app(args=args, prog_name="carctl")))

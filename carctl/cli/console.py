@@ -1,0 +1,99 @@
+"""Everything the CLI shows: rich consoles, one-line errors, tables.
+
+The library never prints; commands hand their results here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from carctl.errors import CarctlError
+
+_state = {"debug": os.environ.get("CARCTL_DEBUG", "") not in ("", "0")}
+INTERNAL_ERROR = 70  # EX_SOFTWARE
+
+
+def set_debug(value: bool) -> None:
+    _state["debug"] = value
+
+
+def is_debug() -> bool:
+    return _state["debug"]
+
+
+def stdout() -> Console:
+    return Console(highlight=False, soft_wrap=True)
+
+
+def stderr() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def run_guarded(fn: Callable[[], Any]) -> int:
+    """Run ``fn``; turn errors into one line on stderr and an exit code (tracebacks with --debug)."""
+    try:
+        fn()
+    except SystemExit as done:
+        code = done.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except CarctlError as error:
+        if is_debug():
+            traceback.print_exc()
+        _print_error(str(error))
+        return error.exit_code
+    except KeyboardInterrupt:
+        _print_error("interrupted")
+        return 130
+    except Exception as error:  # a bug: keep it short unless asked
+        if is_debug():
+            traceback.print_exc()
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        _print_error(
+            f"internal error: {type(error).__name__}: {message} (run with --debug for details)"
+        )
+        return INTERNAL_ERROR
+    return 0
+
+
+def _print_error(message: str) -> None:
+    print(f"carctl: error: {' '.join(message.split())}", file=sys.stderr)
+
+
+def emit_json(payload: dict, target: str | None, *, force: bool, inputs=()) -> None:
+    """Write ``payload`` as JSON to ``target`` (``-`` is stdout); nothing when ``target`` is None."""
+    if target is None:
+        return
+    text = json.dumps(payload, indent=2, allow_nan=False, default=_jsonable) + "\n"
+    if target == "-":
+        sys.stdout.write(text)
+    else:
+        from carctl.io import write_text
+
+        write_text(text, target, force=force, inputs=inputs, extensions=(".json",))
+
+
+def _jsonable(value: Any) -> Any:
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def key_value_table(title: str, rows: list[tuple[str, str]]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left", box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, value)
+    return table

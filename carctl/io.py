@@ -1,0 +1,392 @@
+"""Reading and writing images and point sets, with their geometry kept (SimpleITK).
+
+Readable: NIfTI (``.nii``, ``.nii.gz``), MetaImage (``.mha``, ``.mhd``), NRRD (``.nrrd``,
+``.nhdr``), Analyze (``.hdr``/``.img``), a single DICOM file and a DICOM series given as a
+directory. 2-D and 3-D scalar images; a 4-D file is read one volume at a time with the
+``PATH:N`` syntax (see :func:`split_volume`).
+
+Every output is written atomically: into a temporary folder beside the target, then moved
+into place, so that an interrupted run leaves no partial file. An existing output is only
+replaced with ``force``, and an input is never written over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from carctl.errors import InputError, OutputError
+from carctl.spatial.grid import Grid
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+    import torch
+
+#: Extensions carctl writes images to; a ``.hdr`` header is written with its ``.img``.
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".hdr")
+# Files that an image format writes next to its header.
+_COMPANIONS = {".mhd": (".raw", ".zraw"), ".hdr": (".img", ".img.gz"), ".nhdr": (".raw.gz",)}
+_VOLUME_SUFFIX = re.compile(r"^(?P<path>.+):(?P<volume>\d+)$")
+_DICOM_DESCRIPTION = "0008|103e"
+_DICOM_MODALITY = "0008|0060"
+
+
+@dataclass(eq=False)
+class Image:
+    """A scalar image: voxel ``array`` in ``(Z, Y, X)`` order and its physical ``grid``."""
+
+    array: np.ndarray
+    grid: Grid
+
+    def __post_init__(self) -> None:
+        if self.array.shape != self.grid.shape:
+            raise ValueError(f"array of shape {self.array.shape} on a grid of {self.grid.shape}")
+
+    def tensor(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The voxels as a ``(1, 1, *shape)`` tensor (the array's dtype unless ``dtype``)."""
+        import torch
+
+        t = torch.from_numpy(np.ascontiguousarray(self.array))
+        return t[None, None] if dtype is None else t[None, None].to(dtype)
+
+    def to_sitk(self) -> sitk.Image:
+        import SimpleITK as sitk
+
+        return self.grid.copy_to(sitk.GetImageFromArray(self.array, isVector=False))
+
+    @classmethod
+    def from_sitk(cls, image: sitk.Image) -> Image:
+        import SimpleITK as sitk
+
+        return cls(sitk.GetArrayFromImage(image), Grid.from_sitk(image))
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    uid: str
+    description: str
+    modality: str
+    files: tuple[str, ...]
+
+
+# --- reading --------------------------------------------------------------------------------
+
+
+def load_sitk():
+    import SimpleITK as sitk
+
+    # ITK prints warnings (e.g. "Analyze file is deprecated") straight to stderr.
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    return sitk
+
+
+def one_line_reason(error: Exception) -> str:
+    """One line out of a multi-line ITK exception message."""
+    text = str(error)
+    for pattern, reason in (
+        (r"Unable to determine ImageIO reader|Could not create IO object", "not an image carctl can read"),
+        (r"(?i)gz|zlib|inflate|unexpected end|short read|truncat|read failed|Premature EOF", "the file is truncated or corrupted"),
+    ):
+        if re.search(pattern, text):
+            return reason
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if not line.startswith(("sitk::ERROR", "ITK ERROR")) or ":" in line:
+            return line.split(": ", 1)[-1][:200]
+    return "unreadable"
+
+
+def split_volume(spec: str | os.PathLike) -> tuple[Path, int | None]:
+    """``PATH:N`` -> (PATH, N) for volume N of a 4-D file; a plain path -> (path, None)."""
+    text = os.fspath(spec)
+    match = _VOLUME_SUFFIX.match(text)
+    if match and not os.path.exists(text):
+        return Path(match["path"]), int(match["volume"])
+    return Path(text), None
+
+
+def list_dicom_series(directory: str | os.PathLike) -> list[DicomSeries]:
+    """The DICOM series in ``directory`` (not recursive), each with its files sorted by position."""
+    sitk = load_sitk()
+    directory = os.fspath(directory)
+    series = []
+    for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(directory):
+        files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(directory, uid))
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(files[0])
+        description = modality = ""
+        with contextlib.suppress(RuntimeError):
+            reader.ReadImageInformation()
+            if reader.HasMetaDataKey(_DICOM_DESCRIPTION):
+                description = reader.GetMetaData(_DICOM_DESCRIPTION).strip()
+            if reader.HasMetaDataKey(_DICOM_MODALITY):
+                modality = reader.GetMetaData(_DICOM_MODALITY).strip()
+        series.append(DicomSeries(uid, description, modality, files))
+    return series
+
+
+def _read_dicom_directory(directory: Path, series: str | None) -> sitk.Image:
+    sitk = load_sitk()
+    found = list_dicom_series(directory)
+    if not found:
+        raise InputError(f"no DICOM series found in directory '{directory}'")
+    if series is None:
+        if len(found) > 1:
+            listing = "; ".join(
+                f"{s.uid} ({s.modality} '{s.description}', {len(s.files)} files)" for s in found
+            )
+            raise InputError(
+                f"directory '{directory}' holds {len(found)} DICOM series; "
+                f"choose one with --series UID: {listing}"
+            )
+        chosen = found[0]
+    else:
+        matches = [s for s in found if s.uid == series]
+        if not matches:
+            uids = ", ".join(s.uid for s in found)
+            raise InputError(f"no DICOM series '{series}' in '{directory}'; it holds: {uids}")
+        chosen = matches[0]
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(list(chosen.files))
+    return reader.Execute()
+
+
+def read_sitk(spec: str | os.PathLike, series: str | None = None) -> sitk.Image:
+    """Read ``spec`` (a file, ``FILE:N`` or a DICOM directory) as a 2-D or 3-D scalar image."""
+    sitk = load_sitk()
+    path, volume = split_volume(spec)
+    if not path.exists():
+        raise InputError(f"no such file or directory: '{path}'")
+    try:
+        if path.is_dir():
+            image = _read_dicom_directory(path, series)
+        else:
+            if series is not None:
+                raise InputError(f"--series applies to a DICOM directory, not to the file '{path}'")
+            if path.stat().st_size == 0:
+                raise InputError(f"cannot read image '{path}': the file is empty")
+            image = sitk.ReadImage(os.fspath(path))
+    except RuntimeError as error:
+        raise InputError(f"cannot read image '{path}': {one_line_reason(error)}") from error
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(
+            f"'{path}' has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
+            "carctl registers scalar images"
+        )
+    if "complex" in image.GetPixelIDTypeAsString():
+        raise InputError(f"'{path}' holds complex values; carctl registers real scalar images")
+    return _select_volume(image, path, volume)
+
+
+def _select_volume(image: sitk.Image, path: Path, volume: int | None) -> sitk.Image:
+    sitk = load_sitk()
+    dim = image.GetDimension()
+    if dim == 4:
+        size = list(image.GetSize())
+        if volume is None and size[3] == 1:
+            volume = 0
+        if volume is None:
+            raise InputError(
+                f"'{path}' is 4-D with {size[3]} volumes; choose one as '{path}:N' (N from 0)"
+            )
+        if volume >= size[3]:
+            raise InputError(f"'{path}' has {size[3]} volumes; there is no volume {volume}")
+        return sitk.Extract(image, [*size[:3], 0], [0, 0, 0, volume])
+    if volume is not None:
+        raise InputError(f"'{path}' is {dim}-D; ':{volume}' selects a volume of a 4-D file")
+    if dim not in (2, 3):
+        raise InputError(f"'{path}' is {dim}-D; carctl reads 2-D and 3-D images")
+    return image
+
+
+def read_image(spec: str | os.PathLike, series: str | None = None) -> Image:
+    """Read a 2-D or 3-D scalar image with its geometry; see :func:`read_sitk`."""
+    image = read_sitk(spec, series)
+    try:
+        grid = Grid.from_sitk(image)
+    except ValueError as error:
+        raise InputError(f"'{spec}' has an unusable geometry: {error}") from error
+    import SimpleITK as sitk
+
+    return Image(sitk.GetArrayFromImage(image), grid)
+
+
+def input_files(spec: str | os.PathLike) -> list[Path]:
+    """Every file an input reads: the file itself, its data file, or a directory's files."""
+    path, _ = split_volume(spec)
+    if path.is_dir():
+        return [p for p in path.iterdir() if p.is_file()]
+    files = [path]
+    suffix = image_suffix(path)
+    for companion in _COMPANIONS.get(suffix, ()):
+        files.append(path.with_name(path.name[: -len(suffix)] + companion))
+    return files
+
+
+# --- writing --------------------------------------------------------------------------------
+
+
+def image_suffix(path: str | os.PathLike) -> str:
+    name = os.fspath(path).lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def check_output(
+    path: str | os.PathLike,
+    *,
+    force: bool = False,
+    inputs: Iterable[str | os.PathLike] = (),
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+) -> Path:
+    """Refuse an output path before any work is done: bad extension, existing, or an input."""
+    path = Path(path)
+    suffix = image_suffix(path)
+    if suffix not in extensions:
+        raise OutputError(
+            f"cannot write '{path}': unknown extension; use one of {', '.join(extensions)}"
+        )
+    targets = [path] + [
+        path.with_name(path.name[: -len(suffix)] + c) for c in _COMPANIONS.get(suffix, ())[:1]
+    ]
+    protected = {os.path.realpath(f) for spec in inputs for f in input_files(spec)}
+    for target in targets:
+        if os.path.realpath(target) in protected:
+            raise OutputError(f"refusing to write '{target}': it is one of the inputs")
+    if path.exists() and not force:
+        raise OutputError(f"'{path}' exists; use --force to overwrite it")
+    if path.is_dir():
+        raise OutputError(f"cannot write '{path}': it is a directory")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_output(
+    path: str | os.PathLike,
+    *,
+    force: bool = False,
+    inputs: Iterable[str | os.PathLike] = (),
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+) -> Iterator[Path]:
+    """Yield a temporary path with ``path``'s name; on success move what was written into place.
+
+    Multi-file formats (``.mhd`` + ``.raw``, ``.hdr`` + ``.img``) move as a whole, the header
+    last. On any error nothing is left behind.
+    """
+    path = check_output(path, force=force, inputs=inputs, extensions=extensions)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".carctl-", dir=path.parent))
+    try:
+        yield staging / path.name
+        written = sorted(staging.iterdir(), key=lambda p: p.name == path.name)
+        if not any(p.name == path.name for p in written):
+            raise OutputError(f"nothing was written to '{path}'")
+        for produced in written:
+            os.replace(produced, path.parent / produced.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_sitk(
+    image: sitk.Image,
+    path: str | os.PathLike,
+    *,
+    force: bool = False,
+    inputs: Iterable[str | os.PathLike] = (),
+) -> Path:
+    """Write a SimpleITK image atomically (compressed where the format allows)."""
+    sitk = load_sitk()
+    with atomic_output(path, force=force, inputs=inputs) as temporary:
+        try:
+            sitk.WriteImage(image, os.fspath(temporary), useCompression=True)
+        except RuntimeError as error:
+            raise OutputError(f"cannot write '{path}': {one_line_reason(error)}") from error
+    return Path(path)
+
+
+def write_image(
+    image: Image,
+    path: str | os.PathLike,
+    *,
+    force: bool = False,
+    inputs: Iterable[str | os.PathLike] = (),
+) -> Path:
+    """Write ``image`` with its geometry, atomically; see :func:`atomic_output`."""
+    return write_sitk(image.to_sitk(), path, force=force, inputs=inputs)
+
+
+def write_text(
+    text: str,
+    path: str | os.PathLike,
+    *,
+    force: bool = False,
+    inputs: Iterable[str | os.PathLike] = (),
+    extensions: Sequence[str] = (".json", ".csv", ".txt"),
+) -> Path:
+    with atomic_output(path, force=force, inputs=inputs, extensions=extensions) as temporary:
+        temporary.write_text(text)
+    return Path(path)
+
+
+# --- point sets ----------------------------------------------------------------------------
+
+
+def read_points(path: str | os.PathLike, ndim: int = 3, grid: Grid | None = None) -> np.ndarray:
+    """Read landmarks as physical LPS points ``(P, D)``.
+
+    Formats: CSV with columns ``x,y,z`` (header optional; ANTs' ``antsApplyTransformsToPoints``
+    convention: physical LPS mm), or the elastix/ITK point-set text (``point`` or ``index``
+    on the first line, the count on the second, then one point per line). ``index`` points
+    need the ``grid`` they index.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no such file: '{path}'")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"cannot read points '{path}': {error}") from error
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        raise InputError(f"'{path}' holds no points")
+    kind = lines[0].split()[0].lower()
+    try:
+        if kind in ("point", "index"):
+            count = int(lines[1].split()[0])
+            rows = [[float(v) for v in ln.split()[:ndim]] for ln in lines[2 : 2 + count]]
+            if len(rows) != count:
+                raise ValueError(f"{count} points announced, {len(rows)} found")
+        else:
+            rows = _csv_rows(lines, ndim)
+        points = np.asarray(rows, dtype=np.float64)
+    except (ValueError, IndexError) as error:
+        raise InputError(f"cannot read points '{path}': {error}") from error
+    if points.ndim != 2 or points.shape[1] != ndim:
+        raise InputError(f"cannot read points '{path}': expected {ndim} coordinates per point")
+    if kind == "index":
+        if grid is None:
+            raise InputError(f"'{path}' holds voxel indices: give the image they refer to")
+        points = points @ grid.index_to_physical[:ndim, :ndim].T + grid.index_to_physical[:ndim, ndim]
+    return points
+
+
+def _csv_rows(lines: list[str], ndim: int) -> list[list[float]]:
+    reader = list(csv.reader(lines))
+    header = [h.strip().lower() for h in reader[0]]
+    axes = ["x", "y", "z"][:ndim]
+    if all(a in header for a in axes):
+        columns = [header.index(a) for a in axes]
+        body = reader[1:]
+    else:
+        columns = list(range(ndim))
+        body = reader
+    return [[float(row[c]) for c in columns] for row in body if row]

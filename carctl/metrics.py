@@ -1,0 +1,168 @@
+"""Evaluation metrics: label overlap, surface distances, field regularity, landmark error.
+
+Kept apart from the training and registration losses: these are numpy in, numbers out, and
+define what carctl reports. Distances are physical millimetres.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from carctl.spatial.grid import Grid
+
+# Jacobian determinants are clipped to this range before the logarithm.
+_LOG_JACOBIAN_CLIP = (1e-9, 1e9)
+
+
+@dataclass(frozen=True)
+class LabelScore:
+    label: int
+    dice: float
+    hd95: float | None  # None when one of the two labels is empty
+    hd: float | None
+    voxels_fixed: int
+    voxels_warped: int
+
+
+def as_label_map(array: np.ndarray, name: str = "labels") -> np.ndarray:
+    """Non-negative integer label map from an integer or integral-valued float array."""
+    if array.dtype.kind not in "iub" and (
+        not np.all(np.isfinite(array)) or not np.all(np.equal(np.mod(array, 1), 0))
+    ):
+        raise ValueError(f"{name} is not a label map: it holds non-integer values")
+    labels = array.astype(np.int64)
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"{name} is not a label map: it holds negative values")
+    return labels
+
+
+def _counts(labels: np.ndarray, size: int) -> np.ndarray:
+    return np.bincount(labels.ravel(), minlength=size)
+
+
+def dice(fixed: np.ndarray, warped: np.ndarray) -> dict[int, float]:
+    """Dice overlap ``2|A∩B| / (|A|+|B|)`` of each non-zero label present in either map.
+
+    Both maps hold non-negative integers (see :func:`as_label_map`).
+    """
+    if fixed.shape != warped.shape:
+        raise ValueError(f"label maps of shapes {fixed.shape} and {warped.shape}")
+    size = int(max(fixed.max(initial=0), warped.max(initial=0))) + 1
+    count_a, count_b = _counts(fixed, size), _counts(warped, size)
+    both = _counts(fixed[fixed == warped], size)
+    present = np.nonzero((count_a + count_b)[1:])[0] + 1
+    return {int(k): float(2.0 * both[k] / (count_a[k] + count_b[k])) for k in present}
+
+
+def _bounding_boxes(labels: np.ndarray) -> dict[int, tuple[slice, ...]]:
+    """Array-order bounding box of each non-zero label."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(labels.astype(np.uint32))
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.SetComputePerimeter(False)
+    stats.Execute(image)
+    boxes = {}
+    for label in stats.GetLabels():
+        box = stats.GetBoundingBox(label)  # (x, y, z, size_x, size_y, size_z)
+        d = len(box) // 2
+        start, extent = box[:d][::-1], box[d:][::-1]
+        boxes[int(label)] = tuple(slice(s, s + e) for s, e in zip(start, extent))
+    return boxes
+
+
+def _union(shape: tuple[int, ...], *boxes: tuple[slice, ...] | None) -> tuple[slice, ...]:
+    """Smallest box holding ``boxes``, grown by one voxel (so that surfaces stay surfaces)."""
+    present = [b for b in boxes if b is not None]
+    return tuple(
+        slice(max(min(b[d].start for b in present) - 1, 0), min(max(b[d].stop for b in present) + 1, n))
+        for d, n in enumerate(shape)
+    )
+
+
+def surface(mask: np.ndarray) -> np.ndarray:
+    """Voxels of ``mask`` with a face neighbour outside it (the image border counts as outside)."""
+    padded = np.pad(mask, 1, constant_values=False)
+    interior = mask.copy()
+    for axis in range(mask.ndim):
+        for shift in (0, 2):
+            index = [slice(1, -1)] * mask.ndim
+            index[axis] = slice(shift, shift + mask.shape[axis])
+            interior &= padded[tuple(index)]
+    return mask & ~interior
+
+
+def _distance_to(target: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """Distance (mm) from every voxel to the nearest voxel of ``target`` (exact EDT)."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(target.astype(np.uint8))
+    image.SetSpacing(tuple(float(s) for s in spacing))
+    distance = sitk.SignedMaurerDistanceMap(
+        image, insideIsPositive=False, squaredDistance=False, useImageSpacing=True
+    )
+    return np.maximum(sitk.GetArrayViewFromImage(distance), 0.0)
+
+
+def surface_distances(a: np.ndarray, b: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Distances from each surface voxel of ``a`` to the surface of ``b``, and back (mm).
+
+    ``spacing`` is in ITK (x, y, z) order; the arrays in (Z, Y, X) order.
+    """
+    surface_a, surface_b = surface(a), surface(b)
+    return (
+        _distance_to(surface_b, spacing)[surface_a],
+        _distance_to(surface_a, spacing)[surface_b],
+    )
+
+
+def label_scores(fixed: np.ndarray, warped: np.ndarray, grid: Grid) -> list[LabelScore]:
+    """Dice, HD95 and HD of each non-zero label of two label maps on the same grid.
+
+    The maps hold non-negative integers (see :func:`as_label_map`).
+
+    HD95 is the larger of the two directed 95th percentiles of surface distances (as MONAI and
+    the Learn2Reg evaluation compute it); HD is the largest surface distance.
+    """
+    dices = dice(fixed, warped)
+    boxes_fixed, boxes_warped = _bounding_boxes(fixed), _bounding_boxes(warped)
+    scores = []
+    for label, overlap in dices.items():
+        # The nearest surface voxel always lies in the box around both labels.
+        box = _union(fixed.shape, boxes_fixed.get(label), boxes_warped.get(label))
+        a, b = fixed[box] == label, warped[box] == label
+        na, nb = int(a.sum()), int(b.sum())
+        hd95 = hd = None
+        if na and nb:
+            d_ab, d_ba = surface_distances(a, b, grid.spacing)
+            hd95 = float(max(np.percentile(d_ab, 95), np.percentile(d_ba, 95)))
+            hd = float(max(d_ab.max(), d_ba.max()))
+        scores.append(LabelScore(label, overlap, hd95, hd, na, nb))
+    return scores
+
+
+def jacobian_summary(jacobian: np.ndarray) -> dict[str, float]:
+    """Folding (% of voxels with det J <= 0), spread of log det J, and the det J range."""
+    jacobian = np.asarray(jacobian, dtype=np.float64)
+    log_j = np.log(np.clip(jacobian, *_LOG_JACOBIAN_CLIP))
+    return {
+        "folding_percent": float(100.0 * np.mean(jacobian <= 0)),
+        "log_jacobian_std": float(np.std(log_j)),
+        "jacobian_min": float(jacobian.min()),
+        "jacobian_max": float(jacobian.max()),
+    }
+
+
+def landmark_summary(errors: np.ndarray) -> dict[str, float | int]:
+    """Mean, standard deviation, median and maximum of per-landmark distances (mm)."""
+    errors = np.asarray(errors, dtype=np.float64)
+    return {
+        "count": int(errors.size),
+        "mean": float(errors.mean()),
+        "std": float(errors.std()),
+        "median": float(np.median(errors)),
+        "max": float(errors.max()),
+    }

@@ -1,0 +1,68 @@
+"""Resampling an image through saved transforms: what ``carctl apply`` does, as a function."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from carctl.errors import InputError
+from carctl.io import Image
+from carctl.spatial.files import read_affine, read_field
+from carctl.spatial.grid import Grid
+from carctl.spatial.sample import INTERPOLATORS, warp
+from carctl.spatial.transform import Transform
+
+# Interpolations that return voxels of the input (and so keep its pixel type).
+_KEEPS_VALUES = ("nearest", "label")
+
+
+def load_chain(
+    field: str | os.PathLike | None = None, affine: str | os.PathLike | None = None
+) -> list[Transform]:
+    """The pull-back chain of a field and an affine: the field first, then the affine.
+
+    This is what ``antsApplyTransforms -t FIELD -t AFFINE`` means, and how ANTs'
+    ``1Warp.nii.gz`` and ``0GenericAffine.mat`` combine.
+    """
+    chain: list[Transform] = []
+    if field is not None:
+        chain.append(read_field(field))
+    if affine is not None:
+        chain.append(read_affine(affine))
+    return chain
+
+
+def resample_image(
+    image: Image,
+    reference: Grid,
+    transforms: list[Transform] = (),  # type: ignore[assignment]
+    interpolation: str = "linear",
+    fill: float = 0.0,
+) -> Image:
+    """``image`` resampled onto ``reference`` through ``transforms`` (see :func:`warp`).
+
+    ``linear`` and ``bspline`` give float32 (float64 for a float64 input); ``nearest`` and
+    ``label`` keep the input's pixel type.
+    """
+    if interpolation not in INTERPOLATORS:
+        raise InputError(
+            f"unknown interpolation '{interpolation}'; choose from {', '.join(INTERPOLATORS)}"
+        )
+    for transform in transforms:
+        if transform.ndim != reference.ndim:
+            raise InputError(
+                f"a {transform.ndim}-D transform cannot map a {reference.ndim}-D reference"
+            )
+    if image.grid.ndim != reference.ndim:
+        raise InputError(
+            f"the image is {image.grid.ndim}-D and the reference {reference.ndim}-D"
+        )
+    if interpolation in _KEEPS_VALUES:
+        tensor = image.tensor()
+    else:
+        dtype = torch.float64 if image.array.dtype == np.float64 else torch.float32
+        tensor = image.tensor(dtype)
+    out = warp(tensor, image.grid, reference, transforms, mode=interpolation, fill=fill)
+    return Image(out[0, 0].numpy(), reference)

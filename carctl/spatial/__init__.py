@@ -1,0 +1,1 @@
+"""Coordinate conventions, transforms, warping and transform files; see :mod:`carctl.spatial.grid`."""

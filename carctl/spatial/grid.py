@@ -1,0 +1,219 @@
+"""Coordinate conventions of carctl. This module is the one place where they are defined.
+
+Three coordinate systems are used, always in this sense:
+
+``physical``
+    LPS millimetres, as in ITK, DICOM, SimpleITK and ANTs: +x points to the patient's Left,
+    +y to Posterior, +z to Superior. A point is a vector ``(x, y, z)`` (``(x, y)`` in 2-D).
+    Transforms, displacement fields and landmarks live here.
+``index``
+    the continuous ITK index ``(i, j, k)``: ``i`` runs along the first image axis (the one
+    that is fastest in memory), and ``physical = origin + direction @ diag(spacing) @ index``.
+    Voxel centres sit at integer indices.
+``normalised``
+    :func:`torch.nn.functional.grid_sample` coordinates with ``align_corners=True``:
+    index ``0`` maps to ``-1`` and index ``size - 1`` to ``+1``; components ordered like the
+    index, ``(i, j, k)``.
+
+Array layout: voxel arrays are ``(Z, Y, X)`` = ``(k, j, i)``, SimpleITK's ``GetArrayFromImage``
+order; batched tensors are ``(N, C, Z, Y, X)`` (``(N, C, Y, X)`` in 2-D). A vector image such
+as a displacement field keeps its ``D`` components in the channel dimension, in physical
+``(x, y, z)`` order. Point tensors are ``(..., D)`` with the components last.
+
+A point is *inside* a grid when every index component lies in ``[-0.5, size - 0.5)``: the
+rule ITK's interpolators use, so that carctl samples the same voxels as ITK and ANTs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import SimpleITK as sitk
+    import torch
+
+# An axis is "aligned" when its direction cosine is this close to a world axis.
+_ALIGNED_TOLERANCE = 1e-4
+_ORIENTATION_LETTERS = (("L", "R"), ("P", "A"), ("S", "I"))
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The sampling grid of an image: where each voxel sits in physical space.
+
+    ``size``, ``spacing`` and ``origin`` are in ITK (x, y, z) order; ``direction`` is the
+    row-major ``D x D`` matrix whose columns are the physical directions of the index axes,
+    flattened as SimpleITK returns it.
+    """
+
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        d = len(self.size)
+        if d not in (2, 3):
+            raise ValueError(f"a grid has 2 or 3 dimensions, not {d}")
+        if len(self.spacing) != d or len(self.origin) != d or len(self.direction) != d * d:
+            raise ValueError("size, spacing, origin and direction disagree on the dimension")
+        if any(s < 1 for s in self.size):
+            raise ValueError(f"grid size must be positive, got {self.size}")
+        if any(not s > 0 for s in self.spacing):
+            raise ValueError(f"grid spacing must be positive, got {self.spacing}")
+        if abs(np.linalg.det(self.direction_matrix)) < 1e-6:
+            raise ValueError(f"grid direction is singular: {self.direction}")
+
+    # --- construction -------------------------------------------------------------------
+    @classmethod
+    def from_sitk(cls, image: sitk.Image) -> Grid:
+        return cls(
+            size=tuple(int(s) for s in image.GetSize()),
+            spacing=tuple(float(s) for s in image.GetSpacing()),
+            origin=tuple(float(o) for o in image.GetOrigin()),
+            direction=tuple(float(c) for c in image.GetDirection()),
+        )
+
+    @classmethod
+    def from_index_to_physical(cls, size: tuple[int, ...], matrix: np.ndarray) -> Grid:
+        """Grid from its size and a homogeneous ``(D+1) x (D+1)`` index-to-physical matrix."""
+        matrix = np.asarray(matrix, dtype=np.float64)
+        d = len(size)
+        linear = matrix[:d, :d]
+        spacing = np.linalg.norm(linear, axis=0)
+        direction = linear / spacing
+        return cls(
+            tuple(int(s) for s in size),
+            tuple(float(s) for s in spacing),
+            tuple(float(o) for o in matrix[:d, d]),
+            tuple(float(c) for c in direction.ravel()),
+        )
+
+    def copy_to(self, image: sitk.Image) -> sitk.Image:
+        """Set this grid's origin, spacing and direction on a SimpleITK image of its size."""
+        if tuple(image.GetSize()) != self.size:
+            raise ValueError(f"image size {image.GetSize()} is not the grid size {self.size}")
+        image.SetOrigin(self.origin)
+        image.SetSpacing(self.spacing)
+        image.SetDirection(self.direction)
+        return image
+
+    # --- derived quantities -------------------------------------------------------------
+    @property
+    def ndim(self) -> int:
+        return len(self.size)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Array shape ``(Z, Y, X)`` (``(Y, X)`` in 2-D)."""
+        return tuple(reversed(self.size))
+
+    @property
+    def num_voxels(self) -> int:
+        return int(np.prod(self.size))
+
+    @cached_property
+    def direction_matrix(self) -> np.ndarray:
+        return np.asarray(self.direction, dtype=np.float64).reshape(self.ndim, self.ndim)
+
+    @cached_property
+    def index_to_physical(self) -> np.ndarray:
+        """Homogeneous ``(D+1) x (D+1)`` matrix mapping index to physical points."""
+        d = self.ndim
+        m = np.eye(d + 1)
+        m[:d, :d] = self.direction_matrix * np.asarray(self.spacing)
+        m[:d, d] = self.origin
+        return m
+
+    @cached_property
+    def physical_to_index(self) -> np.ndarray:
+        """Homogeneous ``(D+1) x (D+1)`` matrix mapping physical points to index."""
+        return np.linalg.inv(self.index_to_physical)
+
+    @property
+    def orientation(self) -> str:
+        """Three-letter code of the directions the index axes point to, e.g. ``LPS``, ``RAS``.
+
+        The letter is that of the nearest world axis; see :attr:`is_oblique`.
+        """
+        letters = []
+        for column in self.direction_matrix.T:
+            axis = int(np.argmax(np.abs(column)))
+            letters.append(_ORIENTATION_LETTERS[axis][0 if column[axis] > 0 else 1])
+        return "".join(letters)
+
+    @property
+    def is_oblique(self) -> bool:
+        return bool(np.any(np.abs(self.direction_matrix).max(axis=0) < 1 - _ALIGNED_TOLERANCE))
+
+    def same_as(self, other: Grid, tolerance: float = 1e-4) -> bool:
+        """Same size and, within ``tolerance`` (mm, or relative for spacing), same geometry."""
+        return (
+            self.size == other.size
+            and np.allclose(self.spacing, other.spacing, rtol=tolerance, atol=0)
+            and np.allclose(self.origin, other.origin, rtol=0, atol=tolerance)
+            and np.allclose(self.direction, other.direction, rtol=0, atol=tolerance)
+        )
+
+    def describe(self) -> str:
+        size = "x".join(str(s) for s in self.size)
+        spacing = "x".join(f"{s:g}" for s in self.spacing)
+        return f"{size} voxels of {spacing} mm, {self.orientation}"
+
+    # --- tensors ------------------------------------------------------------------------
+    def index_points(self, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
+        """Integer index of every voxel as a ``(*shape, D)`` tensor, components ``(i, j, k)``."""
+        import torch
+
+        axes = [torch.arange(n, dtype=dtype or torch.float64, device=device) for n in self.shape]
+        zyx = torch.meshgrid(*axes, indexing="ij")
+        return torch.stack(tuple(reversed(zyx)), dim=-1)
+
+    def points(self, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
+        """Physical (LPS mm) position of every voxel as a ``(*shape, D)`` tensor."""
+        dtype = dtype or _default_float()
+        index = self.index_points(dtype=dtype, device=device)
+        return apply_homogeneous(self.index_to_physical, index)
+
+    def to_index(self, points: torch.Tensor) -> torch.Tensor:
+        """Physical points ``(..., D)`` to continuous index ``(..., D)``."""
+        return apply_homogeneous(self.physical_to_index, points)
+
+    def index_to_normalised(self, index: torch.Tensor) -> torch.Tensor:
+        """Continuous index ``(..., D)`` to ``grid_sample`` coordinates (``align_corners=True``).
+
+        An axis of size one has no extent; its coordinate is mapped so that ``grid_sample``
+        with border padding reads its only voxel.
+        """
+        import torch
+
+        extent = torch.tensor(
+            [max(n - 1, 1) for n in self.size], dtype=index.dtype, device=index.device
+        )
+        return index * (2.0 / extent) - 1.0
+
+    def contains_index(self, index: torch.Tensor) -> torch.Tensor:
+        """Boolean ``(...)`` mask of the indices inside the grid (ITK's rule, see module doc)."""
+        import torch
+
+        upper = torch.tensor(self.size, dtype=index.dtype, device=index.device) - 0.5
+        return ((index >= -0.5) & (index < upper)).all(dim=-1)
+
+
+def apply_homogeneous(matrix: np.ndarray, points: torch.Tensor) -> torch.Tensor:
+    """Apply a homogeneous ``(D+1) x (D+1)`` matrix to points ``(..., D)``."""
+    import torch
+
+    d = points.shape[-1]
+    m = torch.as_tensor(np.asarray(matrix), dtype=points.dtype, device=points.device)
+    return points @ m[:d, :d].T + m[:d, d]
+
+
+def _default_float():
+    import torch
+
+    return torch.float64

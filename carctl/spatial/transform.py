@@ -1,0 +1,166 @@
+"""Spatial transforms in physical space, and what is computed from them.
+
+All transforms here are *pull-back* maps from fixed to moving physical space (ITK's
+convention): ``moving_point = T(fixed_point)``. A displacement field ``u`` on a grid gives
+``T(x) = x + u(x)``; an affine gives ``T(x) = A (x - c) + t + c`` (ITK's
+``AffineTransform`` with centre ``c``). A chain ``[T0, T1, ...]`` maps a point through ``T0``
+first, like ``antsApplyTransforms -t T0 -t T1 ...``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from carctl.spatial.grid import Grid
+from carctl.spatial.sample import sample
+
+
+class Transform(Protocol):
+    ndim: int
+
+    def transform_points(self, points: torch.Tensor) -> torch.Tensor:
+        """Map physical points ``(..., D)`` from fixed to moving space."""
+        ...
+
+
+@dataclass(eq=False)
+class Affine:
+    """``T(x) = matrix @ (x - center) + translation + center`` in physical LPS mm."""
+
+    matrix: np.ndarray
+    translation: np.ndarray
+    center: np.ndarray = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self.matrix = np.asarray(self.matrix, dtype=np.float64)
+        d = self.matrix.shape[0]
+        if self.matrix.shape != (d, d) or d not in (2, 3):
+            raise ValueError(f"an affine matrix is 2x2 or 3x3, not {self.matrix.shape}")
+        self.translation = np.asarray(self.translation, dtype=np.float64).reshape(d)
+        center = np.zeros(d) if self.center is None else self.center
+        self.center = np.asarray(center, dtype=np.float64).reshape(d)
+
+    @classmethod
+    def identity(cls, ndim: int) -> Affine:
+        return cls(np.eye(ndim), np.zeros(ndim))
+
+    @classmethod
+    def from_homogeneous(cls, matrix: np.ndarray, center: np.ndarray | None = None) -> Affine:
+        """Affine from a homogeneous matrix, re-expressed around ``center`` (ITK style)."""
+        matrix = np.asarray(matrix, dtype=np.float64)
+        d = matrix.shape[0] - 1
+        c = np.zeros(d) if center is None else np.asarray(center, dtype=np.float64)
+        linear, offset = matrix[:d, :d], matrix[:d, d]
+        # A x + b = A (x - c) + t + c  =>  t = b + A c - c
+        return cls(linear, offset + linear @ c - c, c)
+
+    @property
+    def ndim(self) -> int:
+        return self.matrix.shape[0]
+
+    @property
+    def homogeneous(self) -> np.ndarray:
+        d = self.ndim
+        m = np.eye(d + 1)
+        m[:d, :d] = self.matrix
+        m[:d, d] = self.translation + self.center - self.matrix @ self.center
+        return m
+
+    def inverse(self) -> Affine:
+        return Affine.from_homogeneous(np.linalg.inv(self.homogeneous), self.center)
+
+    def transform_points(self, points: torch.Tensor) -> torch.Tensor:
+        from carctl.spatial.grid import apply_homogeneous
+
+        return apply_homogeneous(self.homogeneous, points)
+
+
+@dataclass(eq=False)
+class DisplacementField:
+    """Dense displacement ``u`` on ``grid``: ``T(x) = x + u(x)``.
+
+    ``data`` is a ``(D, *grid.shape)`` tensor in physical mm, components ``(x, y, z)``.
+    Between voxels ``u`` is linearly interpolated; outside the grid it is zero (as ITK's
+    ``DisplacementFieldTransform``).
+    """
+
+    grid: Grid
+    data: torch.Tensor
+
+    def __post_init__(self) -> None:
+        expected = (self.grid.ndim, *self.grid.shape)
+        if tuple(self.data.shape) != expected:
+            raise ValueError(f"field of shape {tuple(self.data.shape)}, expected {expected}")
+
+    @property
+    def ndim(self) -> int:
+        return self.grid.ndim
+
+    def displacement_at(self, points: torch.Tensor) -> torch.Tensor:
+        """``u`` at physical points ``(..., D)`` -> ``(..., D)``."""
+        values = sample(self.data[None].to(points.dtype), self.grid, points, mode="linear")
+        return values[0].movedim(0, -1)
+
+    def transform_points(self, points: torch.Tensor) -> torch.Tensor:
+        return points + self.displacement_at(points)
+
+
+def map_grid(grid: Grid, transforms: Sequence[Transform] = ()) -> torch.Tensor:
+    """Physical positions ``(*grid.shape, D)`` of ``grid``'s voxels mapped through the chain."""
+    points = grid.points()
+    for i, transform in enumerate(transforms):
+        if transform.ndim != grid.ndim:
+            raise ValueError(f"a {transform.ndim}-D transform cannot map a {grid.ndim}-D grid")
+        if i == 0 and isinstance(transform, DisplacementField) and transform.grid.same_as(grid):
+            # The field is known exactly at these points: no interpolation.
+            points = points + transform.data.to(points.dtype).movedim(0, -1)
+        else:
+            points = transform.transform_points(points)
+    return points
+
+
+def to_displacement(grid: Grid, transforms: Sequence[Transform] = ()) -> DisplacementField:
+    """The chain as one displacement field on ``grid``: ``u(x) = T(x) - x``.
+
+    This is how an affine and a field are composed into the single field that carctl writes.
+    """
+    mapped = map_grid(grid, transforms)
+    return DisplacementField(grid, (mapped - grid.points()).movedim(-1, 0).contiguous())
+
+
+def jacobian_determinant(field: DisplacementField) -> torch.Tensor:
+    """Determinant of the Jacobian of ``x -> x + u(x)`` at every voxel, ``(*grid.shape)``.
+
+    Derivatives are central differences in physical space (spacing *and* direction taken into
+    account) with the border voxel repeated outside the grid, as ITK's
+    ``DisplacementFieldJacobianDeterminantFilter`` does.
+    """
+    grid = field.grid
+    d = grid.ndim
+    u = field.data.to(torch.float64)
+    padded = F.pad(u[None], (1, 1) * d, mode="replicate")[0]
+    # du/d(index): components (D, *shape) for each index axis (i, j, k).
+    index_derivatives = []
+    for axis in range(d):  # index axis i, j, k lives in tensor dim d - axis (after the channel)
+        dim = d - axis
+        n = u.shape[dim]
+        upper = padded.narrow(dim, 2, n)
+        lower = padded.narrow(dim, 0, n)
+        for other in range(1, d + 1):
+            if other != dim:
+                upper = upper.narrow(other, 1, u.shape[other])
+                lower = lower.narrow(other, 1, u.shape[other])
+        index_derivatives.append((upper - lower) / 2.0)
+    # G[..., a, b] = du_a / d index_b
+    g = torch.stack(index_derivatives, dim=-1).movedim(0, -2)
+    to_physical = torch.as_tensor(
+        np.linalg.inv(grid.direction_matrix * np.asarray(grid.spacing)), dtype=torch.float64
+    )
+    jacobian = torch.eye(d, dtype=torch.float64) + g @ to_physical
+    return torch.linalg.det(jacobian)
