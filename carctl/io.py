@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import gzip
 import os
 import re
 import shutil
+import struct
 import tempfile
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +98,11 @@ def one_line_reason(error: Exception) -> str:
     text = str(error)
     for pattern, reason in (
         (r"Unable to determine ImageIO reader|Could not create IO object", "not an image carctl can read"),
-        (r"(?i)gz|zlib|inflate|unexpected end|short read|truncat|read failed|Premature EOF", "the file is truncated or corrupted"),
+        (
+            r"(?i)zlib|inflate|unexpected end|short read|truncat|read failed|premature eof"
+            r"|file cannot be read|expected \d+ bytes|fread got only",
+            "the file is truncated or corrupted",
+        ),
     ):
         if re.search(pattern, text):
             return reason
@@ -176,6 +183,7 @@ def read_sitk(spec: str | os.PathLike, series: str | None = None) -> sitk.Image:
             if path.stat().st_size == 0:
                 raise InputError(f"cannot read image '{path}': the file is empty")
             image = sitk.ReadImage(os.fspath(path))
+            _check_complete(path)
     except RuntimeError as error:
         raise InputError(f"cannot read image '{path}': {one_line_reason(error)}") from error
     if image.GetNumberOfComponentsPerPixel() != 1:
@@ -186,6 +194,65 @@ def read_sitk(spec: str | os.PathLike, series: str | None = None) -> sitk.Image:
     if "complex" in image.GetPixelIDTypeAsString():
         raise InputError(f"'{path}' holds complex values; carctl registers real scalar images")
     return _select_volume(image, path, volume)
+
+
+def _nifti_data_bytes(header: bytes) -> tuple[int, int] | None:
+    """(offset of the voxels, their byte count) from a NIfTI-1/2 or Analyze header."""
+    for endian in "<>":
+        size = struct.unpack(endian + "i", header[:4])[0]
+        if size == 348:  # NIfTI-1 or Analyze 7.5
+            dims = struct.unpack(endian + "8h", header[40:56])
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            offset = int(struct.unpack(endian + "f", header[108:112])[0])
+            break
+        if size == 540:  # NIfTI-2
+            dims = struct.unpack(endian + "8q", header[16:80])
+            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            offset = struct.unpack(endian + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    count = int(np.prod([max(int(d), 1) for d in dims[1 : 1 + max(0, min(int(dims[0]), 7))]]))
+    return offset, count * max(int(bitpix), 8) // 8
+
+
+def _stream_length(path: Path) -> int:
+    """Length of a file's content, decompressed (and so fully checked) when gzipped."""
+    if not path.name.lower().endswith(".gz"):
+        return path.stat().st_size
+    length = 0
+    with gzip.open(path, "rb") as stream:
+        while chunk := stream.read(1 << 22):
+            length += len(chunk)
+    return length
+
+
+def _check_complete(path: Path) -> None:
+    """Refuse a truncated NIfTI/Analyze file, which ITK reads silently with zeros at the end."""
+    suffix = image_suffix(path)
+    if suffix not in (".nii", ".nii.gz", ".hdr"):
+        return
+    opener = gzip.open if suffix == ".nii.gz" else open
+    try:
+        with opener(path, "rb") as stream:
+            header = stream.read(540)
+        layout = _nifti_data_bytes(header)
+        if layout is None:
+            return
+        offset, needed = layout
+        if suffix == ".hdr":
+            stem = path.name[: -len(suffix)]
+            data = [path.with_name(stem + e) for e in (".img", ".img.gz", ".IMG")]
+            data_file = next((f for f in data if f.exists()), None)
+            if data_file is None:
+                raise InputError(f"cannot read image '{path}': its .img data file is missing")
+            complete = _stream_length(data_file) >= offset + needed
+        else:
+            complete = _stream_length(path) >= offset + needed
+    except (OSError, EOFError, zlib.error, struct.error) as error:
+        raise InputError(f"cannot read image '{path}': the file is truncated or corrupted") from error
+    if not complete:
+        raise InputError(f"cannot read image '{path}': the file is truncated")
 
 
 def _select_volume(image: sitk.Image, path: Path, volume: int | None) -> sitk.Image:

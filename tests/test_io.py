@@ -1,0 +1,302 @@
+"""Reading and writing images: geometry kept for every format, clear refusals, atomic writes."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import make_image, rotation, write
+
+from carctl.errors import InputError, OutputError
+from carctl.io import (
+    atomic_output,
+    check_output,
+    list_dicom_series,
+    read_image,
+    read_points,
+    split_volume,
+    write_image,
+)
+from carctl.spatial.grid import Grid
+
+# Every scalar image in ../shared/data, as "folder/file" (4-D files get a volume below).
+SHARED_IMAGES = [
+    "brain-templates-2mm/avg152T1.nii",
+    "brain-templates-2mm/labels_Neuromorphometrics.nii",
+    "brats-gli-00001/BraTS-GLI-00001-000-t1n.nii.gz",
+    "brats-gli-00001/BraTS-GLI-00001-000-mask.nii.gz",
+    "cardiac-myops-101/101_C0.nii.gz",
+    "ct-mr-pat002/pat002_ct.hdr",
+    "ct-mr-pat002/pat002_mr_T2.hdr",
+    "oasis-t1-a/labels.nii.gz",
+    "prostate-mr-us/mr_images/case000000.nii.gz",
+    "prostate-mr-us/us_images/case000003.nii.gz",
+    "prostate-mr-us/mr_labels/case000002.nii.gz",
+    "prostate-mr-us/us_labels/case000001.nii.gz:1",
+    "spine-t1-t2/t1w.nii.gz",
+    "spine-t1-t2/t2.nii.gz",
+    "spine-t1-t2/t2_seg-manual_labeled.nii.gz",
+    "tcga-fg-6692-native/MRHR_FLAIR_AX_OtherEXampleTCIA_TCGA-FG-6692_Si_TCGA-FG-6692_MRHR_FLAIR_AX_SE_IR_5_tir2d1_21_fla.nii.gz",
+    "dicom/mr-3slice",
+    "dicom/ct-chest-40",
+    "dicom/mr-head-120",
+    "dicom/mr-head-120/1-001.dcm",
+]
+
+
+def _sitk_reference(path: str) -> sitk.Image:
+    """The same image read directly by SimpleITK (the ground truth for geometry)."""
+    spec, volume = split_volume(path)
+    if spec.is_dir():
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(spec)))
+        return reader.Execute()
+    image = sitk.ReadImage(str(spec))
+    if volume is not None:
+        size = list(image.GetSize())
+        image = sitk.Extract(image, [*size[:3], 0], [0, 0, 0, volume])
+    return image
+
+
+def _assert_same_geometry(grid: Grid, image: sitk.Image, atol: float = 0.0) -> None:
+    assert grid.size == image.GetSize()
+    np.testing.assert_allclose(grid.spacing, image.GetSpacing(), rtol=0, atol=atol)
+    np.testing.assert_allclose(grid.origin, image.GetOrigin(), rtol=0, atol=atol)
+    np.testing.assert_allclose(grid.direction, image.GetDirection(), rtol=0, atol=atol)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SHARED_IMAGES)
+def test_shared_images_read_with_their_geometry_and_round_trip(name, shared_data, tmp_path):
+    path = f"{shared_data}/{name}"
+    image = read_image(path)
+    reference = _sitk_reference(path)
+    _assert_same_geometry(image.grid, reference)
+    np.testing.assert_array_equal(image.array, sitk.GetArrayFromImage(reference))
+    for extension in (".nii.gz", ".mha", ".nrrd"):
+        out = write_image(image, tmp_path / f"copy{extension}")
+        again = read_image(out)
+        # NIfTI stores its matrix in float32: geometry survives to float32 precision there.
+        atol = 1e-5 if extension == ".nii.gz" else 1e-9
+        _assert_same_geometry(again.grid, reference, atol=atol)
+        np.testing.assert_array_equal(again.array, image.array)
+        assert again.array.dtype == image.array.dtype
+
+
+def test_four_d_file_needs_a_volume(shared_data):
+    path = shared_data / "prostate-mr-us/mr_labels/case000000.nii.gz"
+    with pytest.raises(InputError, match=r"4-D with 3 volumes; choose one as '.*:N'"):
+        read_image(path)
+    gland = read_image(f"{path}:0")
+    assert gland.grid.size == (64, 64, 60)
+    assert set(np.unique(gland.array)) == {0.0, 1.0}
+    with pytest.raises(InputError, match="there is no volume 3"):
+        read_image(f"{path}:3")
+
+
+def test_dicom_series_sorted_by_position(shared_data):
+    image = read_image(shared_data / "dicom/ct-chest-40")
+    assert image.grid.size == (512, 512, 40)
+    # Slices are 2 mm apart and ascending along +z (sorted by position, not by file name).
+    assert image.grid.spacing[2] == pytest.approx(2.0)
+    assert image.grid.direction_matrix[2, 2] == pytest.approx(1.0)
+
+
+@pytest.fixture
+def two_series(shared_data, tmp_path) -> Path:
+    folder = tmp_path / "two-series"
+    folder.mkdir()
+    for source in ("dicom/mr-3slice", "dicom/ct-chest-40"):
+        for i, f in enumerate(sorted((shared_data / source).iterdir())[:5]):
+            shutil.copy(f, folder / f"{Path(source).name}-{i}.dcm")
+    return folder
+
+
+def test_directory_with_several_series_asks_for_one(two_series):
+    series = list_dicom_series(two_series)
+    assert len(series) == 2
+    assert {s.modality for s in series} == {"MR", "CT"}
+    with pytest.raises(InputError, match="holds 2 DICOM series; choose one with --series") as error:
+        read_image(two_series)
+    for s in series:
+        assert s.uid in str(error.value)
+    chosen = next(s for s in series if s.modality == "MR")
+    image = read_image(two_series, series=chosen.uid)
+    assert image.grid.size == (256, 256, 3)
+    with pytest.raises(InputError, match="no DICOM series '1.2.3'"):
+        read_image(two_series, series="1.2.3")
+
+
+def test_empty_directory_has_no_series(tmp_path):
+    with pytest.raises(InputError, match="no DICOM series found"):
+        read_image(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "direction",
+    [np.eye(3), np.diag([-1.0, -1.0, 1.0]), np.array([[0, 0, -1], [1, 0, 0], [0, 1, 0.0]]), rotation(0.2, -0.4, 0.7)],
+    ids=["LPS", "RAS", "PSR", "oblique"],
+)
+@pytest.mark.parametrize("extension", [".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".hdr"])
+def test_any_orientation_and_anisotropic_spacing_round_trip(direction, extension, tmp_path):
+    original = make_image((7, 6, 5), spacing=(0.7, 1.3, 3.1), origin=(-3.5, 12.25, 40.0), direction=direction)
+    image = Image_from(original)
+    again = read_image(write_image(image, tmp_path / f"x{extension}"))
+    atol = 1e-5 if extension in (".nii", ".nii.gz", ".hdr") else 1e-9
+    _assert_same_geometry(again.grid, original, atol=atol)
+    np.testing.assert_array_equal(again.array, image.array)
+
+
+def Image_from(image: sitk.Image):
+    from carctl.io import Image
+
+    return Image.from_sitk(image)
+
+
+def test_two_d_images_are_read(tmp_path):
+    image = make_image((9, 7), spacing=(0.5, 2.0), origin=(1.0, -2.0), direction=[[0, 1], [1, 0]])
+    read = read_image(write(image, tmp_path / "slice.nii.gz"))
+    assert read.grid.ndim == 2 and read.grid.size == (9, 7)
+    assert read.grid.direction == (0.0, 1.0, 1.0, 0.0)
+
+
+# --- refusals ---------------------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InputError, match="no such file or directory"):
+        read_image(tmp_path / "nope.nii.gz")
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "empty.nii.gz").write_bytes(b"")
+    with pytest.raises(InputError, match="the file is empty"):
+        read_image(tmp_path / "empty.nii.gz")
+
+
+def test_truncated_file(tmp_path):
+    full = write(make_image((20, 20, 20)), tmp_path / "full.nii.gz").read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(full[: len(full) // 2])
+    with pytest.raises(InputError, match="cannot read image '.*cut.nii.gz'"):
+        read_image(tmp_path / "cut.nii.gz")
+
+
+def test_truncated_uncompressed_file(tmp_path):
+    full = write(make_image((20, 20, 20)), tmp_path / "full.nii").read_bytes()
+    (tmp_path / "cut.nii").write_bytes(full[: len(full) // 2])
+    with pytest.raises(InputError, match="cannot read image"):
+        read_image(tmp_path / "cut.nii")
+
+
+def test_not_an_image(tmp_path):
+    (tmp_path / "notes.nii.gz").write_bytes(gzip.compress(b"these are not voxels\n" * 50))
+    (tmp_path / "notes.txt").write_text("hello")
+    for name in ("notes.nii.gz", "notes.txt"):
+        with pytest.raises(InputError, match="cannot read image"):
+            read_image(tmp_path / name)
+
+
+def test_vector_images_are_refused(tmp_path):
+    vector = sitk.Compose([make_image((5, 5, 5))] * 3)
+    with pytest.raises(InputError, match="3 components per voxel"):
+        read_image(write(vector, tmp_path / "vector.nii.gz"))
+
+
+def test_five_d_images_are_refused(tmp_path):
+    array = np.zeros((2, 2, 3, 4, 5), dtype=np.float32)
+    image = sitk.GetImageFromArray(array, isVector=False)
+    path = write(image, tmp_path / "five.nii.gz")
+    with pytest.raises(InputError, match="5-D; carctl reads 2-D and 3-D images"):
+        read_image(path)
+
+
+def test_series_option_is_for_directories(tmp_path):
+    path = write(make_image((4, 4, 4)), tmp_path / "x.nii.gz")
+    with pytest.raises(InputError, match="--series applies to a DICOM directory"):
+        read_image(path, series="1.2")
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+
+def test_existing_output_needs_force(tmp_path):
+    image = Image_from(make_image((4, 4, 4)))
+    path = write_image(image, tmp_path / "out.nii.gz")
+    with pytest.raises(OutputError, match="exists; use --force"):
+        write_image(image, path)
+    write_image(image, path, force=True)
+
+
+def test_never_writes_over_an_input_even_with_force(tmp_path):
+    source = write(make_image((4, 4, 4)), tmp_path / "in.nii.gz")
+    before = source.read_bytes()
+    with pytest.raises(OutputError, match="it is one of the inputs"):
+        write_image(read_image(source), source, force=True, inputs=[source])
+    assert source.read_bytes() == before
+
+
+def test_analyze_data_file_of_an_input_is_protected(tmp_path):
+    source = write(make_image((4, 4, 4)), tmp_path / "in.hdr")
+    assert (tmp_path / "in.img").exists()
+    with pytest.raises(OutputError, match="it is one of the inputs"):
+        check_output(tmp_path / "in.hdr", force=True, inputs=[source])
+
+
+def test_unknown_output_extension(tmp_path):
+    with pytest.raises(OutputError, match="unknown extension"):
+        check_output(tmp_path / "out.png")
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path):
+    with pytest.raises(RuntimeError, match="boom"), atomic_output(tmp_path / "out.nii.gz") as tmp:
+        tmp.write_bytes(b"partial")
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_overwrite_keeps_the_old_file(tmp_path):
+    target = tmp_path / "out.nii.gz"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_output(target, force=True) as tmp:
+        tmp.write_bytes(b"new but incomplete")
+        raise RuntimeError("interrupted")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.nii.gz"]
+
+
+def test_multi_file_formats_are_moved_whole(tmp_path):
+    image = Image_from(make_image((4, 5, 6)))
+    write_image(image, tmp_path / "out.mhd")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mhd", "out.zraw"]
+    np.testing.assert_array_equal(read_image(tmp_path / "out.mhd").array, image.array)
+
+
+# --- points -----------------------------------------------------------------------------------
+
+
+def test_points_csv_and_elastix_formats(tmp_path):
+    (tmp_path / "header.csv").write_text("x,y,z,t,label\n1,2,3,0,1\n-4.5,5,6.25,0,2\n")
+    (tmp_path / "plain.csv").write_text("1,2,3\n-4.5,5,6.25\n")
+    (tmp_path / "points.txt").write_text("point\n2\n1 2 3\n-4.5 5 6.25\n")
+    expected = np.array([[1, 2, 3], [-4.5, 5, 6.25]])
+    for name in ("header.csv", "plain.csv", "points.txt"):
+        np.testing.assert_allclose(read_points(tmp_path / name), expected)
+
+
+def test_index_points_need_and_use_their_grid(tmp_path):
+    image = make_image((10, 10, 10), spacing=(2.0, 1.0, 0.5), origin=(5, 6, 7), direction=rotation(0.1, 0.2, 0.3))
+    (tmp_path / "index.txt").write_text("index\n1\n1 2 3\n")
+    with pytest.raises(InputError, match="voxel indices"):
+        read_points(tmp_path / "index.txt")
+    points = read_points(tmp_path / "index.txt", grid=Grid.from_sitk(image))
+    np.testing.assert_allclose(points[0], image.TransformContinuousIndexToPhysicalPoint((1, 2, 3)))
+
+
+def test_bad_points_file(tmp_path):
+    (tmp_path / "bad.txt").write_text("point\n3\n1 2 3\n")
+    with pytest.raises(InputError, match="3 points announced, 1 found"):
+        read_points(tmp_path / "bad.txt")

@@ -1,0 +1,193 @@
+"""Evaluation metrics against SimpleITK's filters and brute-force definitions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import bspline_field, make_image, rotation
+
+from carctl import metrics
+from carctl.io import read_image
+from carctl.spatial.grid import Grid
+from carctl.spatial.transform import DisplacementField, jacobian_determinant
+
+
+def _shifted(labels: sitk.Image, shift_mm, angle: float = 0.0) -> sitk.Image:
+    """``labels`` moved by a small rigid transform (nearest neighbour), on its own grid."""
+    size = np.asarray(labels.GetSize())
+    centre = labels.TransformContinuousIndexToPhysicalPoint(tuple((size - 1) / 2.0))
+    transform = sitk.Euler3DTransform(centre, 0.0, 0.0, angle, tuple(shift_mm))
+    return sitk.Resample(labels, labels, transform, sitk.sitkNearestNeighbor, 0)
+
+
+@pytest.fixture(scope="module")
+def oasis_pair(shared_data):
+    labels = sitk.ReadImage(str(shared_data / "oasis-t1-a/labels.nii.gz"))[40:120, 48:144, 60:160]
+    return labels, _shifted(labels, (1.5, -2.0, 1.0), angle=0.05)
+
+
+@pytest.fixture(scope="module")
+def spine_pair(shared_data):
+    fixed = sitk.ReadImage(str(shared_data / "spine-t1-t2/t2_seg-manual.nii.gz"))
+    moving = sitk.ReadImage(str(shared_data / "spine-t1-t2/t1w_seg-manual.nii.gz"))
+    warped = sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    return fixed, warped
+
+
+def _sitk_dice(fixed: sitk.Image, warped: sitk.Image) -> dict[int, float]:
+    overlap = sitk.LabelOverlapMeasuresImageFilter()
+    overlap.Execute(sitk.Cast(fixed, sitk.sitkUInt16), sitk.Cast(warped, sitk.sitkUInt16))
+    labels = set(np.unique(sitk.GetArrayViewFromImage(fixed))) | set(np.unique(sitk.GetArrayViewFromImage(warped)))
+    return {int(k): overlap.GetDiceCoefficient(int(k)) for k in sorted(labels) if k != 0}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pair", ["oasis_pair", "spine_pair"])
+def test_dice_agrees_with_sitk_label_overlap(pair, request):
+    fixed, warped = request.getfixturevalue(pair)
+    ours = metrics.dice(
+        metrics.as_label_map(sitk.GetArrayFromImage(fixed)), metrics.as_label_map(sitk.GetArrayFromImage(warped))
+    )
+    reference = _sitk_dice(fixed, warped)
+    assert ours.keys() == reference.keys()
+    for label, value in reference.items():
+        assert ours[label] == pytest.approx(value, abs=1e-12), label
+    assert 0.3 < np.mean(list(ours.values())) < 1.0  # the shift really changed something
+
+
+def _sitk_surface_distances(a: sitk.Image, b: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """SimpleITK's recipe: surface voxels of one mask, Maurer distance map of the other's."""
+
+    def directed(source: sitk.Image, target: sitk.Image) -> np.ndarray:
+        contour_source = sitk.BinaryContour(source, fullyConnected=False)
+        contour_target = sitk.BinaryContour(target, fullyConnected=False)
+        distance = sitk.SignedMaurerDistanceMap(contour_target, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
+        values = sitk.GetArrayViewFromImage(distance)[sitk.GetArrayViewFromImage(contour_source) > 0]
+        return np.maximum(values, 0.0)
+
+    return directed(a, b), directed(b, a)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pair", ["oasis_pair", "spine_pair"])
+def test_hd95_agrees_with_sitk_distance_filters(pair, request):
+    fixed, warped = request.getfixturevalue(pair)
+    a, b = sitk.GetArrayFromImage(fixed), sitk.GetArrayFromImage(warped)
+    scores = metrics.label_scores(metrics.as_label_map(a), metrics.as_label_map(b), Grid.from_sitk(fixed))
+    checked = 0
+    for score in scores[:12]:  # a dozen labels keeps the test fast
+        mask_a = sitk.Cast(fixed == score.label, sitk.sitkUInt8)
+        mask_b = sitk.Cast(warped == score.label, sitk.sitkUInt8)
+        d_ab, d_ba = _sitk_surface_distances(mask_a, mask_b)
+        hd95 = max(np.percentile(d_ab, 95), np.percentile(d_ba, 95))
+        assert score.hd95 == pytest.approx(hd95, abs=1e-6), score.label
+        hausdorff = sitk.HausdorffDistanceImageFilter()
+        hausdorff.Execute(mask_a, mask_b)
+        # Surface-to-surface maximum >= SimpleITK's voxel-set Hausdorff distance, and equal
+        # to it when no part of one label lies deep inside the other.
+        assert score.hd >= hausdorff.GetHausdorffDistance() - 1e-6
+        assert score.hd == pytest.approx(max(d_ab.max(), d_ba.max()), abs=1e-6)
+        checked += 1
+    assert checked > 0
+
+
+def test_surface_distances_match_brute_force():
+    """Directed surface distances equal the minimum pairwise distance between surface voxels."""
+    rng = np.random.default_rng(3)
+    spacing = (0.8, 1.3, 2.1)  # ITK (x, y, z)
+    a = np.zeros((12, 14, 16), bool)
+    b = np.zeros_like(a)
+    a[3:9, 4:11, 2:12] = True
+    b[4:10, 2:9, 5:15] = True
+    b[rng.random(b.shape) < 0.02] = True  # stray voxels
+    d_ab, d_ba = metrics.surface_distances(a, b, spacing)
+    scale = np.asarray(spacing[::-1])
+    pa = np.argwhere(metrics.surface(a)) * scale
+    pb = np.argwhere(metrics.surface(b)) * scale
+    pairwise = torch.cdist(torch.from_numpy(pa), torch.from_numpy(pb)).numpy()
+    np.testing.assert_allclose(np.sort(d_ab), np.sort(pairwise.min(axis=1)), atol=1e-5)
+    np.testing.assert_allclose(np.sort(d_ba), np.sort(pairwise.min(axis=0)), atol=1e-5)
+
+
+def test_identical_labels_score_perfectly():
+    labels = np.zeros((10, 10, 10), np.int64)
+    labels[2:5, 2:8, 3:9] = 1
+    labels[6:9, 1:4, 1:4] = 7
+    scores = metrics.label_scores(labels, labels, Grid((10, 10, 10), (1.0,) * 3, (0.0,) * 3, tuple(np.eye(3).ravel())))
+    assert [(s.label, s.dice, s.hd95, s.hd) for s in scores] == [(1, 1.0, 0.0, 0.0), (7, 1.0, 0.0, 0.0)]
+
+
+def test_label_missing_from_one_map_scores_zero_without_distance():
+    fixed = np.zeros((6, 6, 6), np.int64)
+    fixed[1:3, 1:3, 1:3] = 2
+    warped = np.zeros_like(fixed)
+    scores = metrics.label_scores(fixed, warped, Grid((6, 6, 6), (1.0,) * 3, (0.0,) * 3, tuple(np.eye(3).ravel())))
+    assert len(scores) == 1 and scores[0].dice == 0.0 and scores[0].hd95 is None
+
+
+def test_label_maps_must_hold_non_negative_integers():
+    with pytest.raises(ValueError, match="non-integer"):
+        metrics.as_label_map(np.array([0.0, 0.5]))
+    with pytest.raises(ValueError, match="negative"):
+        metrics.as_label_map(np.array([0, -1]))
+    np.testing.assert_array_equal(metrics.as_label_map(np.array([0.0, 3.0])), [0, 3])
+
+
+def _field(reference: sitk.Image, magnitude: float) -> tuple[sitk.Image, DisplacementField]:
+    field = bspline_field(reference, magnitude=magnitude, mesh=3, seed=4)
+    array = np.moveaxis(sitk.GetArrayFromImage(field), -1, 0)
+    return field, DisplacementField(Grid.from_sitk(field), torch.from_numpy(array))
+
+
+def test_folding_agrees_with_sitk_jacobian_filter():
+    reference = make_image((24, 20, 18), spacing=(1.0, 1.5, 2.0))
+    field, ours = _field(reference, magnitude=8.0)  # large enough to fold
+    j_sitk = sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(field))
+    j = jacobian_determinant(ours).numpy()
+    np.testing.assert_allclose(j, j_sitk, atol=1e-9)
+    summary = metrics.jacobian_summary(j)
+    assert summary["folding_percent"] == pytest.approx(100.0 * np.mean(j_sitk <= 0))
+    assert summary["folding_percent"] > 1.0
+
+
+def test_jacobian_accounts_for_the_direction_matrix():
+    """With a rotated grid, det J must match the transform's analytic Jacobian (SimpleITK's
+    filter ignores the direction, so it is not the reference here)."""
+    reference = make_image((24, 20, 18), spacing=(1.0, 1.5, 2.0), direction=rotation(0.4, -0.3, 1.1))
+    transform = sitk.BSplineTransformInitializer(reference, [3, 3, 3])
+    transform.SetParameters(tuple(np.random.default_rng(5).normal(0.0, 3.0, len(transform.GetParameters()))))
+    field = sitk.TransformToDisplacementField(
+        transform, sitk.sitkVectorFloat64, reference.GetSize(), reference.GetOrigin(), reference.GetSpacing(), reference.GetDirection()
+    )
+    ours = jacobian_determinant(DisplacementField(Grid.from_sitk(field), torch.from_numpy(np.moveaxis(sitk.GetArrayFromImage(field), -1, 0))))
+    for index in [(12, 10, 9), (6, 14, 5), (18, 4, 12)]:
+        x = np.asarray(reference.TransformIndexToPhysicalPoint(index))
+        h = 1e-4
+        columns = [
+            (np.asarray(transform.TransformPoint(tuple(x + h * e))) - np.asarray(transform.TransformPoint(tuple(x - h * e)))) / (2 * h)
+            for e in np.eye(3)
+        ]
+        analytic = np.linalg.det(np.stack(columns, axis=1))
+        # Central differences over one voxel: a few per cent from the analytic value at most.
+        assert ours[index[::-1]].item() == pytest.approx(analytic, rel=0.03)
+
+
+def test_identity_field_has_unit_jacobian_and_no_folding():
+    grid = Grid((5, 6, 7), (1.0, 2.0, 3.0), (0.0,) * 3, tuple(rotation(0.1, 0.2, 0.3).ravel()))
+    j = jacobian_determinant(DisplacementField(grid, torch.zeros(3, 7, 6, 5))).numpy()
+    np.testing.assert_allclose(j, 1.0)
+    summary = metrics.jacobian_summary(j)
+    assert summary == {"folding_percent": 0.0, "log_jacobian_std": 0.0, "jacobian_min": 1.0, "jacobian_max": 1.0}
+
+
+def test_spine_labels_before_registration(shared_data):
+    """The header-only overlap of the spine cord masks, the number the issues quote (0.85)."""
+    from carctl.resample import resample_image
+
+    fixed = read_image(shared_data / "spine-t1-t2/t2_seg-manual.nii.gz")
+    moving = read_image(shared_data / "spine-t1-t2/t1w_seg-manual.nii.gz")
+    warped = resample_image(moving, fixed.grid, interpolation="label")
+    score = metrics.dice(metrics.as_label_map(fixed.array), metrics.as_label_map(warped.array))
+    assert score[1] == pytest.approx(0.85, abs=0.01)
