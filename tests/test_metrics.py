@@ -58,7 +58,11 @@ def test_dice_agrees_with_sitk_label_overlap(pair, request):
 
 
 def _sitk_surface_distances(a: sitk.Image, b: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
-    """SimpleITK's recipe: surface voxels of one mask, Maurer distance map of the other's."""
+    """SimpleITK's recipe: surface voxels of one mask, Maurer distance map of the other's.
+
+    The masks are padded with background first: voxels on the image border are surface.
+    """
+    a, b = (sitk.ConstantPad(m, [1, 1, 1], [1, 1, 1], 0) for m in (a, b))
 
     def directed(source: sitk.Image, target: sitk.Image) -> np.ndarray:
         contour_source = sitk.BinaryContour(source, fullyConnected=False)
