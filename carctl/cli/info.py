@@ -37,7 +37,8 @@ def command(
             for s in found
         ]
         if len(found) > 1 and series is None:
-            _show_series(payload["dicom_series"])
+            if json_out != "-":
+                _show_series(payload["dicom_series"])
             emit_json(payload, json_out, force=force, inputs=[image])
             return
     facts = describe(read_sitk(image, series))

@@ -15,7 +15,6 @@ from typing import Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from carctl.spatial.grid import Grid
 from carctl.spatial.sample import sample
@@ -137,27 +136,23 @@ def to_displacement(grid: Grid, transforms: Sequence[Transform] = ()) -> Displac
 def jacobian_determinant(field: DisplacementField) -> torch.Tensor:
     """Determinant of the Jacobian of ``x -> x + u(x)`` at every voxel, ``(*grid.shape)``.
 
-    Derivatives are central differences in physical space (spacing *and* direction taken into
-    account) with the border voxel repeated outside the grid, as ITK's
-    ``DisplacementFieldJacobianDeterminantFilter`` does.
+    Derivatives are taken in physical space (spacing *and* direction accounted for): central
+    differences inside the grid, one-sided on its border (so an affine field gets its exact
+    determinant everywhere), zero along an axis of size one. Inside the grid this equals ITK's
+    ``DisplacementFieldJacobianDeterminantFilter`` on grids with an identity direction (that
+    filter ignores the direction and halves the derivative on the border).
     """
     grid = field.grid
     d = grid.ndim
     u = field.data.to(torch.float64)
-    padded = F.pad(u[None], (1, 1) * d, mode="replicate")[0]
-    # du/d(index): components (D, *shape) for each index axis (i, j, k).
-    index_derivatives = []
-    for axis in range(d):  # index axis i, j, k lives in tensor dim d - axis (after the channel)
-        dim = d - axis
-        n = u.shape[dim]
-        upper = padded.narrow(dim, 2, n)
-        lower = padded.narrow(dim, 0, n)
-        for other in range(1, d + 1):
-            if other != dim:
-                upper = upper.narrow(other, 1, u.shape[other])
-                lower = lower.narrow(other, 1, u.shape[other])
-        index_derivatives.append((upper - lower) / 2.0)
-    # G[..., a, b] = du_a / d index_b
+    index_derivatives = []  # du/d(index) for index axes i, j, k
+    for axis in range(d):
+        dim = d - axis  # tensor dimension of index axis `axis` (after the channel)
+        if u.shape[dim] > 1:
+            index_derivatives.append(torch.gradient(u, dim=dim)[0])
+        else:
+            index_derivatives.append(torch.zeros_like(u))
+    # g[..., a, b] = du_a / d index_b
     g = torch.stack(index_derivatives, dim=-1).movedim(0, -2)
     to_physical = torch.as_tensor(
         np.linalg.inv(grid.direction_matrix * np.asarray(grid.spacing)), dtype=torch.float64

@@ -1,0 +1,343 @@
+"""The command line as a user meets it: answers, outputs, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import make_image, rotation, write
+
+import carctl
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
+def test_help_and_version_do_not_import_torch():
+    probe = (
+        "import sys\n"
+        "from carctl.cli import main\n"
+        "for args in (['--help'], ['--version'], ['apply', '--help'], ['evaluate', '--help'], ['info', '--help']):\n"
+        "    try:\n"
+        "        main(args)\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code in (0, None), (args, e.code)\n"
+        "print('heavy:', sorted(m for m in ('torch', 'SimpleITK', 'numpy') if m in sys.modules))\n"
+    )
+    result = _python(probe)
+    assert result.returncode == 0, result.stderr
+    assert "heavy: []" in result.stdout
+    assert "Usage: carctl" in result.stdout
+
+
+def test_module_entry_point_and_version():
+    result = subprocess.run([sys.executable, "-m", "carctl", "--version"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"carctl {carctl.__version__}"
+
+
+def test_every_command_is_listed(cli):
+    result = cli("--help")
+    assert result.code == 0
+    for command in ("info", "apply", "evaluate", "demo"):
+        assert command in result.out
+
+
+# --- info ----------------------------------------------------------------------------------------
+
+
+def test_info_reports_geometry(cli, tmp_path):
+    direction = np.array([[0, 0, -1], [1, 0, 0], [0, 1, 0.0]])
+    path = write(make_image((6, 5, 4), spacing=(0.5, 1.0, 2.5), origin=(1, 2, 3), direction=direction), tmp_path / "x.nii.gz")
+    result = cli("info", path, "--json", "-")
+    assert result.code == 0, result.err
+    facts = json.loads(result.out)
+    assert facts["size"] == [6, 5, 4]
+    assert facts["spacing"] == pytest.approx([0.5, 1.0, 2.5])
+    assert facts["origin"] == pytest.approx([1, 2, 3], abs=1e-5)
+    assert facts["orientation"] == "PSR"
+    assert facts["oblique"] is False
+    np.testing.assert_allclose(facts["direction"], direction, atol=1e-6)
+    assert 0 <= facts["minimum"] < facts["maximum"] <= 100
+    table = cli("info", path)
+    assert table.code == 0 and "PSR" in table.out and "0.5 x 1 x 2.5" in table.out
+
+
+def test_info_flags_oblique_images(cli, tmp_path):
+    path = write(make_image((4, 4, 4), direction=rotation(0.3, 0.0, 0.0)), tmp_path / "o.nii.gz")
+    assert json.loads(cli("info", path, "--json", "-").out)["oblique"] is True
+
+
+def test_info_lists_dicom_series(cli, shared_data, tmp_path):
+    import shutil
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for source in ("mr-3slice", "ct-chest-40"):
+        for i, f in enumerate(sorted((shared_data / "dicom" / source).iterdir())[:3]):
+            shutil.copy(f, folder / f"{source}-{i}.dcm")
+    result = cli("info", folder, "--json", "-")
+    assert result.code == 0, result.err
+    listing = json.loads(result.out)["dicom_series"]
+    assert sorted(s["modality"] for s in listing) == ["CT", "MR"]
+    assert "size" not in json.loads(result.out)  # several series: nothing chosen
+    mr = next(s for s in listing if s["modality"] == "MR")
+    chosen = json.loads(cli("info", folder, "--series", mr["uid"], "--json", "-").out)
+    assert chosen["size"] == [256, 256, 3]
+
+
+# --- apply ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pair(tmp_path) -> tuple[Path, Path]:
+    moving = write(make_image((20, 18, 16), spacing=(1.0, 1.2, 1.4), origin=(-10, -9, -8), seed=1), tmp_path / "moving.nii.gz")
+    fixed = write(
+        make_image((16, 15, 14), spacing=(1.3, 1.1, 1.5), origin=(8, -7, -6), direction=np.diag([-1.0, 1.0, 1.0]), seed=2),
+        tmp_path / "fixed.nii.gz",
+    )
+    return moving, fixed
+
+
+def test_apply_through_the_headers_matches_sitk(cli, pair, tmp_path):
+    moving, fixed = pair
+    out = tmp_path / "out.nii.gz"
+    result = cli("apply", moving, "--reference", fixed, "-o", out)
+    assert result.code == 0, result.err
+    expected = sitk.Resample(sitk.ReadImage(str(moving)), sitk.ReadImage(str(fixed)), sitk.Transform(), sitk.sitkLinear, 0.0)
+    got = sitk.ReadImage(str(out))
+    assert got.GetSize() == expected.GetSize() and got.GetDirection() == pytest.approx(expected.GetDirection())
+    np.testing.assert_allclose(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(expected), atol=1e-3)
+
+
+def test_apply_label_interpolation_keeps_pixel_type_and_labels(cli, pair, tmp_path):
+    moving, fixed = pair
+    labels = sitk.Cast(sitk.ReadImage(str(moving)) > 50, sitk.sitkUInt8) * 3
+    labels_path = write(labels, tmp_path / "labels.nii.gz")
+    out = tmp_path / "warped_labels.nii.gz"
+    assert cli("apply", labels_path, "-r", fixed, "-o", out, "--interp", "label").code == 0
+    warped = sitk.ReadImage(str(out))
+    assert warped.GetPixelID() == sitk.sitkUInt8
+    assert set(np.unique(sitk.GetArrayViewFromImage(warped))) <= {0, 3}
+
+
+def _assert_one_line_error(result, code: int, *fragments: str) -> None:
+    assert result.code == code, (result.code, result.err)
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1, result.err
+    assert lines[0].startswith("carctl: error: ")
+    assert "Traceback" not in result.err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def _only(folder: Path, *names: str) -> None:
+    assert sorted(p.name for p in folder.iterdir()) == sorted(names)
+
+
+def test_apply_missing_input(cli, pair, tmp_path):
+    _, fixed = pair
+    result = cli("apply", tmp_path / "absent.nii.gz", "-r", fixed, "-o", tmp_path / "out.nii.gz")
+    _assert_one_line_error(result, 1, "no such file or directory", "absent.nii.gz")
+    _only(tmp_path, "moving.nii.gz", "fixed.nii.gz")
+
+
+def test_apply_truncated_input(cli, pair, tmp_path):
+    moving, fixed = pair
+    cut = tmp_path / "cut.nii.gz"
+    data = moving.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    result = cli("apply", cut, "-r", fixed, "-o", tmp_path / "out.nii.gz")
+    _assert_one_line_error(result, 1, "cannot read image", "cut.nii.gz")
+    _only(tmp_path, "moving.nii.gz", "fixed.nii.gz", "cut.nii.gz")
+
+
+def test_apply_non_image(cli, pair, tmp_path):
+    _, fixed = pair
+    notes = tmp_path / "notes.nii"
+    notes.write_text("not an image\n")
+    result = cli("apply", notes, "-r", fixed, "-o", tmp_path / "out.nii.gz")
+    _assert_one_line_error(result, 1, "cannot read image", "notes.nii")
+    assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_apply_field_that_is_not_a_field(cli, pair, tmp_path):
+    moving, fixed = pair
+    result = cli("apply", moving, "-r", fixed, "--field", moving, "-o", tmp_path / "out.nii.gz")
+    _assert_one_line_error(result, 1, "is not a displacement field")
+    assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_apply_unreadable_affine(cli, pair, tmp_path):
+    moving, fixed = pair
+    bad = tmp_path / "bad.mat"
+    bad.write_bytes(b"\x00\x01garbage")
+    result = cli("apply", moving, "-r", fixed, "--affine", bad, "-o", tmp_path / "out.nii.gz")
+    _assert_one_line_error(result, 1, "cannot read transform", "bad.mat")
+    assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_apply_refuses_to_overwrite_without_force(cli, pair, tmp_path):
+    moving, fixed = pair
+    out = tmp_path / "out.nii.gz"
+    out.write_bytes(b"precious")
+    result = cli("apply", moving, "-r", fixed, "-o", out)
+    _assert_one_line_error(result, 1, "exists; use --force")
+    assert out.read_bytes() == b"precious"
+    assert cli("apply", moving, "-r", fixed, "-o", out, "--force").code == 0
+    assert out.read_bytes() != b"precious"
+
+
+def test_apply_never_writes_over_an_input(cli, pair):
+    moving, fixed = pair
+    before = moving.read_bytes()
+    result = cli("apply", moving, "-r", fixed, "-o", moving, "--force")
+    _assert_one_line_error(result, 1, "one of the inputs")
+    assert moving.read_bytes() == before
+
+
+def test_apply_bad_interpolation(cli, pair, tmp_path):
+    moving, fixed = pair
+    result = cli("apply", moving, "-r", fixed, "-o", tmp_path / "out.nii.gz", "--interp", "cubic")
+    _assert_one_line_error(result, 1, "unknown interpolation 'cubic'")
+    assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_apply_missing_required_option_is_a_usage_error(cli, pair):
+    moving, _ = pair
+    result = cli("apply", moving)
+    assert result.code == 2
+    assert "Traceback" not in result.err
+
+
+def test_debug_shows_the_traceback(cli, pair, tmp_path):
+    _, fixed = pair
+    result = cli("apply", tmp_path / "absent.nii.gz", "-r", fixed, "-o", tmp_path / "o.nii.gz", "--debug")
+    assert result.code == 1
+    assert "Traceback" in result.err and "carctl: error: no such file" in result.err
+
+
+def test_internal_errors_are_one_line_too(cli, pair, tmp_path, monkeypatch):
+    import carctl.resample
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug\nwith details")
+
+    monkeypatch.setattr(carctl.resample, "resample_image", broken)
+    moving, fixed = pair
+    result = cli("apply", moving, "-r", fixed, "-o", tmp_path / "o.nii.gz")
+    _assert_one_line_error(result, 70, "internal error: ZeroDivisionError: a bug", "--debug")
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_multi_series_directory_needs_series(cli, shared_data, pair, tmp_path):
+    import shutil
+
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    for source in ("mr-3slice", "ct-chest-40"):
+        for i, f in enumerate(sorted((shared_data / "dicom" / source).iterdir())[:3]):
+            shutil.copy(f, folder / f"{source}-{i}.dcm")
+    _, fixed = pair
+    result = cli("apply", folder, "-r", fixed, "-o", tmp_path / "o.nii.gz")
+    _assert_one_line_error(result, 1, "holds 2 DICOM series; choose one with --series")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = cli("apply", empty, "-r", fixed, "-o", tmp_path / "o.nii.gz")
+    _assert_one_line_error(result, 1, "no DICOM series found")
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+# --- evaluate ------------------------------------------------------------------------------------
+
+
+def _labels(tmp_path: Path, name: str, shift: int = 0) -> Path:
+    array = np.zeros((20, 20, 20), np.uint8)
+    array[5:15, 5 + shift : 15 + shift, 4:16] = 1
+    array[16:19, 1:4, 1:4] = 2
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing((1.0, 1.0, 2.0))
+    return write(image, tmp_path / name)
+
+
+def test_evaluate_labels_json(cli, tmp_path):
+    fixed, warped = _labels(tmp_path, "a.nii.gz"), _labels(tmp_path, "b.nii.gz", shift=2)
+    result = cli("evaluate", "--fixed-labels", fixed, "--warped-labels", warped, "--json", "-")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    by_label = {s["label"]: s for s in report["labels"]}
+    assert by_label[1]["dice"] == pytest.approx(0.8)  # 10 -> 8 voxels of overlap along y
+    assert by_label[2]["dice"] == 1.0 and by_label[2]["hd95"] == 0.0
+    assert by_label[1]["hd95"] == pytest.approx(2.0)
+    assert report["dice_mean"] == pytest.approx(0.9)
+    out = tmp_path / "report.json"
+    table = cli("evaluate", "--fixed-labels", fixed, "--warped-labels", warped, "--json", out)
+    assert table.code == 0 and "Label overlap" in table.out
+    assert json.loads(out.read_text()) == report
+
+
+def test_evaluate_field_and_landmarks(cli, tmp_path):
+    from carctl.spatial.files import write_affine, write_field
+    from carctl.spatial.grid import Grid
+    from carctl.spatial.transform import Affine, to_displacement
+
+    reference = make_image((12, 12, 12), spacing=(2.0, 2.0, 2.0), origin=(-11, -11, -11))
+    grid = Grid.from_sitk(reference)
+    affine = Affine(rotation(0.0, 0.0, 0.1), [2.0, -1.0, 0.5])
+    write_affine(affine, tmp_path / "affine.mat")
+    write_field(to_displacement(grid, [affine]), tmp_path / "field.nii.gz")
+    fixed_points = np.array([[0.0, 0.0, 0.0], [5.0, -3.0, 2.0], [-4.0, 6.0, -7.0]])
+    moving_points = fixed_points @ affine.matrix.T + affine.translation
+    np.savetxt(tmp_path / "fixed.csv", fixed_points, delimiter=",", header="x,y,z", comments="")
+    (tmp_path / "moving.txt").write_text("point\n3\n" + "\n".join(" ".join(map(str, p)) for p in moving_points))
+    for transform in (["--field", tmp_path / "field.nii.gz"], ["--affine", tmp_path / "affine.mat"]):
+        result = cli("evaluate", *transform, "--fixed-points", tmp_path / "fixed.csv", "--moving-points", tmp_path / "moving.txt", "--json", "-")
+        assert result.code == 0, result.err
+        report = json.loads(result.out)
+        assert report["landmarks"]["before"]["mean"] > 1.0
+        assert report["landmarks"]["after"]["max"] < 1e-3
+    field_report = json.loads(cli("evaluate", "--field", tmp_path / "field.nii.gz", "--json", "-").out)["field"]
+    assert field_report["folding_percent"] == 0.0
+    assert field_report["jacobian_min"] == pytest.approx(1.0, abs=1e-3)  # a rotation keeps volume
+
+
+def test_evaluate_usage_errors(cli, tmp_path):
+    fixed = _labels(tmp_path, "a.nii.gz")
+    _assert_one_line_error(cli("evaluate", "--fixed-labels", fixed), 2, "go together")
+    _assert_one_line_error(cli("evaluate"), 2, "nothing to evaluate")
+
+
+def test_evaluate_refuses_labels_on_another_grid(cli, tmp_path):
+    fixed = _labels(tmp_path, "a.nii.gz")
+    other = write(sitk.Cast(make_image((20, 20, 20)) > 50, sitk.sitkUInt8), tmp_path / "other.nii.gz")
+    result = cli("evaluate", "--fixed-labels", fixed, "--warped-labels", other)
+    _assert_one_line_error(result, 1, "is not on the grid of", "carctl apply --interp label")
+
+
+def test_evaluate_refuses_non_label_images(cli, tmp_path):
+    fixed = _labels(tmp_path, "a.nii.gz")
+    image = make_image((20, 20, 20))
+    image.SetSpacing((1.0, 1.0, 2.0))
+    intensities = write(image, tmp_path / "t1.nii.gz")
+    _assert_one_line_error(cli("evaluate", "--fixed-labels", fixed, "--warped-labels", intensities), 1, "not a label map")
+
+
+# --- demo ----------------------------------------------------------------------------------------
+
+
+def test_demo_runs_on_the_bundled_pair(cli, tmp_path):
+    out = tmp_path / "demo"
+    result = cli("demo", "-o", out)
+    assert result.code == 0, result.err
+    assert sorted(p.name for p in out.iterdir()) == ["evaluation.json", "t1w_cord_in_t2.nii.gz", "t1w_in_t2.nii.gz"]
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["dice_mean"] == pytest.approx(0.85, abs=0.01)
+    again = cli("demo", "-o", out)
+    _assert_one_line_error(again, 1, "exists; use --force")
+    assert cli("demo", "-o", out, "--force").code == 0
