@@ -1,0 +1,134 @@
+"""Sampling and warping: ITK's answers on every geometry, labels kept, known motions recovered."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import bspline_field, make_image, rotation
+
+from carctl.io import Image
+from carctl.spatial.grid import Grid
+from carctl.spatial.sample import INTERPOLATORS, bspline_coefficients, sample, warp
+from carctl.spatial.transform import Affine, DisplacementField
+
+_SITK = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}
+
+
+def _field(field: sitk.Image) -> DisplacementField:
+    array = np.moveaxis(sitk.GetArrayFromImage(field), -1, 0)
+    return DisplacementField(Grid.from_sitk(field), torch.from_numpy(array))
+
+
+@pytest.mark.parametrize("mode", ["linear", "nearest", "bspline"])
+def test_warp_matches_sitk_resample(grid_pair, mode):
+    field = bspline_field(grid_pair.fixed, magnitude=2.5, seed=7)
+    expected = sitk.GetArrayFromImage(
+        sitk.Resample(grid_pair.moving, grid_pair.fixed, sitk.DisplacementFieldTransform(sitk.Image(field)), _SITK[mode], 0.0)
+    )
+    moving = Image.from_sitk(grid_pair.moving)
+    got = warp(moving.tensor(torch.float32), moving.grid, Grid.from_sitk(grid_pair.fixed), [_field(field)], mode=mode)
+    tolerance = 1e-3 * np.ptp(moving.array)
+    np.testing.assert_allclose(got[0, 0].numpy(), expected, atol=tolerance)
+    assert (np.abs(expected) > 0).mean() > 0.3  # the grids do overlap
+
+
+@pytest.mark.parametrize("mode", ["linear", "nearest", "bspline"])
+def test_two_d_warp_matches_sitk(mode):
+    moving = make_image((30, 26), spacing=(0.8, 1.1), origin=(-12.0, -14.0), direction=rotation(0, 0, 0.3)[:2, :2], seed=3)
+    fixed = make_image((24, 22), spacing=(1.0, 1.2), origin=(-11.0, -12.0), direction=rotation(0, 0, -0.2)[:2, :2], seed=4)
+    field = bspline_field(fixed, magnitude=2.0, seed=1)
+    expected = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, sitk.DisplacementFieldTransform(sitk.Image(field)), _SITK[mode], 0.0))
+    m = Image.from_sitk(moving)
+    got = warp(m.tensor(torch.float32), m.grid, Grid.from_sitk(fixed), [_field(field)], mode=mode)
+    np.testing.assert_allclose(got[0, 0].numpy(), expected, atol=1e-3 * np.ptp(m.array))
+
+
+def test_thin_single_slice_volume():
+    """A 3-D image one slice thick: points within half a slice read it, the rest get the fill."""
+    moving = make_image((16, 14, 1), spacing=(1.0, 1.0, 5.0), seed=5)
+    fixed = make_image((12, 10, 3), spacing=(1.2, 1.3, 3.0), origin=(1.0, 0.5, -3.0), seed=6)
+    expected = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkLinear, -1.0))
+    m = Image.from_sitk(moving)
+    got = warp(m.tensor(torch.float32), m.grid, Grid.from_sitk(fixed), [], fill=-1.0)
+    np.testing.assert_allclose(got[0, 0].numpy(), expected, atol=1e-4)
+    assert (expected[1] != -1).all() and (expected[0] == -1).all() and (expected[2] == -1).all()
+
+
+def test_identity_reproduces_the_image_exactly():
+    image = Image.from_sitk(make_image((9, 8, 7), spacing=(1, 2, 3), direction=rotation(0.4, 0.2, 0.1)))
+    for mode in INTERPOLATORS:
+        out = warp(image.tensor(torch.float64), image.grid, image.grid, [], mode=mode)
+        np.testing.assert_allclose(out[0, 0].numpy(), image.array, atol=1e-6, err_msg=mode)
+
+
+def test_known_translation_is_exact():
+    """A moving image that is the fixed one shifted by (2, -1, 3) voxels is undone exactly."""
+    array = sitk.GetArrayFromImage(make_image((16, 15, 14)))
+    spacing = np.array([1.5, 1.0, 2.0])
+    fixed_grid = Grid((16, 15, 14), tuple(spacing), (0.0,) * 3, tuple(np.eye(3).ravel()))
+    shift = np.array([2, -1, 3])
+    moving_grid = Grid((16, 15, 14), tuple(spacing), tuple(shift * spacing), tuple(np.eye(3).ravel()))
+    moving = torch.from_numpy(array)[None, None]
+    # moving(x) = fixed(x - s): the pull-back is x -> x + s.
+    out = warp(moving, moving_grid, fixed_grid, [Affine(np.eye(3), shift * spacing)])
+    np.testing.assert_allclose(out[0, 0].numpy(), array, atol=1e-5)
+
+
+def test_outside_points_get_the_fill_value():
+    grid = Grid((4, 4, 4), (1.0,) * 3, (0.0,) * 3, tuple(np.eye(3).ravel()))
+    image = torch.ones(1, 1, 4, 4, 4)
+    points = torch.tensor([[1.0, 1.0, 1.0], [-0.6, 1.0, 1.0], [3.6, 0, 0], [1.0, 1.0, 3.4]])
+    for mode in INTERPOLATORS:
+        values = sample(image, grid, points, mode=mode, fill=-7.0)[0, 0]
+        assert values.tolist() == [1.0, -7.0, -7.0, 1.0], mode
+
+
+def test_nearest_rounds_half_way_up_like_itk():
+    grid = Grid((4, 1, 1), (1.0,) * 3, (0.0,) * 3, tuple(np.eye(3).ravel()))
+    image = torch.tensor([10, 20, 30, 40]).reshape(1, 1, 1, 1, 4)
+    points = torch.tensor([[0.5, 0, 0], [1.5, 0, 0], [2.5, 0, 0]], dtype=torch.float64)
+    assert sample(image, grid, points, mode="nearest")[0, 0].tolist() == [20, 30, 40]
+
+
+def test_label_interpolation_is_the_arg_max_of_linear_indicators():
+    rng = np.random.default_rng(0)
+    labels = sitk.GetArrayFromImage(make_image((14, 13, 12), seed=9)) // 20  # labels 0..5
+    labels = labels.astype(np.int32) * 7  # values 0, 7, 14, ... (not 0..K)
+    grid = Grid((14, 13, 12), (1.0, 1.1, 1.2), (0.0,) * 3, tuple(np.eye(3).ravel()))
+    points = torch.from_numpy(rng.uniform(-0.4, 11.0, size=(4000, 3)))
+    got = sample(torch.from_numpy(labels)[None, None], grid, points, mode="label")[0, 0].numpy()
+    values = np.unique(labels)
+    indicators = torch.from_numpy((labels[None] == values[:, None, None, None]).astype(np.float64))[None]
+    linear = sample(indicators, grid, points, mode="linear")[0].numpy()  # (K, P)
+    expected = values[linear.argmax(axis=0)]
+    top2 = np.sort(linear, axis=0)[-2:]
+    clear = top2[1] - top2[0] > 1e-9  # ties may go either way
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(got[clear], expected[clear])
+    assert set(np.unique(got)) <= set(values)
+    assert got.dtype == labels.dtype
+
+
+def test_bspline_coefficients_interpolate_the_samples():
+    array = torch.from_numpy(sitk.GetArrayFromImage(make_image((11, 9, 2), seed=2))).double()[None, None]
+    grid = Grid((11, 9, 2), (1.0,) * 3, (0.0,) * 3, tuple(np.eye(3).ravel()))
+    points = grid.points()
+    np.testing.assert_allclose(sample(array, grid, points, mode="bspline").numpy(), array.numpy(), atol=1e-6)
+    assert bspline_coefficients(array).shape == array.shape
+
+
+def test_linear_sampling_is_differentiable_in_the_points():
+    image = Image.from_sitk(make_image((10, 10, 10)))
+    points = (image.grid.points()[2:8, 2:8, 2:8] + 0.3).requires_grad_(True)
+    sample(image.tensor(torch.float64), image.grid, points).sum().backward()
+    assert points.grad is not None and points.grad.abs().sum() > 0
+
+
+def test_unknown_mode_and_bad_shapes_are_refused():
+    grid = Grid((4, 4, 4), (1.0,) * 3, (0.0,) * 3, tuple(np.eye(3).ravel()))
+    with pytest.raises(ValueError, match="unknown interpolation"):
+        sample(torch.zeros(1, 1, 4, 4, 4), grid, torch.zeros(2, 3), mode="cubic")
+    with pytest.raises(ValueError, match="does not match"):
+        sample(torch.zeros(1, 1, 4, 4, 5), grid, torch.zeros(2, 3))
