@@ -216,10 +216,20 @@ def _nifti_data_bytes(header: bytes) -> tuple[int, int] | None:
     return offset, count * max(int(bitpix), 8) // 8
 
 
-def _stream_length(path: Path) -> int:
-    """Length of a file's content, decompressed (and so fully checked) when gzipped."""
+def _content_length(path: Path, expected: int) -> int:
+    """Length of a file's content; for a gzip file the decompressed length.
+
+    A gzip file whose trailer records ``expected`` (mod 2**32) is taken as complete: a
+    truncated file ends in compressed data, which matches with probability 2**-32. Otherwise
+    the stream is decompressed to the end (also the case of multi-member files).
+    """
     if not path.name.lower().endswith(".gz"):
         return path.stat().st_size
+    with open(path, "rb") as raw:
+        raw.seek(max(path.stat().st_size - 4, 0))
+        trailer = raw.read(4)
+    if len(trailer) == 4 and struct.unpack("<I", trailer)[0] == expected % 2**32:
+        return expected
     length = 0
     with gzip.open(path, "rb") as stream:
         while chunk := stream.read(1 << 22):
@@ -246,9 +256,9 @@ def _check_complete(path: Path) -> None:
             data_file = next((f for f in data if f.exists()), None)
             if data_file is None:
                 raise InputError(f"cannot read image '{path}': its .img data file is missing")
-            complete = _stream_length(data_file) >= offset + needed
+            complete = _content_length(data_file, offset + needed) >= offset + needed
         else:
-            complete = _stream_length(path) >= offset + needed
+            complete = _content_length(path, offset + needed) >= offset + needed
     except (OSError, EOFError, zlib.error, struct.error) as error:
         raise InputError(f"cannot read image '{path}': the file is truncated or corrupted") from error
     if not complete:

@@ -49,8 +49,9 @@ def read_field(path: str | os.PathLike) -> DisplacementField:
             f"{image.GetNumberOfComponentsPerPixel()} components per voxel "
             f"(a field has one {d}-vector per voxel)"
         )
-    array = sitk.GetArrayFromImage(image).astype(np.float32)  # (*shape, D)
-    data = torch.from_numpy(np.ascontiguousarray(np.moveaxis(array, -1, 0)))
+    array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)  # (*shape, D)
+    # A channel-first view of the channel-last voxels: no copy (the tensor is not contiguous).
+    data = torch.from_numpy(array).movedim(-1, 0)
     return DisplacementField(Grid.from_sitk(image), data)
 
 
@@ -92,8 +93,8 @@ def read_affine(path: str | os.PathLike) -> Affine:
     )
     center = np.zeros(d)
     fixed = transform.GetFixedParameters()
-    if len(fixed) == d:
-        center = np.asarray(fixed)
+    if len(fixed) >= d:  # linear ITK transforms keep their centre first (Euler adds a flag)
+        center = np.asarray(fixed[:d])
     homogeneous = np.eye(d + 1)
     homogeneous[:d, :d], homogeneous[:d, d] = matrix, offset
     return Affine.from_homogeneous(homogeneous, center)

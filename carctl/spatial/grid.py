@@ -175,9 +175,17 @@ class Grid:
 
     def points(self, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
         """Physical (LPS mm) position of every voxel as a ``(*shape, D)`` tensor."""
-        dtype = dtype or _default_float()
-        index = self.index_points(dtype=dtype, device=device)
-        return apply_homogeneous(self.index_to_physical, index)
+        import torch
+
+        dtype = dtype or torch.float64
+        m = torch.as_tensor(self.index_to_physical, dtype=dtype, device=device)
+        points = m[: self.ndim, self.ndim].reshape((1,) * self.ndim + (self.ndim,))
+        for axis, n in enumerate(self.size):  # origin + sum over axes of index * column
+            steps = torch.arange(n, dtype=dtype, device=device)[:, None] * m[: self.ndim, axis]
+            view = [1] * self.ndim + [self.ndim]
+            view[self.ndim - 1 - axis] = n
+            points = points + steps.reshape(view)
+        return points
 
     def to_index(self, points: torch.Tensor) -> torch.Tensor:
         """Physical points ``(..., D)`` to continuous index ``(..., D)``."""
@@ -191,10 +199,10 @@ class Grid:
         """
         import torch
 
-        extent = torch.tensor(
-            [max(n - 1, 1) for n in self.size], dtype=index.dtype, device=index.device
+        scale = torch.tensor(
+            [2.0 / max(n - 1, 1) for n in self.size], dtype=index.dtype, device=index.device
         )
-        return index * (2.0 / extent) - 1.0
+        return (index * scale).sub_(1.0)
 
     def contains_index(self, index: torch.Tensor) -> torch.Tensor:
         """Boolean ``(...)`` mask of the indices inside the grid (ITK's rule, see module doc)."""
@@ -213,7 +221,3 @@ def apply_homogeneous(matrix: np.ndarray, points: torch.Tensor) -> torch.Tensor:
     return points @ m[:d, :d].T + m[:d, d]
 
 
-def _default_float():
-    import torch
-
-    return torch.float64

@@ -21,10 +21,10 @@ if TYPE_CHECKING:
 
 # Points are processed in chunks of this many by the samplers that gather voxels explicitly,
 # so that memory stays bounded on large grids.
-_CHUNK = 1 << 18
+_CHUNK = 1 << 20
 
-# Cubic B-spline prefilter: pole of the inverse filter and the number of taps on each side
-# of its truncated impulse response (|pole|**16 < 1e-9).
+# Cubic B-spline prefilter: pole of the recursive filter, and the number of terms of its
+# truncated initial sum (|pole|**16 < 1e-9).
 _BSPLINE_POLE = float(np.sqrt(3.0) - 2.0)
 _BSPLINE_TAPS = 16
 
@@ -63,7 +63,8 @@ def sample(
     index = grid.to_index(points.reshape(-1, grid.ndim))
     values = sampler(image, grid, index)
     inside = grid.contains_index(index)
-    values = torch.where(inside, values, torch.as_tensor(fill, dtype=values.dtype))
+    fill_value = torch.tensor(fill, dtype=torch.float64).to(values.dtype)
+    values = torch.where(inside, values, fill_value)
     return values.reshape(*image.shape[:2], *out_shape)
 
 
@@ -83,7 +84,10 @@ def warp(
     """
     from carctl.spatial.transform import map_grid
 
-    points = map_grid(fixed_grid, transforms)
+    # Single precision is ample for linear interpolation (3e-5 mm at 500 mm from the origin);
+    # the other modes round or weigh indices, where ties must break as in ITK's double maths.
+    linear = mode == "linear" and image.dtype == torch.float32
+    points = map_grid(fixed_grid, transforms, dtype=torch.float32 if linear else torch.float64)
     return sample(image, moving_grid, points, mode=mode, fill=fill)
 
 
@@ -93,7 +97,7 @@ def warp(
 def _sample_linear(image: torch.Tensor, grid: Grid, index: torch.Tensor) -> torch.Tensor:
     if not image.is_floating_point():
         image = image.to(torch.float32)
-    coords = grid.index_to_normalised(index).to(image.dtype)
+    coords = grid.index_to_normalised(index.to(image.dtype))
     n, c = image.shape[:2]
     view = (1,) * (grid.ndim - 1) + (-1, grid.ndim)
     coords = coords.reshape(1, *view).expand(n, *view)
@@ -135,47 +139,76 @@ def _sample_label(image: torch.Tensor, grid: Grid, index: torch.Tensor) -> torch
     the number of labels.
     """
     strides = _strides(grid)
+    original = image.dtype
+    # torch's CPU gather lacks the wider unsigned types: vote on int64 (or float64) labels.
+    image = image.to(torch.float64 if image.is_floating_point() else torch.int64)
 
     def one_chunk(idx: torch.Tensor) -> torch.Tensor:
         base = torch.floor(idx)
         frac = (idx - base).to(torch.float32)
         base = base.long()
+        # Per axis: strided voxel offsets and weights of the lower (0) and upper (1) neighbour.
+        offsets, axis_weights = [], []
+        for d in range(grid.ndim):
+            lower = base[:, d].clamp(0, grid.size[d] - 1) * strides[d]
+            upper = (base[:, d] + 1).clamp(0, grid.size[d] - 1) * strides[d]
+            offsets.append((lower, upper))
+            axis_weights.append((1.0 - frac[:, d], frac[:, d]))
         labels, weights = [], []
         for corner in range(2**grid.ndim):
-            flat = torch.zeros(idx.shape[0], dtype=torch.long, device=idx.device)
-            weight = torch.ones(idx.shape[0], dtype=torch.float32, device=idx.device)
-            for d in range(grid.ndim):
-                offset = (corner >> d) & 1
-                i = (base[:, d] + offset).clamp(0, grid.size[d] - 1)
-                flat += i * strides[d]
-                weight = weight * (frac[:, d] if offset else 1.0 - frac[:, d])
+            bits = [(corner >> d) & 1 for d in range(grid.ndim)]
+            flat = offsets[0][bits[0]]
+            weight = axis_weights[0][bits[0]]
+            for d in range(1, grid.ndim):
+                flat = flat + offsets[d][bits[d]]
+                weight = weight * axis_weights[d][bits[d]]
             labels.append(_gather(image, flat))
             weights.append(weight)
         labels_t = torch.stack(labels)  # (K, N, C, P)
-        weights_t = torch.stack(weights)[:, None, None, :]  # (K, 1, 1, P)
-        same = labels_t[:, None] == labels_t[None, :]  # (K, K, N, C, P)
-        votes = (same * weights_t[None, :]).sum(dim=1)  # (K, N, C, P)
-        best = votes.argmax(dim=0, keepdim=True)
-        return torch.take_along_dim(labels_t, best, dim=0)[0]
+        n, c = labels_t.shape[1:3]
+        weights_t = torch.stack(weights)[:, None, None, :].expand(-1, n, c, -1)
+        flat_labels = labels_t.reshape(len(labels), -1)  # (K, M)
+        result = flat_labels[0].clone()
+        # Most points lie inside one label: only those whose neighbours differ need a vote.
+        mixed = (flat_labels != flat_labels[0]).any(dim=0).nonzero().squeeze(1)
+        if mixed.numel():
+            lab = flat_labels[:, mixed]
+            w = weights_t.reshape(len(weights), -1)[:, mixed]
+            votes = ((lab[:, None] == lab[None, :]) * w[None, :]).sum(dim=1)  # (K, m)
+            result[mixed] = torch.take_along_dim(lab, votes.argmax(dim=0, keepdim=True), dim=0)[0]
+        return result.reshape(n, c, -1)
 
-    return _chunked(one_chunk, index)
+    return _chunked(one_chunk, index).to(original)
 
 
 def bspline_coefficients(image: torch.Tensor) -> torch.Tensor:
-    """Cubic B-spline coefficients of ``image`` (N, C, *shape), mirror boundary (as ITK)."""
+    """Cubic B-spline coefficients of ``image`` (N, C, *shape), mirror boundary (as ITK).
+
+    The exact recursive filter (Unser's causal + anti-causal pair), run along each axis in
+    double precision.
+    """
     z = _BSPLINE_POLE
-    k = torch.arange(-_BSPLINE_TAPS, _BSPLINE_TAPS + 1, dtype=torch.float64)
-    kernel = (-6.0 * z / (1.0 - z * z)) * z ** k.abs()
     coefficients = image.to(torch.float64)
     for axis in range(2, image.dim()):
         n = coefficients.shape[axis]
         if n == 1:
             continue
-        extended = _mirror(torch.arange(-_BSPLINE_TAPS, n + _BSPLINE_TAPS), n)
-        moved = coefficients.movedim(axis, -1)
-        rows = moved[..., extended].reshape(-1, 1, n + 2 * _BSPLINE_TAPS)
-        filtered = F.conv1d(rows, kernel.view(1, 1, -1)).reshape(moved.shape)
-        coefficients = filtered.movedim(-1, axis)
+        s = coefficients.movedim(axis, 0)
+        causal = torch.empty_like(s)
+        if n > _BSPLINE_TAPS:  # truncated sum; |z|**16 < 1e-9
+            powers = z ** torch.arange(_BSPLINE_TAPS, dtype=torch.float64)
+            causal[0] = torch.tensordot(powers, s[:_BSPLINE_TAPS], dims=1)
+        else:  # exact sum over the mirrored signal
+            k = torch.arange(n, dtype=torch.float64)
+            powers = z**k + torch.where((k > 0) & (k < n - 1), z ** (2 * n - 2 - k), 0.0)
+            causal[0] = torch.tensordot(powers, s, dims=1) / (1.0 - z ** (2 * n - 2))
+        for k in range(1, n):
+            causal[k] = s[k] + z * causal[k - 1]
+        anti = torch.empty_like(s)
+        anti[n - 1] = (z / (z * z - 1.0)) * (causal[n - 1] + z * causal[n - 2])
+        for k in range(n - 2, -1, -1):
+            anti[k] = z * (anti[k + 1] - causal[k])
+        coefficients = (6.0 * anti).movedim(0, axis)
     return coefficients
 
 
@@ -188,34 +221,40 @@ def _mirror(i: torch.Tensor, n: int) -> torch.Tensor:
     return torch.where(i >= n, period - i, i)
 
 
-def _cubic_bspline(t: torch.Tensor) -> torch.Tensor:
-    t = t.abs()
-    inner = (4.0 - 6.0 * t**2 + 3.0 * t**3) / 6.0
-    outer = (2.0 - t).clamp(min=0.0) ** 3 / 6.0
-    return torch.where(t < 1.0, inner, outer)
-
-
 def _sample_bspline(image: torch.Tensor, grid: Grid, index: torch.Tensor) -> torch.Tensor:
-    coefficients = bspline_coefficients(image)
-    strides = _strides(grid)
-    taps = torch.arange(4, device=index.device)
+    """Cubic B-spline interpolation from 2**D linear fetches of the coefficients.
 
-    def one_chunk(idx: torch.Tensor) -> torch.Tensor:
-        idx = idx.to(torch.float64)
-        flat = torch.zeros((1,) * grid.ndim + (idx.shape[0],), dtype=torch.long)
-        weight = torch.ones((1,) * grid.ndim + (idx.shape[0],), dtype=torch.float64)
-        for d in range(grid.ndim):
-            first = torch.floor(idx[:, d]).long() - 1
-            positions = first[None, :] + taps[:, None]  # (4, P)
-            w = _cubic_bspline(idx[:, d][None, :] - positions)
-            shape = [1] * grid.ndim + [idx.shape[0]]
-            shape[d] = 4
-            flat = flat + (_mirror(positions, grid.size[d]) * strides[d]).reshape(shape)
-            weight = weight * w.reshape(shape)
-        values = _gather(coefficients, flat.reshape(-1, idx.shape[0]))  # (N, C, 4**D, P)
-        return (values * weight.reshape(-1, idx.shape[0])).sum(dim=2)
-
-    out = _chunked(one_chunk, index)
+    Along each axis the four cubic weights ``w0..w3`` at taps ``i-1..i+2`` are regrouped as
+    ``(w0 + w1)`` times a linear fetch between taps ``i-1`` and ``i`` plus ``(w2 + w3)`` times
+    one between ``i+1`` and ``i+2`` (the "fast third-order texture filtering" identity), so
+    ``grid_sample`` does the gathering. The coefficients are mirror-padded by two voxels, which
+    covers every tap of a point inside the image.
+    """
+    dtype = torch.float64 if image.dtype == torch.float64 else torch.float32
+    coefficients = bspline_coefficients(image).to(dtype)
+    for axis in range(2, image.dim()):
+        n = coefficients.shape[axis]
+        coefficients = coefficients.index_select(axis, _mirror(torch.arange(-2, n + 2), n))
+    padded = Grid(
+        tuple(s + 4 for s in grid.size), (1.0,) * grid.ndim, (0.0,) * grid.ndim,
+        tuple(torch.eye(grid.ndim, dtype=torch.float64).flatten().tolist()),
+    )
+    idx = index.to(dtype)
+    base = torch.floor(idx)
+    t = idx - base
+    w0, w1, w3 = (1 - t) ** 3 / 6, (3 * t**3 - 6 * t**2 + 4) / 6, t**3 / 6
+    w2 = 1 - w0 - w1 - w3
+    groups = ((w0 + w1, base - 1 + w1 / (w0 + w1)), (w2 + w3, base + 1 + w3 / (w2 + w3)))
+    out = torch.zeros(*image.shape[:2], idx.shape[0], dtype=dtype)
+    for corner in range(2**grid.ndim):
+        bits = [(corner >> d) & 1 for d in range(grid.ndim)]
+        weight = torch.ones(idx.shape[0], dtype=dtype)
+        position = torch.empty_like(idx)
+        for d, bit in enumerate(bits):
+            g, h = groups[bit]
+            weight = weight * g[:, d]
+            position[:, d] = h[:, d] + 2.0  # index in the padded coefficients
+        out += weight * _sample_linear(coefficients, padded, position)
     return out.to(image.dtype if image.is_floating_point() else torch.float32)
 
 

@@ -110,9 +110,11 @@ class DisplacementField:
         return points + self.displacement_at(points)
 
 
-def map_grid(grid: Grid, transforms: Sequence[Transform] = ()) -> torch.Tensor:
+def map_grid(
+    grid: Grid, transforms: Sequence[Transform] = (), dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
     """Physical positions ``(*grid.shape, D)`` of ``grid``'s voxels mapped through the chain."""
-    points = grid.points()
+    points = grid.points(dtype=dtype)
     for i, transform in enumerate(transforms):
         if transform.ndim != grid.ndim:
             raise ValueError(f"a {transform.ndim}-D transform cannot map a {grid.ndim}-D grid")

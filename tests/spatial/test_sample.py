@@ -73,7 +73,7 @@ def test_known_translation_is_exact():
     moving = torch.from_numpy(array)[None, None]
     # moving(x) = fixed(x - s): the pull-back is x -> x + s.
     out = warp(moving, moving_grid, fixed_grid, [Affine(np.eye(3), shift * spacing)])
-    np.testing.assert_allclose(out[0, 0].numpy(), array, atol=1e-5)
+    np.testing.assert_allclose(out[0, 0].numpy(), array, atol=1e-4)  # float32 coordinates
 
 
 def test_outside_points_get_the_fill_value():
@@ -82,7 +82,7 @@ def test_outside_points_get_the_fill_value():
     points = torch.tensor([[1.0, 1.0, 1.0], [-0.6, 1.0, 1.0], [3.6, 0, 0], [1.0, 1.0, 3.4]])
     for mode in INTERPOLATORS:
         values = sample(image, grid, points, mode=mode, fill=-7.0)[0, 0]
-        assert values.tolist() == [1.0, -7.0, -7.0, 1.0], mode
+        assert values.tolist() == pytest.approx([1.0, -7.0, -7.0, 1.0], abs=1e-6), mode
 
 
 def test_nearest_rounds_half_way_up_like_itk():

@@ -1,0 +1,414 @@
+"""``carctl apply`` against the reference peers: SimpleITK (ITK) and antspyx (ANTs).
+
+Every case goes through the command line (the ``cli`` fixture), writes real files and reads
+them back, so the whole path a user takes is compared: file reading, the pull-back chain
+``[field, affine]``, the interpolators and the geometry of every ``grid_pair``.
+
+Intensity tolerances are relative to the moving image's intensity range. The synthetic images
+vary by up to ~100 (their range) over a few voxels, so ``1e-3`` of the range corresponds to a
+shift of the sampling point of about a hundredth of a voxel: any convention error (a flipped
+axis, a transposed direction, the chain in the wrong order, a half-voxel shift) is far above it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import bspline_field, centred_on, make_image, rotation, smooth_volume, write
+
+from carctl.spatial.grid import Grid
+
+pytestmark = pytest.mark.peers
+ants = pytest.importorskip("ants")
+
+#: Largest accepted |carctl - peer|, relative to the moving image's intensity range.
+RELATIVE_TOLERANCE = 1e-3
+
+#: Labels of the synthetic label maps: background 0, sparse values, some above 255.
+LABELS = np.array([0, 1, 2, 5, 17, 300, 1000])
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+def small_affine(ndim: int, center) -> sitk.AffineTransform:
+    """A ~5 degree rotation with a ~3 mm translation about a non-zero centre (ITK affine)."""
+    affine = sitk.AffineTransform(ndim)
+    if ndim == 3:
+        matrix = rotation(0.05, -0.06, 0.07)  # ~5.3 degrees in all
+        translation = (2.0, -1.5, 1.8)  # ~3.0 mm
+    else:
+        angle = 0.087  # 5 degrees
+        matrix = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        translation = (2.2, -2.0)
+    affine.SetMatrix(tuple(float(v) for v in matrix.ravel()))
+    affine.SetTranslation(translation)
+    affine.SetCenter(tuple(float(c) for c in center))
+    return affine
+
+
+def image_centre(image: sitk.Image) -> np.ndarray:
+    index = (np.asarray(image.GetSize()) - 1) / 2.0
+    return np.asarray(image.TransformContinuousIndexToPhysicalPoint(tuple(index)))
+
+
+def sitk_resample(moving, fixed, transform, interpolator=sitk.sitkLinear) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.Resample(moving, fixed, transform, interpolator, 0.0))
+
+
+def field_transform(field: sitk.Image) -> sitk.DisplacementFieldTransform:
+    """ITK transform of ``field`` (on a copy: the transform takes the image's buffer)."""
+    return sitk.DisplacementFieldTransform(sitk.Image(field))
+
+
+def ants_resample(
+    fixed: Path, moving: Path, transforms: list[Path], interpolator: str
+) -> np.ndarray:
+    """antsApplyTransforms through antspyx, as a (Z, Y, X) array."""
+    warped = ants.apply_transforms(
+        fixed=ants.image_read(str(fixed)),
+        moving=ants.image_read(str(moving)),
+        transformlist=[str(t) for t in transforms],
+        interpolator=interpolator,
+    )
+    return np.transpose(warped.numpy())  # ANTs arrays are (X, Y, Z)
+
+
+def relative_difference(a: np.ndarray, b: np.ndarray, moving: sitk.Image) -> float:
+    assert a.shape == b.shape
+    span = float(np.ptp(sitk.GetArrayViewFromImage(moving)))
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max() / span)
+
+
+def run_apply(cli, moving: Path, fixed: Path, out: Path, *options: str) -> sitk.Image:
+    """``carctl apply`` through the CLI; the output must lie on the fixed grid."""
+    result = cli("apply", moving, "--reference", fixed, *options, "-o", out)
+    assert result.code == 0, result.err
+    warped = sitk.ReadImage(str(out))
+    assert Grid.from_sitk(warped).same_as(Grid.from_sitk(sitk.ReadImage(str(fixed))), 1e-5)
+    return warped
+
+
+def label_map(image: sitk.Image, values=LABELS, dtype=np.int16, seed: int = 0) -> sitk.Image:
+    """A label map with the geometry of ``image``: the arg-max of smooth random volumes, so
+    that several labels meet at junctions (harder than nested thresholds)."""
+    size = image.GetSize()
+    scores = np.stack([smooth_volume(size, seed=seed + k, sigma=1.5) for k in range(len(values))])
+    labels = sitk.GetImageFromArray(np.asarray(values, dtype=dtype)[np.argmax(scores, axis=0)])
+    labels.CopyInformation(image)
+    return labels
+
+
+class Case:
+    """A grid pair written to disk, with a SimpleITK B-spline field on the fixed grid and a
+    small affine (``.mat`` written by SimpleITK, as ANTs' ``0GenericAffine.mat``)."""
+
+    def __init__(self, moving: sitk.Image, fixed: sitk.Image, directory: Path, magnitude=3.0):
+        self.moving, self.fixed, self.dir = moving, fixed, directory
+        self.field = bspline_field(fixed, magnitude=magnitude)
+        self.affine = small_affine(fixed.GetDimension(), image_centre(fixed) + 4.0)
+        self.moving_path = write(moving, directory / "moving.nii.gz")
+        self.fixed_path = write(fixed, directory / "fixed.nii.gz")
+        self.field_path = write(self.field, directory / "field.nii.gz")
+        self.affine_path = directory / "affine.mat"
+        sitk.WriteTransform(self.affine, str(self.affine_path))
+
+    def chain(self) -> sitk.CompositeTransform:
+        """The pull-back chain field-then-affine in SimpleITK: a CompositeTransform applies
+        the transform added LAST first to a point, so the affine is added first."""
+        return sitk.CompositeTransform([self.affine, field_transform(self.field)])
+
+
+@pytest.fixture
+def case(grid_pair, tmp_path) -> Case:
+    return Case(grid_pair.moving, grid_pair.fixed, tmp_path)
+
+
+# --- linear: field, and field then affine -----------------------------------------------
+
+
+def test_apply_field_matches_simpleitk_and_ants(case, cli, tmp_path):
+    """carctl apply --field = sitk.Resample(DisplacementFieldTransform) = antsApplyTransforms."""
+    displacement = np.linalg.norm(sitk.GetArrayFromImage(case.field), axis=-1)
+    assert displacement.max() > 2.0, "the field must move points by several mm to mean anything"
+
+    warped = run_apply(
+        cli, case.moving_path, case.fixed_path, tmp_path / "out.nii.gz", "--field", case.field_path
+    )
+    ours = sitk.GetArrayFromImage(warped)
+    itk = sitk_resample(case.moving, case.fixed, field_transform(case.field))
+    antspy = ants_resample(case.fixed_path, case.moving_path, [case.field_path], "linear")
+
+    assert relative_difference(ours, itk, case.moving) < RELATIVE_TOLERANCE
+    assert relative_difference(ours, antspy, case.moving) < RELATIVE_TOLERANCE
+    # Not vacuous: most of the output is inside the image, and the field changed it.
+    assert np.mean(ours != 0) > 0.5
+    headers_only = sitk_resample(case.moving, case.fixed, sitk.Transform())
+    assert relative_difference(ours, headers_only, case.moving) > 100 * RELATIVE_TOLERANCE
+
+
+def test_apply_field_then_affine_matches_simpleitk_and_ants(case, cli, tmp_path):
+    """carctl apply --field F --affine A = ANTs -t F -t A = SimpleITK Composite[A, F]."""
+    warped = run_apply(
+        cli,
+        case.moving_path,
+        case.fixed_path,
+        tmp_path / "out.nii.gz",
+        "--field",
+        case.field_path,
+        "--affine",
+        case.affine_path,
+    )
+    ours = sitk.GetArrayFromImage(warped)
+    itk = sitk_resample(case.moving, case.fixed, case.chain())
+    antspy = ants_resample(
+        case.fixed_path, case.moving_path, [case.field_path, case.affine_path], "linear"
+    )
+    # The SimpleITK reference is right: it agrees with ANTs, and the other composition order
+    # (affine first, then field) is far from both.
+    assert relative_difference(itk, antspy, case.moving) < RELATIVE_TOLERANCE
+    wrong_order = sitk.CompositeTransform([field_transform(case.field), case.affine])
+    wrong = sitk_resample(case.moving, case.fixed, wrong_order)
+    assert relative_difference(wrong, antspy, case.moving) > 10 * RELATIVE_TOLERANCE
+
+    assert relative_difference(ours, itk, case.moving) < RELATIVE_TOLERANCE
+    assert relative_difference(ours, antspy, case.moving) < RELATIVE_TOLERANCE
+    field_only = sitk_resample(case.moving, case.fixed, field_transform(case.field))
+    assert relative_difference(ours, field_only, case.moving) > 100 * RELATIVE_TOLERANCE
+
+
+# --- nearest neighbour -----------------------------------------------------------------
+
+
+def test_apply_nearest_matches_simpleitk_exactly(case, cli, tmp_path):
+    """--interp nearest picks the very voxel ITK's NearestNeighbor picks, everywhere."""
+    warped = run_apply(
+        cli,
+        case.moving_path,
+        case.fixed_path,
+        tmp_path / "out.nii.gz",
+        "--field",
+        case.field_path,
+        "--affine",
+        case.affine_path,
+        "--interp",
+        "nearest",
+    )
+    assert warped.GetPixelID() == case.moving.GetPixelID()
+    ours = sitk.GetArrayFromImage(warped)
+    itk = sitk_resample(case.moving, case.fixed, case.chain(), sitk.sitkNearestNeighbor)
+    disagreeing = int(np.count_nonzero(ours != itk))
+    assert disagreeing == 0, f"{disagreeing} of {ours.size} voxels differ from SimpleITK"
+    # Every output value is a voxel of the input (or the fill value).
+    assert np.isin(ours, np.append(sitk.GetArrayViewFromImage(case.moving), 0.0)).all()
+
+
+def test_apply_nearest_rounds_half_voxel_ties_up_like_itk(cli, tmp_path):
+    """On a grid whose voxels fall exactly half-way between moving voxels, carctl rounds the
+    index up (ITK's floor(x + 0.5)), as ITK does when it maps each point on its own.
+
+    The ITK reference uses a zero displacement field to force that point-by-point path:
+    with an identity transform ITK's ResampleImageFilter interpolates the index along each
+    scanline, and its rounding then falls on either side of some exact ties."""
+    moving = make_image((20, 18, 16), seed=5)
+    fixed = make_image((39, 35, 31), spacing=(0.5, 0.5, 0.5), seed=6)  # index = i / 2
+    moving_path, fixed_path = (
+        write(moving, tmp_path / "m.nii.gz"),
+        write(fixed, tmp_path / "f.nii.gz"),
+    )
+
+    ours = sitk.GetArrayFromImage(
+        run_apply(cli, moving_path, fixed_path, tmp_path / "out.nii.gz", "--interp", "nearest")
+    )
+    zero = sitk.Image(fixed.GetSize(), sitk.sitkVectorFloat64, 3)
+    zero.CopyInformation(fixed)
+    itk = sitk_resample(
+        moving, fixed, sitk.DisplacementFieldTransform(zero), sitk.sitkNearestNeighbor
+    )
+    assert np.array_equal(ours, itk)
+
+    # The rule itself: fixed index i reads moving index ceil(i / 2) on every axis.
+    m = sitk.GetArrayFromImage(moving)
+    up = [(np.arange(n) + 1) // 2 for n in ours.shape]
+    down = [np.arange(n) // 2 for n in ours.shape]
+    assert np.array_equal(ours, m[np.ix_(*up)])
+    assert np.mean(ours != m[np.ix_(*down)]) > 0.5  # the ties are real and decisive
+
+
+# --- label maps ------------------------------------------------------------------------
+
+
+def test_apply_label_matches_ants_generic_label(case, cli, tmp_path, record_property):
+    """--interp label agrees with ANTs' genericLabel on >= 99% of voxels, keeps the pixel
+    type and never invents a label."""
+    labels = label_map(case.moving)
+    labels_path = write(labels, tmp_path / "labels.nii.gz")
+    present = np.unique(sitk.GetArrayViewFromImage(labels))
+    assert len(present) >= 5
+
+    warped = run_apply(
+        cli,
+        labels_path,
+        case.fixed_path,
+        tmp_path / "out.nii.gz",
+        "--field",
+        case.field_path,
+        "--affine",
+        case.affine_path,
+        "--interp",
+        "label",
+    )
+    assert warped.GetPixelID() == sitk.sitkInt16
+    ours = sitk.GetArrayFromImage(warped)
+    antspy = ants_resample(
+        case.fixed_path, labels_path, [case.field_path, case.affine_path], "genericLabel"
+    )
+    agreement = float(np.mean(ours == antspy))
+    record_property("label_agreement", agreement)
+    print(f"label agreement with ANTs genericLabel: {agreement:.5f}")
+    assert agreement >= 0.99
+    assert set(np.unique(ours)) <= set(present)
+    assert len(np.unique(ours)) >= 5  # not a degenerate output
+
+
+@pytest.mark.parametrize(
+    "dtype", ["uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float32"]
+)
+@pytest.mark.parametrize("interp", ["nearest", "label"])
+def test_apply_label_and_nearest_keep_every_pixel_type(cli, tmp_path, interp, dtype):
+    """nearest and label work on label maps of every pixel type SimpleITK writes to NIfTI,
+    keep that type and give the same voxels as for an int16 copy of the same map."""
+    moving = make_image((16, 14, 12), spacing=(1.2, 1.0, 1.4), seed=3)
+    fixed = centred_on(moving, (15, 13, 12), (1.1, 1.3, 1.2), rotation(0.2, -0.1, 0.3))
+    fixed_path = write(fixed, tmp_path / "fixed.nii.gz")
+    values = [0, 1, 2, 5, 17, 42, 100]  # fit every integer type
+    reference = label_map(moving, values, np.int16)
+    labels = label_map(moving, values, np.dtype(dtype))
+    labels_path = write(labels, tmp_path / "labels.nii.gz")
+    field_path = write(bspline_field(fixed, magnitude=2.0), tmp_path / "field.nii.gz")
+
+    expected = sitk.GetArrayFromImage(
+        run_apply(
+            cli,
+            write(reference, tmp_path / "reference.nii.gz"),
+            fixed_path,
+            tmp_path / "expected.nii.gz",
+            "--field",
+            field_path,
+            "--interp",
+            interp,
+        )
+    )
+    warped = run_apply(
+        cli,
+        labels_path,
+        fixed_path,
+        tmp_path / "out.nii.gz",
+        "--field",
+        field_path,
+        "--interp",
+        interp,
+    )
+    assert warped.GetPixelID() == labels.GetPixelID()
+    assert np.array_equal(
+        sitk.GetArrayFromImage(warped).astype(np.int64), expected.astype(np.int64)
+    )
+
+
+# --- cubic B-spline --------------------------------------------------------------------
+
+
+def test_apply_bspline_matches_simpleitk(case, cli, tmp_path):
+    """--interp bspline = SimpleITK's sitkBSpline (cubic, ITK's mirror boundary)."""
+    warped = run_apply(
+        cli,
+        case.moving_path,
+        case.fixed_path,
+        tmp_path / "out.nii.gz",
+        "--field",
+        case.field_path,
+        "--affine",
+        case.affine_path,
+        "--interp",
+        "bspline",
+    )
+    ours = sitk.GetArrayFromImage(warped)
+    itk = sitk_resample(case.moving, case.fixed, case.chain(), sitk.sitkBSpline)
+    assert relative_difference(ours, itk, case.moving) < RELATIVE_TOLERANCE
+    # Cubic differs from linear by far more than the tolerance: the right kernel was used.
+    linear = sitk_resample(case.moving, case.fixed, case.chain(), sitk.sitkLinear)
+    assert relative_difference(ours, linear, case.moving) > 10 * RELATIVE_TOLERANCE
+
+
+# --- 2-D -------------------------------------------------------------------------------
+
+
+def rotation_2d(angle: float) -> np.ndarray:
+    return np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+
+
+@pytest.fixture
+def case_2d(tmp_path) -> Case:
+    moving = make_image(
+        (30, 26), spacing=(1.1, 0.9), origin=(-5.0, 7.0), direction=rotation_2d(0.3), seed=4
+    )
+    # Oblique and left-handed (a flipped axis), other size and spacing.
+    fixed = centred_on(moving, (24, 28), (1.3, 1.0), rotation_2d(-0.4) @ np.diag([1.0, -1.0]))
+    return Case(moving, fixed, tmp_path, magnitude=2.0)
+
+
+@pytest.mark.parametrize(
+    "interp, itk_interpolator",
+    [
+        ("linear", sitk.sitkLinear),
+        ("nearest", sitk.sitkNearestNeighbor),
+        ("bspline", sitk.sitkBSpline),
+    ],
+)
+def test_apply_2d_oblique_matches_simpleitk(case_2d, cli, tmp_path, interp, itk_interpolator):
+    """2-D oblique grids, field then affine: carctl = SimpleITK for every interpolator."""
+    warped = run_apply(
+        cli,
+        case_2d.moving_path,
+        case_2d.fixed_path,
+        tmp_path / "out.nii.gz",
+        "--field",
+        case_2d.field_path,
+        "--affine",
+        case_2d.affine_path,
+        "--interp",
+        interp,
+    )
+    ours = sitk.GetArrayFromImage(warped)
+    itk = sitk_resample(case_2d.moving, case_2d.fixed, case_2d.chain(), itk_interpolator)
+    assert np.mean(ours != 0) > 0.5
+    if interp == "nearest":
+        assert np.array_equal(ours, itk)
+    else:
+        assert relative_difference(ours, itk, case_2d.moving) < RELATIVE_TOLERANCE
+
+
+def test_apply_2d_oblique_matches_ants(case_2d, cli, tmp_path):
+    """2-D oblique grids: carctl = antsApplyTransforms, field alone and field then affine."""
+    for name, options, transforms in (
+        ("field", ["--field", case_2d.field_path], [case_2d.field_path]),
+        (
+            "chain",
+            ["--field", case_2d.field_path, "--affine", case_2d.affine_path],
+            [case_2d.field_path, case_2d.affine_path],
+        ),
+    ):
+        ours = sitk.GetArrayFromImage(
+            run_apply(
+                cli,
+                case_2d.moving_path,
+                case_2d.fixed_path,
+                tmp_path / f"out-{name}.nii.gz",
+                *options,
+            )
+        )
+        antspy = ants_resample(case_2d.fixed_path, case_2d.moving_path, transforms, "linear")
+        assert relative_difference(ours, antspy, case_2d.moving) < RELATIVE_TOLERANCE, name
