@@ -25,18 +25,16 @@ import SimpleITK as sitk
 HERE = Path(__file__).resolve().parent
 
 RUNNERS = {
-    "carctl (CLI)": """
-import subprocess, sys, time
+    "carctl": """
+from carctl.io import read_image, write_image
+from carctl.resample import load_chain, resample_image
+from carctl.runtime import set_threads
+set_threads(THREADS)
+moving, fixed, chain = read_image(MOVING), read_image(FIXED), load_chain(FIELD)
 t = time.perf_counter()
-args = ["apply", MOVING, "-r", FIXED, "-f", FIELD, "-o", OUT, "--threads", str(THREADS), "--force"]
-if INTERP != "linear":
-    args += ["--interp", INTERP]
-from carctl.cli import main
-try:
-    main(args)
-except SystemExit as e:
-    assert e.code in (0, None)
-print(json.dumps({"compute": time.perf_counter() - t}))
+out = resample_image(moving, fixed.grid, chain, interpolation=INTERP)
+compute = time.perf_counter() - t
+write_image(out, OUT, force=True)
 """,
     "SimpleITK": """
 import SimpleITK as sitk
@@ -48,7 +46,6 @@ interp = {"linear": sitk.sitkLinear, "label": sitk.sitkLabelLinear}[INTERP]
 out = sitk.Resample(moving, fixed, sitk.DisplacementFieldTransform(field), interp, 0.0)
 compute = time.perf_counter() - t
 sitk.WriteImage(out, OUT)
-print(json.dumps({"compute": compute}))
 """,
     "ANTs (antspyx)": """
 import ants
@@ -58,9 +55,16 @@ interp = {"linear": "linear", "label": "genericLabel"}[INTERP]
 out = ants.apply_transforms(fixed=fixed, moving=moving, transformlist=[FIELD], interpolator=interp)
 compute = time.perf_counter() - t
 ants.image_write(out, OUT)
-print(json.dumps({"compute": compute}))
 """,
 }
+
+
+FOOTER = 'print(json.dumps({"compute": compute, "rss_kb": PEAK_KB}))\n'
+# Appended to every runner: the process's own peak resident memory (VmHWM, reset by exec).
+PEAK = """
+with open("/proc/self/status") as status:
+    PEAK_KB = next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
+"""
 
 
 def run(tool: str, case: dict, out: Path, threads: int) -> dict:
@@ -70,16 +74,23 @@ def run(tool: str, case: dict, out: Path, threads: int) -> dict:
         f"{str(case['field'])!r}, {str(out)!r}\n"
         f"THREADS, INTERP = {threads}, {case['interp']!r}\n"
     )
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(threads))
+    env = dict(
+        os.environ, OMP_NUM_THREADS=str(threads), ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(threads)
+    )
     start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-c", header + RUNNERS[tool]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - start
+    process = subprocess.Popen(
+        [sys.executable, "-c", header + RUNNERS[tool] + PEAK + FOOTER],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
     stdout, stderr = process.communicate()
-    if status != 0:
+    wall = time.perf_counter() - start
+    if process.returncode != 0:
         raise RuntimeError(f"{tool} failed: {stderr[-2000:]}")
-    compute = json.loads(stdout.strip().splitlines()[-1])["compute"]
-    return {"wall": wall, "compute": compute, "rss_mb": usage.ru_maxrss / 1024}
+    result = json.loads(stdout.strip().splitlines()[-1])
+    return {"wall": wall, "compute": result["compute"], "rss_mb": result["rss_kb"] / 1024}
 
 
 def make_cases(data: Path, work: Path) -> list[dict]:
@@ -87,24 +98,53 @@ def make_cases(data: Path, work: Path) -> list[dict]:
     cases = []
     brats = data / "brats-gli-00001"
     for name, moving, fixed, labels in (
-        ("BraTS t1n -> t2w, 240x240x155 @ 1 mm", brats / "BraTS-GLI-00001-000-t1n.nii.gz", brats / "BraTS-GLI-00001-000-t2w.nii.gz", None),
-        ("spine T1 (RAS) -> T2 (PSR), 60x55x52", data / "spine-t1-t2/t1w.nii.gz", data / "spine-t1-t2/t2.nii.gz", data / "spine-t1-t2/t1w_seg-manual.nii.gz"),
-        ("OASIS labels (45), 160x192x224 @ 1 mm", data / "oasis-t1-a/labels.nii.gz", data / "oasis-t1-a/labels.nii.gz", None),
+        (
+            "BraTS t1n -> t2w, 240x240x155 @ 1 mm",
+            brats / "BraTS-GLI-00001-000-t1n.nii.gz",
+            brats / "BraTS-GLI-00001-000-t2w.nii.gz",
+            None,
+        ),
+        (
+            "spine T1 (RAS) -> T2 (PSR), 60x55x52",
+            data / "spine-t1-t2/t1w.nii.gz",
+            data / "spine-t1-t2/t2.nii.gz",
+            data / "spine-t1-t2/t1w_seg-manual.nii.gz",
+        ),
+        (
+            "OASIS labels (45), 160x192x224 @ 1 mm",
+            data / "oasis-t1-a/labels.nii.gz",
+            data / "oasis-t1-a/labels.nii.gz",
+            None,
+        ),
     ):
         fixed_image = sitk.ReadImage(str(fixed))
         transform = sitk.BSplineTransformInitializer(fixed_image, [4, 4, 4])
         params = np.random.default_rng(0).normal(0.0, 5.0, len(transform.GetParameters()))
         transform.SetParameters(tuple(params))
         field = sitk.TransformToDisplacementField(
-            transform, sitk.sitkVectorFloat32, fixed_image.GetSize(), fixed_image.GetOrigin(),
-            fixed_image.GetSpacing(), fixed_image.GetDirection(),
+            transform,
+            sitk.sitkVectorFloat32,
+            fixed_image.GetSize(),
+            fixed_image.GetOrigin(),
+            fixed_image.GetSpacing(),
+            fixed_image.GetDirection(),
         )
         field_path = work / f"field{len(cases)}.nii.gz"
         sitk.WriteImage(field, str(field_path))
         interp = "label" if "labels" in name else "linear"
-        cases.append({"name": name, "moving": moving, "fixed": fixed, "field": field_path, "interp": interp})
+        cases.append(
+            {"name": name, "moving": moving, "fixed": fixed, "field": field_path, "interp": interp}
+        )
         if labels is not None:
-            cases.append({"name": name.replace("T1 (RAS)", "T1 cord mask (RAS)"), "moving": labels, "fixed": fixed, "field": field_path, "interp": "label"})
+            cases.append(
+                {
+                    "name": name.replace("T1 (RAS)", "T1 cord mask (RAS)"),
+                    "moving": labels,
+                    "fixed": fixed,
+                    "field": field_path,
+                    "interp": "label",
+                }
+            )
     return cases
 
 
@@ -116,7 +156,10 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        print(f"| case | tool | wall (s) | resampling (s) | peak RSS (MB) | max diff vs SimpleITK (of range) | label agreement vs SimpleITK |")
+        print(
+            "| case | tool | wall (s) | resampling (s) | peak RSS (MB) "
+            "| max diff vs SimpleITK (of range) | label agreement vs SimpleITK |"
+        )
         print("|---|---|---|---|---|---|---|")
         for case in make_cases(args.data, work):
             outputs = {}
@@ -126,13 +169,20 @@ def main() -> None:
                 out = work / f"{tool.split()[0]}.nii.gz"
                 runs = [run(tool, case, out, args.threads) for _ in range(args.repeats)]
                 best = min(runs, key=lambda r: r["wall"])
-                outputs[tool] = (best, sitk.GetArrayFromImage(sitk.ReadImage(str(out))).astype(np.float64))
+                outputs[tool] = (
+                    best,
+                    sitk.GetArrayFromImage(sitk.ReadImage(str(out))).astype(np.float64),
+                )
             reference = outputs["SimpleITK"][1]
             for tool, (best, result) in outputs.items():
                 diff = np.abs(result - reference).max() / value_range
                 agree = (result == reference).mean() if case["interp"] == "label" else float("nan")
                 agree_text = f"{100 * agree:.2f} %" if case["interp"] == "label" else "-"
-                print(f"| {case['name']} ({case['interp']}) | {tool} | {best['wall']:.2f} | {best['compute']:.2f} | {best['rss_mb']:.0f} | {diff:.1e} | {agree_text} |", flush=True)
+                print(
+                    f"| {case['name']} ({case['interp']}) | {tool} | {best['wall']:.2f} "
+                    f"| {best['compute']:.2f} | {best['rss_mb']:.0f} | {diff:.1e} | {agree_text} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import struct
+import sys
 import tempfile
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -85,6 +86,28 @@ class DicomSeries:
 # --- reading --------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def native_output_silenced() -> Iterator[None]:
+    """Hide what native code writes straight to the process's stdout and stderr.
+
+    Some ITK readers (MetaImage) print their complaints there; carctl reports errors itself,
+    in one line.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+
+
 def load_sitk():
     import SimpleITK as sitk
 
@@ -97,7 +120,10 @@ def one_line_reason(error: Exception) -> str:
     """One line out of a multi-line ITK exception message."""
     text = str(error)
     for pattern, reason in (
-        (r"Unable to determine ImageIO reader|Could not create IO object", "not an image carctl can read"),
+        (
+            r"Unable to determine ImageIO reader|Could not create IO object",
+            "not an image carctl can read",
+        ),
         (
             r"(?i)zlib|inflate|unexpected end|short read|truncat|read failed|premature eof"
             r"|file cannot be read|expected \d+ bytes|fread got only",
@@ -142,7 +168,7 @@ def list_dicom_series(directory: str | os.PathLike) -> list[DicomSeries]:
     return series
 
 
-def _read_dicom_directory(directory: Path, series: str | None) -> sitk.Image:
+def _read_dicom_directory(directory: Path, series: str | None, option: str) -> sitk.Image:
     sitk = load_sitk()
     found = list_dicom_series(directory)
     if not found:
@@ -154,7 +180,7 @@ def _read_dicom_directory(directory: Path, series: str | None) -> sitk.Image:
             )
             raise InputError(
                 f"directory '{directory}' holds {len(found)} DICOM series; "
-                f"choose one with --series UID: {listing}"
+                f"choose one with {option} UID: {listing}"
             )
         chosen = found[0]
     else:
@@ -165,24 +191,34 @@ def _read_dicom_directory(directory: Path, series: str | None) -> sitk.Image:
         chosen = matches[0]
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(list(chosen.files))
-    return reader.Execute()
+    with native_output_silenced():
+        return reader.Execute()
 
 
-def read_sitk(spec: str | os.PathLike, series: str | None = None) -> sitk.Image:
-    """Read ``spec`` (a file, ``FILE:N`` or a DICOM directory) as a 2-D or 3-D scalar image."""
+def read_sitk(
+    spec: str | os.PathLike, series: str | None = None, *, series_option: str = "--series"
+) -> sitk.Image:
+    """Read ``spec`` (a file, ``FILE:N`` or a DICOM directory) as a 2-D or 3-D scalar image.
+
+    ``series`` picks a series of a DICOM directory; ``series_option`` names the command-line
+    option that sets it, for the message that asks for it.
+    """
     sitk = load_sitk()
     path, volume = split_volume(spec)
     if not path.exists():
         raise InputError(f"no such file or directory: '{path}'")
     try:
         if path.is_dir():
-            image = _read_dicom_directory(path, series)
+            image = _read_dicom_directory(path, series, series_option)
         else:
             if series is not None:
-                raise InputError(f"--series applies to a DICOM directory, not to the file '{path}'")
+                raise InputError(
+                    f"{series_option} applies to a DICOM directory, not to the file '{path}'"
+                )
             if path.stat().st_size == 0:
                 raise InputError(f"cannot read image '{path}': the file is empty")
-            image = sitk.ReadImage(os.fspath(path))
+            with native_output_silenced():
+                image = sitk.ReadImage(os.fspath(path))
             _check_complete(path)
     except RuntimeError as error:
         raise InputError(f"cannot read image '{path}': {one_line_reason(error)}") from error
@@ -260,7 +296,9 @@ def _check_complete(path: Path) -> None:
         else:
             complete = _content_length(path, offset + needed) >= offset + needed
     except (OSError, EOFError, zlib.error, struct.error) as error:
-        raise InputError(f"cannot read image '{path}': the file is truncated or corrupted") from error
+        raise InputError(
+            f"cannot read image '{path}': the file is truncated or corrupted"
+        ) from error
     if not complete:
         raise InputError(f"cannot read image '{path}': the file is truncated")
 
@@ -286,9 +324,11 @@ def _select_volume(image: sitk.Image, path: Path, volume: int | None) -> sitk.Im
     return image
 
 
-def read_image(spec: str | os.PathLike, series: str | None = None) -> Image:
+def read_image(
+    spec: str | os.PathLike, series: str | None = None, *, series_option: str = "--series"
+) -> Image:
     """Read a 2-D or 3-D scalar image with its geometry; see :func:`read_sitk`."""
-    image = read_sitk(spec, series)
+    image = read_sitk(spec, series, series_option=series_option)
     try:
         grid = Grid.from_sitk(image)
     except ValueError as error:
@@ -452,7 +492,9 @@ def read_points(path: str | os.PathLike, ndim: int = 3, grid: Grid | None = None
     if kind == "index":
         if grid is None:
             raise InputError(f"'{path}' holds voxel indices: give the image they refer to")
-        points = points @ grid.index_to_physical[:ndim, :ndim].T + grid.index_to_physical[:ndim, ndim]
+        points = (
+            points @ grid.index_to_physical[:ndim, :ndim].T + grid.index_to_physical[:ndim, ndim]
+        )
     return points
 
 

@@ -70,7 +70,7 @@ def _bounding_boxes(labels: np.ndarray) -> dict[int, tuple[slice, ...]]:
         box = stats.GetBoundingBox(label)  # (x, y, z, size_x, size_y, size_z)
         d = len(box) // 2
         start, extent = box[:d][::-1], box[d:][::-1]
-        boxes[int(label)] = tuple(slice(s, s + e) for s, e in zip(start, extent))
+        boxes[int(label)] = tuple(slice(s, s + e) for s, e in zip(start, extent, strict=True))
     return boxes
 
 
@@ -78,7 +78,10 @@ def _union(shape: tuple[int, ...], *boxes: tuple[slice, ...] | None) -> tuple[sl
     """Smallest box holding ``boxes``, grown by one voxel (so that surfaces stay surfaces)."""
     present = [b for b in boxes if b is not None]
     return tuple(
-        slice(max(min(b[d].start for b in present) - 1, 0), min(max(b[d].stop for b in present) + 1, n))
+        slice(
+            max(min(b[d].start for b in present) - 1, 0),
+            min(max(b[d].stop for b in present) + 1, n),
+        )
         for d, n in enumerate(shape)
     )
 
@@ -107,7 +110,9 @@ def _distance_to(target: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     return np.maximum(sitk.GetArrayViewFromImage(distance), 0.0)
 
 
-def surface_distances(a: np.ndarray, b: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+def surface_distances(
+    a: np.ndarray, b: np.ndarray, spacing: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
     """Distances from each surface voxel of ``a`` to the surface of ``b``, and back (mm).
 
     ``spacing`` is in ITK (x, y, z) order; the arrays in (Z, Y, X) order.

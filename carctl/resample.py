@@ -34,6 +34,11 @@ def load_chain(
     return chain
 
 
+def check_interpolation(name: str) -> None:
+    if name not in INTERPOLATORS:
+        raise InputError(f"unknown interpolation '{name}'; choose from {', '.join(INTERPOLATORS)}")
+
+
 def resample_image(
     image: Image,
     reference: Grid,
@@ -46,19 +51,14 @@ def resample_image(
     ``linear`` and ``bspline`` give float32 (float64 for a float64 input); ``nearest`` and
     ``label`` keep the input's pixel type.
     """
-    if interpolation not in INTERPOLATORS:
-        raise InputError(
-            f"unknown interpolation '{interpolation}'; choose from {', '.join(INTERPOLATORS)}"
-        )
+    check_interpolation(interpolation)
     for transform in transforms:
         if transform.ndim != reference.ndim:
             raise InputError(
                 f"a {transform.ndim}-D transform cannot map a {reference.ndim}-D reference"
             )
     if image.grid.ndim != reference.ndim:
-        raise InputError(
-            f"the image is {image.grid.ndim}-D and the reference {reference.ndim}-D"
-        )
+        raise InputError(f"the image is {image.grid.ndim}-D and the reference {reference.ndim}-D")
     if interpolation in _KEEPS_VALUES:
         tensor = image.tensor()
     else:

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+sitk.ProcessObject.SetGlobalWarningDisplay(False)  # e.g. "Analyze file is deprecated"
+
 _DEFAULT_SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHARED_DATA = Path(os.environ.get("CARCTL_SHARED_DATA", _DEFAULT_SHARED))
 
@@ -36,17 +38,25 @@ def smooth_volume(size, seed: int = 0, sigma: float = 2.0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     noise = sitk.GetImageFromArray(rng.normal(size=tuple(reversed(size))).astype(np.float32))
     variance = [sigma**2 if n > 3 else 0.0 for n in size]
-    array = sitk.GetArrayFromImage(sitk.DiscreteGaussian(noise, variance=variance, useImageSpacing=False))
+    array = sitk.GetArrayFromImage(
+        sitk.DiscreteGaussian(noise, variance=variance, useImageSpacing=False)
+    )
     return (100.0 * (array - array.min()) / np.ptp(array)).astype(np.float32)
 
 
-def make_image(size, spacing=None, origin=None, direction=None, seed: int = 0, array=None) -> sitk.Image:
+def make_image(
+    size, spacing=None, origin=None, direction=None, seed: int = 0, array=None
+) -> sitk.Image:
     """A SimpleITK float32 image with a smooth random pattern and the given geometry."""
     d = len(size)
     image = sitk.GetImageFromArray(smooth_volume(size, seed) if array is None else array)
     image.SetSpacing(tuple(float(s) for s in (spacing or (1.0,) * d)))
     image.SetOrigin(tuple(float(o) for o in (origin or (0.0,) * d)))
-    image.SetDirection(tuple(float(c) for c in np.asarray(direction if direction is not None else np.eye(d)).ravel()))
+    image.SetDirection(
+        tuple(
+            float(c) for c in np.asarray(direction if direction is not None else np.eye(d)).ravel()
+        )
+    )
     return image
 
 
@@ -64,7 +74,9 @@ def centred_on(image: sitk.Image, size, spacing, direction) -> sitk.Image:
     return out
 
 
-def bspline_field(reference: sitk.Image, magnitude: float = 3.0, mesh: int = 3, seed: int = 0) -> sitk.Image:
+def bspline_field(
+    reference: sitk.Image, magnitude: float = 3.0, mesh: int = 3, seed: int = 0
+) -> sitk.Image:
     """A smooth random displacement field (sitkVectorFloat64) on ``reference``'s grid, made by
     SimpleITK from a B-spline transform."""
     transform = sitk.BSplineTransformInitializer(reference, [mesh] * reference.GetDimension())
@@ -72,8 +84,12 @@ def bspline_field(reference: sitk.Image, magnitude: float = 3.0, mesh: int = 3, 
     n = len(transform.GetParameters())
     transform.SetParameters(tuple(rng.normal(0.0, magnitude, n)))
     return sitk.TransformToDisplacementField(
-        transform, sitk.sitkVectorFloat64, reference.GetSize(), reference.GetOrigin(),
-        reference.GetSpacing(), reference.GetDirection(),
+        transform,
+        sitk.sitkVectorFloat64,
+        reference.GetSize(),
+        reference.GetOrigin(),
+        reference.GetSpacing(),
+        reference.GetDirection(),
     )
 
 
@@ -92,14 +108,27 @@ def grid_pairs() -> list[GridPair]:
     flipped = np.diag([-1.0, 1.0, -1.0])  # RPI: x and z flipped
     oblique = rotation(0.3, -0.2, 0.5)
     psr = np.array([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-    moving_oblique = make_image((26, 22, 18), spacing=(1.3, 1.0, 1.6), origin=(5.0, -3.0, 8.0),
-                                direction=rotation(-0.25, 0.15, 0.1), seed=2)
+    moving_oblique = make_image(
+        (26, 22, 18),
+        spacing=(1.3, 1.0, 1.6),
+        origin=(5.0, -3.0, 8.0),
+        direction=rotation(-0.25, 0.15, 0.1),
+        seed=2,
+    )
     return [
-        GridPair("same-geometry-other-spacing", moving, centred_on(moving, (20, 18, 15), (1.4, 1.5, 1.9), np.eye(3))),
+        GridPair(
+            "same-geometry-other-spacing",
+            moving,
+            centred_on(moving, (20, 18, 15), (1.4, 1.5, 1.9), np.eye(3)),
+        ),
         GridPair("flipped", moving, centred_on(moving, (25, 22, 17), (1.1, 1.3, 1.7), flipped)),
         GridPair("oblique", moving, centred_on(moving, (22, 20, 16), (1.2, 1.25, 1.8), oblique)),
         GridPair("permuted-psr", moving, centred_on(moving, (18, 21, 24), (1.5, 1.1, 1.05), psr)),
-        GridPair("both-oblique", moving_oblique, centred_on(moving_oblique, (24, 20, 19), (1.1, 1.35, 1.4), oblique)),
+        GridPair(
+            "both-oblique",
+            moving_oblique,
+            centred_on(moving_oblique, (24, 20, 19), (1.1, 1.35, 1.4), oblique),
+        ),
     ]
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import make_image, rotation, write
+from conftest import SHARED_DATA, make_image, rotation, write
 
 from carctl.errors import InputError, OutputError
 from carctl.io import (
@@ -23,29 +23,30 @@ from carctl.io import (
 )
 from carctl.spatial.grid import Grid
 
-# Every scalar image in ../shared/data, as "folder/file" (4-D files get a volume below).
-SHARED_IMAGES = [
-    "brain-templates-2mm/avg152T1.nii",
-    "brain-templates-2mm/labels_Neuromorphometrics.nii",
-    "brats-gli-00001/BraTS-GLI-00001-000-t1n.nii.gz",
-    "brats-gli-00001/BraTS-GLI-00001-000-mask.nii.gz",
-    "cardiac-myops-101/101_C0.nii.gz",
-    "ct-mr-pat002/pat002_ct.hdr",
-    "ct-mr-pat002/pat002_mr_T2.hdr",
-    "oasis-t1-a/labels.nii.gz",
-    "prostate-mr-us/mr_images/case000000.nii.gz",
-    "prostate-mr-us/us_images/case000003.nii.gz",
-    "prostate-mr-us/mr_labels/case000002.nii.gz",
-    "prostate-mr-us/us_labels/case000001.nii.gz:1",
-    "spine-t1-t2/t1w.nii.gz",
-    "spine-t1-t2/t2.nii.gz",
-    "spine-t1-t2/t2_seg-manual_labeled.nii.gz",
-    "tcga-fg-6692-native/MRHR_FLAIR_AX_OtherEXampleTCIA_TCGA-FG-6692_Si_TCGA-FG-6692_MRHR_FLAIR_AX_SE_IR_5_tir2d1_21_fla.nii.gz",
-    "dicom/mr-3slice",
-    "dicom/ct-chest-40",
-    "dicom/mr-head-120",
-    "dicom/mr-head-120/1-001.dcm",
-]
+
+def _shared_images() -> list[str]:
+    """Every image in ../shared/data, relative to it: each file (one DICOM file standing for
+    its folder's files), each DICOM series folder; 4-D files by their first and last volume."""
+    if not SHARED_DATA.is_dir():
+        return []
+    found = []
+    for path in sorted(SHARED_DATA.rglob("*")):
+        name = path.name.lower()
+        relative = str(path.relative_to(SHARED_DATA))
+        if path.is_dir() and any(p.suffix == ".dcm" for p in path.iterdir()):
+            found += [relative, str(sorted(path.glob("*.dcm"))[0].relative_to(SHARED_DATA))]
+        elif name.endswith((".nii", ".nii.gz", ".hdr", ".mha", ".mhd", ".nrrd")):
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            if reader.GetDimension() == 4:
+                found += [f"{relative}:0", f"{relative}:{reader.GetSize()[3] - 1}"]
+            else:
+                found.append(relative)
+    return found
+
+
+SHARED_IMAGES = _shared_images()
 
 
 def _sitk_reference(path: str) -> sitk.Image:
@@ -70,7 +71,9 @@ def _assert_same_geometry(grid: Grid, image: sitk.Image, atol: float = 0.0) -> N
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", SHARED_IMAGES)
+@pytest.mark.parametrize(
+    "name", SHARED_IMAGES or [pytest.param("-", marks=pytest.mark.skip("no data"))]
+)
 def test_shared_images_read_with_their_geometry_and_round_trip(name, shared_data, tmp_path):
     path = f"{shared_data}/{name}"
     image = read_image(path)
@@ -85,6 +88,15 @@ def test_shared_images_read_with_their_geometry_and_round_trip(name, shared_data
         _assert_same_geometry(again.grid, reference, atol=atol)
         np.testing.assert_array_equal(again.array, image.array)
         assert again.array.dtype == image.array.dtype
+
+
+def test_every_kind_of_shared_image_is_covered():
+    if not SHARED_IMAGES:
+        pytest.skip("no shared data")
+    assert len(SHARED_IMAGES) >= 60
+    kinds = {".nii", ".nii.gz", ".hdr", ".dcm"}
+    assert all(any(i.split(":")[0].endswith(k) for i in SHARED_IMAGES) for k in kinds)
+    assert sum(i.startswith("dicom/") and not i.endswith(".dcm") for i in SHARED_IMAGES) == 3
 
 
 def test_four_d_file_needs_a_volume(shared_data):
@@ -138,12 +150,19 @@ def test_empty_directory_has_no_series(tmp_path):
 
 @pytest.mark.parametrize(
     "direction",
-    [np.eye(3), np.diag([-1.0, -1.0, 1.0]), np.array([[0, 0, -1], [1, 0, 0], [0, 1, 0.0]]), rotation(0.2, -0.4, 0.7)],
+    [
+        np.eye(3),
+        np.diag([-1.0, -1.0, 1.0]),
+        np.array([[0, 0, -1], [1, 0, 0], [0, 1, 0.0]]),
+        rotation(0.2, -0.4, 0.7),
+    ],
     ids=["LPS", "RAS", "PSR", "oblique"],
 )
 @pytest.mark.parametrize("extension", [".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".hdr"])
 def test_any_orientation_and_anisotropic_spacing_round_trip(direction, extension, tmp_path):
-    original = make_image((7, 6, 5), spacing=(0.7, 1.3, 3.1), origin=(-3.5, 12.25, 40.0), direction=direction)
+    original = make_image(
+        (7, 6, 5), spacing=(0.7, 1.3, 3.1), origin=(-3.5, 12.25, 40.0), direction=direction
+    )
     image = Image_from(original)
     again = read_image(write_image(image, tmp_path / f"x{extension}"))
     atol = 1e-5 if extension in (".nii", ".nii.gz", ".hdr") else 1e-9
@@ -288,7 +307,9 @@ def test_points_csv_and_elastix_formats(tmp_path):
 
 
 def test_index_points_need_and_use_their_grid(tmp_path):
-    image = make_image((10, 10, 10), spacing=(2.0, 1.0, 0.5), origin=(5, 6, 7), direction=rotation(0.1, 0.2, 0.3))
+    image = make_image(
+        (10, 10, 10), spacing=(2.0, 1.0, 0.5), origin=(5, 6, 7), direction=rotation(0.1, 0.2, 0.3)
+    )
     (tmp_path / "index.txt").write_text("index\n1\n1 2 3\n")
     with pytest.raises(InputError, match="voxel indices"):
         read_points(tmp_path / "index.txt")

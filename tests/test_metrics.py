@@ -39,7 +39,9 @@ def spine_pair(shared_data):
 def _sitk_dice(fixed: sitk.Image, warped: sitk.Image) -> dict[int, float]:
     overlap = sitk.LabelOverlapMeasuresImageFilter()
     overlap.Execute(sitk.Cast(fixed, sitk.sitkUInt16), sitk.Cast(warped, sitk.sitkUInt16))
-    labels = set(np.unique(sitk.GetArrayViewFromImage(fixed))) | set(np.unique(sitk.GetArrayViewFromImage(warped)))
+    labels = set(np.unique(sitk.GetArrayViewFromImage(fixed))) | set(
+        np.unique(sitk.GetArrayViewFromImage(warped))
+    )
     return {int(k): overlap.GetDiceCoefficient(int(k)) for k in sorted(labels) if k != 0}
 
 
@@ -48,7 +50,8 @@ def _sitk_dice(fixed: sitk.Image, warped: sitk.Image) -> dict[int, float]:
 def test_dice_agrees_with_sitk_label_overlap(pair, request):
     fixed, warped = request.getfixturevalue(pair)
     ours = metrics.dice(
-        metrics.as_label_map(sitk.GetArrayFromImage(fixed)), metrics.as_label_map(sitk.GetArrayFromImage(warped))
+        metrics.as_label_map(sitk.GetArrayFromImage(fixed)),
+        metrics.as_label_map(sitk.GetArrayFromImage(warped)),
     )
     reference = _sitk_dice(fixed, warped)
     assert ours.keys() == reference.keys()
@@ -67,8 +70,12 @@ def _sitk_surface_distances(a: sitk.Image, b: sitk.Image) -> tuple[np.ndarray, n
     def directed(source: sitk.Image, target: sitk.Image) -> np.ndarray:
         contour_source = sitk.BinaryContour(source, fullyConnected=False)
         contour_target = sitk.BinaryContour(target, fullyConnected=False)
-        distance = sitk.SignedMaurerDistanceMap(contour_target, insideIsPositive=False, squaredDistance=False, useImageSpacing=True)
-        values = sitk.GetArrayViewFromImage(distance)[sitk.GetArrayViewFromImage(contour_source) > 0]
+        distance = sitk.SignedMaurerDistanceMap(
+            contour_target, insideIsPositive=False, squaredDistance=False, useImageSpacing=True
+        )
+        values = sitk.GetArrayViewFromImage(distance)[
+            sitk.GetArrayViewFromImage(contour_source) > 0
+        ]
         return np.maximum(values, 0.0)
 
     return directed(a, b), directed(b, a)
@@ -79,7 +86,9 @@ def _sitk_surface_distances(a: sitk.Image, b: sitk.Image) -> tuple[np.ndarray, n
 def test_hd95_agrees_with_sitk_distance_filters(pair, request):
     fixed, warped = request.getfixturevalue(pair)
     a, b = sitk.GetArrayFromImage(fixed), sitk.GetArrayFromImage(warped)
-    scores = metrics.label_scores(metrics.as_label_map(a), metrics.as_label_map(b), Grid.from_sitk(fixed))
+    scores = metrics.label_scores(
+        metrics.as_label_map(a), metrics.as_label_map(b), Grid.from_sitk(fixed)
+    )
     checked = 0
     for score in scores[:12]:  # a dozen labels keeps the test fast
         mask_a = sitk.Cast(fixed == score.label, sitk.sitkUInt8)
@@ -119,15 +128,22 @@ def test_identical_labels_score_perfectly():
     labels = np.zeros((10, 10, 10), np.int64)
     labels[2:5, 2:8, 3:9] = 1
     labels[6:9, 1:4, 1:4] = 7
-    scores = metrics.label_scores(labels, labels, Grid((10, 10, 10), (1.0,) * 3, (0.0,) * 3, tuple(np.eye(3).ravel())))
-    assert [(s.label, s.dice, s.hd95, s.hd) for s in scores] == [(1, 1.0, 0.0, 0.0), (7, 1.0, 0.0, 0.0)]
+    scores = metrics.label_scores(
+        labels, labels, Grid((10, 10, 10), (1.0,) * 3, (0.0,) * 3, tuple(np.eye(3).ravel()))
+    )
+    assert [(s.label, s.dice, s.hd95, s.hd) for s in scores] == [
+        (1, 1.0, 0.0, 0.0),
+        (7, 1.0, 0.0, 0.0),
+    ]
 
 
 def test_label_missing_from_one_map_scores_zero_without_distance():
     fixed = np.zeros((6, 6, 6), np.int64)
     fixed[1:3, 1:3, 1:3] = 2
     warped = np.zeros_like(fixed)
-    scores = metrics.label_scores(fixed, warped, Grid((6, 6, 6), (1.0,) * 3, (0.0,) * 3, tuple(np.eye(3).ravel())))
+    scores = metrics.label_scores(
+        fixed, warped, Grid((6, 6, 6), (1.0,) * 3, (0.0,) * 3, tuple(np.eye(3).ravel()))
+    )
     assert len(scores) == 1 and scores[0].dice == 0.0 and scores[0].hd95 is None
 
 
@@ -164,7 +180,9 @@ def test_folding_agrees_with_sitk_jacobian_filter():
 def test_affine_field_has_its_exact_determinant_everywhere():
     from carctl.spatial.transform import Affine, to_displacement
 
-    grid = Grid((9, 8, 7), (1.0, 1.5, 2.0), (3.0, -2.0, 1.0), tuple(rotation(0.2, 0.1, -0.3).ravel()))
+    grid = Grid(
+        (9, 8, 7), (1.0, 1.5, 2.0), (3.0, -2.0, 1.0), tuple(rotation(0.2, 0.1, -0.3).ravel())
+    )
     matrix = rotation(0.1, -0.2, 0.3) @ np.diag([1.1, 0.9, 1.2])
     j = jacobian_determinant(to_displacement(grid, [Affine(matrix, [1.0, 2.0, 3.0])])).numpy()
     np.testing.assert_allclose(j, np.linalg.det(matrix), rtol=1e-9)
@@ -173,18 +191,36 @@ def test_affine_field_has_its_exact_determinant_everywhere():
 def test_jacobian_accounts_for_the_direction_matrix():
     """With a rotated grid, det J must match the transform's analytic Jacobian (SimpleITK's
     filter ignores the direction, so it is not the reference here)."""
-    reference = make_image((24, 20, 18), spacing=(1.0, 1.5, 2.0), direction=rotation(0.4, -0.3, 1.1))
-    transform = sitk.BSplineTransformInitializer(reference, [3, 3, 3])
-    transform.SetParameters(tuple(np.random.default_rng(5).normal(0.0, 3.0, len(transform.GetParameters()))))
-    field = sitk.TransformToDisplacementField(
-        transform, sitk.sitkVectorFloat64, reference.GetSize(), reference.GetOrigin(), reference.GetSpacing(), reference.GetDirection()
+    reference = make_image(
+        (24, 20, 18), spacing=(1.0, 1.5, 2.0), direction=rotation(0.4, -0.3, 1.1)
     )
-    ours = jacobian_determinant(DisplacementField(Grid.from_sitk(field), torch.from_numpy(np.moveaxis(sitk.GetArrayFromImage(field), -1, 0))))
+    transform = sitk.BSplineTransformInitializer(reference, [3, 3, 3])
+    transform.SetParameters(
+        tuple(np.random.default_rng(5).normal(0.0, 3.0, len(transform.GetParameters())))
+    )
+    field = sitk.TransformToDisplacementField(
+        transform,
+        sitk.sitkVectorFloat64,
+        reference.GetSize(),
+        reference.GetOrigin(),
+        reference.GetSpacing(),
+        reference.GetDirection(),
+    )
+    ours = jacobian_determinant(
+        DisplacementField(
+            Grid.from_sitk(field),
+            torch.from_numpy(np.moveaxis(sitk.GetArrayFromImage(field), -1, 0)),
+        )
+    )
     for index in [(12, 10, 9), (6, 14, 5), (18, 4, 12)]:
         x = np.asarray(reference.TransformIndexToPhysicalPoint(index))
         h = 1e-4
         columns = [
-            (np.asarray(transform.TransformPoint(tuple(x + h * e))) - np.asarray(transform.TransformPoint(tuple(x - h * e)))) / (2 * h)
+            (
+                np.asarray(transform.TransformPoint(tuple(x + h * e)))
+                - np.asarray(transform.TransformPoint(tuple(x - h * e)))
+            )
+            / (2 * h)
             for e in np.eye(3)
         ]
         analytic = np.linalg.det(np.stack(columns, axis=1))
@@ -197,7 +233,12 @@ def test_identity_field_has_unit_jacobian_and_no_folding():
     j = jacobian_determinant(DisplacementField(grid, torch.zeros(3, 7, 6, 5))).numpy()
     np.testing.assert_allclose(j, 1.0)
     summary = metrics.jacobian_summary(j)
-    assert summary == {"folding_percent": 0.0, "log_jacobian_std": 0.0, "jacobian_min": 1.0, "jacobian_max": 1.0}
+    assert summary == {
+        "folding_percent": 0.0,
+        "log_jacobian_std": 0.0,
+        "jacobian_min": 1.0,
+        "jacobian_max": 1.0,
+    }
 
 
 def test_spine_labels_before_registration(shared_data):

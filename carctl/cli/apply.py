@@ -10,24 +10,47 @@ NAME = "apply"
 
 
 def command(
-    image: Annotated[str, typer.Argument(help="Image to resample (file, FILE:N or DICOM directory).")],
+    image: Annotated[
+        str, typer.Argument(help="Image to resample (file, FILE:N or DICOM directory).")
+    ],
     reference: Annotated[
-        str, typer.Option("--reference", "-r", help="Image whose grid the output takes (the fixed image).")
+        str,
+        typer.Option(
+            "--reference", "-r", help="Image whose grid the output takes (the fixed image)."
+        ),
     ],
     output: Annotated[str, typer.Option("--output", "-o", help="Output image path.")],
     field: Annotated[
         str | None,
-        typer.Option("--field", "-f", help="ITK displacement field (pull-back, LPS mm), e.g. carctl's or ANTs' Warp.nii.gz."),
+        typer.Option(
+            "--field",
+            "-f",
+            help="ITK displacement field (pull-back, LPS mm), e.g. carctl's or ANTs' Warp.nii.gz.",
+        ),
     ] = None,
     affine: Annotated[
         str | None,
-        typer.Option("--affine", "-a", help="ITK affine (.mat/.tfm), applied after the field, as antsApplyTransforms -t FIELD -t AFFINE."),
+        typer.Option(
+            "--affine",
+            "-a",
+            help="ITK affine (.mat/.tfm), applied after the field "
+            "(as antsApplyTransforms -t FIELD -t AFFINE).",
+        ),
     ] = None,
     interp: Annotated[
         str,
-        typer.Option("--interp", "-n", help="linear, nearest, label (label maps) or bspline (cubic)."),
+        typer.Option(
+            "--interp", "-n", help="linear, nearest, label (label maps) or bspline (cubic)."
+        ),
     ] = "linear",
     fill: Annotated[float, typer.Option("--fill", help="Value outside the image.")] = 0.0,
+    series: Annotated[
+        str | None, typer.Option("--series", help="DICOM series UID of IMAGE (a directory).")
+    ] = None,
+    reference_series: Annotated[
+        str | None,
+        typer.Option("--reference-series", help="DICOM series UID of --reference (a directory)."),
+    ] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
 ) -> None:
@@ -38,14 +61,15 @@ def command(
     """
     from carctl.cli.console import stderr
     from carctl.io import check_output, read_image, write_image
-    from carctl.resample import load_chain, resample_image
+    from carctl.resample import check_interpolation, load_chain, resample_image
     from carctl.runtime import set_threads
 
     inputs = [i for i in (image, reference, field, affine) if i is not None]
     check_output(output, force=force, inputs=inputs)
+    check_interpolation(interp)
     set_threads(threads)
-    moving = read_image(image)
-    fixed = read_image(reference)
+    moving = read_image(image, series)
+    fixed = read_image(reference, reference_series, series_option="--reference-series")
     chain = load_chain(field, affine)
     warped = resample_image(moving, fixed.grid, chain, interpolation=interp, fill=fill)
     write_image(warped, output, force=force, inputs=inputs)

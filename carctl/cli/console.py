@@ -38,7 +38,7 @@ def stderr() -> Console:
 
 
 def run_guarded(fn: Callable[[], Any]) -> int:
-    """Run ``fn``; turn errors into one line on stderr and an exit code (tracebacks with --debug)."""
+    """Run ``fn``; errors become one line on stderr and an exit code (tracebacks with --debug)."""
     try:
         fn()
     except SystemExit as done:
@@ -68,7 +68,7 @@ def _print_error(message: str) -> None:
 
 
 def emit_json(payload: dict, target: str | None, *, force: bool, inputs=()) -> None:
-    """Write ``payload`` as JSON to ``target`` (``-`` is stdout); nothing when ``target`` is None."""
+    """Write ``payload`` as JSON to ``target`` (``-``: stdout); nothing when ``target`` is None."""
     if target is None:
         return
     text = json.dumps(payload, indent=2, allow_nan=False, default=_jsonable) + "\n"

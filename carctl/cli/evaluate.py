@@ -15,34 +15,48 @@ def command(
     ] = None,
     warped_labels: Annotated[
         str | None,
-        typer.Option("--warped-labels", help="Moving label map warped onto the fixed grid (carctl apply --interp label)."),
+        typer.Option(
+            "--warped-labels",
+            help="Moving label map warped onto the fixed grid (carctl apply --interp label).",
+        ),
     ] = None,
     field: Annotated[
         str | None,
-        typer.Option("--field", "-f", help="Displacement field: folding and Jacobian; maps the landmarks."),
+        typer.Option(
+            "--field", "-f", help="Displacement field: folding and Jacobian; maps the landmarks."
+        ),
     ] = None,
     affine: Annotated[
-        str | None, typer.Option("--affine", "-a", help="Affine applied after the field to map the landmarks.")
+        str | None,
+        typer.Option("--affine", "-a", help="Affine applied after the field to map the landmarks."),
     ] = None,
     fixed_points: Annotated[
         str | None,
-        typer.Option("--fixed-points", help="Fixed landmarks: CSV x,y,z (LPS mm) or elastix/ITK point set."),
+        typer.Option(
+            "--fixed-points", help="Fixed landmarks: CSV x,y,z (LPS mm) or elastix/ITK point set."
+        ),
     ] = None,
     moving_points: Annotated[
-        str | None, typer.Option("--moving-points", help="Corresponding moving landmarks, same formats.")
+        str | None,
+        typer.Option("--moving-points", help="Corresponding moving landmarks, same formats."),
     ] = None,
     fixed_image: Annotated[
         str | None,
-        typer.Option("--fixed-image", help="Grid of 'index' fixed landmarks (default: --fixed-labels)."),
+        typer.Option(
+            "--fixed-image", help="Grid of 'index' fixed landmarks (default: --fixed-labels)."
+        ),
     ] = None,
     moving_image: Annotated[
         str | None, typer.Option("--moving-image", help="Grid of 'index' moving landmarks.")
     ] = None,
     json_out: Annotated[
-        str | None, typer.Option("--json", help="Write the results as JSON to PATH, or - for stdout only.")
+        str | None,
+        typer.Option("--json", help="Write the results as JSON to PATH, or - for stdout only."),
     ] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --json file.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite an existing --json file.")
+    ] = False,
 ) -> None:
     """Score a registration: Dice and HD95 per label, folding and log-Jacobian spread of the
     field, landmark error before and after.
@@ -63,7 +77,16 @@ def command(
         raise UsageError("nothing to evaluate: give labels, a field, or landmarks")
     inputs = [
         p
-        for p in (fixed_labels, warped_labels, field, affine, fixed_points, moving_points, fixed_image, moving_image)
+        for p in (
+            fixed_labels,
+            warped_labels,
+            field,
+            affine,
+            fixed_points,
+            moving_points,
+            fixed_image,
+            moving_image,
+        )
         if p is not None
     ]
     if json_out not in (None, "-"):
@@ -107,7 +130,9 @@ def _show(report: dict, console) -> None:
                 str(score["voxels_warped"]),
             )
         table.add_section()
-        table.add_row("mean", _number(report["dice_mean"]), _number(report["hd95_mean"]), "", "", "")
+        table.add_row(
+            "mean", _number(report["dice_mean"]), _number(report["hd95_mean"]), "", "", ""
+        )
         console.print(table)
     if "field" in report:
         f = report["field"]

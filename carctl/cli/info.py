@@ -12,15 +12,20 @@ NAME = "info"
 
 def command(
     image: Annotated[
-        str, typer.Argument(help="Image file, FILE:N for volume N of a 4-D file, or DICOM directory.")
+        str,
+        typer.Argument(help="Image file, FILE:N for volume N of a 4-D file, or DICOM directory."),
     ],
     series: Annotated[
-        str | None, typer.Option("--series", help="DICOM series UID, when the directory holds several.")
+        str | None,
+        typer.Option("--series", help="DICOM series UID, when the directory holds several."),
     ] = None,
     json_out: Annotated[
-        str | None, typer.Option("--json", help="Also write the facts as JSON to PATH, or - for stdout.")
+        str | None,
+        typer.Option("--json", help="Also write the facts as JSON to PATH, or - for stdout."),
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --json file.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite an existing --json file.")
+    ] = False,
 ) -> None:
     """Size, spacing, origin, direction, orientation and intensity range of an image.
 
@@ -33,7 +38,12 @@ def command(
     if Path(image).is_dir():
         found = list_dicom_series(image)
         payload["dicom_series"] = [
-            {"uid": s.uid, "modality": s.modality, "description": s.description, "files": len(s.files)}
+            {
+                "uid": s.uid,
+                "modality": s.modality,
+                "description": s.description,
+                "files": len(s.files),
+            }
             for s in found
         ]
         if len(found) > 1 and series is None:

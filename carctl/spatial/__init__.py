@@ -1,1 +1,4 @@
-"""Coordinate conventions, transforms, warping and transform files; see :mod:`carctl.spatial.grid`."""
+"""Coordinate conventions, transforms, warping and transform files.
+
+The conventions are stated once, in :mod:`carctl.spatial.grid`.
+"""

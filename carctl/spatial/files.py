@@ -23,6 +23,7 @@ from carctl.io import (
     atomic_output,
     image_suffix,
     load_sitk,
+    native_output_silenced,
     one_line_reason,
     write_sitk,
 )
@@ -41,7 +42,9 @@ def read_field(path: str | os.PathLike) -> DisplacementField:
     try:
         image = sitk.ReadImage(os.fspath(path))
     except RuntimeError as error:
-        raise InputError(f"cannot read displacement field '{path}': {one_line_reason(error)}") from error
+        raise InputError(
+            f"cannot read displacement field '{path}': {one_line_reason(error)}"
+        ) from error
     d = image.GetDimension()
     if d not in (2, 3) or image.GetNumberOfComponentsPerPixel() != d:
         raise InputError(
@@ -65,9 +68,7 @@ def write_field(
     """Write ``field`` as an ITK displacement field (float32 vectors, vector intent in NIfTI)."""
     sitk = load_sitk()
     if image_suffix(path) not in FIELD_EXTENSIONS:
-        raise OutputError(
-            f"cannot write field '{path}': use one of {', '.join(FIELD_EXTENSIONS)}"
-        )
+        raise OutputError(f"cannot write field '{path}': use one of {', '.join(FIELD_EXTENSIONS)}")
     array = field.data.detach().to(torch.float32).movedim(0, -1).contiguous().numpy()
     image = field.grid.copy_to(sitk.GetImageFromArray(array, isVector=True))
     return write_sitk(image, path, force=force, inputs=inputs)
@@ -79,7 +80,8 @@ def read_affine(path: str | os.PathLike) -> Affine:
     if not path.is_file():
         raise InputError(f"no such file: '{path}'")
     try:
-        transform = sitk.ReadTransform(os.fspath(path))
+        with native_output_silenced():
+            transform = sitk.ReadTransform(os.fspath(path))
     except RuntimeError as error:
         raise InputError(f"cannot read transform '{path}': {one_line_reason(error)}") from error
     if not transform.IsLinear():

@@ -219,5 +219,3 @@ def apply_homogeneous(matrix: np.ndarray, points: torch.Tensor) -> torch.Tensor:
     d = points.shape[-1]
     m = torch.as_tensor(np.asarray(matrix), dtype=points.dtype, device=points.device)
     return points @ m[:d, :d].T + m[:d, d]
-
-

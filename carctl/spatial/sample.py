@@ -52,7 +52,8 @@ def sample(
     try:
         sampler = INTERPOLATORS[mode]
     except KeyError:
-        raise ValueError(f"unknown interpolation {mode!r}; choose from {sorted(INTERPOLATORS)}")
+        choices = sorted(INTERPOLATORS)
+        raise ValueError(f"unknown interpolation {mode!r}; choose from {choices}") from None
     if image.dim() != grid.ndim + 2 or tuple(image.shape[2:]) != grid.shape:
         raise ValueError(
             f"image of shape {tuple(image.shape)} does not match a (N, C, {grid.shape}) grid"
@@ -125,9 +126,7 @@ def _sample_nearest(image: torch.Tensor, grid: Grid, index: torch.Tensor) -> tor
     return _gather(image, flat)
 
 
-def _chunked(
-    fn: Callable[[torch.Tensor], torch.Tensor], index: torch.Tensor
-) -> torch.Tensor:
+def _chunked(fn: Callable[[torch.Tensor], torch.Tensor], index: torch.Tensor) -> torch.Tensor:
     return torch.cat([fn(part) for part in torch.split(index, _CHUNK)], dim=-1)
 
 
@@ -236,7 +235,9 @@ def _sample_bspline(image: torch.Tensor, grid: Grid, index: torch.Tensor) -> tor
         n = coefficients.shape[axis]
         coefficients = coefficients.index_select(axis, _mirror(torch.arange(-2, n + 2), n))
     padded = Grid(
-        tuple(s + 4 for s in grid.size), (1.0,) * grid.ndim, (0.0,) * grid.ndim,
+        tuple(s + 4 for s in grid.size),
+        (1.0,) * grid.ndim,
+        (0.0,) * grid.ndim,
         tuple(torch.eye(grid.ndim, dtype=torch.float64).flatten().tolist()),
     )
     idx = index.to(dtype)

@@ -23,7 +23,8 @@ def test_help_and_version_do_not_import_torch():
     probe = (
         "import sys\n"
         "from carctl.cli import main\n"
-        "for args in (['--help'], ['--version'], ['apply', '--help'], ['evaluate', '--help'], ['info', '--help']):\n"
+        "commands = ['apply', 'evaluate', 'info', 'demo']\n"
+        "for args in [['--help'], ['--version']] + [[c, '--help'] for c in commands]:\n"
         "    try:\n"
         "        main(args)\n"
         "    except SystemExit as e:\n"
@@ -37,7 +38,9 @@ def test_help_and_version_do_not_import_torch():
 
 
 def test_module_entry_point_and_version():
-    result = subprocess.run([sys.executable, "-m", "carctl", "--version"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "carctl", "--version"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0
     assert result.stdout.strip() == f"carctl {carctl.__version__}"
 
@@ -54,7 +57,10 @@ def test_every_command_is_listed(cli):
 
 def test_info_reports_geometry(cli, tmp_path):
     direction = np.array([[0, 0, -1], [1, 0, 0], [0, 1, 0.0]])
-    path = write(make_image((6, 5, 4), spacing=(0.5, 1.0, 2.5), origin=(1, 2, 3), direction=direction), tmp_path / "x.nii.gz")
+    path = write(
+        make_image((6, 5, 4), spacing=(0.5, 1.0, 2.5), origin=(1, 2, 3), direction=direction),
+        tmp_path / "x.nii.gz",
+    )
     result = cli("info", path, "--json", "-")
     assert result.code == 0, result.err
     facts = json.loads(result.out)
@@ -97,9 +103,18 @@ def test_info_lists_dicom_series(cli, shared_data, tmp_path):
 
 @pytest.fixture
 def pair(tmp_path) -> tuple[Path, Path]:
-    moving = write(make_image((20, 18, 16), spacing=(1.0, 1.2, 1.4), origin=(-10, -9, -8), seed=1), tmp_path / "moving.nii.gz")
+    moving = write(
+        make_image((20, 18, 16), spacing=(1.0, 1.2, 1.4), origin=(-10, -9, -8), seed=1),
+        tmp_path / "moving.nii.gz",
+    )
     fixed = write(
-        make_image((16, 15, 14), spacing=(1.3, 1.1, 1.5), origin=(8, -7, -6), direction=np.diag([-1.0, 1.0, 1.0]), seed=2),
+        make_image(
+            (16, 15, 14),
+            spacing=(1.3, 1.1, 1.5),
+            origin=(8, -7, -6),
+            direction=np.diag([-1.0, 1.0, 1.0]),
+            seed=2,
+        ),
         tmp_path / "fixed.nii.gz",
     )
     return moving, fixed
@@ -110,10 +125,20 @@ def test_apply_through_the_headers_matches_sitk(cli, pair, tmp_path):
     out = tmp_path / "out.nii.gz"
     result = cli("apply", moving, "--reference", fixed, "-o", out)
     assert result.code == 0, result.err
-    expected = sitk.Resample(sitk.ReadImage(str(moving)), sitk.ReadImage(str(fixed)), sitk.Transform(), sitk.sitkLinear, 0.0)
+    expected = sitk.Resample(
+        sitk.ReadImage(str(moving)),
+        sitk.ReadImage(str(fixed)),
+        sitk.Transform(),
+        sitk.sitkLinear,
+        0.0,
+    )
     got = sitk.ReadImage(str(out))
-    assert got.GetSize() == expected.GetSize() and got.GetDirection() == pytest.approx(expected.GetDirection())
-    np.testing.assert_allclose(sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(expected), atol=1e-3)
+    assert got.GetSize() == expected.GetSize() and got.GetDirection() == pytest.approx(
+        expected.GetDirection()
+    )
+    np.testing.assert_allclose(
+        sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(expected), atol=1e-3
+    )
 
 
 def test_apply_label_interpolation_keeps_pixel_type_and_labels(cli, pair, tmp_path):
@@ -218,7 +243,9 @@ def test_apply_missing_required_option_is_a_usage_error(cli, pair):
 
 def test_debug_shows_the_traceback(cli, pair, tmp_path):
     _, fixed = pair
-    result = cli("apply", tmp_path / "absent.nii.gz", "-r", fixed, "-o", tmp_path / "o.nii.gz", "--debug")
+    result = cli(
+        "apply", tmp_path / "absent.nii.gz", "-r", fixed, "-o", tmp_path / "o.nii.gz", "--debug"
+    )
     assert result.code == 1
     assert "Traceback" in result.err and "carctl: error: no such file" in result.err
 
@@ -295,14 +322,30 @@ def test_evaluate_field_and_landmarks(cli, tmp_path):
     fixed_points = np.array([[0.0, 0.0, 0.0], [5.0, -3.0, 2.0], [-4.0, 6.0, -7.0]])
     moving_points = fixed_points @ affine.matrix.T + affine.translation
     np.savetxt(tmp_path / "fixed.csv", fixed_points, delimiter=",", header="x,y,z", comments="")
-    (tmp_path / "moving.txt").write_text("point\n3\n" + "\n".join(" ".join(map(str, p)) for p in moving_points))
-    for transform in (["--field", tmp_path / "field.nii.gz"], ["--affine", tmp_path / "affine.mat"]):
-        result = cli("evaluate", *transform, "--fixed-points", tmp_path / "fixed.csv", "--moving-points", tmp_path / "moving.txt", "--json", "-")
+    (tmp_path / "moving.txt").write_text(
+        "point\n3\n" + "\n".join(" ".join(map(str, p)) for p in moving_points)
+    )
+    for transform in (
+        ["--field", tmp_path / "field.nii.gz"],
+        ["--affine", tmp_path / "affine.mat"],
+    ):
+        result = cli(
+            "evaluate",
+            *transform,
+            "--fixed-points",
+            tmp_path / "fixed.csv",
+            "--moving-points",
+            tmp_path / "moving.txt",
+            "--json",
+            "-",
+        )
         assert result.code == 0, result.err
         report = json.loads(result.out)
         assert report["landmarks"]["before"]["mean"] > 1.0
         assert report["landmarks"]["after"]["max"] < 1e-3
-    field_report = json.loads(cli("evaluate", "--field", tmp_path / "field.nii.gz", "--json", "-").out)["field"]
+    field_report = json.loads(
+        cli("evaluate", "--field", tmp_path / "field.nii.gz", "--json", "-").out
+    )["field"]
     assert field_report["folding_percent"] == 0.0
     assert field_report["jacobian_min"] == pytest.approx(1.0, abs=1e-3)  # a rotation keeps volume
 
@@ -315,7 +358,9 @@ def test_evaluate_usage_errors(cli, tmp_path):
 
 def test_evaluate_refuses_labels_on_another_grid(cli, tmp_path):
     fixed = _labels(tmp_path, "a.nii.gz")
-    other = write(sitk.Cast(make_image((20, 20, 20)) > 50, sitk.sitkUInt8), tmp_path / "other.nii.gz")
+    other = write(
+        sitk.Cast(make_image((20, 20, 20)) > 50, sitk.sitkUInt8), tmp_path / "other.nii.gz"
+    )
     result = cli("evaluate", "--fixed-labels", fixed, "--warped-labels", other)
     _assert_one_line_error(result, 1, "is not on the grid of", "carctl apply --interp label")
 
@@ -325,7 +370,11 @@ def test_evaluate_refuses_non_label_images(cli, tmp_path):
     image = make_image((20, 20, 20))
     image.SetSpacing((1.0, 1.0, 2.0))
     intensities = write(image, tmp_path / "t1.nii.gz")
-    _assert_one_line_error(cli("evaluate", "--fixed-labels", fixed, "--warped-labels", intensities), 1, "not a label map")
+    _assert_one_line_error(
+        cli("evaluate", "--fixed-labels", fixed, "--warped-labels", intensities),
+        1,
+        "not a label map",
+    )
 
 
 # --- demo ----------------------------------------------------------------------------------------
@@ -335,9 +384,55 @@ def test_demo_runs_on_the_bundled_pair(cli, tmp_path):
     out = tmp_path / "demo"
     result = cli("demo", "-o", out)
     assert result.code == 0, result.err
-    assert sorted(p.name for p in out.iterdir()) == ["evaluation.json", "t1w_cord_in_t2.nii.gz", "t1w_in_t2.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "evaluation.json",
+        "t1w_cord_in_t2.nii.gz",
+        "t1w_in_t2.nii.gz",
+    ]
     report = json.loads((out / "evaluation.json").read_text())
     assert report["dice_mean"] == pytest.approx(0.85, abs=0.01)
     again = cli("demo", "-o", out)
     _assert_one_line_error(again, 1, "exists; use --force")
     assert cli("demo", "-o", out, "--force").code == 0
+
+
+def test_native_reader_messages_do_not_leak(tmp_path):
+    """ITK's MetaImage reader prints to the process's stderr itself (regression): carctl's
+    one-line error must be all the user sees."""
+    full = write(make_image((20, 20, 20)), tmp_path / "full.mha").read_bytes()
+    (tmp_path / "cut.mha").write_bytes(full[: len(full) // 2])
+    result = subprocess.run(
+        [sys.executable, "-m", "carctl", "info", str(tmp_path / "cut.mha")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        f"carctl: error: cannot read image '{tmp_path / 'cut.mha'}': "
+        "the file is truncated or corrupted"
+    ]
+
+
+def test_apply_names_the_reference_series_option(cli, shared_data, pair, tmp_path):
+    import shutil
+
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    for source in ("mr-3slice", "ct-chest-40"):
+        for i, f in enumerate(sorted((shared_data / "dicom" / source).iterdir())[:3]):
+            shutil.copy(f, folder / f"{source}-{i}.dcm")
+    moving, _ = pair
+    result = cli("apply", moving, "-r", folder, "-o", tmp_path / "o.nii.gz")
+    _assert_one_line_error(result, 1, "choose one with --reference-series UID")
+    uid = next(
+        s
+        for s in json.loads(cli("info", folder, "--json", "-").out)["dicom_series"]
+        if s["modality"] == "MR"
+    )["uid"]
+    result = cli(
+        "apply", moving, "-r", folder, "--reference-series", uid, "-o", tmp_path / "o.nii.gz"
+    )
+    assert result.code == 0, result.err
+    assert sitk.ReadImage(str(tmp_path / "o.nii.gz")).GetSize() == (256, 256, 3)

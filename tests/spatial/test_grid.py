@@ -12,7 +12,12 @@ from carctl.spatial.grid import Grid
 
 @pytest.fixture
 def oblique():
-    return make_image((7, 6, 5), spacing=(0.7, 1.3, 2.9), origin=(10.0, -20.0, 5.5), direction=rotation(0.3, -0.5, 0.8))
+    return make_image(
+        (7, 6, 5),
+        spacing=(0.7, 1.3, 2.9),
+        origin=(10.0, -20.0, 5.5),
+        direction=rotation(0.3, -0.5, 0.8),
+    )
 
 
 def test_points_match_sitk_index_to_physical(oblique):
@@ -21,7 +26,9 @@ def test_points_match_sitk_index_to_physical(oblique):
     assert points.shape == (5, 6, 7, 3)  # (Z, Y, X, D)
     for index in [(0, 0, 0), (6, 5, 4), (3, 1, 2)]:
         expected = oblique.TransformIndexToPhysicalPoint(index)
-        np.testing.assert_allclose(points[index[2], index[1], index[0]].numpy(), expected, atol=1e-12)
+        np.testing.assert_allclose(
+            points[index[2], index[1], index[0]].numpy(), expected, atol=1e-12
+        )
 
 
 def test_physical_to_index_inverts(oblique):
@@ -31,8 +38,10 @@ def test_physical_to_index_inverts(oblique):
     from carctl.spatial.grid import apply_homogeneous
 
     physical = apply_homogeneous(grid.index_to_physical, index)
-    for i, p in zip(index.numpy(), physical.numpy()):
-        np.testing.assert_allclose(oblique.TransformContinuousIndexToPhysicalPoint(tuple(i)), p, atol=1e-10)
+    for i, p in zip(index.numpy(), physical.numpy(), strict=True):
+        np.testing.assert_allclose(
+            oblique.TransformContinuousIndexToPhysicalPoint(tuple(i)), p, atol=1e-10
+        )
     np.testing.assert_allclose(grid.to_index(physical).numpy(), index.numpy(), atol=1e-10)
 
 
@@ -45,7 +54,9 @@ def test_normalised_coordinates_follow_align_corners():
 
 def test_inside_rule_is_itk_half_voxel():
     grid = Grid((4, 4, 4), (1.0,) * 3, (0.0,) * 3, tuple(np.eye(3).ravel()))
-    index = torch.tensor([[-0.5, 0, 0], [-0.51, 0, 0], [3.49, 3.49, 3.49], [3.5, 0, 0]], dtype=torch.float64)
+    index = torch.tensor(
+        [[-0.5, 0, 0], [-0.51, 0, 0], [3.49, 3.49, 3.49], [3.5, 0, 0]], dtype=torch.float64
+    )
     assert grid.contains_index(index).tolist() == [True, False, True, False]
 
 
@@ -67,9 +78,14 @@ def test_orientation_codes(direction, code):
 def test_orientation_code_matches_sitk_dicom_orient(oblique):
     import SimpleITK as sitk
 
-    for direction in (rotation(0.2, 0.1, 0.3), np.diag([-1.0, 1.0, -1.0]) @ rotation(0.1, 0.3, -0.2)):
+    for direction in (
+        rotation(0.2, 0.1, 0.3),
+        np.diag([-1.0, 1.0, -1.0]) @ rotation(0.1, 0.3, -0.2),
+    ):
         grid = Grid((2, 2, 2), (1.0,) * 3, (0.0,) * 3, tuple(direction.ravel()))
-        expected = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(tuple(direction.ravel()))
+        expected = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(
+            tuple(direction.ravel())
+        )
         assert grid.orientation == expected
         assert grid.is_oblique
 

@@ -13,7 +13,11 @@ from carctl.spatial.grid import Grid
 from carctl.spatial.sample import INTERPOLATORS, bspline_coefficients, sample, warp
 from carctl.spatial.transform import Affine, DisplacementField
 
-_SITK = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}
+_SITK = {
+    "linear": sitk.sitkLinear,
+    "nearest": sitk.sitkNearestNeighbor,
+    "bspline": sitk.sitkBSpline,
+}
 
 
 def _field(field: sitk.Image) -> DisplacementField:
@@ -25,10 +29,22 @@ def _field(field: sitk.Image) -> DisplacementField:
 def test_warp_matches_sitk_resample(grid_pair, mode):
     field = bspline_field(grid_pair.fixed, magnitude=2.5, seed=7)
     expected = sitk.GetArrayFromImage(
-        sitk.Resample(grid_pair.moving, grid_pair.fixed, sitk.DisplacementFieldTransform(sitk.Image(field)), _SITK[mode], 0.0)
+        sitk.Resample(
+            grid_pair.moving,
+            grid_pair.fixed,
+            sitk.DisplacementFieldTransform(sitk.Image(field)),
+            _SITK[mode],
+            0.0,
+        )
     )
     moving = Image.from_sitk(grid_pair.moving)
-    got = warp(moving.tensor(torch.float32), moving.grid, Grid.from_sitk(grid_pair.fixed), [_field(field)], mode=mode)
+    got = warp(
+        moving.tensor(torch.float32),
+        moving.grid,
+        Grid.from_sitk(grid_pair.fixed),
+        [_field(field)],
+        mode=mode,
+    )
     tolerance = 1e-3 * np.ptp(moving.array)
     np.testing.assert_allclose(got[0, 0].numpy(), expected, atol=tolerance)
     assert (np.abs(expected) > 0).mean() > 0.3  # the grids do overlap
@@ -36,10 +52,26 @@ def test_warp_matches_sitk_resample(grid_pair, mode):
 
 @pytest.mark.parametrize("mode", ["linear", "nearest", "bspline"])
 def test_two_d_warp_matches_sitk(mode):
-    moving = make_image((30, 26), spacing=(0.8, 1.1), origin=(-12.0, -14.0), direction=rotation(0, 0, 0.3)[:2, :2], seed=3)
-    fixed = make_image((24, 22), spacing=(1.0, 1.2), origin=(-11.0, -12.0), direction=rotation(0, 0, -0.2)[:2, :2], seed=4)
+    moving = make_image(
+        (30, 26),
+        spacing=(0.8, 1.1),
+        origin=(-12.0, -14.0),
+        direction=rotation(0, 0, 0.3)[:2, :2],
+        seed=3,
+    )
+    fixed = make_image(
+        (24, 22),
+        spacing=(1.0, 1.2),
+        origin=(-11.0, -12.0),
+        direction=rotation(0, 0, -0.2)[:2, :2],
+        seed=4,
+    )
     field = bspline_field(fixed, magnitude=2.0, seed=1)
-    expected = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, sitk.DisplacementFieldTransform(sitk.Image(field)), _SITK[mode], 0.0))
+    expected = sitk.GetArrayFromImage(
+        sitk.Resample(
+            moving, fixed, sitk.DisplacementFieldTransform(sitk.Image(field)), _SITK[mode], 0.0
+        )
+    )
     m = Image.from_sitk(moving)
     got = warp(m.tensor(torch.float32), m.grid, Grid.from_sitk(fixed), [_field(field)], mode=mode)
     np.testing.assert_allclose(got[0, 0].numpy(), expected, atol=1e-3 * np.ptp(m.array))
@@ -49,7 +81,9 @@ def test_thin_single_slice_volume():
     """A 3-D image one slice thick: points within half a slice read it, the rest get the fill."""
     moving = make_image((16, 14, 1), spacing=(1.0, 1.0, 5.0), seed=5)
     fixed = make_image((12, 10, 3), spacing=(1.2, 1.3, 3.0), origin=(1.0, 0.5, -3.0), seed=6)
-    expected = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkLinear, -1.0))
+    expected = sitk.GetArrayFromImage(
+        sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkLinear, -1.0)
+    )
     m = Image.from_sitk(moving)
     got = warp(m.tensor(torch.float32), m.grid, Grid.from_sitk(fixed), [], fill=-1.0)
     np.testing.assert_allclose(got[0, 0].numpy(), expected, atol=1e-4)
@@ -57,7 +91,9 @@ def test_thin_single_slice_volume():
 
 
 def test_identity_reproduces_the_image_exactly():
-    image = Image.from_sitk(make_image((9, 8, 7), spacing=(1, 2, 3), direction=rotation(0.4, 0.2, 0.1)))
+    image = Image.from_sitk(
+        make_image((9, 8, 7), spacing=(1, 2, 3), direction=rotation(0.4, 0.2, 0.1))
+    )
     for mode in INTERPOLATORS:
         out = warp(image.tensor(torch.float64), image.grid, image.grid, [], mode=mode)
         np.testing.assert_allclose(out[0, 0].numpy(), image.array, atol=1e-6, err_msg=mode)
@@ -69,7 +105,9 @@ def test_known_translation_is_exact():
     spacing = np.array([1.5, 1.0, 2.0])
     fixed_grid = Grid((16, 15, 14), tuple(spacing), (0.0,) * 3, tuple(np.eye(3).ravel()))
     shift = np.array([2, -1, 3])
-    moving_grid = Grid((16, 15, 14), tuple(spacing), tuple(shift * spacing), tuple(np.eye(3).ravel()))
+    moving_grid = Grid(
+        (16, 15, 14), tuple(spacing), tuple(shift * spacing), tuple(np.eye(3).ravel())
+    )
     moving = torch.from_numpy(array)[None, None]
     # moving(x) = fixed(x - s): the pull-back is x -> x + s.
     out = warp(moving, moving_grid, fixed_grid, [Affine(np.eye(3), shift * spacing)])
@@ -100,7 +138,9 @@ def test_label_interpolation_is_the_arg_max_of_linear_indicators():
     points = torch.from_numpy(rng.uniform(-0.4, 11.0, size=(4000, 3)))
     got = sample(torch.from_numpy(labels)[None, None], grid, points, mode="label")[0, 0].numpy()
     values = np.unique(labels)
-    indicators = torch.from_numpy((labels[None] == values[:, None, None, None]).astype(np.float64))[None]
+    indicators = torch.from_numpy((labels[None] == values[:, None, None, None]).astype(np.float64))[
+        None
+    ]
     linear = sample(indicators, grid, points, mode="linear")[0].numpy()  # (K, P)
     expected = values[linear.argmax(axis=0)]
     top2 = np.sort(linear, axis=0)[-2:]
@@ -112,10 +152,14 @@ def test_label_interpolation_is_the_arg_max_of_linear_indicators():
 
 
 def test_bspline_coefficients_interpolate_the_samples():
-    array = torch.from_numpy(sitk.GetArrayFromImage(make_image((11, 9, 2), seed=2))).double()[None, None]
+    array = torch.from_numpy(sitk.GetArrayFromImage(make_image((11, 9, 2), seed=2))).double()[
+        None, None
+    ]
     grid = Grid((11, 9, 2), (1.0,) * 3, (0.0,) * 3, tuple(np.eye(3).ravel()))
     points = grid.points()
-    np.testing.assert_allclose(sample(array, grid, points, mode="bspline").numpy(), array.numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        sample(array, grid, points, mode="bspline").numpy(), array.numpy(), atol=1e-6
+    )
     assert bspline_coefficients(array).shape == array.shape
 
 

@@ -36,11 +36,20 @@ def test_centre_does_not_change_the_mapping_after_from_homogeneous():
     np.testing.assert_allclose(recentred.homogeneous, affine.homogeneous, atol=1e-12)
     np.testing.assert_allclose(recentred.center, [40.0, -10.0, 7.0])
     points = torch.randn(10, 3, dtype=torch.float64) * 20
-    torch.testing.assert_close(affine.inverse().transform_points(affine.transform_points(points)), points)
+    torch.testing.assert_close(
+        affine.inverse().transform_points(affine.transform_points(points)), points
+    )
 
 
 def _grid() -> Grid:
-    return Grid.from_sitk(make_image((10, 9, 8), spacing=(1.5, 1.2, 2.0), origin=(-7, -5, -8), direction=rotation(0.1, 0.2, -0.3)))
+    return Grid.from_sitk(
+        make_image(
+            (10, 9, 8),
+            spacing=(1.5, 1.2, 2.0),
+            origin=(-7, -5, -8),
+            direction=rotation(0.1, 0.2, -0.3),
+        )
+    )
 
 
 def test_field_is_zero_outside_its_grid_and_linear_inside():
@@ -51,7 +60,9 @@ def test_field_is_zero_outside_its_grid_and_linear_inside():
     inside = grid.points()[4, 4, 4]
     outside = inside + 100.0
     moved = field.transform_points(torch.stack([inside, outside]))
-    torch.testing.assert_close(moved[0], inside + torch.tensor([2.0, 0.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        moved[0], inside + torch.tensor([2.0, 0.0, 0.0], dtype=torch.float64)
+    )
     torch.testing.assert_close(moved[1], outside)
 
 
@@ -69,7 +80,10 @@ def test_chain_applies_the_first_transform_first():
 def test_field_on_the_same_grid_takes_the_exact_path():
     reference = make_image((10, 9, 8), spacing=(1.5, 1.2, 2.0), direction=rotation(0.1, 0.2, -0.3))
     field_image = bspline_field(reference, magnitude=3.0)
-    field = DisplacementField(Grid.from_sitk(field_image), torch.from_numpy(np.moveaxis(sitk.GetArrayFromImage(field_image), -1, 0)))
+    field = DisplacementField(
+        Grid.from_sitk(field_image),
+        torch.from_numpy(np.moveaxis(sitk.GetArrayFromImage(field_image), -1, 0)),
+    )
     exact = map_grid(field.grid, [field])
     interpolated = field.transform_points(field.grid.points())
     torch.testing.assert_close(exact, interpolated, atol=1e-9, rtol=0)
@@ -79,7 +93,9 @@ def test_composed_field_reproduces_the_chain():
     reference = make_image((12, 11, 10), spacing=(1.0, 1.3, 1.7), direction=rotation(0.0, 0.3, 0.2))
     field_image = bspline_field(reference, magnitude=2.0)
     grid = Grid.from_sitk(field_image)
-    field = DisplacementField(grid, torch.from_numpy(np.moveaxis(sitk.GetArrayFromImage(field_image), -1, 0)))
+    field = DisplacementField(
+        grid, torch.from_numpy(np.moveaxis(sitk.GetArrayFromImage(field_image), -1, 0))
+    )
     affine = Affine(rotation(0.05, -0.03, 0.08), [2.0, -3.0, 1.0], center=[5.0, 5.0, 5.0])
     composed = to_displacement(grid, [field, affine])
     torch.testing.assert_close(map_grid(grid, [composed]), map_grid(grid, [field, affine]))
@@ -90,7 +106,9 @@ def test_composed_field_reproduces_the_chain():
     index = (3, 7, 5)
     point = grid.points()[index[2], index[1], index[0]].numpy()
     expected = np.asarray(composite.TransformPoint(tuple(point)))
-    np.testing.assert_allclose(point + composed.data[:, index[2], index[1], index[0]].numpy(), expected, atol=1e-6)
+    np.testing.assert_allclose(
+        point + composed.data[:, index[2], index[1], index[0]].numpy(), expected, atol=1e-6
+    )
 
 
 def test_dimension_mismatch_is_refused():
