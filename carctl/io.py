@@ -133,10 +133,7 @@ def one_line_reason(error: Exception) -> str:
         if re.search(pattern, text):
             return reason
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for line in reversed(lines):
-        if not line.startswith(("sitk::ERROR", "ITK ERROR")) or ":" in line:
-            return line.split(": ", 1)[-1][:200]
-    return "unreadable"
+    return lines[-1].split(": ")[-1][:200] if lines else "unreadable"
 
 
 def split_volume(spec: str | os.PathLike) -> tuple[Path, int | None]:
@@ -333,9 +330,7 @@ def read_image(
         grid = Grid.from_sitk(image)
     except ValueError as error:
         raise InputError(f"'{spec}' has an unusable geometry: {error}") from error
-    import SimpleITK as sitk
-
-    return Image(sitk.GetArrayFromImage(image), grid)
+    return Image(load_sitk().GetArrayFromImage(image), grid)
 
 
 def input_files(spec: str | os.PathLike) -> list[Path]:
@@ -372,17 +367,14 @@ def check_output(
         raise OutputError(
             f"cannot write '{path}': unknown extension; use one of {', '.join(extensions)}"
         )
-    targets = [path] + [
-        path.with_name(path.name[: -len(suffix)] + c) for c in _COMPANIONS.get(suffix, ())[:1]
-    ]
     protected = {os.path.realpath(f) for spec in inputs for f in input_files(spec)}
-    for target in targets:
+    for target in input_files(path):  # the file and the data files its format writes
         if os.path.realpath(target) in protected:
             raise OutputError(f"refusing to write '{target}': it is one of the inputs")
-    if path.exists() and not force:
-        raise OutputError(f"'{path}' exists; use --force to overwrite it")
     if path.is_dir():
         raise OutputError(f"cannot write '{path}': it is a directory")
+    if path.exists() and not force:
+        raise OutputError(f"'{path}' exists; use --force to overwrite it")
     return path
 
 
