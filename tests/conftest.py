@@ -24,6 +24,19 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture
+def two_series(shared_data, tmp_path) -> Path:
+    """A directory holding two DICOM series: 3 MR slices and 3 CT slices."""
+    import shutil
+
+    folder = tmp_path / "two-series"
+    folder.mkdir()
+    for source in ("mr-3slice", "ct-chest-40"):
+        for i, f in enumerate(sorted((shared_data / "dicom" / source).iterdir())[:3]):
+            shutil.copy(f, folder / f"{source}-{i}.dcm")
+    return folder
+
+
 def rotation(ax: float, ay: float, az: float) -> np.ndarray:
     """Rotation matrix from angles (radians) about x, then y, then z."""
     cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)

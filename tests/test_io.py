@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,16 +114,6 @@ def test_dicom_series_sorted_by_position(shared_data):
     # Slices are 2 mm apart and ascending along +z (sorted by position, not by file name).
     assert image.grid.spacing[2] == pytest.approx(2.0)
     assert image.grid.direction_matrix[2, 2] == pytest.approx(1.0)
-
-
-@pytest.fixture
-def two_series(shared_data, tmp_path) -> Path:
-    folder = tmp_path / "two-series"
-    folder.mkdir()
-    for source in ("dicom/mr-3slice", "dicom/ct-chest-40"):
-        for i, f in enumerate(sorted((shared_data / source).iterdir())[:5]):
-            shutil.copy(f, folder / f"{Path(source).name}-{i}.dcm")
-    return folder
 
 
 def test_directory_with_several_series_asks_for_one(two_series):

@@ -80,14 +80,8 @@ def test_info_flags_oblique_images(cli, tmp_path):
     assert json.loads(cli("info", path, "--json", "-").out)["oblique"] is True
 
 
-def test_info_lists_dicom_series(cli, shared_data, tmp_path):
-    import shutil
-
-    folder = tmp_path / "mixed"
-    folder.mkdir()
-    for source in ("mr-3slice", "ct-chest-40"):
-        for i, f in enumerate(sorted((shared_data / "dicom" / source).iterdir())[:3]):
-            shutil.copy(f, folder / f"{source}-{i}.dcm")
+def test_info_lists_dicom_series(cli, two_series):
+    folder = two_series
     result = cli("info", folder, "--json", "-")
     assert result.code == 0, result.err
     listing = json.loads(result.out)["dicom_series"]
@@ -263,14 +257,8 @@ def test_internal_errors_are_one_line_too(cli, pair, tmp_path, monkeypatch):
     assert not (tmp_path / "o.nii.gz").exists()
 
 
-def test_multi_series_directory_needs_series(cli, shared_data, pair, tmp_path):
-    import shutil
-
-    folder = tmp_path / "dicom"
-    folder.mkdir()
-    for source in ("mr-3slice", "ct-chest-40"):
-        for i, f in enumerate(sorted((shared_data / "dicom" / source).iterdir())[:3]):
-            shutil.copy(f, folder / f"{source}-{i}.dcm")
+def test_multi_series_directory_needs_series(cli, two_series, pair, tmp_path):
+    folder = two_series
     _, fixed = pair
     result = cli("apply", folder, "-r", fixed, "-o", tmp_path / "o.nii.gz")
     _assert_one_line_error(result, 1, "holds 2 DICOM series; choose one with --series")
@@ -415,14 +403,8 @@ def test_native_reader_messages_do_not_leak(tmp_path):
     ]
 
 
-def test_apply_names_the_reference_series_option(cli, shared_data, pair, tmp_path):
-    import shutil
-
-    folder = tmp_path / "dicom"
-    folder.mkdir()
-    for source in ("mr-3slice", "ct-chest-40"):
-        for i, f in enumerate(sorted((shared_data / "dicom" / source).iterdir())[:3]):
-            shutil.copy(f, folder / f"{source}-{i}.dcm")
+def test_apply_names_the_reference_series_option(cli, two_series, pair, tmp_path):
+    folder = two_series
     moving, _ = pair
     result = cli("apply", moving, "-r", folder, "-o", tmp_path / "o.nii.gz")
     _assert_one_line_error(result, 1, "choose one with --reference-series UID")
