@@ -7,7 +7,7 @@ define what carctl reports. Distances are physical millimetres.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -124,6 +124,10 @@ def surface_distances(
     )
 
 
+# Label values above this are renumbered before counting (bincount allocates up to the max).
+_LARGEST_DIRECT_LABEL = 1 << 20
+
+
 def label_scores(fixed: np.ndarray, warped: np.ndarray, grid: Grid) -> list[LabelScore]:
     """Dice, HD95 and HD of each non-zero label of two label maps on the same grid.
 
@@ -132,6 +136,19 @@ def label_scores(fixed: np.ndarray, warped: np.ndarray, grid: Grid) -> list[Labe
     HD95 is the larger of the two directed 95th percentiles of surface distances (as MONAI and
     the Learn2Reg evaluation compute it); HD is the largest surface distance.
     """
+    if max(fixed.max(initial=0), warped.max(initial=0)) > _LARGEST_DIRECT_LABEL:
+        values, codes = np.unique(
+            np.concatenate([fixed.ravel(), warped.ravel()]), return_inverse=True
+        )
+        offset = int(values[0] != 0)  # keep 0 as background
+        codes = codes + offset
+        scores = label_scores(
+            codes[: fixed.size].reshape(fixed.shape),
+            codes[fixed.size :].reshape(warped.shape),
+            grid,
+        )
+        originals = np.concatenate([[0], values]) if offset else values
+        return [replace(s, label=int(originals[s.label])) for s in scores]
     dices = dice(fixed, warped)
     boxes_fixed, boxes_warped = _bounding_boxes(fixed), _bounding_boxes(warped)
     scores = []

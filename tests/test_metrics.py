@@ -250,3 +250,29 @@ def test_spine_labels_before_registration(shared_data):
     warped = resample_image(moving, fixed.grid, interpolation="label")
     score = metrics.dice(metrics.as_label_map(fixed.array), metrics.as_label_map(warped.array))
     assert score[1] == pytest.approx(0.85, abs=0.01)
+
+
+def test_large_label_values_are_scored_without_huge_counts():
+    small = np.zeros((8, 8, 8), np.int64)
+    small[1:4, 1:4, 1:4] = 3
+    small[5:7, 5:7, 5:7] = 5
+    large = small.copy()
+    large[small == 3] = 3_000_000_000
+    large[small == 5] = 17
+    grid = Grid((8, 8, 8), (1.0,) * 3, (0.0,) * 3, tuple(np.eye(3).ravel()))
+    shifted = np.roll(large, 1, axis=0)
+    scores = {s.label: s for s in metrics.label_scores(large, shifted, grid)}
+    reference = {s.label: s for s in metrics.label_scores(small, np.roll(small, 1, axis=0), grid)}
+    assert sorted(scores) == [17, 3_000_000_000]
+    assert scores[3_000_000_000].dice == reference[3].dice
+    assert scores[17].hd95 == reference[5].hd95
+
+
+def test_two_d_label_scores():
+    a = np.zeros((20, 30), np.int64)
+    a[5:15, 5:20] = 1
+    b = np.roll(a, 2, axis=1)
+    grid = Grid((30, 20), (0.5, 2.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))
+    (score,) = metrics.label_scores(a, b, grid)
+    assert score.dice == pytest.approx(2 * 130 / 300)
+    assert score.hd95 == pytest.approx(1.0)  # two columns of 0.5 mm

@@ -150,6 +150,21 @@ class Grid:
     def is_oblique(self) -> bool:
         return bool(np.any(np.abs(self.direction_matrix).max(axis=0) < 1 - _ALIGNED_TOLERANCE))
 
+    def slab(self, start: int, stop: int) -> Grid:
+        """The sub-grid of index planes ``start:stop`` along the last axis (Z, or Y in 2-D)."""
+        if not 0 <= start < stop <= self.size[-1]:
+            raise ValueError(f"slab {start}:{stop} outside a grid of size {self.size}")
+        first = np.zeros(self.ndim + 1)
+        first[-1] = 1.0
+        first[-2] = start
+        origin = (self.index_to_physical @ first)[: self.ndim]
+        return Grid(
+            (*self.size[:-1], stop - start),
+            self.spacing,
+            tuple(float(o) for o in origin),
+            self.direction,
+        )
+
     def same_as(self, other: Grid, tolerance: float = 1e-4) -> bool:
         """Same size and, within ``tolerance`` (mm, or relative for spacing), same geometry."""
         return (

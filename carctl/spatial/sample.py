@@ -8,6 +8,7 @@ within half a voxel of the border reads the border voxels.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,11 +23,35 @@ if TYPE_CHECKING:
 # Points are processed in chunks of this many by the samplers that gather voxels explicitly,
 # so that memory stays bounded on large grids.
 _CHUNK = 1 << 20
+# warp() maps and samples the fixed grid in slabs of about this many voxels.
+_SLAB_VOXELS = 1 << 22
 
 # Cubic B-spline prefilter: pole of the recursive filter, and the number of terms of its
 # truncated initial sum (|pole|**16 < 1e-9).
 _BSPLINE_POLE = float(np.sqrt(3.0) - 2.0)
 _BSPLINE_TAPS = 16
+
+
+@dataclass(frozen=True)
+class Interpolator:
+    """One interpolation: ``prepare`` runs once per image (a type change, the B-spline
+    prefilter), ``read`` for every batch of points: (prepared, grid, index (P, D)) -> (N, C, P).
+    """
+
+    prepare: Callable[[torch.Tensor], torch.Tensor]
+    read: Callable[[torch.Tensor, Grid, torch.Tensor], torch.Tensor]
+    keeps_type: bool = False  # returns voxels of the image: give them the image's type back
+
+    def finish(self, values: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        return values.to(image.dtype) if self.keeps_type else values
+
+
+def _interpolator(mode: str) -> Interpolator:
+    try:
+        return INTERPOLATORS[mode]
+    except KeyError:
+        choices = sorted(INTERPOLATORS)
+        raise ValueError(f"unknown interpolation {mode!r}; choose from {choices}") from None
 
 
 def sample(
@@ -49,24 +74,35 @@ def sample(
         ``(N, C, ...)`` tensor: ``float`` for ``linear`` and ``bspline``, the image's dtype for
         ``nearest`` and ``label``.
     """
-    try:
-        sampler = INTERPOLATORS[mode]
-    except KeyError:
-        choices = sorted(INTERPOLATORS)
-        raise ValueError(f"unknown interpolation {mode!r}; choose from {choices}") from None
+    interpolator = _interpolator(mode)
+    _check_image(image, grid)
+    values = _read(interpolator.prepare(image), grid, points, interpolator.read, fill)
+    return interpolator.finish(values, image)
+
+
+def _check_image(image: torch.Tensor, grid: Grid) -> None:
     if image.dim() != grid.ndim + 2 or tuple(image.shape[2:]) != grid.shape:
         raise ValueError(
             f"image of shape {tuple(image.shape)} does not match a (N, C, {grid.shape}) grid"
         )
+
+
+def _read(
+    prepared: torch.Tensor,
+    grid: Grid,
+    points: torch.Tensor,
+    read: Callable[[torch.Tensor, Grid, torch.Tensor], torch.Tensor],
+    fill: float,
+) -> torch.Tensor:
     if points.shape[-1] != grid.ndim:
         raise ValueError(f"points have {points.shape[-1]} components, the grid {grid.ndim}")
     out_shape = points.shape[:-1]
     index = grid.to_index(points.reshape(-1, grid.ndim))
-    values = sampler(image, grid, index)
+    values = read(prepared, grid, index)
     inside = grid.contains_index(index)
     fill_value = torch.tensor(fill, dtype=torch.float64).to(values.dtype)
     values = torch.where(inside, values, fill_value)
-    return values.reshape(*image.shape[:2], *out_shape)
+    return values.reshape(*values.shape[:2], *out_shape)
 
 
 def warp(
@@ -76,28 +112,56 @@ def warp(
     transforms: Sequence[Transform] = (),
     mode: str = "linear",
     fill: float = 0.0,
+    slab_voxels: int = _SLAB_VOXELS,
 ) -> torch.Tensor:
     """Resample ``image`` (on ``moving_grid``) onto ``fixed_grid`` through ``transforms``.
 
     Each fixed-grid point ``x`` is mapped through the pull-back chain (``transforms[0]``
     first, as ``antsApplyTransforms -t T0 -t T1 ...``) into physical moving space, where the
-    image is sampled. With no transforms this resamples through the scanner headers.
+    image is sampled. With no transforms this resamples through the scanner headers. The fixed
+    grid is processed in slabs of about ``slab_voxels`` voxels, which bounds memory.
     """
-    from carctl.spatial.transform import map_grid
+    from carctl.spatial.transform import DisplacementField, map_grid
 
+    interpolator = _interpolator(mode)
+    _check_image(image, moving_grid)
+    prepared = interpolator.prepare(image)
     # Single precision is ample for linear interpolation (3e-5 mm at 500 mm from the origin);
     # the other modes round or weigh indices, where ties must break as in ITK's double maths.
     linear = mode == "linear" and image.dtype == torch.float32
-    points = map_grid(fixed_grid, transforms, dtype=torch.float32 if linear else torch.float64)
-    return sample(image, moving_grid, points, mode=mode, fill=fill)
+    dtype = torch.float32 if linear else torch.float64
+    rows = max(1, slab_voxels // int(np.prod(fixed_grid.size[:-1])))
+    slabs = []
+    for start in range(0, fixed_grid.size[-1], rows):
+        stop = min(start + rows, fixed_grid.size[-1])
+        slab = fixed_grid.slab(start, stop)
+        chain = list(transforms)
+        if chain and isinstance(chain[0], DisplacementField) and chain[0].grid.same_as(fixed_grid):
+            # Keep the exact path of a field given on the fixed grid: cut it like the grid.
+            field = chain[0]
+            chain[0] = DisplacementField(field.grid.slab(start, stop), field.data[:, start:stop])
+        points = map_grid(slab, chain, dtype=dtype)
+        slabs.append(_read(prepared, moving_grid, points, interpolator.read, fill))
+    return interpolator.finish(torch.cat(slabs, dim=2), image)
 
 
-# --- samplers: (image (N, C, *shape), grid, index (P, D)) -> values (N, C, P) ----------------
+# --- interpolations: prepare(image) once, then read(prepared, grid, index (P, D)) -> (N, C, P)
+
+
+def _as_float(image: torch.Tensor) -> torch.Tensor:
+    return image if image.is_floating_point() else image.to(torch.float32)
+
+
+def _as_label(image: torch.Tensor) -> torch.Tensor:
+    # torch's CPU gather lacks the wider unsigned types: vote on int64 (or float64) labels.
+    return image.to(torch.float64 if image.is_floating_point() else torch.int64)
+
+
+def _unchanged(image: torch.Tensor) -> torch.Tensor:
+    return image
 
 
 def _sample_linear(image: torch.Tensor, grid: Grid, index: torch.Tensor) -> torch.Tensor:
-    if not image.is_floating_point():
-        image = image.to(torch.float32)
     coords = grid.index_to_normalised(index.to(image.dtype))
     n, c = image.shape[:2]
     view = (1,) * (grid.ndim - 1) + (-1, grid.ndim)
@@ -138,9 +202,6 @@ def _sample_label(image: torch.Tensor, grid: Grid, index: torch.Tensor) -> torch
     the number of labels.
     """
     strides = _strides(grid)
-    original = image.dtype
-    # torch's CPU gather lacks the wider unsigned types: vote on int64 (or float64) labels.
-    image = image.to(torch.float64 if image.is_floating_point() else torch.int64)
 
     def one_chunk(idx: torch.Tensor) -> torch.Tensor:
         base = torch.floor(idx)
@@ -177,7 +238,7 @@ def _sample_label(image: torch.Tensor, grid: Grid, index: torch.Tensor) -> torch
             result[mixed] = torch.take_along_dim(lab, votes.argmax(dim=0, keepdim=True), dim=0)[0]
         return result.reshape(n, c, -1)
 
-    return _chunked(one_chunk, index).to(original)
+    return _chunked(one_chunk, index)
 
 
 def bspline_coefficients(image: torch.Tensor) -> torch.Tensor:
@@ -220,20 +281,25 @@ def _mirror(i: torch.Tensor, n: int) -> torch.Tensor:
     return torch.where(i >= n, period - i, i)
 
 
-def _sample_bspline(image: torch.Tensor, grid: Grid, index: torch.Tensor) -> torch.Tensor:
-    """Cubic B-spline interpolation from 2**D linear fetches of the coefficients.
-
-    Along each axis the four cubic weights ``w0..w3`` at taps ``i-1..i+2`` are regrouped as
-    ``(w0 + w1)`` times a linear fetch between taps ``i-1`` and ``i`` plus ``(w2 + w3)`` times
-    one between ``i+1`` and ``i+2`` (the "fast third-order texture filtering" identity), so
-    ``grid_sample`` does the gathering. The coefficients are mirror-padded by two voxels, which
-    covers every tap of a point inside the image.
-    """
+def _padded_bspline_coefficients(image: torch.Tensor) -> torch.Tensor:
+    """B-spline coefficients mirror-padded by two voxels: every tap of an inside point."""
     dtype = torch.float64 if image.dtype == torch.float64 else torch.float32
     coefficients = bspline_coefficients(image).to(dtype)
     for axis in range(2, image.dim()):
         n = coefficients.shape[axis]
         coefficients = coefficients.index_select(axis, _mirror(torch.arange(-2, n + 2), n))
+    return coefficients
+
+
+def _sample_bspline(coefficients: torch.Tensor, grid: Grid, index: torch.Tensor) -> torch.Tensor:
+    """Cubic B-spline interpolation from 2**D linear fetches of padded coefficients.
+
+    Along each axis the four cubic weights ``w0..w3`` at taps ``i-1..i+2`` are regrouped as
+    ``(w0 + w1)`` times a linear fetch between taps ``i-1`` and ``i`` plus ``(w2 + w3)`` times
+    one between ``i+1`` and ``i+2`` (the "fast third-order texture filtering" identity), so
+    ``grid_sample`` does the gathering.
+    """
+    dtype = coefficients.dtype
     padded = Grid(
         tuple(s + 4 for s in grid.size),
         (1.0,) * grid.ndim,
@@ -246,7 +312,7 @@ def _sample_bspline(image: torch.Tensor, grid: Grid, index: torch.Tensor) -> tor
     w0, w1, w3 = (1 - t) ** 3 / 6, (3 * t**3 - 6 * t**2 + 4) / 6, t**3 / 6
     w2 = 1 - w0 - w1 - w3
     groups = ((w0 + w1, base - 1 + w1 / (w0 + w1)), (w2 + w3, base + 1 + w3 / (w2 + w3)))
-    out = torch.zeros(*image.shape[:2], idx.shape[0], dtype=dtype)
+    out = torch.zeros(*coefficients.shape[:2], idx.shape[0], dtype=dtype)
     for corner in range(2**grid.ndim):
         bits = [(corner >> d) & 1 for d in range(grid.ndim)]
         weight = torch.ones(idx.shape[0], dtype=dtype)
@@ -256,13 +322,14 @@ def _sample_bspline(image: torch.Tensor, grid: Grid, index: torch.Tensor) -> tor
             weight = weight * g[:, d]
             position[:, d] = h[:, d] + 2.0  # index in the padded coefficients
         out += weight * _sample_linear(coefficients, padded, position)
-    return out.to(image.dtype if image.is_floating_point() else torch.float32)
+    return out
 
 
-#: Interpolation name -> sampler. ``label`` is for label maps (never invents a label).
-INTERPOLATORS: dict[str, Callable[[torch.Tensor, Grid, torch.Tensor], torch.Tensor]] = {
-    "linear": _sample_linear,
-    "nearest": _sample_nearest,
-    "label": _sample_label,
-    "bspline": _sample_bspline,
+#: Interpolation name -> how it reads an image. ``label`` is for label maps (never invents a
+#: label); ``nearest`` and ``label`` keep the image's type, the others return floats.
+INTERPOLATORS: dict[str, Interpolator] = {
+    "linear": Interpolator(_as_float, _sample_linear),
+    "nearest": Interpolator(_unchanged, _sample_nearest, keeps_type=True),
+    "label": Interpolator(_as_label, _sample_label, keeps_type=True),
+    "bspline": Interpolator(_padded_bspline_coefficients, _sample_bspline),
 }
