@@ -91,6 +91,8 @@ class DisplacementField:
 
     grid: Grid
     data: torch.Tensor
+    # ``data`` as (1, D, *shape) in each dtype it was sampled in (warp() samples per slab).
+    _batched: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         expected = (self.grid.ndim, *self.grid.shape)
@@ -103,7 +105,9 @@ class DisplacementField:
 
     def displacement_at(self, points: torch.Tensor) -> torch.Tensor:
         """``u`` at physical points ``(..., D)`` -> ``(..., D)``."""
-        values = sample(self.data[None].to(points.dtype), self.grid, points, mode="linear")
+        if points.dtype not in self._batched:
+            self._batched[points.dtype] = self.data[None].to(points.dtype).contiguous()
+        values = sample(self._batched[points.dtype], self.grid, points, mode="linear")
         return values[0].movedim(0, -1)
 
     def transform_points(self, points: torch.Tensor) -> torch.Tensor:
