@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -13,9 +14,6 @@ from carctl.spatial.files import read_affine, read_field
 from carctl.spatial.grid import Grid
 from carctl.spatial.sample import INTERPOLATORS, warp
 from carctl.spatial.transform import Transform
-
-# Interpolations that return voxels of the input (and so keep its pixel type).
-_KEEPS_VALUES = ("nearest", "label")
 
 
 def load_chain(
@@ -42,7 +40,7 @@ def check_interpolation(name: str) -> None:
 def resample_image(
     image: Image,
     reference: Grid,
-    transforms: list[Transform] = (),  # type: ignore[assignment]
+    transforms: Sequence[Transform] = (),
     interpolation: str = "linear",
     fill: float = 0.0,
 ) -> Image:
@@ -59,7 +57,7 @@ def resample_image(
             )
     if image.grid.ndim != reference.ndim:
         raise InputError(f"the image is {image.grid.ndim}-D and the reference {reference.ndim}-D")
-    if interpolation in _KEEPS_VALUES:
+    if INTERPOLATORS[interpolation].keeps_type:
         tensor = image.tensor()
     else:
         dtype = torch.float64 if image.array.dtype == np.float64 else torch.float32

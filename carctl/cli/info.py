@@ -88,7 +88,7 @@ def describe(image) -> dict:
 def _format(value) -> str:
     if isinstance(value, list):
         if value and isinstance(value[0], list):
-            return "  ".join("[" + " ".join(f"{c:+.4f}" for c in row) + "]" for row in value)
+            return "\n".join(" ".join(f"{round(c, 6) + 0.0:+.6f}" for c in row) for row in value)
         return " x ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
     if isinstance(value, float):
         return f"{value:g}"
