@@ -181,3 +181,15 @@ def cli(capsys):
 def write(image: sitk.Image, path: Path) -> Path:
     sitk.WriteImage(image, str(path))
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run only where CUDA is available."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -100,7 +100,7 @@ def _read(
     index = grid.to_index(points.reshape(-1, grid.ndim))
     values = read(prepared, grid, index)
     inside = grid.contains_index(index)
-    fill_value = torch.tensor(fill, dtype=torch.float64).to(values.dtype)
+    fill_value = torch.tensor(fill, dtype=torch.float64, device=values.device).to(values.dtype)
     values = torch.where(inside, values, fill_value)
     return values.reshape(*values.shape[:2], *out_shape)
 
@@ -140,7 +140,7 @@ def warp(
             # Keep the exact path of a field given on the fixed grid: cut it like the grid.
             field = chain[0]
             chain[0] = DisplacementField(field.grid.slab(start, stop), field.data[:, start:stop])
-        points = map_grid(slab, chain, dtype=dtype)
+        points = map_grid(slab, chain, dtype=dtype, device=image.device)
         slabs.append(_read(prepared, moving_grid, points, interpolator.read, fill))
     return interpolator.finish(torch.cat(slabs, dim=2), image)
 
@@ -256,10 +256,10 @@ def bspline_coefficients(image: torch.Tensor) -> torch.Tensor:
         s = coefficients.movedim(axis, 0)
         causal = torch.empty_like(s)
         if n > _BSPLINE_TAPS:  # truncated sum; |z|**16 < 1e-9
-            powers = z ** torch.arange(_BSPLINE_TAPS, dtype=torch.float64)
+            powers = z ** torch.arange(_BSPLINE_TAPS, dtype=torch.float64, device=s.device)
             causal[0] = torch.tensordot(powers, s[:_BSPLINE_TAPS], dims=1)
         else:  # exact sum over the mirrored signal
-            k = torch.arange(n, dtype=torch.float64)
+            k = torch.arange(n, dtype=torch.float64, device=s.device)
             powers = z**k + torch.where((k > 0) & (k < n - 1), z ** (2 * n - 2 - k), 0.0)
             causal[0] = torch.tensordot(powers, s, dims=1) / (1.0 - z ** (2 * n - 2))
         for k in range(1, n):
@@ -287,7 +287,8 @@ def _padded_bspline_coefficients(image: torch.Tensor) -> torch.Tensor:
     coefficients = bspline_coefficients(image).to(dtype)
     for axis in range(2, image.dim()):
         n = coefficients.shape[axis]
-        coefficients = coefficients.index_select(axis, _mirror(torch.arange(-2, n + 2), n))
+        taps = torch.arange(-2, n + 2, device=coefficients.device)
+        coefficients = coefficients.index_select(axis, _mirror(taps, n))
     return coefficients
 
 
@@ -304,7 +305,7 @@ def _sample_bspline(coefficients: torch.Tensor, grid: Grid, index: torch.Tensor)
         tuple(s + 4 for s in grid.size),
         (1.0,) * grid.ndim,
         (0.0,) * grid.ndim,
-        tuple(torch.eye(grid.ndim, dtype=torch.float64).flatten().tolist()),
+        tuple(np.eye(grid.ndim).ravel()),
     )
     idx = index.to(dtype)
     base = torch.floor(idx)
@@ -312,10 +313,10 @@ def _sample_bspline(coefficients: torch.Tensor, grid: Grid, index: torch.Tensor)
     w0, w1, w3 = (1 - t) ** 3 / 6, (3 * t**3 - 6 * t**2 + 4) / 6, t**3 / 6
     w2 = 1 - w0 - w1 - w3
     groups = ((w0 + w1, base - 1 + w1 / (w0 + w1)), (w2 + w3, base + 1 + w3 / (w2 + w3)))
-    out = torch.zeros(*coefficients.shape[:2], idx.shape[0], dtype=dtype)
+    out = torch.zeros(*coefficients.shape[:2], idx.shape[0], dtype=dtype, device=idx.device)
     for corner in range(2**grid.ndim):
         bits = [(corner >> d) & 1 for d in range(grid.ndim)]
-        weight = torch.ones(idx.shape[0], dtype=dtype)
+        weight = torch.ones(idx.shape[0], dtype=dtype, device=idx.device)
         position = torch.empty_like(idx)
         for d, bit in enumerate(bits):
             g, h = groups[bit]

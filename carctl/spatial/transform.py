@@ -91,7 +91,7 @@ class DisplacementField:
 
     grid: Grid
     data: torch.Tensor
-    # ``data`` as (1, D, *shape) in each dtype it was sampled in (warp() samples per slab).
+    # ``data`` as (1, D, *shape) per dtype and device it was sampled in (warp() samples per slab).
     _batched: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -105,9 +105,10 @@ class DisplacementField:
 
     def displacement_at(self, points: torch.Tensor) -> torch.Tensor:
         """``u`` at physical points ``(..., D)`` -> ``(..., D)``."""
-        if points.dtype not in self._batched:
-            self._batched[points.dtype] = self.data[None].to(points.dtype).contiguous()
-        values = sample(self._batched[points.dtype], self.grid, points, mode="linear")
+        key = (points.dtype, points.device)
+        if key not in self._batched:
+            self._batched[key] = self.data[None].to(points).contiguous()
+        values = sample(self._batched[key], self.grid, points, mode="linear")
         return values[0].movedim(0, -1)
 
     def transform_points(self, points: torch.Tensor) -> torch.Tensor:
@@ -115,16 +116,19 @@ class DisplacementField:
 
 
 def map_grid(
-    grid: Grid, transforms: Sequence[Transform] = (), dtype: torch.dtype = torch.float64
+    grid: Grid,
+    transforms: Sequence[Transform] = (),
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Physical positions ``(*grid.shape, D)`` of ``grid``'s voxels mapped through the chain."""
-    points = grid.points(dtype=dtype)
+    points = grid.points(dtype=dtype, device=device)
     for i, transform in enumerate(transforms):
         if transform.ndim != grid.ndim:
             raise ValueError(f"a {transform.ndim}-D transform cannot map a {grid.ndim}-D grid")
         if i == 0 and isinstance(transform, DisplacementField) and transform.grid.same_as(grid):
             # The field is known exactly at these points: no interpolation.
-            points = points + transform.data.to(points.dtype).movedim(0, -1)
+            points = points + transform.data.to(points).movedim(0, -1)
         else:
             points = transform.transform_points(points)
     return points
@@ -163,5 +167,5 @@ def jacobian_determinant(field: DisplacementField) -> torch.Tensor:
     to_physical = torch.as_tensor(
         np.linalg.inv(grid.direction_matrix * np.asarray(grid.spacing)), dtype=torch.float64
     )
-    jacobian = torch.eye(d, dtype=torch.float64) + g @ to_physical
+    jacobian = torch.eye(d, dtype=torch.float64, device=u.device) + g @ to_physical.to(u.device)
     return torch.linalg.det(jacobian)

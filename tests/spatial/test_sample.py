@@ -211,3 +211,24 @@ def test_slab_grids_tile_the_grid():
     torch.testing.assert_close(grid.slab(2, 5).points(), points[2:5])
     with pytest.raises(ValueError, match="outside"):
         grid.slab(3, 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", list(INTERPOLATORS))
+def test_warp_on_cuda_matches_cpu(mode):
+    moving = make_image((20, 18, 16), spacing=(1.1, 1.0, 1.3), seed=3)
+    fixed = make_image((17, 15, 13), spacing=(1.2, 1.2, 1.4), direction=rotation(0.1, 0.0, 0.2))
+    field = _field(bspline_field(fixed, magnitude=2.0, seed=2))
+    image = Image.from_sitk(moving)
+    tensor = image.tensor(torch.float32)
+    if mode in ("nearest", "label"):
+        tensor = (tensor // 25).to(torch.int16)
+    chain = [field, Affine(rotation(0.05, 0.0, 0.0), [1.0, 0.0, -1.0])]
+    on_cpu = warp(tensor, image.grid, field.grid, chain, mode=mode, slab_voxels=1000)
+    cuda_field = DisplacementField(field.grid, field.data.cuda())
+    on_gpu = warp(
+        tensor.cuda(), image.grid, field.grid, [cuda_field, chain[1]], mode=mode, slab_voxels=1000
+    )
+    assert on_gpu.device.type == "cuda"
+    atol = 0 if mode in ("nearest", "label") else 1e-4
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=0, atol=atol)
