@@ -106,6 +106,21 @@ def bspline_field(
     )
 
 
+def ants_resample(
+    fixed: Path, moving: Path, transforms, interpolator: str = "linear"
+) -> np.ndarray:
+    """antsApplyTransforms through antspyx (``-t`` in the order given), as a (Z, Y, X) array."""
+    import ants
+
+    warped = ants.apply_transforms(
+        fixed=ants.image_read(str(fixed)),
+        moving=ants.image_read(str(moving)),
+        transformlist=[str(t) for t in transforms],
+        interpolator=interpolator,
+    )
+    return np.transpose(warped.numpy())  # ANTs arrays are (X, Y, Z)
+
+
 @dataclass
 class GridPair:
     """A moving image and a fixed (reference) grid that differ in spacing, size and orientation."""

@@ -17,7 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import bspline_field, centred_on, make_image, rotation, smooth_volume, write
+from conftest import (
+    ants_resample,
+    bspline_field,
+    centred_on,
+    make_image,
+    rotation,
+    smooth_volume,
+    write,
+)
 
 from carctl.spatial.grid import Grid
 
@@ -62,19 +70,6 @@ def sitk_resample(moving, fixed, transform, interpolator=sitk.sitkLinear) -> np.
 def field_transform(field: sitk.Image) -> sitk.DisplacementFieldTransform:
     """ITK transform of ``field`` (on a copy: the transform takes the image's buffer)."""
     return sitk.DisplacementFieldTransform(sitk.Image(field))
-
-
-def ants_resample(
-    fixed: Path, moving: Path, transforms: list[Path], interpolator: str
-) -> np.ndarray:
-    """antsApplyTransforms through antspyx, as a (Z, Y, X) array."""
-    warped = ants.apply_transforms(
-        fixed=ants.image_read(str(fixed)),
-        moving=ants.image_read(str(moving)),
-        transformlist=[str(t) for t in transforms],
-        interpolator=interpolator,
-    )
-    return np.transpose(warped.numpy())  # ANTs arrays are (X, Y, Z)
 
 
 def relative_difference(a: np.ndarray, b: np.ndarray, moving: sitk.Image) -> float:
