@@ -200,25 +200,20 @@ def read_sitk(
     ``series`` picks a series of a DICOM directory; ``series_option`` names the command-line
     option that sets it, for the message that asks for it.
     """
-    sitk = load_sitk()
     path, volume = split_volume(spec)
     if not path.exists():
         raise InputError(f"no such file or directory: '{path}'")
-    try:
-        if path.is_dir():
+    if path.is_dir():
+        try:
             image = _read_dicom_directory(path, series, series_option)
-        else:
-            if series is not None:
-                raise InputError(
-                    f"{series_option} applies to a DICOM directory, not to the file '{path}'"
-                )
-            if path.stat().st_size == 0:
-                raise InputError(f"cannot read image '{path}': the file is empty")
-            with native_output_silenced():
-                image = sitk.ReadImage(os.fspath(path))
-            _check_complete(path)
-    except RuntimeError as error:
-        raise InputError(f"cannot read image '{path}': {one_line_reason(error)}") from error
+        except RuntimeError as error:
+            raise InputError(f"cannot read image '{path}': {one_line_reason(error)}") from error
+    else:
+        if series is not None:
+            raise InputError(
+                f"{series_option} applies to a DICOM directory, not to the file '{path}'"
+            )
+        image = read_file(path)
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(
             f"'{path}' has {image.GetNumberOfComponentsPerPixel()} components per voxel; "
@@ -227,6 +222,30 @@ def read_sitk(
     if "complex" in image.GetPixelIDTypeAsString():
         raise InputError(f"'{path}' holds complex values; carctl registers real scalar images")
     return _select_volume(image, path, volume)
+
+
+def read_file(path: str | os.PathLike, what: str = "image") -> sitk.Image:
+    """Read one image file as SimpleITK does, refusing in one line what it should not accept.
+
+    Empty and truncated files are refused (ITK reads a truncated NIfTI or Analyze file with
+    zeros in place of the missing voxels); native reader chatter is kept off the terminal.
+    ``what`` names the file in messages ("image", "displacement field").
+    """
+    sitk = load_sitk()
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no such file: '{path}'")
+    if path.stat().st_size == 0:
+        raise InputError(f"cannot read {what} '{path}': the file is empty")
+    try:
+        with native_output_silenced():
+            image = sitk.ReadImage(os.fspath(path))
+    except RuntimeError as error:
+        raise InputError(f"cannot read {what} '{path}': {one_line_reason(error)}") from error
+    problem = _incomplete(path)
+    if problem:
+        raise InputError(f"cannot read {what} '{path}': {problem}")
+    return image
 
 
 def _nifti_data_bytes(header: bytes) -> tuple[int, int] | None:
@@ -270,34 +289,31 @@ def _content_length(path: Path, expected: int) -> int:
     return length
 
 
-def _check_complete(path: Path) -> None:
-    """Refuse a truncated NIfTI/Analyze file, which ITK reads silently with zeros at the end."""
+def _incomplete(path: Path) -> str | None:
+    """Why a NIfTI/Analyze file is incomplete (ITK reads it silently), or None."""
     suffix = image_suffix(path)
     if suffix not in (".nii", ".nii.gz", ".hdr"):
-        return
+        return None
     opener = gzip.open if suffix == ".nii.gz" else open
     try:
         with opener(path, "rb") as stream:
             header = stream.read(540)
         layout = _nifti_data_bytes(header)
         if layout is None:
-            return
+            return None
         offset, needed = layout
+        data_file = path
         if suffix == ".hdr":
             stem = path.name[: -len(suffix)]
             data = [path.with_name(stem + e) for e in (".img", ".img.gz", ".IMG")]
             data_file = next((f for f in data if f.exists()), None)
             if data_file is None:
-                raise InputError(f"cannot read image '{path}': its .img data file is missing")
-            complete = _content_length(data_file, offset + needed) >= offset + needed
-        else:
-            complete = _content_length(path, offset + needed) >= offset + needed
-    except (OSError, EOFError, zlib.error, struct.error) as error:
-        raise InputError(
-            f"cannot read image '{path}': the file is truncated or corrupted"
-        ) from error
-    if not complete:
-        raise InputError(f"cannot read image '{path}': the file is truncated")
+                return "its .img data file is missing"
+        if _content_length(data_file, offset + needed) < offset + needed:
+            return "the file is truncated"
+    except (OSError, EOFError, zlib.error, struct.error):
+        return "the file is truncated or corrupted"
+    return None
 
 
 def _select_volume(image: sitk.Image, path: Path, volume: int | None) -> sitk.Image:

@@ -25,6 +25,7 @@ from carctl.io import (
     load_sitk,
     native_output_silenced,
     one_line_reason,
+    read_file,
     write_sitk,
 )
 from carctl.spatial.grid import Grid
@@ -36,15 +37,7 @@ FIELD_EXTENSIONS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
 
 def read_field(path: str | os.PathLike) -> DisplacementField:
     sitk = load_sitk()
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"no such file: '{path}'")
-    try:
-        image = sitk.ReadImage(os.fspath(path))
-    except RuntimeError as error:
-        raise InputError(
-            f"cannot read displacement field '{path}': {one_line_reason(error)}"
-        ) from error
+    image = read_file(path, what="displacement field")
     d = image.GetDimension()
     if d not in (2, 3) or image.GetNumberOfComponentsPerPixel() != d:
         raise InputError(

@@ -19,6 +19,7 @@ import SimpleITK as sitk
 import torch
 from conftest import ants_resample, bspline_field, centred_on, make_image, rotation, write
 
+from carctl.errors import InputError
 from carctl.io import Image, read_image
 from carctl.resample import resample_image
 from carctl.spatial.files import read_affine, read_field, write_affine, write_field
@@ -478,9 +479,18 @@ def test_composed_field_applies_like_ants_chain(tmp_path, ants, field_grid):
 
 def test_read_affine_keeps_the_centre_of_an_euler_transform(tmp_path):
     """Euler3DTransform stores a flag after its centre in the fixed parameters (regression)."""
-    from carctl.spatial.files import read_affine
-
     euler = sitk.Euler3DTransform((10.0, -20.0, 30.0), 0.1, 0.2, 0.3, (1.0, 2.0, 3.0))
     path = tmp_path / "euler.tfm"
     sitk.WriteTransform(euler, str(path))
     np.testing.assert_allclose(read_affine(path).center, [10.0, -20.0, 30.0])
+
+
+@pytest.mark.parametrize("name", ["field.nii.gz", "field.nii"])
+def test_truncated_field_is_refused(tmp_path, name):
+    """ITK reads a truncated NIfTI field with zeros in place of the missing vectors: carctl
+    refuses it, as it refuses truncated images (regression)."""
+    field = DisplacementField(Grid.from_sitk(make_image((12, 10, 8))), torch.ones(3, 8, 10, 12))
+    data = write_field(field, tmp_path / name).read_bytes()
+    (tmp_path / f"cut-{name}").write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(InputError, match=r"cannot read displacement field .*truncated"):
+        read_field(tmp_path / f"cut-{name}")
