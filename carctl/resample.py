@@ -5,9 +5,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-import numpy as np
-import torch
-
 from carctl.errors import InputError
 from carctl.io import Image
 from carctl.spatial.files import read_affine, read_field
@@ -47,7 +44,7 @@ def resample_image(
     """``image`` resampled onto ``reference`` through ``transforms`` (see :func:`warp`).
 
     ``linear`` and ``bspline`` give float32 (float64 for a float64 input); ``nearest`` and
-    ``label`` keep the input's pixel type.
+    ``label`` keep the input's pixel type (see :data:`INTERPOLATORS`).
     """
     check_interpolation(interpolation)
     for transform in transforms:
@@ -57,10 +54,5 @@ def resample_image(
             )
     if image.grid.ndim != reference.ndim:
         raise InputError(f"the image is {image.grid.ndim}-D and the reference {reference.ndim}-D")
-    if INTERPOLATORS[interpolation].keeps_type:
-        tensor = image.tensor()
-    else:
-        dtype = torch.float64 if image.array.dtype == np.float64 else torch.float32
-        tensor = image.tensor(dtype)
-    out = warp(tensor, image.grid, reference, transforms, mode=interpolation, fill=fill)
+    out = warp(image.tensor(), image.grid, reference, transforms, mode=interpolation, fill=fill)
     return Image(out[0, 0].numpy(), reference)

@@ -121,26 +121,22 @@ def warp(
     image is sampled. With no transforms this resamples through the scanner headers. The fixed
     grid is processed in slabs of about ``slab_voxels`` voxels, which bounds memory.
     """
-    from carctl.spatial.transform import DisplacementField, map_grid
+    from carctl.spatial.transform import map_grid
 
     interpolator = _interpolator(mode)
     _check_image(image, moving_grid)
     prepared = interpolator.prepare(image)
     # Single precision is ample for linear interpolation (3e-5 mm at 500 mm from the origin);
     # the other modes round or weigh indices, where ties must break as in ITK's double maths.
-    linear = mode == "linear" and image.dtype == torch.float32
+    linear = mode == "linear" and prepared.dtype == torch.float32
     dtype = torch.float32 if linear else torch.float64
+    chain = [transform.to(dtype, image.device) for transform in transforms]  # once, not per slab
+    depth = fixed_grid.size[-1]
     rows = max(1, slab_voxels // int(np.prod(fixed_grid.size[:-1])))
     slabs = []
-    for start in range(0, fixed_grid.size[-1], rows):
-        stop = min(start + rows, fixed_grid.size[-1])
-        slab = fixed_grid.slab(start, stop)
-        chain = list(transforms)
-        if chain and isinstance(chain[0], DisplacementField) and chain[0].grid.same_as(fixed_grid):
-            # Keep the exact path of a field given on the fixed grid: cut it like the grid.
-            field = chain[0]
-            chain[0] = DisplacementField(field.grid.slab(start, stop), field.data[:, start:stop])
-        points = map_grid(slab, chain, dtype=dtype, device=image.device)
+    for start in range(0, depth, rows):
+        planes = (start, min(start + rows, depth))
+        points = map_grid(fixed_grid, chain, dtype=dtype, device=image.device, planes=planes)
         slabs.append(_read(prepared, moving_grid, points, interpolator.read, fill))
     return interpolator.finish(torch.cat(slabs, dim=2), image)
 

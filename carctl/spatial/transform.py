@@ -27,6 +27,10 @@ class Transform(Protocol):
         """Map physical points ``(..., D)`` from fixed to moving space."""
         ...
 
+    def to(self, dtype: torch.dtype, device: torch.device | str | None = None) -> Transform:
+        """The same transform, ready to map points of this dtype on this device."""
+        ...
+
 
 @dataclass(eq=False)
 class Affine:
@@ -79,6 +83,9 @@ class Affine:
 
         return apply_homogeneous(self.homogeneous, points)
 
+    def to(self, dtype: torch.dtype, device: torch.device | str | None = None) -> Affine:
+        return self  # a few numbers, converted where they are used
+
 
 @dataclass(eq=False)
 class DisplacementField:
@@ -91,8 +98,6 @@ class DisplacementField:
 
     grid: Grid
     data: torch.Tensor
-    # ``data`` as (1, D, *shape) per dtype and device it was sampled in (warp() samples per slab).
-    _batched: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         expected = (self.grid.ndim, *self.grid.shape)
@@ -105,14 +110,14 @@ class DisplacementField:
 
     def displacement_at(self, points: torch.Tensor) -> torch.Tensor:
         """``u`` at physical points ``(..., D)`` -> ``(..., D)``."""
-        key = (points.dtype, points.device)
-        if key not in self._batched:
-            self._batched[key] = self.data[None].to(points).contiguous()
-        values = sample(self._batched[key], self.grid, points, mode="linear")
+        values = sample(self.data[None].to(points), self.grid, points, mode="linear")
         return values[0].movedim(0, -1)
 
     def transform_points(self, points: torch.Tensor) -> torch.Tensor:
         return points + self.displacement_at(points)
+
+    def to(self, dtype: torch.dtype, device: torch.device | str | None = None) -> DisplacementField:
+        return DisplacementField(self.grid, self.data.to(dtype=dtype, device=device).contiguous())
 
 
 def map_grid(
@@ -120,15 +125,21 @@ def map_grid(
     transforms: Sequence[Transform] = (),
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
+    planes: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """Physical positions ``(*grid.shape, D)`` of ``grid``'s voxels mapped through the chain."""
-    points = grid.points(dtype=dtype, device=device)
+    """Physical positions ``(*grid.shape, D)`` of ``grid``'s voxels mapped through the chain.
+
+    ``planes=(start, stop)`` maps only those index planes along the last axis (a slab).
+    """
+    start, stop = (0, grid.size[-1]) if planes is None else planes
+    points = grid.slab(start, stop).points(dtype=dtype, device=device)
     for i, transform in enumerate(transforms):
         if transform.ndim != grid.ndim:
             raise ValueError(f"a {transform.ndim}-D transform cannot map a {grid.ndim}-D grid")
         if i == 0 and isinstance(transform, DisplacementField) and transform.grid.same_as(grid):
             # The field is known exactly at these points: no interpolation.
-            points = points + transform.data.to(points).movedim(0, -1)
+            data = transform.data[:, start:stop]
+            points = points + data.to(points).movedim(0, -1)
         else:
             points = transform.transform_points(points)
     return points
