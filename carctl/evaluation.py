@@ -9,10 +9,9 @@ import torch
 
 from carctl import metrics
 from carctl.errors import InputError
-from carctl.io import read_image, read_points
+from carctl.io import read_grid, read_image, read_points
 from carctl.resample import load_chain
-from carctl.spatial.files import read_field
-from carctl.spatial.transform import jacobian_determinant
+from carctl.spatial.transform import Transform, jacobian_determinant
 
 PathLike = str | os.PathLike
 
@@ -36,12 +35,13 @@ def evaluate(
     report: dict = {}
     if fixed_labels is not None and warped_labels is not None:
         report.update(_label_report(fixed_labels, warped_labels))
+    chain = load_chain(field, affine)
     if field is not None:
-        jacobian = jacobian_determinant(read_field(field)).numpy()
+        jacobian = jacobian_determinant(chain[0]).numpy()
         report["field"] = metrics.jacobian_summary(jacobian)
     if fixed_points is not None and moving_points is not None:
         report["landmarks"] = _landmark_report(
-            fixed_points, moving_points, field, affine, fixed_image, moving_image
+            fixed_points, moving_points, chain, fixed_image, moving_image
         )
     return report
 
@@ -72,15 +72,13 @@ def _label_report(fixed_path: PathLike, warped_path: PathLike) -> dict:
 def _landmark_report(
     fixed_points: PathLike,
     moving_points: PathLike,
-    field: PathLike | None,
-    affine: PathLike | None,
+    chain: list[Transform],
     fixed_image: PathLike | None,
     moving_image: PathLike | None,
 ) -> dict:
-    chain = load_chain(field, affine)
     ndim = chain[0].ndim if chain else 3
-    fixed_grid = read_image(fixed_image).grid if fixed_image is not None else None
-    moving_grid = read_image(moving_image).grid if moving_image is not None else None
+    fixed_grid = read_grid(fixed_image) if fixed_image is not None else None
+    moving_grid = read_grid(moving_image) if moving_image is not None else None
     if fixed_grid is not None:
         ndim = fixed_grid.ndim
     p_fixed = read_points(fixed_points, ndim, fixed_grid)

@@ -349,6 +349,25 @@ def read_image(
     return Image(load_sitk().GetArrayFromImage(image), grid)
 
 
+def read_grid(spec: str | os.PathLike, series: str | None = None) -> Grid:
+    """The grid of an image, from its header alone where the format allows."""
+    path, volume = split_volume(spec)
+    if path.is_file() and volume is None:
+        reader = load_sitk().ImageFileReader()
+        reader.SetFileName(os.fspath(path))
+        try:
+            with native_output_silenced():
+                reader.ReadImageInformation()
+        except RuntimeError:
+            pass  # read_image below says why, in one line
+        else:
+            if reader.GetDimension() in (2, 3):
+                return Grid(
+                    reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()
+                )
+    return read_image(spec, series).grid
+
+
 def input_files(spec: str | os.PathLike) -> list[Path]:
     """Every file an input reads: the file itself, its data file, or a directory's files."""
     path, _ = split_volume(spec)

@@ -309,3 +309,19 @@ def test_bad_points_file(tmp_path):
     (tmp_path / "bad.txt").write_text("point\n3\n1 2 3\n")
     with pytest.raises(InputError, match="3 points announced, 1 found"):
         read_points(tmp_path / "bad.txt")
+
+
+def test_read_grid_from_the_header_equals_the_full_read(shared_data, tmp_path):
+    from carctl.io import read_grid
+
+    oblique = write(make_image((6, 5, 4), direction=rotation(0.2, 0.3, 0.1)), tmp_path / "o.nii.gz")
+    slice_2d = write(make_image((9, 7), spacing=(0.5, 2.0)), tmp_path / "s.mha")
+    for spec in (
+        oblique,
+        slice_2d,
+        shared_data / "spine-t1-t2/t2.nii.gz",
+        shared_data / "ct-mr-pat002/pat002_ct.hdr",
+        f"{shared_data}/prostate-mr-us/mr_labels/case000000.nii.gz:1",
+        shared_data / "dicom/mr-3slice",
+    ):
+        assert read_grid(spec) == read_image(spec).grid, spec

@@ -22,7 +22,7 @@ def command(
     physical space, and the cord overlap with the T2's own manual mask is measured.
     """
     from carctl.cli.console import emit_json, stdout
-    from carctl.cli.evaluate import _show
+    from carctl.cli.evaluate import show_report
     from carctl.demo import demo_files
     from carctl.evaluation import evaluate
     from carctl.io import check_output, read_image, write_image
@@ -47,7 +47,7 @@ def command(
     write_image(labels, outputs["warped_labels"], force=force)
 
     report = evaluate(fixed_labels=files["fixed_labels"], warped_labels=outputs["warped_labels"])
-    _show(report, console)
+    show_report(report, console)
     emit_json(report, str(outputs["report"]), force=force)
     console.print(
         f"Spinal-cord Dice through the scanner headers alone: {report['dice_mean']:.3f}. "

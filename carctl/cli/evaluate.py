@@ -105,7 +105,7 @@ def command(
         moving_image=moving_image,
     )
     if json_out != "-":
-        _show(report, stdout())
+        show_report(report, stdout())
     emit_json(report, json_out, force=force, inputs=inputs)
 
 
@@ -113,7 +113,8 @@ def _number(value, unit: str = "") -> str:
     return "n/a" if value is None else f"{value:.4g}{unit}"
 
 
-def _show(report: dict, console) -> None:
+def show_report(report: dict, console) -> None:
+    """Print an :func:`carctl.evaluation.evaluate` report as rich tables."""
     from rich.table import Table
 
     if "labels" in report:
