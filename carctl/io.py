@@ -343,10 +343,9 @@ def read_image(
     """Read a 2-D or 3-D scalar image with its geometry; see :func:`read_sitk`."""
     image = read_sitk(spec, series, series_option=series_option)
     try:
-        grid = Grid.from_sitk(image)
-    except ValueError as error:
+        return Image.from_sitk(image)
+    except ValueError as error:  # e.g. a singular direction matrix
         raise InputError(f"'{spec}' has an unusable geometry: {error}") from error
-    return Image(load_sitk().GetArrayFromImage(image), grid)
 
 
 def read_grid(spec: str | os.PathLike, series: str | None = None) -> Grid:

@@ -112,10 +112,6 @@ class Grid:
         """Array shape ``(Z, Y, X)`` (``(Y, X)`` in 2-D)."""
         return tuple(reversed(self.size))
 
-    @property
-    def num_voxels(self) -> int:
-        return int(np.prod(self.size))
-
     @cached_property
     def direction_matrix(self) -> np.ndarray:
         return np.asarray(self.direction, dtype=np.float64).reshape(self.ndim, self.ndim)
@@ -180,14 +176,6 @@ class Grid:
         return f"{size} voxels of {spacing} mm, {self.orientation}"
 
     # --- tensors ------------------------------------------------------------------------
-    def index_points(self, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
-        """Integer index of every voxel as a ``(*shape, D)`` tensor, components ``(i, j, k)``."""
-        import torch
-
-        axes = [torch.arange(n, dtype=dtype or torch.float64, device=device) for n in self.shape]
-        zyx = torch.meshgrid(*axes, indexing="ij")
-        return torch.stack(tuple(reversed(zyx)), dim=-1)
-
     def points(self, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
         """Physical (LPS mm) position of every voxel as a ``(*shape, D)`` tensor."""
         import torch
