@@ -87,17 +87,21 @@ def centred_on(image: sitk.Image, size, spacing, direction) -> sitk.Image:
     return out
 
 
+def bspline_transform(reference: sitk.Image, magnitude: float = 3.0, mesh: int = 3, seed: int = 0):
+    """A random B-spline transform over ``reference``'s grid (coefficients ~ N(0, magnitude) mm)."""
+    transform = sitk.BSplineTransformInitializer(reference, [mesh] * reference.GetDimension())
+    rng = np.random.default_rng(seed)
+    transform.SetParameters(tuple(rng.normal(0.0, magnitude, len(transform.GetParameters()))))
+    return transform
+
+
 def bspline_field(
     reference: sitk.Image, magnitude: float = 3.0, mesh: int = 3, seed: int = 0
 ) -> sitk.Image:
     """A smooth random displacement field (sitkVectorFloat64) on ``reference``'s grid, made by
-    SimpleITK from a B-spline transform."""
-    transform = sitk.BSplineTransformInitializer(reference, [mesh] * reference.GetDimension())
-    rng = np.random.default_rng(seed)
-    n = len(transform.GetParameters())
-    transform.SetParameters(tuple(rng.normal(0.0, magnitude, n)))
+    SimpleITK from :func:`bspline_transform`."""
     return sitk.TransformToDisplacementField(
-        transform,
+        bspline_transform(reference, magnitude, mesh, seed),
         sitk.sitkVectorFloat64,
         reference.GetSize(),
         reference.GetOrigin(),

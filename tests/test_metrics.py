@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import bspline_field, make_image, rotation
+from conftest import bspline_field, bspline_transform, make_image, rotation
 
 from carctl import metrics
 from carctl.io import read_image
@@ -194,18 +194,8 @@ def test_jacobian_accounts_for_the_direction_matrix():
     reference = make_image(
         (24, 20, 18), spacing=(1.0, 1.5, 2.0), direction=rotation(0.4, -0.3, 1.1)
     )
-    transform = sitk.BSplineTransformInitializer(reference, [3, 3, 3])
-    transform.SetParameters(
-        tuple(np.random.default_rng(5).normal(0.0, 3.0, len(transform.GetParameters())))
-    )
-    field = sitk.TransformToDisplacementField(
-        transform,
-        sitk.sitkVectorFloat64,
-        reference.GetSize(),
-        reference.GetOrigin(),
-        reference.GetSpacing(),
-        reference.GetDirection(),
-    )
+    transform = bspline_transform(reference, magnitude=3.0, mesh=3, seed=5)
+    field = bspline_field(reference, magnitude=3.0, mesh=3, seed=5)
     ours = jacobian_determinant(
         DisplacementField(
             Grid.from_sitk(field),
