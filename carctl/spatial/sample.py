@@ -130,7 +130,7 @@ def warp(
     # the other modes round or weigh indices, where ties must break as in ITK's double maths.
     linear = mode == "linear" and prepared.dtype == torch.float32
     dtype = torch.float32 if linear else torch.float64
-    chain = [transform.to(dtype, image.device) for transform in transforms]  # once, not per slab
+    chain = [transform.to(image.device) for transform in transforms]  # once, not per slab
     depth = fixed_grid.size[-1]
     rows = max(1, slab_voxels // int(np.prod(fixed_grid.size[:-1])))
     slabs = []

@@ -27,8 +27,8 @@ class Transform(Protocol):
         """Map physical points ``(..., D)`` from fixed to moving space."""
         ...
 
-    def to(self, dtype: torch.dtype, device: torch.device | str | None = None) -> Transform:
-        """The same transform, ready to map points of this dtype on this device."""
+    def to(self, device: torch.device | str | None) -> Transform:
+        """The same transform, ready to map points on ``device``."""
         ...
 
 
@@ -83,7 +83,7 @@ class Affine:
 
         return apply_homogeneous(self.homogeneous, points)
 
-    def to(self, dtype: torch.dtype, device: torch.device | str | None = None) -> Affine:
+    def to(self, device: torch.device | str | None) -> Affine:
         return self  # a few numbers, converted where they are used
 
 
@@ -109,15 +109,18 @@ class DisplacementField:
         return self.grid.ndim
 
     def displacement_at(self, points: torch.Tensor) -> torch.Tensor:
-        """``u`` at physical points ``(..., D)`` -> ``(..., D)``."""
-        values = sample(self.data[None].to(points), self.grid, points, mode="linear")
-        return values[0].movedim(0, -1)
+        """``u`` at physical points ``(..., D)`` -> ``(..., D)``, in the points' dtype.
+
+        Interpolated in the field's own precision: a float32 field is not copied to float64.
+        """
+        values = sample(self.data[None], self.grid, points.to(self.data.dtype), mode="linear")
+        return values[0].movedim(0, -1).to(points.dtype)
 
     def transform_points(self, points: torch.Tensor) -> torch.Tensor:
         return points + self.displacement_at(points)
 
-    def to(self, dtype: torch.dtype, device: torch.device | str | None = None) -> DisplacementField:
-        return DisplacementField(self.grid, self.data.to(dtype=dtype, device=device).contiguous())
+    def to(self, device: torch.device | str | None) -> DisplacementField:
+        return DisplacementField(self.grid, self.data.to(device=device))
 
 
 def map_grid(
