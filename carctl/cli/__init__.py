@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from carctl import __version__
-from carctl.cli import apply, demo, evaluate, info
+from carctl.cli import apply, demo, evaluate, info, register
 from carctl.cli.console import run_guarded, set_debug
 
 app = typer.Typer(
@@ -46,7 +46,7 @@ def _root(
         set_debug(True)
 
 
-for module in (info, apply, evaluate, demo):
+for module in (register, apply, evaluate, info, demo):
     app.command(name=module.NAME, help=module.command.__doc__)(module.command)
 
 

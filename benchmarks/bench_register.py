@@ -1,0 +1,665 @@
+"""Benchmark: registration accuracy, time and memory of carctl and three peers, side by side.
+
+Methods: carctl (``register`` with default options), ANTs (antspyx,
+``antsRegistrationSyNQuick[s]``: rigid + affine + SyN, all on Mattes MI), elastix (itk-elastix
+default ``affine`` + ``bspline`` maps, AdvancedMattesMutualInformation) and convexAdam (defaults,
+MIND-SSC; the moving image is first resampled onto the fixed grid through the headers, since
+convexAdam works on one grid).
+
+Every method runs in its own process (this script with ``--one``) on the same files and thread
+count. Reported per pair and method: accuracy, the registration call's wall time, the whole
+process's wall time (start, imports, reading, registering, writing) and its peak memory (VmHWM,
+read right after the registration call). Each method's answer is converted into one
+displacement field on the fixed grid (physical LPS mm, pull-back fixed -> moving, ITK's
+convention) and scored by this script with carctl's metrics:
+
+* ``spine``: Dice of the spinal cord (T1 mask warped onto the T2 grid by the method's own label
+  interpolation, against the T2 mask).
+* known deformations (``brats-*``, ``spm-*``, ``oasis-t1``, see ``carctl.synthetic.known_pair``):
+  mean end-point error inside the mask (mm); for ``oasis-t1`` also the mean Dice of its 45
+  labels (moving labels warped by the method, fixed labels warped by the truth).
+* ``prostate-*`` (MR -> ultrasound): Dice of the gland and mean Dice of the landmark blobs.
+* every pair: folding (% of fixed voxels where det J of the mapping <= 0).
+
+The row ``header`` is the identity mapping through the scanner headers (no registration).
+
+    python benchmarks/bench_register.py [--quick] [--pairs spine prostate ...]
+        [--methods carctl ants ...] [--threads 2] [--json results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+FIELD, WARPED = "field.nii.gz", "warped.nii.gz"
+MAIN = "main"  # the label map whose mean Dice is reported; other label maps are landmarks
+
+
+# --- workers: one method in one process -------------------------------------------------------
+# Each worker reads the pair's files with the method's own reader and writes, into `out`: the
+# mapping as a displacement field on the fixed grid (FIELD), the moving image warped by the
+# method itself (WARPED, to check the field against) and every label map of the case warped
+# with the method's own label interpolation (label_<name>.nii.gz). Only the tool itself is
+# imported (not carctl, not torch, unless the tool needs them), so peak memory is the tool's.
+# (itk's Python wrapping imports torch itself when torch is installed, as it is here.)
+
+
+class Clock:
+    """Wall time of the registration call, and the process's peak memory right after it."""
+
+    def __enter__(self) -> Clock:
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.start
+        self.rss_mb = peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM, reset by exec)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
+
+
+def label_output(out: Path, name: str) -> Path:
+    return out / f"label_{name}.nii.gz"
+
+
+def run_carctl(case: dict, out: Path, threads: int) -> Clock:
+    from carctl.config import RegistrationOptions
+    from carctl.io import read_image, write_image
+    from carctl.registration.pipeline import register
+    from carctl.resample import resample_image
+    from carctl.runtime import set_threads
+    from carctl.spatial.files import write_field
+
+    set_threads(threads)
+    moving, fixed = read_image(case["moving"]), read_image(case["fixed"])
+    with Clock() as clock:
+        result = register(moving, fixed, RegistrationOptions())
+    write_field(result.field, out / FIELD)
+    write_image(resample_image(moving, fixed.grid, [result.field]), out / WARPED)
+    for name, path in case["labels"].items():
+        warped = resample_image(read_image(path), fixed.grid, [result.field], "label")
+        write_image(warped, label_output(out, name))
+    return clock
+
+
+def run_ants(case: dict, out: Path, threads: int) -> Clock:
+    import ants  # threads: ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS, set by the parent
+
+    fixed, moving = ants.image_read(case["fixed"]), ants.image_read(case["moving"])
+    with Clock() as clock:
+        result = ants.registration(
+            fixed, moving, type_of_transform="antsRegistrationSyNQuick[s]", outprefix=f"{out}/"
+        )
+    transforms = result["fwdtransforms"]  # [warp, affine]: a point goes through the warp first
+    # antsApplyTransforms -o [file, 1]: the chain composed into one field on the fixed grid
+    composed = ants.apply_transforms(fixed, moving, transforms, compose=f"{out}/composed_")
+    os.replace(composed, out / FIELD)
+    ants.image_write(result["warpedmovout"], str(out / WARPED))
+    for name, path in case["labels"].items():
+        labels = ants.image_read(path)
+        warped = ants.apply_transforms(fixed, labels, transforms, interpolator="genericLabel")
+        ants.image_write(warped, str(label_output(out, name)))
+    return clock
+
+
+def run_elastix(case: dict, out: Path, threads: int) -> Clock:
+    import itk
+
+    # Threads through ITK's global default: elastix_registration_method(number_of_threads=N > 1)
+    # crashes with the multi-metric B-spline map (InsightSoftwareConsortium/ITKElastix#160).
+    itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(threads)
+    fixed = itk.imread(case["fixed"], itk.F)
+    moving = itk.imread(case["moving"], itk.F)
+    parameters = itk.ParameterObject.New()
+    parameters.AddParameterMap(parameters.GetDefaultParameterMap("affine"))
+    parameters.AddParameterMap(parameters.GetDefaultParameterMap("bspline"))
+    with Clock() as clock:
+        warped, transform = itk.elastix_registration_method(
+            fixed,
+            moving,
+            parameter_object=parameters,
+            log_to_console=False,
+        )
+    field_image = itk.transformix_deformation_field(moving, transform)
+    itk.imwrite(field_image, str(out / FIELD))
+    itk.imwrite(warped, str(out / WARPED))
+    transform.SetParameter("FinalBSplineInterpolationOrder", "0")  # nearest, for labels
+    for name, path in case["labels"].items():
+        labels = itk.imread(path, itk.F)
+        itk.imwrite(itk.transformix_filter(labels, transform), str(label_output(out, name)))
+    return clock
+
+
+def run_convexadam(case: dict, out: Path, threads: int) -> Clock:
+    import SimpleITK as sitk
+    import torch
+    from convexAdam.apply_convex import apply_convex
+    from convexAdam.convex_adam_MIND import convex_adam_pt
+
+    torch.set_num_threads(threads)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    fixed = sitk.ReadImage(case["fixed"], sitk.sitkFloat32)
+    moving = sitk.ReadImage(case["moving"], sitk.sitkFloat32)
+    with Clock() as clock:
+        on_fixed = sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkLinear, 0.0)
+        displacement = convex_adam_pt(
+            sitk.GetArrayFromImage(fixed), sitk.GetArrayFromImage(on_fixed)
+        )
+    # convexAdam's answer, for arrays in SimpleITK's (Z, Y, X) order: displacement[z, y, x, c]
+    # is the pull-back displacement along array axis c (k, j, i) in voxels, so that
+    # warped[p] = moving[p + displacement[p]] (its apply_convex). To physical mm on the fixed
+    # grid: reverse to (i, j, k) and multiply by direction @ diag(spacing).
+    to_physical = np.reshape(fixed.GetDirection(), (3, 3)) * np.asarray(fixed.GetSpacing())
+    physical = displacement[..., ::-1] @ to_physical.T
+    field_image = sitk.GetImageFromArray(physical.astype(np.float64), isVector=True)
+    field_image.CopyInformation(fixed)
+    sitk.WriteImage(sitk.Cast(field_image, sitk.sitkVectorFloat32), str(out / FIELD))
+    warped = sitk.GetImageFromArray(
+        apply_convex(displacement, sitk.GetArrayFromImage(on_fixed)).astype(np.float32)
+    )
+    warped.CopyInformation(fixed)
+    sitk.WriteImage(warped, str(out / WARPED))
+    # Labels: one interpolation from the original moving labels through the physical field
+    # (header resampling and convexAdam's field composed), like ANTs' genericLabel.
+    transform = sitk.DisplacementFieldTransform(field_image)
+    for name, path in case["labels"].items():
+        labels = sitk.ReadImage(path)
+        warped = sitk.Resample(labels, fixed, transform, sitk.sitkLabelLinear, 0)
+        sitk.WriteImage(warped, str(label_output(out, name)))
+    return clock
+
+
+METHODS: dict[str, Callable[[dict, Path, int], Clock]] = {
+    "carctl": run_carctl,
+    "ants": run_ants,
+    "elastix": run_elastix,
+    "convexadam": run_convexadam,
+}
+
+
+def thread_environment(threads: int) -> dict[str, str]:
+    names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+    names += ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "CARCTL_THREADS")
+    return {name: str(threads) for name in names}
+
+
+def worker(method: str, case_file: Path, out: Path, threads: int) -> None:
+    """``--one``: run one method on one case; the last stdout line is a JSON summary."""
+    case = json.loads(case_file.read_text())
+    clock = METHODS[method](case, out, threads)
+    print(json.dumps({"seconds": clock.seconds, "rss_mb": clock.rss_mb}))
+
+
+# --- pairs ------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Pair:
+    """A moving and a fixed image, what to warp, and what the warped labels must match."""
+
+    name: str
+    moving: Path
+    fixed: Path
+    moving_labels: dict[str, Path]  # MAIN and landmark label maps, on the moving grid
+    fixed_labels: dict[str, np.ndarray]  # the same maps on the fixed grid
+    truth: object = None  # carctl DisplacementField of a known deformation
+    mask: np.ndarray | None = None  # where the end-point error is measured
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    name: str
+    build: Callable[[Path], Pair]  # work directory -> pair
+
+
+def write_labels(spec: str, path: Path) -> Path:
+    """A label volume (``FILE`` or ``FILE:N``) written as a 3-D uint16 NIfTI file of its own."""
+    from carctl.io import Image, read_grid, write_image
+
+    write_image(Image(label_array(spec).astype(np.uint16), read_grid(spec)), path)
+    return path
+
+
+def label_array(spec: str | Path) -> np.ndarray:
+    from carctl.io import read_image
+    from carctl.metrics import as_label_map
+
+    return as_label_map(np.rint(read_image(spec).array).clip(0), str(spec))
+
+
+def spine_pair(data: Path) -> PairSpec:
+    folder = data / "spine-t1-t2"
+
+    def build(work: Path) -> Pair:
+        return Pair(
+            "spine",
+            folder / "t1w.nii.gz",
+            folder / "t2.nii.gz",
+            {MAIN: folder / "t1w_seg-manual.nii.gz"},
+            {MAIN: label_array(folder / "t2_seg-manual.nii.gz")},
+        )
+
+    return PairSpec("spine", build)
+
+
+def prostate_pairs(data: Path) -> list[PairSpec]:
+    folder = data / "prostate-mr-us"
+
+    def spec(case: str) -> PairSpec:
+        name = f"prostate-{case.split('.')[0]}"
+
+        def build(work: Path) -> Pair:
+            import SimpleITK as sitk
+
+            mr, us = folder / "mr_labels" / case, folder / "us_labels" / case
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(mr))
+            reader.ReadImageInformation()
+            channels = reader.GetSize()[3]
+            names = [MAIN] + [f"landmark{c}" for c in range(1, channels)]
+            return Pair(
+                name,
+                folder / "mr_images" / case,
+                folder / "us_images" / case,
+                {
+                    n: write_labels(f"{mr}:{c}", work / f"mr_{n}.nii.gz")
+                    for c, n in enumerate(names)
+                },
+                {n: label_array(f"{us}:{c}") for c, n in enumerate(names)},
+            )
+
+        return PairSpec(name, build)
+
+    cases = sorted(p.name for p in (folder / "mr_images").glob("*.nii.gz"))
+    return [spec(case) for case in cases]
+
+
+def known_pairs(data: Path, seed: int) -> list[PairSpec]:
+    """Pairs with a known deformation: fixed = contrast ``a`` warped, moving = contrast ``b``."""
+    brats = data / "brats-gli-00001"
+    spm = data / "brain-templates-2mm"
+    oasis = data / "oasis-t1-a"
+
+    def brats_file(contrast: str) -> Path:
+        return brats / f"BraTS-GLI-00001-000-{contrast}.nii.gz"
+
+    def positive(image) -> np.ndarray:
+        return image.array > 0
+
+    def tissue(image) -> np.ndarray:
+        from carctl.io import read_image
+
+        maps = [read_image(spm / f"{t}.nii").array for t in ("grey", "white", "csf")]
+        return sum(maps) > 0.5
+
+    def labelled(image) -> np.ndarray:
+        return label_array(oasis / "labels.nii.gz") > 0
+
+    table = [  # name, a, b, mask of a, labels of a (or None)
+        ("brats-t2w-t1n", brats_file("t1n"), brats_file("t2w"), positive, None),
+        ("brats-t2f-t1n", brats_file("t1n"), brats_file("t2f"), positive, None),
+        ("brats-t1c-t2w", brats_file("t2w"), brats_file("t1c"), positive, None),
+        ("spm-T2-T1", spm / "avg152T1.nii", spm / "avg152T2.nii", tissue, None),
+        ("spm-PD-T1", spm / "avg152T1.nii", spm / "avg152PD.nii", tissue, None),
+        ("oasis-t1", oasis / "t1.nii.gz", oasis / "t1.nii.gz", labelled, oasis / "labels.nii.gz"),
+    ]
+
+    def spec(index: int, name: str, a: Path, b: Path, mask, labels: Path | None) -> PairSpec:
+        def build(work: Path) -> Pair:
+            from carctl.io import read_image, write_image
+            from carctl.resample import resample_image
+            from carctl.synthetic import known_pair
+
+            a_image = read_image(a)
+            made = known_pair(a_image, read_image(b), mask(a_image), seed=seed + index)
+            write_image(made.fixed, work / "fixed.nii.gz")
+            moving_labels, fixed_labels = {}, {}
+            if labels is not None:
+                moving_labels[MAIN] = labels
+                truth_labels = resample_image(
+                    read_image(labels), a_image.grid, [made.truth], "label"
+                )
+                fixed_labels[MAIN] = truth_labels.array.astype(np.int64)
+            return Pair(
+                name, b, work / "fixed.nii.gz", moving_labels, fixed_labels, made.truth, made.mask
+            )
+
+        return PairSpec(name, build)
+
+    return [spec(i, *row) for i, row in enumerate(table)]
+
+
+def all_pairs(data: Path, seed: int) -> list[PairSpec]:
+    return [spine_pair(data), *known_pairs(data, seed), *prostate_pairs(data)]
+
+
+def select_pairs(specs: list[PairSpec], args: argparse.Namespace) -> list[PairSpec]:
+    """``--quick``: spine and one prostate case; ``--pairs``: names or name prefixes."""
+    if args.quick:
+        wanted = ["spine", next(s.name for s in specs if s.name.startswith("prostate-"))]
+    else:
+        wanted = args.pairs or [s.name for s in specs]
+    chosen = [s for s in specs if any(s.name == w or s.name.startswith(f"{w}-") for w in wanted)]
+    unknown = [
+        w for w in wanted if not any(s.name == w or s.name.startswith(f"{w}-") for s in specs)
+    ]
+    if unknown:
+        names = ", ".join(s.name for s in specs)
+        raise SystemExit(f"unknown pair(s) {', '.join(unknown)}; choose from {names}")
+    prostate = [s for s in chosen if s.name.startswith("prostate-")]
+    if args.prostate_cases is not None:
+        chosen = [s for s in chosen if s not in prostate[args.prostate_cases :]]
+    return chosen
+
+
+# --- scoring ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    pair: str
+    method: str
+    dice: float | None = None  # mean Dice of the MAIN label map's labels
+    landmark_dice: float | None = None  # mean Dice of the landmark maps
+    epe_mm: float | None = None
+    folding_percent: float | None = None
+    registration_s: float | None = None
+    process_s: float | None = None
+    rss_mb: float | None = None
+    field_check: float | None = None  # correlation of the method's warp and the field's warp
+    error: str | None = None
+
+
+def mean_dice(fixed: np.ndarray, warped: np.ndarray) -> float:
+    from carctl.metrics import dice
+
+    scores = dice(fixed, warped)
+    present = [int(k) for k in np.unique(fixed) if k != 0]
+    return float(np.mean([scores.get(k, 0.0) for k in present]))
+
+
+def score(pair: Pair, result: Result, mapping, warped_labels: dict[str, np.ndarray]) -> None:
+    """Fill ``result``'s accuracy from the ``mapping`` (a field) and the warped label maps."""
+    from carctl.metrics import jacobian_summary
+    from carctl.spatial.transform import jacobian_determinant
+    from carctl.synthetic import end_point_error
+
+    jacobian = jacobian_determinant(mapping).numpy()
+    result.folding_percent = jacobian_summary(jacobian)["folding_percent"]
+    if pair.truth is not None:
+        result.epe_mm = end_point_error(mapping, pair.truth, pair.mask)
+    if MAIN in pair.fixed_labels:
+        result.dice = mean_dice(pair.fixed_labels[MAIN], warped_labels[MAIN])
+    landmarks = [
+        mean_dice(pair.fixed_labels[n] > 0, warped_labels[n] > 0)
+        for n in pair.fixed_labels
+        if n != MAIN
+    ]
+    if landmarks:
+        result.landmark_dice = float(np.mean(landmarks))
+
+
+def score_header(pair: Pair) -> Result:
+    """The identity mapping (images aligned through their headers only)."""
+    import torch
+
+    from carctl.io import read_image
+    from carctl.resample import resample_image
+    from carctl.spatial.transform import DisplacementField
+
+    fixed = read_image(pair.fixed).grid
+    identity = DisplacementField(fixed, torch.zeros((3, *fixed.shape), dtype=torch.float32))
+    warped = {
+        name: resample_image(read_image(path), fixed, [], "label").array.astype(np.int64)
+        for name, path in pair.moving_labels.items()
+    }
+    result = Result(pair.name, "header")
+    score(pair, result, identity, warped)
+    return result
+
+
+def field_check(pair: Pair, mapping, out: Path) -> float:
+    """Correlation between the method's own warped image and the moving image warped through
+    the converted field (near 1 when the conversion is right), where both are non-zero."""
+    from carctl.io import read_image
+    from carctl.resample import resample_image
+
+    mine = resample_image(read_image(pair.moving), mapping.grid, [mapping]).array
+    theirs = read_image(out / WARPED).array
+    both = (mine != 0) & (theirs != 0)
+    return float(np.corrcoef(mine[both], theirs[both])[0, 1])
+
+
+def one_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines[-1] if lines else "no output")[:200]
+
+
+def run_method(
+    method: str, pair: Pair, case_file: Path, out: Path, args: argparse.Namespace
+) -> Result:
+    """Run ``method`` in a process of its own on ``pair`` and score what it wrote."""
+    result = Result(pair.name, method)
+    out.mkdir(parents=True)
+    command = [sys.executable, str(Path(__file__).resolve()), "--one", method, str(case_file)]
+    command += [str(out), "--threads", str(args.threads)]
+    start = time.perf_counter()
+    try:
+        process = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, **thread_environment(args.threads)),
+            timeout=args.timeout,
+            cwd=out,  # where transformix and ANTs leave their files
+        )
+    except subprocess.TimeoutExpired:
+        result.error = f"timed out after {args.timeout} s"
+        return result
+    result.process_s = time.perf_counter() - start
+    if process.returncode != 0:
+        signal = f"killed by signal {-process.returncode}" if process.returncode < 0 else ""
+        result.error = signal or one_line(process.stderr)
+        return result
+    try:
+        summary = json.loads(process.stdout.strip().splitlines()[-1])
+        result.registration_s, result.rss_mb = summary["seconds"], summary["rss_mb"]
+        collect(pair, result, out)
+    except Exception as error:  # a crash in scoring is reported like a crash in the method
+        result.error = f"{type(error).__name__}: {one_line(str(error))}"
+    return result
+
+
+def collect(pair: Pair, result: Result, out: Path) -> None:
+    """Score the field and label maps that a worker wrote into ``out``."""
+    from carctl.io import read_grid
+    from carctl.spatial.files import read_field
+
+    mapping = read_field(out / FIELD)
+    fixed = read_grid(pair.fixed)
+    if not mapping.grid.same_as(fixed, tolerance=1e-3):
+        raise ValueError(f"field grid {mapping.grid} is not the fixed grid {fixed}")
+    mapping.grid = fixed  # the same within the tolerance
+    warped = {name: label_array(label_output(out, name)) for name in pair.moving_labels}
+    score(pair, result, mapping, warped)
+    result.field_check = field_check(pair, mapping, out)
+
+
+# --- report -----------------------------------------------------------------------------------
+
+COLUMNS = (
+    ("pair", None),
+    ("method", None),
+    ("Dice", "dice"),
+    ("landmark Dice", "landmark_dice"),
+    ("EPE (mm)", "epe_mm"),
+    ("folding (%)", "folding_percent"),
+    ("registration (s)", "registration_s"),
+    ("process (s)", "process_s"),
+    ("peak RSS (MB)", "rss_mb"),
+)
+FORMATS = {
+    "dice": "{:.3f}",
+    "landmark_dice": "{:.3f}",
+    "epe_mm": "{:.2f}",
+    "folding_percent": "{:.3f}",
+    "registration_s": "{:.1f}",
+    "process_s": "{:.1f}",
+    "rss_mb": "{:.0f}",
+}
+
+
+def table_header() -> str:
+    names = [name for name, _ in COLUMNS]
+    return "| " + " | ".join(names) + " |\n|" + "---|" * len(names)
+
+
+def table_row(result: Result) -> str:
+    cells = [result.pair, result.method]
+    for _, key in COLUMNS[2:]:
+        value = getattr(result, key)
+        cells.append("-" if value is None else FORMATS[key].format(value))
+    if result.error:
+        cells[2] = f"error: {result.error.replace('|', '/')}"
+    return "| " + " | ".join(cells) + " |"
+
+
+def mean_rows(results: list[Result], prefix: str) -> list[Result]:
+    """Per method, the mean over the pairs named ``prefix-*`` of every reported number."""
+    rows = []
+    group = [r for r in results if r.pair.startswith(f"{prefix}-")]
+    pairs = len({r.pair for r in group})
+    for method in dict.fromkeys(r.method for r in group):
+        done = [r for r in group if r.method == method and not r.error]
+        row = Result(f"{prefix} (mean of {len(done)}/{pairs})", method)
+        if not done:
+            row.error = "every pair failed"
+        for name in [*FORMATS, "field_check"]:
+            values = [getattr(r, name) for r in done if getattr(r, name) is not None]
+            setattr(row, name, float(np.mean(values)) if values else None)
+        rows.append(row)
+    return rows
+
+
+def machine() -> str:
+    def version(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "absent"
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+
+    def git(*command: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(HERE.parent), *command], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        revision = git("describe", "--always")
+        if git("status", "--porcelain", "--", "carctl"):
+            revision += " + uncommitted changes in carctl/"
+    except (OSError, subprocess.CalledProcessError):
+        revision = "unknown"
+    packages = ", ".join(
+        f"{name} {version(name)}" for name in ("torch", "SimpleITK", "antspyx", "itk-elastix")
+    )
+    return (
+        f"{os.cpu_count()} CPU cores ({cpu}), Python {platform.python_version()}, {packages}, "
+        f"convexAdam {version('convexAdam')}; carctl {version('carctl')} at {revision}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data")
+    parser.add_argument("--pairs", nargs="+", help="pair names or prefixes (default: all)")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--prostate-cases", type=int, help="at most this many prostate cases")
+    parser.add_argument("--quick", action="store_true", help="spine and one prostate case only")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="of the known deformations")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="per method and pair (s)")
+    parser.add_argument("--json", type=Path, help="also write every number to this file")
+    parser.add_argument("--keep", type=Path, help="keep pairs and outputs in this new folder")
+    parser.add_argument("--list", action="store_true", help="list the pairs and exit")
+    parser.add_argument("--one", nargs=3, metavar=("METHOD", "CASE", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        method, case_file, out = args.one
+        worker(method, Path(case_file), Path(out), args.threads)
+        return
+    specs = all_pairs(args.data, args.seed)
+    if args.list:
+        print("\n".join(s.name for s in specs))
+        return
+    chosen = select_pairs(specs, args)
+    command = shlex.join(["python", os.path.relpath(__file__), *sys.argv[1:]])
+    print(f"Command: `{command}`\n\nMachine: {machine()}; {args.threads} threads per method.\n")
+    print(table_header(), flush=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench_register_") as tmp:
+        root = args.keep or Path(tmp)
+        for spec in chosen:
+            work = root / spec.name
+            work.mkdir(parents=True)
+            print(f"building {spec.name} ...", file=sys.stderr, flush=True)
+            pair = spec.build(work)
+            case_file = work / "case.json"
+            labels = {name: str(path) for name, path in pair.moving_labels.items()}
+            case = {"moving": str(pair.moving), "fixed": str(pair.fixed), "labels": labels}
+            case_file.write_text(json.dumps(case, indent=1))
+            rows = [score_header(pair)]
+            print(table_row(rows[0]), flush=True)
+            for method in args.methods:
+                print(f"{method} on {spec.name} ...", file=sys.stderr, flush=True)
+                rows.append(run_method(method, pair, case_file, work / method, args))
+                print(table_row(rows[-1]), flush=True)
+            results += rows
+        for row in mean_rows(results, "prostate"):
+            print(table_row(row), flush=True)
+            results.append(row)
+    print(
+        "\nDice: spine cord / prostate gland / mean of the OASIS labels; landmark Dice: mean "
+        "over the prostate landmark blobs; EPE: mean end-point error inside the mask of a known "
+        "deformation; folding: voxels with det J <= 0; registration: the registration call; "
+        "process: the whole worker process; peak RSS: the worker's, after registration."
+    )
+    suspicious = [r for r in results if r.field_check is not None and r.field_check < 0.95]
+    for r in suspicious:
+        print(
+            f"warning: {r.method} on {r.pair}: its own warped image and the warp through the "
+            f"converted field correlate only {r.field_check:.3f}",
+        )
+    if args.json:
+        report = {"command": command, "machine": machine(), "threads": args.threads}
+        report["results"] = [asdict(r) for r in results]
+        args.json.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""``carctl register``: align a moving image to a fixed one (affine + instance optimisation)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+NAME = "register"
+
+
+def _default_names(moving: str) -> dict[str, str]:
+    name = Path(moving.split(":")[0] if not Path(moving).exists() else moving).name
+    for suffix in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".hdr", ".dcm"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    stem = name or "moving"
+    return {
+        "warped": f"{stem}_warped.nii.gz",
+        "field": f"{stem}_field.nii.gz",
+        "affine": f"{stem}_affine.mat",
+        "warped_labels": f"{stem}_warped_labels.nii.gz",
+    }
+
+
+def command(
+    moving: Annotated[str, typer.Argument(help="Image to align (file, FILE:N or DICOM folder).")],
+    fixed: Annotated[str, typer.Argument(help="Image whose grid and space the result takes.")],
+    out_dir: Annotated[
+        Path, typer.Option("--out-dir", "-o", help="Folder for outputs given without a path.")
+    ] = Path("."),
+    warped: Annotated[
+        str | None, typer.Option("--warped", help="Moving image resampled onto the fixed grid.")
+    ] = None,
+    field: Annotated[
+        str | None,
+        typer.Option(
+            "--field",
+            help="The whole mapping (affine and deformable) as one ITK displacement field on "
+            "the fixed grid: antsApplyTransforms -t FIELD alone reproduces --warped.",
+        ),
+    ] = None,
+    affine: Annotated[
+        str | None, typer.Option("--affine", help="The affine part alone, as an ITK .mat/.tfm.")
+    ] = None,
+    inverse_field: Annotated[
+        str | None,
+        typer.Option(
+            "--inverse-field",
+            help="The inverse mapping (fixed -> moving images) on the moving grid.",
+        ),
+    ] = None,
+    labels: Annotated[
+        str | None, typer.Option("--labels", help="Label map in moving space to carry along.")
+    ] = None,
+    warped_labels: Annotated[
+        str | None, typer.Option("--warped-labels", help="Where the warped --labels go.")
+    ] = None,
+    fixed_mask: Annotated[
+        str | None, typer.Option("--fixed-mask", help="Only voxels inside count (fixed space).")
+    ] = None,
+    moving_mask: Annotated[
+        str | None, typer.Option("--moving-mask", help="Only voxels inside count (moving space).")
+    ] = None,
+    method: Annotated[
+        str, typer.Option("--method", help="auto | io | affine | rigid (stages run).")
+    ] = "auto",
+    loss: Annotated[
+        str, typer.Option("--loss", help="mind | mi | lncc | ncc | mse (mind: any contrast).")
+    ] = "mind",
+    diffeomorphic: Annotated[
+        bool,
+        typer.Option("--diffeomorphic", help="Stationary velocity field (scaling and squaring)."),
+    ] = False,
+    regularization: Annotated[
+        float | None, typer.Option("--regularization", help="Smoothness weight (default per loss).")
+    ] = None,
+    iterations: Annotated[
+        int | None, typer.Option("--iterations", help="Deformable iterations per level.")
+    ] = None,
+    resolution: Annotated[
+        float | None, typer.Option("--resolution", help="Finest deformable spacing, mm.")
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")] = "auto",
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same result).")] = 0,
+    json_out: Annotated[
+        str | None,
+        typer.Option("--json", help="Write the summary as JSON to PATH, or - for stdout only."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
+) -> None:
+    """Align MOVING to FIXED: initialisation, rigid, affine, then deformable optimisation.
+
+    Writes the warped image, the whole mapping as one displacement field and the affine part
+    (ITK/ANTs conventions: LPS mm, pull-back from fixed to moving), and prints a summary.
+    """
+    import time
+
+    from carctl.errors import UsageError
+
+    start = time.perf_counter()
+    names = _default_names(moving)
+    outputs = {
+        "warped": warped or str(out_dir / names["warped"]),
+        "field": field or str(out_dir / names["field"]),
+        "affine": affine or str(out_dir / names["affine"]),
+    }
+    if inverse_field:
+        outputs["inverse_field"] = inverse_field
+    if warped_labels and not labels:
+        raise UsageError("--warped-labels needs --labels")
+    if labels:
+        outputs["warped_labels"] = warped_labels or str(out_dir / names["warped_labels"])
+    _check_choices(method, loss, device)
+    if json_out == "-":
+        quiet = True
+    summary = run(
+        moving,
+        fixed,
+        outputs,
+        labels=labels,
+        fixed_mask=fixed_mask,
+        moving_mask=moving_mask,
+        method=method,
+        loss=loss,
+        diffeomorphic=diffeomorphic,
+        regularization=regularization,
+        iterations=iterations,
+        resolution=resolution,
+        device=device,
+        threads=threads,
+        seed=seed,
+        quiet=quiet,
+        force=force,
+        started=start,
+    )
+    from carctl.cli.console import emit_json
+
+    inputs = [i for i in (moving, fixed, labels, fixed_mask, moving_mask) if i]
+    emit_json(summary, json_out, force=force, inputs=inputs)
+
+
+def _check_choices(method: str, loss: str, device: str) -> None:
+    from carctl.errors import UsageError
+    from carctl.losses import LOSSES
+    from carctl.registration.pipeline import METHODS
+
+    if method not in METHODS:
+        raise UsageError(f"unknown --method '{method}'; choose from {', '.join(METHODS)}")
+    if loss not in LOSSES:
+        raise UsageError(f"unknown --loss '{loss}'; choose from {', '.join(LOSSES)}")
+    if device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"unknown --device '{device}'; choose from auto, cpu, cuda")
+
+
+def run(moving: str, fixed: str, outputs: dict[str, str], **options) -> dict:
+    """Everything after parsing: read, register, write, summarise (returns the summary)."""
+    import time
+
+    import torch
+
+    from carctl.cli.console import stderr
+    from carctl.config import RegistrationOptions
+    from carctl.errors import InputError, UsageError
+    from carctl.io import IMAGE_EXTENSIONS, check_output, read_image, write_image
+    from carctl.metrics import jacobian_summary
+    from carctl.registration.pipeline import register
+    from carctl.resample import resample_image
+    from carctl.runtime import set_threads
+    from carctl.spatial.files import (
+        AFFINE_EXTENSIONS,
+        FIELD_EXTENSIONS,
+        write_affine,
+        write_field,
+    )
+    from carctl.spatial.transform import jacobian_determinant
+
+    force = options["force"]
+    inputs = [
+        i
+        for i in (moving, fixed, options["labels"], options["fixed_mask"], options["moving_mask"])
+        if i
+    ]
+    for key, path in outputs.items():
+        extensions = {"affine": AFFINE_EXTENSIONS, "field": FIELD_EXTENSIONS}.get(key)
+        extensions = extensions or {"inverse_field": FIELD_EXTENSIONS}.get(key, IMAGE_EXTENSIONS)
+        check_output(path, force=force, inputs=inputs, extensions=extensions)
+    set_threads(options["threads"])
+    device = options["device"]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+
+    moving_image = read_image(moving)
+    fixed_image = read_image(fixed)
+    if moving_image.grid.ndim != fixed_image.grid.ndim:
+        raise InputError(
+            f"the moving image is {moving_image.grid.ndim}-D and the fixed image "
+            f"{fixed_image.grid.ndim}-D"
+        )
+    fixed_mask = read_image(options["fixed_mask"]) if options["fixed_mask"] else None
+    moving_mask = read_image(options["moving_mask"]) if options["moving_mask"] else None
+    labels = read_image(options["labels"]) if options["labels"] else None
+    for name, mask in (("--fixed-mask", fixed_mask), ("--moving-mask", moving_mask)):
+        if mask is not None and not (mask.array > 0).any():
+            raise InputError(f"{name} is empty (no voxel above zero)")
+    settings = RegistrationOptions(
+        method=options["method"],
+        loss=options["loss"],
+        diffeomorphic=options["diffeomorphic"],
+        regularization=options["regularization"],
+        iterations=options["iterations"],
+        resolution=options["resolution"],
+        device=device,
+        seed=options["seed"],
+    )
+    if settings.iterations is not None and settings.iterations < 0:
+        raise UsageError("--iterations must be at least 0")
+    if settings.resolution is not None and not settings.resolution > 0:
+        raise UsageError("--resolution must be positive")
+    if settings.regularization is not None and settings.regularization < 0:
+        raise UsageError("--regularization must be at least 0")
+
+    console = stderr()
+    quiet = options["quiet"]
+    if not quiet:
+        console.print(f"moving  {moving_image.grid.describe()}   ({moving})")
+        console.print(f"fixed   {fixed_image.grid.describe()}   ({fixed})")
+    with _progress(console, quiet) as progress:
+        result = register(moving_image, fixed_image, settings, fixed_mask, moving_mask, progress)
+
+    written_start = time.perf_counter()
+    warped = resample_image(moving_image, fixed_image.grid, [result.field])
+    write_image(warped, outputs["warped"], force=force, inputs=inputs)
+    write_field(result.field, outputs["field"], force=force, inputs=inputs)
+    write_affine(result.affine, outputs["affine"], force=force, inputs=inputs)
+    if "warped_labels" in outputs:
+        warped_labels = resample_image(labels, fixed_image.grid, [result.field], "label")
+        write_image(warped_labels, outputs["warped_labels"], force=force, inputs=inputs)
+    if "inverse_field" in outputs:
+        inverse = result.inverse(moving_image.grid)
+        write_field(inverse, outputs["inverse_field"], force=force, inputs=inputs)
+    jacobian = jacobian_summary(jacobian_determinant(result.field).numpy())
+    summary = {
+        "moving": moving,
+        "fixed": fixed,
+        "method": settings.method,
+        "loss": settings.loss,
+        "diffeomorphic": settings.diffeomorphic,
+        "device": device,
+        "seed": settings.seed,
+        "initialisation": next(
+            (s.detail.get("start") for s in result.stages if s.name == "initialise"), None
+        ),
+        "stages": [
+            {
+                "name": s.name,
+                "seconds": round(s.seconds, 3),
+                "loss_before": s.loss_before,
+                "loss_after": s.loss_after,
+                **s.detail,
+            }
+            for s in result.stages
+        ],
+        "levels": result.levels,
+        "write_seconds": round(time.perf_counter() - written_start, 3),
+        "total_seconds": round(time.perf_counter() - options["started"], 3),
+        **jacobian,
+        "affine": result.affine.homogeneous.tolist(),
+        "outputs": outputs,
+    }
+    if not quiet:
+        _show(summary, console)
+    return summary
+
+
+class _RichProgress:
+    def __init__(self, progress) -> None:
+        self._progress = progress
+        self._task = None
+
+    def start(self, stage: str, total: int) -> None:
+        if self._task is not None:
+            self._progress.update(self._task, completed=self._progress.tasks[-1].total)
+        self._task = self._progress.add_task(stage, total=max(total, 1))
+
+    def advance(self, steps: int = 1) -> None:
+        if self._task is not None:
+            self._progress.advance(self._task, steps)
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._progress.update(self._task, completed=self._progress.tasks[-1].total)
+
+
+class _progress:
+    """A rich progress bar per stage (nothing when quiet)."""
+
+    def __init__(self, console, quiet: bool) -> None:
+        self._console, self._quiet = console, quiet
+
+    def __enter__(self):
+        if self._quiet:
+            return None
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._bar = Progress(
+            TextColumn("{task.description:<11}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=self._console,
+            transient=False,
+        )
+        self._bar.__enter__()
+        self._wrapper = _RichProgress(self._bar)
+        return self._wrapper
+
+    def __exit__(self, *exc) -> None:
+        if not self._quiet:
+            self._wrapper.close()
+            self._bar.__exit__(*exc)
+
+
+def _show(summary: dict, console) -> None:
+    from carctl.cli.console import key_value_table
+
+    def loss(value) -> str:
+        return "" if value is None else f"{value:.4f}"
+
+    rows = []
+    for stage in summary["stages"]:
+        change = ""
+        if stage["loss_before"] is not None:
+            change = f"   loss {loss(stage['loss_before'])} -> {loss(stage['loss_after'])}"
+        rows.append((stage["name"], f"{stage['seconds']:.2f} s{change}"))
+    rows += [
+        ("start", str(summary["initialisation"])),
+        ("folding", f"{summary['folding_percent']:.4f} % of voxels"),
+        ("Jacobian", f"{summary['jacobian_min']:.3f} .. {summary['jacobian_max']:.3f}"),
+        ("total", f"{summary['total_seconds']:.1f} s"),
+    ]
+    rows += [(key, path) for key, path in summary["outputs"].items()]
+    console.print(key_value_table("registration", rows))

@@ -1,0 +1,95 @@
+"""Similarity losses and regularisers, chosen by name through :data:`LOSSES`.
+
+A loss is a pair: ``features`` turns a normalised image into what is compared (computed once
+per resolution level), ``function(fixed, moving, weight)`` compares them. Each function has a
+module twin, :class:`SimilarityLoss`, for code that composes ``nn.Module``s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from carctl.losses import regularisers, similarity
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    name: str
+    features: Callable[[torch.Tensor], torch.Tensor]
+    function: Callable[..., torch.Tensor]
+    description: str
+    # the moving features are compared with a constant where the moving image is absent
+    # (otherwise the loss is restricted to the overlap)
+    fills_outside: bool = False
+    # compares voxel by voxel, so a random subset of voxels gives an unbiased estimate
+    pointwise: bool = True
+
+
+LOSSES: dict[str, LossSpec] = {
+    spec.name: spec
+    for spec in (
+        LossSpec(
+            "mind",
+            similarity.mind_ssc,
+            similarity.mind_loss,
+            "MIND-SSC descriptors, squared difference (any contrast or modality)",
+            fills_outside=True,
+        ),
+        LossSpec(
+            "mi",
+            similarity.intensity,
+            similarity.mi_loss,
+            "mutual information, Parzen joint histogram (any contrast)",
+        ),
+        LossSpec(
+            "lncc",
+            similarity.intensity,
+            similarity.lncc_loss,
+            "local normalised cross-correlation, 9-voxel windows (similar contrast)",
+            pointwise=False,
+        ),
+        LossSpec(
+            "ncc",
+            similarity.intensity,
+            similarity.ncc_loss,
+            "global normalised cross-correlation (linearly related intensities)",
+        ),
+        LossSpec(
+            "mse", similarity.intensity, similarity.mse_loss, "mean squared error (same contrast)"
+        ),
+    )
+}
+
+REGULARISERS: dict[str, Callable[..., torch.Tensor]] = {
+    "diffusion": regularisers.diffusion,
+    "bending": regularisers.bending,
+}
+
+
+def loss_spec(name: str) -> LossSpec:
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; choose from {', '.join(LOSSES)}") from None
+
+
+class SimilarityLoss(nn.Module):
+    """Module twin of a loss in :data:`LOSSES`: ``forward(fixed, moving, weight=None)``
+    takes *images*, computes their features and compares them."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.spec = loss_spec(name)
+
+    def forward(
+        self, fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        spec = self.spec
+        return spec.function(spec.features(fixed), spec.features(moving), weight)
+
+    def extra_repr(self) -> str:
+        return self.spec.name

@@ -1,0 +1,183 @@
+"""Image similarity losses: plain functions over ``(N, C, *spatial)`` tensors.
+
+Every loss takes the fixed and the (warped) moving *features* and an optional non-negative
+``weight`` map ``(N, 1, *spatial)`` that restricts it (masks, overlap), and returns a scalar
+to minimise. Features are what :data:`carctl.losses.LOSSES` computes once per resolution level
+(MIND-SSC descriptors, or the normalised intensities): the optimiser then only samples them.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+# Squared-distance clamp of MIND's variance estimate, relative to its mean (as in MIND-SSC).
+_MIND_VARIANCE_RANGE = (1e-3, 1e3)
+# Smallest descriptor value (see mind_ssc).
+_MIND_FLOOR = 1e-6
+
+
+def weighted_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``values`` ``(N, C, *spatial)`` over channels and voxels, weighted per voxel."""
+    if weight is None:
+        return values.mean()
+    total = (values.mean(dim=1, keepdim=True) * weight).sum()
+    return total / weight.sum().clamp_min(1e-8)
+
+
+# --- features -------------------------------------------------------------------------------
+
+
+def _shifted(image: torch.Tensor, offset: tuple[int, ...]) -> torch.Tensor:
+    """``image`` read at ``index + offset`` (border values repeated), same shape."""
+    d = len(offset)
+    r = max(abs(o) for o in offset)
+    pad = [r] * (2 * d)
+    padded = F.pad(image, pad, mode="replicate")
+    slices = [slice(None), slice(None)]
+    # offset is (i, j, k) ordered like the index; tensor dims are reversed.
+    for o, n in zip(reversed(offset), image.shape[2:], strict=True):
+        slices.append(slice(r + o, r + o + n))
+    return padded[tuple(slices)]
+
+
+def _box_filter(image: torch.Tensor, radius: int) -> torch.Tensor:
+    pool = F.avg_pool3d if image.dim() == 5 else F.avg_pool2d
+    if radius == 0:
+        return image
+    size = 2 * radius + 1
+    if min(image.shape[2:]) >= size:
+        return pool(image, size, stride=1, padding=radius, count_include_pad=False)
+    # avg_pool3d refuses an axis shorter than the window whatever the padding: pad explicitly
+    # and divide by the count of real voxels (what count_include_pad=False does)
+    pad = [radius] * (2 * (image.dim() - 2))
+    ones = torch.ones_like(image[:1, :1])
+    return pool(F.pad(image, pad), size, stride=1) / pool(F.pad(ones, pad), size, stride=1)
+
+
+def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 1) -> torch.Tensor:
+    """MIND-SSC descriptors (self-similarity context) of ``image`` ``(N, 1, *spatial)``.
+
+    For every pair of the 2D face neighbours at distance ``dilation`` that are not opposite
+    (12 pairs in 3-D, 4 in 2-D), the patch distance ``D`` is the box-filtered (``radius``)
+    squared difference of the image shifted to the two neighbours. The descriptor is
+    ``exp(-(D - min D) / V)`` with ``V`` the mean of the distances (clamped around its image
+    mean), so that it depends on local structure, not on intensities. Returns
+    ``(N, 12, *spatial)`` (``(N, 4, ...)`` in 2-D) in ``[0, 1]``.
+    """
+    d = image.dim() - 2
+    neighbours = []
+    for axis in range(d):
+        for sign in (-1, 1):
+            offset = [0] * d
+            offset[axis] = sign * dilation
+            neighbours.append(tuple(offset))
+    shifted = [_shifted(image, o) for o in neighbours]
+    pairs = [
+        (a, b)
+        for a, b in itertools.combinations(range(len(neighbours)), 2)
+        if sum((x - y) ** 2 for x, y in zip(neighbours[a], neighbours[b], strict=True))
+        == 2 * dilation**2
+    ]
+    distance = torch.cat([(shifted[a] - shifted[b]).square() for a, b in pairs], dim=1)
+    distance = _box_filter(distance, radius)
+    distance = distance - distance.amin(dim=1, keepdim=True)
+    variance = distance.mean(dim=1, keepdim=True)
+    mean_variance = variance.mean()
+    low, high = _MIND_VARIANCE_RANGE
+    variance = variance.clamp(mean_variance * low + 1e-12, mean_variance * high + 1e-12)
+    # floor: exp() of large distances underflows to denormals, which are ~50x slower to
+    # compute with on x86 CPUs
+    return torch.exp(-distance / variance).clamp_min(_MIND_FLOOR)
+
+
+def intensity(image: torch.Tensor) -> torch.Tensor:
+    """The identity feature map: the normalised intensities themselves."""
+    return image
+
+
+# --- losses -----------------------------------------------------------------------------------
+
+
+def mind_loss(
+    fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean squared difference of MIND-SSC descriptors (from :func:`mind_ssc`)."""
+    return weighted_mean((fixed - moving).square(), weight)
+
+
+def mse_loss(
+    fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean squared intensity difference (same modality)."""
+    return weighted_mean((fixed - moving).square(), weight)
+
+
+def ncc_loss(
+    fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``1 - NCC``: global normalised cross-correlation over the weighted voxels."""
+    w = torch.ones_like(fixed[:, :1]) if weight is None else weight
+    total = w.sum().clamp_min(1e-8)
+    mf = (fixed * w).sum() / total
+    mm = (moving * w).sum() / total
+    f, m = fixed - mf, moving - mm
+    cov = (f * m * w).sum()
+    var = (f.square() * w).sum() * (m.square() * w).sum()
+    return 1.0 - cov / var.clamp_min(1e-12).sqrt()
+
+
+def lncc_loss(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    radius: int = 4,
+) -> torch.Tensor:
+    """``1 - LNCC²``: squared local correlation in windows of ``2 radius + 1`` voxels."""
+    mean_f = _box_filter(fixed, radius)
+    mean_m = _box_filter(moving, radius)
+    var_f = _box_filter(fixed * fixed, radius) - mean_f.square()
+    var_m = _box_filter(moving * moving, radius) - mean_m.square()
+    cov = _box_filter(fixed * moving, radius) - mean_f * mean_m
+    # 1e-5 on window *sums* (as in VoxelMorph); these are window means, so it shrinks by the
+    # window volume squared (a fixed 1e-5 would outweigh typical local variances of [0, 1] data).
+    eps = 1e-5 / float(2 * radius + 1) ** (2 * (fixed.dim() - 2))
+    cc = cov.square() / (var_f.clamp_min(0) * var_m.clamp_min(0) + eps)
+    return 1.0 - weighted_mean(cc, weight)
+
+
+def mi_loss(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bins: int = 32,
+    max_samples: int = 1 << 17,
+) -> torch.Tensor:
+    """Negative mutual information from a Parzen-window (Gaussian) joint histogram.
+
+    Intensities are expected in ``[0, 1]`` (see :func:`carctl.registration.levels.normalise`).
+    Above ``max_samples`` voxels, a regular subset of them is used (same subset every call).
+    """
+    f = fixed[:, :1].reshape(-1)
+    m = moving[:, :1].reshape(-1)
+    w = torch.ones_like(f) if weight is None else weight.reshape(-1).to(f.dtype)
+    step = max(1, f.numel() // max_samples)
+    f, m, w = f[::step], m[::step], w[::step]
+    centres = torch.linspace(0, 1, bins, dtype=f.dtype, device=f.device)
+    sigma = 1.0 / (bins - 1)
+
+    def parzen(values: torch.Tensor) -> torch.Tensor:
+        z = (values.clamp(0, 1)[:, None] - centres) / sigma
+        p = torch.exp(-0.5 * z.square())
+        return p / p.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+    pf, pm = parzen(f) * w[:, None], parzen(m)
+    joint = pf.T @ pm
+    joint = joint / joint.sum().clamp_min(1e-12)
+    marginal_f = joint.sum(dim=1, keepdim=True)
+    marginal_m = joint.sum(dim=0, keepdim=True)
+    eps = 1e-10
+    mi = (joint * (torch.log(joint + eps) - torch.log(marginal_f @ marginal_m + eps))).sum()
+    return -mi

@@ -1,0 +1,139 @@
+"""Rigid and affine registration: parameters, their homogeneous matrix, and the optimiser.
+
+The transform maps fixed to moving physical points (LPS mm, ITK's pull-back sense):
+``A(x) = R(r) M0 (I + S) (x - c) + c + t0 + t``, where ``M0, t0`` is the starting point
+(from :mod:`carctl.registration.initialise`), ``c`` the fixed foreground centre, ``r`` a
+rotation vector, ``t`` a translation (mm) and ``S`` a free linear part (affine only).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from carctl.registration.levels import Level
+
+Progress = Callable[[int], None]
+
+
+def rotation_matrix(vector: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Rotation from a rotation vector (3-D, radians) or an angle (2-D), differentiably."""
+    skew = vector.new_zeros(ndim, ndim)
+    if ndim == 2:
+        skew = skew + torch.stack(
+            [torch.stack([vector[0] * 0, -vector[0]]), torch.stack([vector[0], vector[0] * 0])]
+        )
+    else:
+        x, y, z = vector
+        zero = vector[0] * 0
+        skew = torch.stack(
+            [
+                torch.stack([zero, -z, y]),
+                torch.stack([z, zero, -x]),
+                torch.stack([-y, x, zero]),
+            ]
+        )
+    return torch.linalg.matrix_exp(skew)
+
+
+def rotation_count(ndim: int) -> int:
+    return ndim * (ndim - 1) // 2
+
+
+class AffineParameters(nn.Module):
+    """Rigid (``affine=False``) or affine parameters around a start ``(M0, t0)``, centre ``c``."""
+
+    def __init__(self, start: np.ndarray, center: np.ndarray, affine: bool) -> None:
+        super().__init__()
+        d = start.shape[0] - 1
+        self.ndim = d
+        self.affine = affine
+        self.register_buffer("start", torch.as_tensor(start, dtype=torch.float64))
+        self.register_buffer("center", torch.as_tensor(center, dtype=torch.float64))
+        self.rotation = nn.Parameter(torch.zeros(rotation_count(d), dtype=torch.float64))
+        self.translation = nn.Parameter(torch.zeros(d, dtype=torch.float64))
+        self.linear = nn.Parameter(torch.zeros(d, d, dtype=torch.float64), requires_grad=affine)
+
+    def homogeneous(self) -> torch.Tensor:
+        """The ``(D+1, D+1)`` physical-to-physical matrix (float64)."""
+        d = self.ndim
+        m0 = self.start[:d, :d]
+        # start offset re-expressed around the centre: M0 (x - c) + c + t0
+        t0 = self.start[:d, d] + m0 @ self.center - self.center
+        eye = torch.eye(d, dtype=torch.float64, device=m0.device)
+        linear = rotation_matrix(self.rotation, d) @ m0 @ (eye + self.linear)
+        offset = self.center + t0 + self.translation - linear @ self.center
+        top = torch.cat([linear, offset[:, None]], dim=1)
+        bottom = torch.zeros(1, d + 1, dtype=torch.float64, device=m0.device)
+        bottom[0, d] = 1.0
+        return torch.cat([top, bottom], dim=0)
+
+
+def mapped(
+    level: Level, homogeneous: torch.Tensor, index: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Continuous indices in the moving level grid of the working grid's voxels (all, or the
+    flattened ``index``) under an affine (physical ``(D+1, D+1)`` matrix)."""
+    to_norm = torch.as_tensor(level.to_moving_index(), dtype=torch.float64)
+    total = (to_norm.to(homogeneous.device) @ homogeneous).to(level.points.dtype)
+    d = level.ndim
+    points = level.points.reshape(-1, d)
+    points = points if index is None else points[index]
+    return points @ total[:d, :d].T + total[:d, d]
+
+
+def level_loss(
+    level: Level,
+    homogeneous: torch.Tensor,
+    function: Callable[..., torch.Tensor],
+    index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    return level.loss(function, mapped(level, homogeneous, index), index)
+
+
+def optimise(
+    level: Level,
+    params: AffineParameters,
+    function: Callable[..., torch.Tensor],
+    iterations: int,
+    radius: float,
+    progress: Progress | None = None,
+    budget: int | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[float, float]:
+    """Adam on ``params`` at one level; returns the loss before and after.
+
+    Step sizes follow the level: translations move about a fifth of a voxel per step, and
+    rotations and linear terms move points at ``radius`` mm from the centre as much. Above
+    ``budget`` voxels, each step reads a fresh random subset of that many.
+    """
+    generator = generator or torch.Generator().manual_seed(0)
+    step = 0.2 * float(np.mean(level.spacing))
+    groups = [
+        {"params": [params.translation], "lr": step},
+        {"params": [params.rotation], "lr": step / radius},
+    ]
+    if params.affine:
+        groups.append({"params": [params.linear], "lr": 0.5 * step / radius})
+    optimiser = torch.optim.Adam(groups)
+    base = [g["lr"] for g in optimiser.param_groups]
+    with torch.no_grad():
+        first = float(level_loss(level, params.homogeneous(), function))
+    for i in range(iterations):
+        decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / max(iterations, 1)))
+        for group, lr in zip(optimiser.param_groups, base, strict=True):
+            group["lr"] = lr * decay
+        optimiser.zero_grad(set_to_none=True)
+        index = level.sample_index(budget, generator)
+        loss = level_loss(level, params.homogeneous(), function, index)
+        loss.backward()
+        optimiser.step()
+        if progress is not None:
+            progress(1)
+    with torch.no_grad():
+        last = float(level_loss(level, params.homogeneous(), function))
+    return first, last

@@ -1,0 +1,315 @@
+"""Resolution levels of a registration: the fixed working grid and both images' features.
+
+A level is built once per spacing and then only *sampled* by the optimisers: the moving
+features are read at ``T(x)`` for the fixed working grid's physical points ``x``, through
+:meth:`Level.loss`, so the moving image is never resampled into fixed space.
+
+Coordinates follow :mod:`carctl.spatial.grid`: grids live in physical LPS mm; a level's
+fixed grid has the fixed image's direction, cropped to its foreground; the moving level grid
+has the *same direction* as the fixed grid (so that directional descriptors such as MIND-SSC
+mean the same thing in both images), covering the whole moving image.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from carctl.spatial.grid import Grid
+from carctl.spatial.points import interpolate
+from carctl.spatial.sample import warp
+
+# Intensities are scaled so that these percentiles map to 0 and 1.
+_PERCENTILES = (0.5, 99.5)
+# Foreground: voxels above this fraction of the normalised range (cropping only).
+_FOREGROUND = 0.05
+# Margin kept around the fixed foreground, in mm and as a fraction of its extent.
+_MARGIN_MM, _MARGIN_FRACTION = 8.0, 0.1
+
+
+def normalise(array: np.ndarray) -> np.ndarray:
+    """Robustly rescale intensities to ``[0, 1]`` (float32)."""
+    values = array.astype(np.float32, copy=False).ravel()
+    if values.size > (1 << 20):
+        values = values[:: values.size // (1 << 20)]
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return np.zeros(array.shape, np.float32)
+    low, high = np.percentile(finite, _PERCENTILES)
+    if high <= low:
+        high = low + 1.0
+    out = (np.nan_to_num(array.astype(np.float32)) - low) / (high - low)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def gaussian_blur(image: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
+    """Separable Gaussian blur of ``(N, C, *spatial)``; ``sigma`` in voxels, index order."""
+    d = image.dim() - 2
+    out = image
+    for axis, s in enumerate(sigma):
+        if s <= 0.1:
+            continue
+        dim = d + 1 - axis  # tensor dimension of index axis
+        n = out.shape[dim]
+        radius = min(int(math.ceil(3 * s)), n - 1)
+        if radius < 1:
+            continue
+        x = torch.arange(-radius, radius + 1, dtype=out.dtype, device=out.device)
+        kernel = torch.exp(-0.5 * (x / s) ** 2)
+        kernel = kernel / kernel.sum()
+        moved = out.movedim(dim, -1)
+        shape = moved.shape
+        flat = moved.reshape(-1, 1, n)
+        flat = F.conv1d(F.pad(flat, (radius, radius), mode="replicate"), kernel[None, None])
+        out = flat.reshape(shape).movedim(-1, dim)
+    return out
+
+
+def _resampled_grid(
+    direction: np.ndarray,
+    low: np.ndarray,
+    high: np.ndarray,
+    spacing: np.ndarray,
+) -> Grid:
+    """Grid of ``direction`` covering the box ``[low, high]`` (coordinates along the
+    direction's columns, mm) with about ``spacing`` per axis, centred on the box."""
+    extent = np.maximum(high - low, 0.0)
+    size = np.maximum(1, np.ceil(extent / spacing - 1e-6).astype(int) + 1)
+    centre = (low + high) / 2
+    origin = direction @ (centre - spacing * (size - 1) / 2)
+    return Grid(
+        tuple(int(s) for s in size),
+        tuple(float(s) for s in spacing),
+        tuple(float(o) for o in origin),
+        tuple(float(c) for c in direction.ravel()),
+    )
+
+
+def fixed_level_grid(grid: Grid, spacing: float, box: tuple[np.ndarray, np.ndarray]) -> Grid:
+    """The fixed working grid: ``grid``'s direction, the index ``box`` (inclusive corners),
+    voxels of ``spacing`` mm (never finer than the image's own)."""
+    step = np.maximum(np.asarray(grid.spacing), spacing)
+    low = np.asarray(box[0], float) * np.asarray(grid.spacing)
+    high = np.asarray(box[1], float) * np.asarray(grid.spacing)
+    # coordinates along the direction columns, relative to the origin
+    base = grid.direction_matrix.T @ np.asarray(grid.origin)
+    return _resampled_grid(grid.direction_matrix, base + low, base + high, step)
+
+
+def moving_level_grid(moving: Grid, direction: np.ndarray, spacing: np.ndarray) -> Grid:
+    """A grid of ``direction`` covering all of ``moving``, with voxels of about ``spacing``
+    (per axis of ``direction``, never finer than the moving image's own along that axis)."""
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in moving.size], indexing="ij"))
+    corners = corners.reshape(moving.ndim, -1).T
+    physical = corners @ moving.index_to_physical[:-1, :-1].T + moving.index_to_physical[:-1, -1]
+    along = physical @ direction  # coordinates along direction columns
+    # the moving axis closest to each axis of `direction` sets the finest useful spacing
+    cosines = np.abs(direction.T @ moving.direction_matrix)
+    own = np.asarray(moving.spacing)[cosines.argmax(axis=1)]
+    step = np.maximum(spacing, own)
+    return _resampled_grid(direction, along.min(axis=0), along.max(axis=0), step)
+
+
+def physical_to_normalised(grid: Grid) -> np.ndarray:
+    """Homogeneous matrix from physical points to ``grid_sample`` coordinates of ``grid``."""
+    d = grid.ndim
+    scale = np.eye(d + 1)
+    for axis, n in enumerate(grid.size):
+        scale[axis, axis] = 2.0 / max(n - 1, 1)
+        scale[axis, d] = -1.0
+    return scale @ grid.physical_to_index
+
+
+def smoothing_sigma(native: Sequence[float], target: Sequence[float] | float) -> list[float]:
+    """Gaussian sigma (voxels of ``native``) that band-limits an image before resampling it
+    from ``native`` to ``target`` spacing (mm)."""
+    target = np.broadcast_to(np.asarray(target, float), (len(native),))
+    out = []
+    for s, t in zip(native, target, strict=True):
+        out.append(0.5 * math.sqrt(max(t * t - s * s, 0.0)) / s)
+    return out
+
+
+def reduce(image: torch.Tensor, grid: Grid, spacing: float) -> tuple[torch.Tensor, Grid]:
+    """Average blocks of voxels (integer factors per axis) towards ``spacing`` mm: a cheap
+    first anti-aliasing step before :func:`gaussian_blur`. Returns the image and its grid."""
+    factors = [max(1, int(spacing / s / 1.5)) for s in grid.spacing]  # keep 1.5x for the blur
+    factors = [min(f, n) for f, n in zip(factors, grid.size, strict=True)]
+    if all(f == 1 for f in factors):
+        return image, grid
+    pool = F.avg_pool3d if grid.ndim == 3 else F.avg_pool2d
+    pooled = pool(image, tuple(reversed(factors)), ceil_mode=False)
+    size = tuple(n // f for n, f in zip(grid.size, factors, strict=True))
+    # a block's centre: the mean of its voxel indices
+    first = np.append((np.asarray(factors) - 1) / 2.0, 1.0)
+    origin = (grid.index_to_physical @ first)[:-1]
+    spacing_out = tuple(s * f for s, f in zip(grid.spacing, factors, strict=True))
+    return pooled, Grid(size, spacing_out, tuple(float(o) for o in origin), grid.direction)
+
+
+# Features are computed at this many times the level's resolution, then averaged down.
+OVERSAMPLE = 2
+
+
+def pool(image: torch.Tensor, grid: Grid, factors: Sequence[int]) -> tuple[torch.Tensor, Grid]:
+    """Average blocks of ``factors`` voxels (index order; axes shorter than theirs are kept)."""
+    factors = [f if n >= f else 1 for f, n in zip(factors, grid.size, strict=True)]
+    if all(f == 1 for f in factors):
+        return image, grid
+    p = F.avg_pool3d if grid.ndim == 3 else F.avg_pool2d
+    pooled = p(image, tuple(reversed(factors)))
+    size = tuple(n // f for n, f in zip(grid.size, factors, strict=True))
+    first = np.append((np.asarray(factors) - 1) / 2.0, 1.0)
+    origin = (grid.index_to_physical @ first)[:-1]
+    spacing_out = tuple(s * f for s, f in zip(grid.spacing, factors, strict=True))
+    return pooled, Grid(size, spacing_out, tuple(float(o) for o in origin), grid.direction)
+
+
+@dataclass(eq=False)
+class Level:
+    """Everything an optimiser needs at one spacing; see the module docstring."""
+
+    grid: Grid  # fixed working grid
+    fixed: torch.Tensor  # (1, C, *grid.shape) fixed features
+    weight: torch.Tensor | None  # (1, 1, *grid.shape) fixed mask, or None
+    moving_grid: Grid
+    moving: torch.Tensor  # (*moving_grid.shape, C + 1): features and support, channels last
+    fill: torch.Tensor | None  # (C,) features where the moving image is absent
+    points: torch.Tensor  # (*grid.shape, D) physical points of the working grid
+
+    @property
+    def ndim(self) -> int:
+        return self.grid.ndim
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        return self.grid.spacing
+
+    @property
+    def voxels(self) -> int:
+        return int(np.prod(self.grid.size))
+
+    def to_moving_index(self) -> np.ndarray:
+        """Homogeneous matrix from physical points to indices of the moving level grid."""
+        return self.moving_grid.physical_to_index
+
+    def sample_index(self, budget: int | None, generator: torch.Generator) -> torch.Tensor | None:
+        """Random voxel indices (with replacement) for one stochastic step, or None (all)
+        when the level has no more than ``budget`` voxels."""
+        if budget is None or self.voxels <= budget:
+            return None
+        index = torch.randint(self.voxels, (budget,), generator=generator)
+        return index.to(self.points.device)
+
+    def loss(
+        self,
+        function: Callable[..., torch.Tensor],
+        moving_index: torch.Tensor,
+        index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``function(fixed, moving, weight)`` with the moving features read at continuous
+        indices of the moving level grid: ``moving_index`` is ``(voxels, D)`` for every voxel
+        of the working grid (``index`` None) or ``(P, D)`` for the voxels ``index`` of the
+        flattened working grid.
+
+        The weight of a voxel is the fixed mask times the moving support, or the fixed mask
+        alone when the loss compares absent moving voxels with :attr:`fill`.
+        """
+        c = self.fixed.shape[1]
+        values = interpolate(self.moving, moving_index.reshape(-1, self.ndim))
+        features, support = values[:, :-1], values[:, -1:]
+        if self.fill is not None:
+            features = features + (1.0 - support) * self.fill
+        if index is None:  # back to images, for losses that look at neighbourhoods
+            shape = self.grid.shape
+            features = features.T.reshape(1, c, *shape)
+            support = support.T.reshape(1, 1, *shape)
+            fixed, weight = self.fixed, self.weight
+        else:
+            features = features.T[None]
+            support = support.T[None]
+            fixed = self.fixed.reshape(1, c, -1)[:, :, index]
+            weight = None if self.weight is None else self.weight.reshape(1, 1, -1)[:, :, index]
+        if self.fill is None:
+            weight = support if weight is None else support * weight
+        return function(fixed, features, weight)
+
+
+def foreground_box(image: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Inclusive index corners ``(i, j, k)`` of the foreground of a normalised ``image``
+    (or of ``mask``), widened by a margin; the whole image when nothing stands out."""
+    select = mask > 0 if mask is not None else image > _FOREGROUND
+    shape = np.asarray(image.shape[::-1])
+    if not select.any():
+        return np.zeros(len(shape)), shape - 1.0
+    where = np.nonzero(select)
+    low = np.array([w.min() for w in where[::-1]], float)
+    high = np.array([w.max() for w in where[::-1]], float)
+    return low, high
+
+
+def build_level(
+    fixed: np.ndarray,
+    fixed_grid: Grid,
+    moving: np.ndarray,
+    moving_grid: Grid,
+    spacing: float,
+    features: Callable[[torch.Tensor], torch.Tensor],
+    box: tuple[np.ndarray, np.ndarray],
+    fixed_mask: np.ndarray | None = None,
+    moving_mask: np.ndarray | None = None,
+    fills_outside: bool = False,
+    device: torch.device | str = "cpu",
+) -> Level:
+    """Resample both (normalised) images to ``spacing / OVERSAMPLE`` mm (never finer than
+    their own voxels), compute their ``features`` there and average them down to ``spacing``:
+    descriptors of the finer structure, compared at the level's spacing."""
+    fine = fixed_level_grid(fixed_grid, spacing / OVERSAMPLE, _widened(box, fixed_grid))
+    m_fine = moving_level_grid(moving_grid, fixed_grid.direction_matrix, np.asarray(fine.spacing))
+
+    def band_limited(array: np.ndarray, source: Grid, target: Grid) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
+        t, source = reduce(t.to(device), source, float(np.min(target.spacing)))
+        t = gaussian_blur(t, smoothing_sigma(source.spacing, float(np.min(target.spacing))))
+        return warp(t, source, target)
+
+    def factors(grid: Grid) -> list[int]:  # block sizes that bring `grid` to the level spacing
+        return [max(1, round(max(s, spacing) / s)) for s in grid.spacing]
+
+    f_factors, m_factors = factors(fine), factors(m_fine)
+    f_features, grid = pool(features(band_limited(fixed, fixed_grid, fine)), fine, f_factors)
+    m_features = features(band_limited(moving, moving_grid, m_fine))
+    m_features, m_grid = pool(m_features, m_fine, m_factors)
+    support = band_limited(np.ones(moving.shape, np.float32), moving_grid, m_fine)
+    if moving_mask is not None:
+        support = support * band_limited(moving_mask > 0, moving_grid, m_fine)
+    support, _ = pool(support, m_fine, m_factors)
+    weight = None
+    if fixed_mask is not None:
+        weight, _ = pool(band_limited(fixed_mask > 0, fixed_grid, fine), fine, f_factors)
+    fill = None
+    if fills_outside:
+        fill = m_features.mean(dim=tuple(range(2, m_features.dim())))[0]
+    table = torch.cat([m_features, support], dim=1)[0].movedim(0, -1).contiguous()
+    return Level(
+        grid=grid,
+        fixed=f_features,
+        weight=weight,
+        moving_grid=m_grid,
+        moving=table,
+        fill=fill,
+        points=grid.points(dtype=torch.float32, device=device),
+    )
+
+
+def _widened(box: tuple[np.ndarray, np.ndarray], grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    low, high = (np.asarray(b, float) for b in box)
+    spacing = np.asarray(grid.spacing)
+    margin = np.maximum(_MARGIN_MM / spacing, _MARGIN_FRACTION * (high - low))
+    upper = np.asarray(grid.size, float) - 1
+    return np.clip(low - margin, 0, upper), np.clip(high + margin, 0, upper)

@@ -1,0 +1,129 @@
+"""Deformable instance optimisation: Adam on a dense displacement (or velocity) field.
+
+The field ``u`` is a dense grid of displacements in physical mm on a *control grid*: the
+level's working grid with ``CONTROL_FACTOR`` times its spacing (a smooth parametrisation;
+between control points ``u`` is linearly interpolated). The full mapping is
+``T(x) = A(x + u(x))`` with the affine ``A`` fixed. With ``diffeomorphic`` the control grid
+holds a stationary velocity, integrated by scaling and squaring. Levels run coarse to fine;
+each starts from the previous level's field. Every step reads the moving features at a
+fresh random subset of the working grid's voxels (for losses that compare voxel by voxel).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from carctl.registration.levels import Level, physical_to_normalised
+from carctl.spatial.grid import Grid, apply_homogeneous
+from carctl.spatial.points import interpolate
+
+# Scaling and squaring steps of the velocity integration.
+SQUARINGS = 6
+# Control grid spacing in units of the level's spacing.
+CONTROL_FACTOR = 2.0
+
+
+def control_grid(grid: Grid, factor: float = CONTROL_FACTOR) -> Grid:
+    """``grid``'s box and direction with ``factor`` times its spacing (at least 2 points)."""
+    size = np.asarray(grid.size)
+    spacing = np.asarray(grid.spacing)
+    extent = (size - 1) * spacing
+    n = np.maximum(2, np.ceil(extent / (spacing * factor) - 1e-6).astype(int) + 1)
+    n = np.where(size == 1, 1, n)
+    step = np.where(n > 1, extent / np.maximum(n - 1, 1), spacing)
+    return Grid(
+        tuple(int(v) for v in n), tuple(float(v) for v in step), grid.origin, grid.direction
+    )
+
+
+def resample_field(field: torch.Tensor, source: Grid, target: Grid) -> torch.Tensor:
+    """A displacement field ``(1, D, *source.shape)`` (mm) read at ``target``'s points;
+    outside ``source`` the border value continues (the working grid is a crop)."""
+    points = target.points(dtype=torch.float32, device=field.device)
+    normalised = apply_homogeneous(physical_to_normalised(source), points)
+    return F.grid_sample(
+        field, normalised[None], mode="bilinear", padding_mode="border", align_corners=True
+    )
+
+
+def integrate(velocity: torch.Tensor, grid: Grid, steps: int = SQUARINGS) -> torch.Tensor:
+    """Scaling and squaring on ``grid``: ``exp(v)``'s displacement ``(*shape, D)`` (mm) for a
+    velocity ``(*shape, D)`` in mm (channels last)."""
+    d = grid.ndim
+    to_index = torch.as_tensor(grid.physical_to_index[:d, :d], dtype=velocity.dtype)
+    upper = torch.as_tensor([n - 1 for n in grid.size], dtype=velocity.dtype)
+    identity = torch.stack(
+        torch.meshgrid(*[torch.arange(n, dtype=velocity.dtype) for n in grid.size], indexing="ij"),
+        dim=-1,
+    )  # (i, j, k) order: (X, Y, Z, D); to array order:
+    identity = identity.permute(*reversed(range(d)), d).reshape(-1, d)
+    u = velocity.reshape(-1, d) / (2**steps)
+    for _ in range(steps):
+        where = (identity + u @ to_index.T).clamp(torch.zeros_like(upper), upper)
+        u = u + interpolate(u.reshape(velocity.shape), where)
+    return u.reshape(velocity.shape)
+
+
+def optimise_level(
+    level: Level,
+    affine: np.ndarray,
+    initial: torch.Tensor,
+    control: Grid,
+    function: Callable[..., torch.Tensor],
+    regulariser: Callable[..., torch.Tensor],
+    weight: float,
+    iterations: int,
+    diffeomorphic: bool,
+    step: float,
+    progress: Callable[[int], None] | None = None,
+    budget: int | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, float, float]:
+    """Adam from ``initial`` ``(*control.shape, D)`` (mm, channels last, a displacement or a
+    velocity); returns the optimised field and the loss before and after (similarity +
+    ``weight`` x regulariser of the displacement on the control grid). Above ``budget``
+    voxels each step reads a fresh random subset of them."""
+    generator = generator or torch.Generator().manual_seed(0)
+    d = level.ndim
+    total = torch.as_tensor(
+        level.to_moving_index() @ affine, dtype=torch.float32, device=level.points.device
+    )
+    points = level.points.reshape(-1, d)
+    base = points @ total[:d, :d].T + total[:d, d]  # moving index of x under A
+    linear = total[:d, :d]  # mm of displacement -> moving index
+    # where the working grid's voxels sit in the control grid
+    in_control = torch.as_tensor(control.physical_to_index, dtype=torch.float32)
+    control_index = points @ in_control[:d, :d].T + in_control[:d, d]
+    upper = torch.as_tensor([n - 1 for n in control.size], dtype=torch.float32)
+    control_index = control_index.clamp(torch.zeros_like(upper), upper)
+    parameter = initial.detach().clone().requires_grad_(True)
+    optimiser = torch.optim.Adam([parameter], lr=step)
+    spacing = control.spacing
+
+    def field() -> torch.Tensor:
+        return integrate(parameter, control) if diffeomorphic else parameter
+
+    def objective(index: torch.Tensor | None) -> torch.Tensor:
+        u = field()
+        where = control_index if index is None else control_index[index]
+        moved = (base if index is None else base[index]) + interpolate(u, where) @ linear.T
+        penalty = regulariser(u.movedim(-1, 0)[None], spacing)
+        return level.loss(function, moved, index) + weight * penalty
+
+    with torch.no_grad():
+        first = float(objective(None))
+    for i in range(iterations):
+        optimiser.param_groups[0]["lr"] = step * (0.2 + 0.8 * (1 - i / max(iterations, 1)))
+        optimiser.zero_grad(set_to_none=True)
+        loss = objective(level.sample_index(budget, generator))
+        loss.backward()
+        optimiser.step()
+        if progress is not None:
+            progress(1)
+    with torch.no_grad():
+        last = float(objective(None))
+    return parameter.detach(), first, last

@@ -1,0 +1,413 @@
+"""What ``carctl register`` runs: a sequence of stages over shared state, with reports.
+
+Stages: ``initialise`` (header, centres, rotation search), ``rigid``, ``affine`` and
+``deformable`` (instance optimisation). ``--method`` picks a prefix of this sequence through
+:data:`METHODS`; later stages (a network) slot in before ``deformable``.
+
+The result maps fixed to moving physical points: ``T(x) = A(x + u(x))``. It is returned as
+the affine ``A`` alone and as one displacement field on the fixed grid for the whole of ``T``
+(what ``--field`` writes, so that the field alone reproduces the warped image).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from carctl.config import RegistrationOptions
+from carctl.io import Image
+from carctl.losses import LOSSES, REGULARISERS, LossSpec, loss_spec
+from carctl.registration import affine as affine_stage
+from carctl.registration import initialise as init_stage
+from carctl.registration import optimize
+from carctl.registration.levels import Level, build_level, foreground_box, normalise
+from carctl.spatial.grid import Grid
+from carctl.spatial.transform import Affine, DisplacementField
+
+# Fixed-point iterations of the field inversion.
+INVERSE_ITERATIONS = 20
+# Default regularisation weight per loss (their scales differ).
+DEFAULT_REGULARIZATION = {"mind": 1.0, "mi": 0.5, "lncc": 1.0, "ncc": 1.0, "mse": 0.1}
+# Deformable iterations per level, coarse to fine.
+DEFAULT_ITERATIONS = (80, 60, 40)
+# Iterations of the rigid refinement of initial candidates, rigid and affine stages per level.
+INIT_ITERATIONS, RIGID_ITERATIONS, AFFINE_ITERATIONS = 30, 60, 60
+# Voxels read per stochastic step (losses that compare voxel by voxel).
+LINEAR_VOXELS, DEFORMABLE_VOXELS = 1 << 14, 1 << 16
+
+
+class Progress(Protocol):
+    def start(self, stage: str, total: int) -> None: ...
+
+    def advance(self, steps: int = 1) -> None: ...
+
+
+class _Silent:
+    def start(self, stage: str, total: int) -> None:
+        pass
+
+    def advance(self, steps: int = 1) -> None:
+        pass
+
+
+@dataclass
+class StageReport:
+    name: str
+    seconds: float
+    loss_before: float | None = None
+    loss_after: float | None = None
+    detail: dict = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class Registration:
+    """The answer: ``affine`` (ITK centre convention) and ``field`` = the whole mapping."""
+
+    affine: Affine
+    field: DisplacementField
+    stages: list[StageReport]
+    levels: list[dict]
+    # the deformable part u (on its control grid, (1, D, *shape) mm), None without one
+    displacement: tuple[Grid, torch.Tensor] | None = None
+
+    def inverse(self, grid: Grid, iterations: int = INVERSE_ITERATIONS) -> DisplacementField:
+        """The inverse mapping as a field on ``grid`` (the moving grid): moving -> fixed."""
+        return invert(grid, self.affine.homogeneous, self.displacement, iterations)
+
+
+@dataclass(eq=False)
+class _State:
+    fixed: Image
+    moving: Image
+    fixed_norm: np.ndarray
+    moving_norm: np.ndarray
+    fixed_mask: np.ndarray | None
+    moving_mask: np.ndarray | None
+    options: RegistrationOptions
+    spec: LossSpec
+    device: torch.device
+    box: tuple[np.ndarray, np.ndarray]
+    center: np.ndarray
+    radius: float
+    schedule: dict
+    affine: np.ndarray
+    displacement: tuple[Grid, torch.Tensor] | None = None
+    generator: torch.Generator = field(default_factory=torch.Generator)
+    _levels: dict = field(default_factory=dict)
+
+    def budget(self, voxels: int) -> int | None:
+        """Voxels per stochastic step for the chosen loss (None: every voxel)."""
+        return voxels if self.spec.pointwise else None
+
+    def level(self, spacing: float, loss: str | None = None) -> Level:
+        spec = loss_spec(loss) if loss else self.spec
+        key = (round(spacing, 6), spec.name)
+        if key not in self._levels:
+            self._levels[key] = build_level(
+                self.fixed_norm,
+                self.fixed.grid,
+                self.moving_norm,
+                self.moving.grid,
+                spacing,
+                spec.features,
+                self.box,
+                self.fixed_mask,
+                self.moving_mask,
+                spec.fills_outside,
+                self.device,
+            )
+        return self._levels[key]
+
+
+def _schedule(fixed: Grid, options: RegistrationOptions) -> dict:
+    """Level spacings (mm) of every stage, from the fixed image's size and spacing."""
+    spacing = np.asarray(fixed.spacing)
+    extent = float(((np.asarray(fixed.size) - 1) * spacing).max())
+    native = float(spacing.min())
+    finest = options.resolution or max(native, min(2.0, extent / 96))
+    coarse = max(native, extent / 40, finest)
+    deformable = [finest * 4, finest * 2, finest]
+    # keep levels with at least 12 voxels across the image
+    deformable = [s for s in deformable if extent / s >= 12] or [finest]
+    return {
+        "initialise": coarse,
+        "rigid": [coarse, max(coarse / 2, finest)],
+        "affine": [coarse, max(coarse / 2, finest)],
+        "deformable": deformable,
+    }
+
+
+def _stage_initialise(state: _State, progress: Progress) -> StageReport:
+    level = state.level(state.schedule["initialise"], "mind")
+    starts = init_stage.candidates(
+        state.fixed_norm, state.fixed.grid, state.moving_norm, state.moving.grid, state.center
+    )
+    refined = (init_stage.REFINED + 1) * INIT_ITERATIONS
+    progress.start("initialise", refined)
+    best, scored = init_stage.initialise(
+        level,
+        starts,
+        LOSSES["mind"].function,
+        state.center,
+        state.radius,
+        INIT_ITERATIONS,
+        progress.advance,
+        LINEAR_VOXELS,
+    )
+    header = next(s for s in scored if s.name == "header")
+    state.affine = best.matrix
+    return StageReport(
+        "initialise",
+        0.0,
+        header.score,
+        best.score,
+        {"start": best.name, "candidates": len(scored), "spacing_mm": level.spacing},
+    )
+
+
+def _linear_stage(name: str, affine: bool) -> Callable[[_State, Progress], StageReport]:
+    def run(state: _State, progress: Progress) -> StageReport:
+        spacings = state.schedule[name]
+        iterations = RIGID_ITERATIONS if not affine else AFFINE_ITERATIONS
+        progress.start(name, iterations * len(spacings))
+        first = last = None
+        for spacing in spacings:
+            level = state.level(spacing)
+            params = affine_stage.AffineParameters(state.affine, state.center, affine=affine)
+            before, after = affine_stage.optimise(
+                level,
+                params,
+                state.spec.function,
+                iterations,
+                state.radius,
+                progress.advance,
+                state.budget(LINEAR_VOXELS),
+                state.generator,
+            )
+            first = before if first is None else first
+            last = after
+            state.affine = params.homogeneous().detach().numpy()
+        return StageReport(name, 0.0, first, last, {"levels_mm": spacings})
+
+    return run
+
+
+def _stage_deformable(state: _State, progress: Progress) -> StageReport:
+    options = state.options
+    spacings = state.schedule["deformable"]
+    counts = (
+        [options.iterations] * len(spacings)
+        if options.iterations is not None
+        else list(DEFAULT_ITERATIONS[-len(spacings) :])
+    )
+    weight = (
+        options.regularization
+        if options.regularization is not None
+        else DEFAULT_REGULARIZATION[state.spec.name]
+    )
+    regulariser = REGULARISERS[options.regulariser]
+    progress.start("deformable", sum(counts))
+    u = None
+    grid = None
+    first = last = None
+    for spacing, iterations in zip(spacings, counts, strict=True):
+        level = state.level(spacing)
+        control = optimize.control_grid(level.grid)
+        if u is None:
+            u = torch.zeros((*control.shape, level.ndim), device=state.device)
+        else:
+            u = optimize.resample_field(u.movedim(-1, 0)[None], grid, control)[0].movedim(0, -1)
+        u, before, after = optimize.optimise_level(
+            level,
+            state.affine,
+            u.contiguous(),
+            control,
+            state.spec.function,
+            regulariser,
+            weight,
+            iterations,
+            options.diffeomorphic,
+            step=0.5 * float(np.mean(level.spacing)),
+            progress=progress.advance,
+            budget=state.budget(DEFORMABLE_VOXELS),
+            generator=state.generator,
+        )
+        grid = control
+        first = before if first is None else first
+        last = after
+    if options.diffeomorphic:
+        u = optimize.integrate(u, grid)
+    state.displacement = (grid, u.movedim(-1, 0)[None])
+    return StageReport(
+        "deformable",
+        0.0,
+        first,
+        last,
+        {"levels_mm": spacings, "iterations": counts, "regularization": weight},
+    )
+
+
+STAGES: dict[str, Callable[[_State, Progress], StageReport]] = {
+    "initialise": _stage_initialise,
+    "rigid": _linear_stage("rigid", affine=False),
+    "affine": _linear_stage("affine", affine=True),
+    "deformable": _stage_deformable,
+}
+
+METHODS: dict[str, tuple[str, ...]] = {
+    "auto": ("initialise", "rigid", "affine", "deformable"),
+    "io": ("initialise", "rigid", "affine", "deformable"),
+    "affine": ("initialise", "rigid", "affine"),
+    "rigid": ("initialise", "rigid"),
+}
+
+
+def register(
+    moving: Image,
+    fixed: Image,
+    options: RegistrationOptions | None = None,
+    fixed_mask: Image | None = None,
+    moving_mask: Image | None = None,
+    progress: Progress | None = None,
+) -> Registration:
+    """Align ``moving`` to ``fixed``; see the module docstring for what is returned."""
+
+    options = options or RegistrationOptions()
+    flushed = torch.set_flush_denormal(True)  # tiny floats would slow every step down
+    try:
+        return _register(moving, fixed, options, fixed_mask, moving_mask, progress)
+    finally:
+        if flushed:
+            torch.set_flush_denormal(False)
+
+
+def _register(
+    moving: Image,
+    fixed: Image,
+    options: RegistrationOptions,
+    fixed_mask: Image | None,
+    moving_mask: Image | None,
+    progress: Progress | None,
+) -> Registration:
+    from carctl.resample import resample_image
+
+    if options.method not in METHODS:
+        raise ValueError(f"unknown method {options.method!r}; choose from {', '.join(METHODS)}")
+    spec = loss_spec(options.loss)
+    if options.regulariser not in REGULARISERS:
+        raise ValueError(f"unknown regulariser {options.regulariser!r}")
+    if fixed.grid.ndim != moving.grid.ndim:
+        raise ValueError(
+            f"the moving image is {moving.grid.ndim}-D and the fixed {fixed.grid.ndim}-D"
+        )
+    progress = progress or _Silent()
+    torch.manual_seed(options.seed)
+    device = torch.device(options.device)
+
+    def mask_on(mask: Image | None, grid: Grid) -> np.ndarray | None:
+        if mask is None:
+            return None
+        if not mask.grid.same_as(grid):
+            mask = resample_image(mask, grid, interpolation="nearest")
+        return (mask.array > 0).astype(np.float32)
+
+    fixed_norm = normalise(fixed.array)
+    moving_norm = normalise(moving.array)
+    f_mask = mask_on(fixed_mask, fixed.grid)
+    m_mask = mask_on(moving_mask, moving.grid)
+    box = foreground_box(fixed_norm, f_mask)
+    selection = f_mask if f_mask is not None else (fixed_norm > 0.05).astype(np.float32)
+    center = init_stage.centre_of_mass(selection, fixed.grid)
+    extent = (np.asarray(box[1]) - np.asarray(box[0]) + 1) * np.asarray(fixed.grid.spacing)
+    radius = max(float(np.linalg.norm(extent)) / 2, 1.0)
+    state = _State(
+        fixed=fixed,
+        moving=moving,
+        fixed_norm=fixed_norm,
+        moving_norm=moving_norm,
+        fixed_mask=f_mask,
+        moving_mask=m_mask,
+        options=options,
+        spec=spec,
+        device=device,
+        box=box,
+        center=center,
+        radius=radius,
+        schedule=_schedule(fixed.grid, options),
+        affine=np.eye(fixed.grid.ndim + 1),
+    )
+    state.generator.manual_seed(options.seed)
+    reports = []
+    for name in METHODS[options.method]:
+        start = time.perf_counter()
+        report = STAGES[name](state, progress)
+        report.seconds = time.perf_counter() - start
+        reports.append(report)
+    start = time.perf_counter()
+    result_affine = Affine.from_homogeneous(state.affine, center)
+    whole = compose(fixed.grid, state.affine, state.displacement)
+    reports.append(StageReport("compose", time.perf_counter() - start))
+    levels = [
+        {"spacing_mm": list(level.spacing), "size": list(level.grid.size), "loss": key[1]}
+        for key, level in state._levels.items()
+    ]
+    return Registration(result_affine, whole, reports, levels, state.displacement)
+
+
+def compose(
+    grid: Grid, affine: np.ndarray, displacement: tuple[Grid, torch.Tensor] | None
+) -> DisplacementField:
+    """The field ``d(x) = A(x + u(x)) - x`` on ``grid`` (float32 mm)."""
+    d = grid.ndim
+    points = grid.points(dtype=torch.float64)
+    if displacement is not None:
+        source, u = displacement
+        sampled = optimize.resample_field(u.float().cpu(), source, grid)[0]
+        points_moved = points + sampled.movedim(0, -1).to(torch.float64)
+    else:
+        points_moved = points
+    m = torch.as_tensor(affine, dtype=torch.float64)
+    mapped = points_moved @ m[:d, :d].T + m[:d, d]
+    data = (mapped - points).movedim(-1, 0).to(torch.float32).contiguous()
+    return DisplacementField(grid, data)
+
+
+def invert(
+    grid: Grid,
+    affine: np.ndarray,
+    displacement: tuple[Grid, torch.Tensor] | None,
+    iterations: int = INVERSE_ITERATIONS,
+) -> DisplacementField:
+    """``T^-1`` for ``T(x) = A(x + u(x))`` as a field on ``grid``: for each point ``y``,
+    ``z = A^-1 y`` and ``x`` solves ``x + u(x) = z`` by the fixed-point iteration
+    ``x <- z - u(x)`` (converges where ``u`` is smooth, i.e. ``|grad u| < 1``)."""
+    d = grid.ndim
+    points = grid.points(dtype=torch.float64)
+    inverse = torch.as_tensor(np.linalg.inv(affine), dtype=torch.float64)
+    z = points @ inverse[:d, :d].T + inverse[:d, d]
+    x = z
+    if displacement is not None:
+        source, u = displacement
+        u = u.float().cpu()
+        to_norm = torch.as_tensor(optimize.physical_to_normalised(source), dtype=torch.float64)
+        flat = z.reshape(-1, d)
+        x = flat
+        for _ in range(iterations):
+            where = (x @ to_norm[:d, :d].T + to_norm[:d, d]).float()
+            shape = [1, -1] + [1] * (d - 1) + [d]
+            sampled = torch.nn.functional.grid_sample(
+                u,
+                where.reshape(shape),
+                mode="bilinear",
+                padding_mode="border",
+                align_corners=True,
+            )
+            x = flat - sampled.reshape(d, -1).T.to(torch.float64)
+        x = x.reshape(z.shape)
+    data = (x - points).movedim(-1, 0).to(torch.float32).contiguous()
+    return DisplacementField(grid, data)
