@@ -21,11 +21,12 @@ from carctl.registration.levels import Level
 from carctl.spatial.grid import Grid
 
 # Rotation angles (degrees) tried about each axis.
-ANGLES = (-30.0, -15.0, 0.0, 15.0, 30.0)
+ANGLES = (-20.0, 0.0, 20.0)
 # Starts refined by a short rigid optimisation (besides the header).
 REFINED = 3
-# Another start must end this much (relative) below the header to replace it.
-HEADER_MARGIN = 0.02
+# Another start must end this much (relative) below the header to replace it: the
+# similarity of a coarse level is noisy, and a scanner header is usually right.
+HEADER_MARGIN = 0.25
 # Voxels (a fixed random subset) on which every start is scored.
 SCORE_VOXELS = 1 << 13
 

@@ -278,6 +278,8 @@ def register(
     """Align ``moving`` to ``fixed``; see the module docstring for what is returned."""
 
     options = options or RegistrationOptions()
+    # numpy computes its float limits once; let it do so before denormals are flushed
+    np.finfo(np.float32), np.finfo(np.float64)
     flushed = torch.set_flush_denormal(True)  # tiny floats would slow every step down
     try:
         return _register(moving, fixed, options, fixed_mask, moving_mask, progress)
