@@ -131,7 +131,7 @@ def test_rigid_recovers_translation_and_rotation(phantom, loss):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="known defect (issue 3 open): on the 28^3 phantom the 20 deg / 20 mm start is not recovered to < 2 mm",
+    reason="issue 3 open: 20 deg / 20 mm start not recovered to < 2 mm",
 )
 def test_initialisation_recovers_large_offsets(phantom):
     """20 degrees and 20 mm: the rotation search and the centres find the basin."""
@@ -147,7 +147,7 @@ def test_initialisation_recovers_large_offsets(phantom):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="known defect (issue 3 open): on the 28^3 phantom a rotated start beats the correct header by the 25 % margin",
+    reason="issue 3 open: a rotated start beats the correct header by 25 %",
 )
 def test_good_header_is_kept(phantom):
     fixed = contrast(phantom)
@@ -240,7 +240,7 @@ def test_small_thin_and_anisotropic_images_do_not_crash(size, spacing):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="known defect or test construction error (issue 3 open): 55 mm error on a flipped moving grid, to investigate",
+    reason="issue 3 open: 55 mm error on a flipped moving grid (or a test error)",
 )
 def test_different_grids_and_orientations(phantom):
     """Moving in another orientation and spacing: the header mapping is kept exactly."""
