@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from carctl.io import Image
+from carctl.registration.initialise import about
 from carctl.spatial.grid import Grid
 from carctl.spatial.sample import warp
 from carctl.spatial.transform import DisplacementField
@@ -40,7 +41,7 @@ def smooth_field(
     # bicubic is 2-D only: smooth the coarse noise once, then interpolate linearly
     noise = F.avg_pool3d(noise, 3, 1, 1, count_include_pad=False) if grid.ndim == 3 else noise
     field = F.interpolate(noise, size=grid.shape, mode=mode, align_corners=True)[0]
-    # rotate the components from index axes to physical axes (a random field either way)
+    # the noise is isotropic, so its components serve as physical (x, y, z) ones as they are
     select = (
         torch.ones(grid.shape, dtype=torch.bool) if mask is None else torch.from_numpy(mask > 0)
     )
@@ -65,10 +66,7 @@ def rigid_matrix(
         rotation = np.array([[c, -s], [s, c]])
     direction = rng.normal(size=ndim)
     shift = translation_mm * direction / np.linalg.norm(direction)
-    m = np.eye(ndim + 1)
-    m[:ndim, :ndim] = rotation
-    m[:ndim, ndim] = center + shift - rotation @ center
-    return m
+    return about(rotation, center, shift)
 
 
 @dataclass(eq=False)

@@ -21,21 +21,13 @@ Progress = Callable[[int], None]
 
 
 def rotation_matrix(vector: torch.Tensor, ndim: int) -> torch.Tensor:
-    """Rotation from a rotation vector (3-D, radians) or an angle (2-D), differentiably."""
+    """Rotation from a rotation vector (3-D, radians) or an angle (2-D), differentiably:
+    the matrix exponential of the skew-symmetric matrix the vector stands for."""
+    pairs = [(0, 1)] if ndim == 2 else [(1, 2), (2, 0), (0, 1)]  # about x, y, z
     skew = vector.new_zeros(ndim, ndim)
-    if ndim == 2:
-        skew = skew + torch.stack(
-            [torch.stack([vector[0] * 0, -vector[0]]), torch.stack([vector[0], vector[0] * 0])]
-        )
-    else:
-        x, y, z = vector
-        zero = vector[0] * 0
-        skew = torch.stack(
-            [
-                torch.stack([zero, -z, y]),
-                torch.stack([z, zero, -x]),
-                torch.stack([-y, x, zero]),
-            ]
+    for value, (row, column) in zip(vector, pairs, strict=True):
+        skew = skew.index_put(
+            (torch.tensor([row, column]), torch.tensor([column, row])), torch.stack([-value, value])
         )
     return torch.linalg.matrix_exp(skew)
 

@@ -115,16 +115,6 @@ def moving_level_grid(moving: Grid, direction: np.ndarray, spacing: np.ndarray) 
     return _resampled_grid(direction, along.min(axis=0), along.max(axis=0), step)
 
 
-def physical_to_normalised(grid: Grid) -> np.ndarray:
-    """Homogeneous matrix from physical points to ``grid_sample`` coordinates of ``grid``."""
-    d = grid.ndim
-    scale = np.eye(d + 1)
-    for axis, n in enumerate(grid.size):
-        scale[axis, axis] = 2.0 / max(n - 1, 1)
-        scale[axis, d] = -1.0
-    return scale @ grid.physical_to_index
-
-
 def smoothing_sigma(native: Sequence[float], target: Sequence[float] | float) -> list[float]:
     """Gaussian sigma (voxels of ``native``) that band-limits an image before resampling it
     from ``native`` to ``target`` spacing (mm)."""
@@ -139,17 +129,7 @@ def reduce(image: torch.Tensor, grid: Grid, spacing: float) -> tuple[torch.Tenso
     """Average blocks of voxels (integer factors per axis) towards ``spacing`` mm: a cheap
     first anti-aliasing step before :func:`gaussian_blur`. Returns the image and its grid."""
     factors = [max(1, int(spacing / s / 1.5)) for s in grid.spacing]  # keep 1.5x for the blur
-    factors = [min(f, n) for f, n in zip(factors, grid.size, strict=True)]
-    if all(f == 1 for f in factors):
-        return image, grid
-    pool = F.avg_pool3d if grid.ndim == 3 else F.avg_pool2d
-    pooled = pool(image, tuple(reversed(factors)), ceil_mode=False)
-    size = tuple(n // f for n, f in zip(grid.size, factors, strict=True))
-    # a block's centre: the mean of its voxel indices
-    first = np.append((np.asarray(factors) - 1) / 2.0, 1.0)
-    origin = (grid.index_to_physical @ first)[:-1]
-    spacing_out = tuple(s * f for s, f in zip(grid.spacing, factors, strict=True))
-    return pooled, Grid(size, spacing_out, tuple(float(o) for o in origin), grid.direction)
+    return pool(image, grid, [min(f, n) for f, n in zip(factors, grid.size, strict=True)])
 
 
 # Features are computed at this many times the level's resolution, then averaged down.
@@ -240,10 +220,15 @@ class Level:
         return function(fixed, features, weight)
 
 
+def foreground(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Boolean foreground of a normalised ``image``: ``mask`` when given, else bright voxels."""
+    return mask > 0 if mask is not None else image > _FOREGROUND
+
+
 def foreground_box(image: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Inclusive index corners ``(i, j, k)`` of the foreground of a normalised ``image``
-    (or of ``mask``), widened by a margin; the whole image when nothing stands out."""
-    select = mask > 0 if mask is not None else image > _FOREGROUND
+    """Inclusive index corners ``(i, j, k)`` of :func:`foreground` (the whole image when
+    nothing stands out); :func:`build_level` widens it by a margin."""
+    select = foreground(image, mask)
     shape = np.asarray(image.shape[::-1])
     if not select.any():
         return np.zeros(len(shape)), shape - 1.0

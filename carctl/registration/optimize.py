@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from carctl.registration.levels import Level, physical_to_normalised
+from carctl.registration.levels import Level
 from carctl.spatial.grid import Grid, apply_homogeneous
 from carctl.spatial.points import interpolate
 
@@ -40,14 +40,25 @@ def control_grid(grid: Grid, factor: float = CONTROL_FACTOR) -> Grid:
     )
 
 
-def resample_field(field: torch.Tensor, source: Grid, target: Grid) -> torch.Tensor:
-    """A displacement field ``(1, D, *source.shape)`` (mm) read at ``target``'s points;
-    outside ``source`` the border value continues (the working grid is a crop)."""
-    points = target.points(dtype=torch.float32, device=field.device)
-    normalised = apply_homogeneous(physical_to_normalised(source), points)
-    return F.grid_sample(
-        field, normalised[None], mode="bilinear", padding_mode="border", align_corners=True
+def field_at(field: torch.Tensor, source: Grid, points: torch.Tensor) -> torch.Tensor:
+    """A displacement field ``(1, D, *source.shape)`` (mm) at physical ``points`` ``(..., D)``
+    -> ``(D, ...)``; outside ``source`` the border value continues (working grids are crops)."""
+    d = source.ndim
+    normalised = apply_homogeneous(source.physical_to_normalised, points.to(field.dtype))
+    values = F.grid_sample(
+        field,
+        normalised.reshape(1, -1, *([1] * (d - 1)), d),
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=True,
     )
+    return values.reshape(d, *points.shape[:-1])
+
+
+def resample_field(field: torch.Tensor, source: Grid, target: Grid) -> torch.Tensor:
+    """A displacement field ``(1, D, *source.shape)`` (mm) on ``target``'s points."""
+    points = target.points(dtype=torch.float32, device=field.device)
+    return field_at(field, source, points)[None]
 
 
 def integrate(velocity: torch.Tensor, grid: Grid, steps: int = SQUARINGS) -> torch.Tensor:

@@ -25,8 +25,14 @@ from carctl.losses import LOSSES, REGULARISERS, LossSpec, loss_spec
 from carctl.registration import affine as affine_stage
 from carctl.registration import initialise as init_stage
 from carctl.registration import optimize
-from carctl.registration.levels import Level, build_level, foreground_box, normalise
-from carctl.spatial.grid import Grid
+from carctl.registration.levels import (
+    Level,
+    build_level,
+    foreground,
+    foreground_box,
+    normalise,
+)
+from carctl.spatial.grid import Grid, apply_homogeneous
 from carctl.spatial.transform import Affine, DisplacementField
 
 # Fixed-point iterations of the field inversion.
@@ -323,8 +329,7 @@ def _register(
     f_mask = mask_on(fixed_mask, fixed.grid)
     m_mask = mask_on(moving_mask, moving.grid)
     box = foreground_box(fixed_norm, f_mask)
-    selection = f_mask if f_mask is not None else (fixed_norm > 0.05).astype(np.float32)
-    center = init_stage.centre_of_mass(selection, fixed.grid)
+    center = init_stage.centre_of_mass(foreground(fixed_norm, f_mask), fixed.grid)
     extent = (np.asarray(box[1]) - np.asarray(box[0]) + 1) * np.asarray(fixed.grid.spacing)
     radius = max(float(np.linalg.norm(extent)) / 2, 1.0)
     state = _State(
@@ -365,18 +370,13 @@ def compose(
     grid: Grid, affine: np.ndarray, displacement: tuple[Grid, torch.Tensor] | None
 ) -> DisplacementField:
     """The field ``d(x) = A(x + u(x)) - x`` on ``grid`` (float32 mm)."""
-    d = grid.ndim
     points = grid.points(dtype=torch.float64)
+    moved = points
     if displacement is not None:
         source, u = displacement
-        sampled = optimize.resample_field(u.float().cpu(), source, grid)[0]
-        points_moved = points + sampled.movedim(0, -1).to(torch.float64)
-    else:
-        points_moved = points
-    m = torch.as_tensor(affine, dtype=torch.float64)
-    mapped = points_moved @ m[:d, :d].T + m[:d, d]
-    data = (mapped - points).movedim(-1, 0).to(torch.float32).contiguous()
-    return DisplacementField(grid, data)
+        moved = points + optimize.field_at(u.float().cpu(), source, points).movedim(0, -1)
+    data = (apply_homogeneous(affine, moved) - points).movedim(-1, 0)
+    return DisplacementField(grid, data.to(torch.float32).contiguous())
 
 
 def invert(
@@ -388,28 +388,13 @@ def invert(
     """``T^-1`` for ``T(x) = A(x + u(x))`` as a field on ``grid``: for each point ``y``,
     ``z = A^-1 y`` and ``x`` solves ``x + u(x) = z`` by the fixed-point iteration
     ``x <- z - u(x)`` (converges where ``u`` is smooth, i.e. ``|grad u| < 1``)."""
-    d = grid.ndim
     points = grid.points(dtype=torch.float64)
-    inverse = torch.as_tensor(np.linalg.inv(affine), dtype=torch.float64)
-    z = points @ inverse[:d, :d].T + inverse[:d, d]
+    z = apply_homogeneous(np.linalg.inv(affine), points)
     x = z
     if displacement is not None:
         source, u = displacement
         u = u.float().cpu()
-        to_norm = torch.as_tensor(optimize.physical_to_normalised(source), dtype=torch.float64)
-        flat = z.reshape(-1, d)
-        x = flat
         for _ in range(iterations):
-            where = (x @ to_norm[:d, :d].T + to_norm[:d, d]).float()
-            shape = [1, -1] + [1] * (d - 1) + [d]
-            sampled = torch.nn.functional.grid_sample(
-                u,
-                where.reshape(shape),
-                mode="bilinear",
-                padding_mode="border",
-                align_corners=True,
-            )
-            x = flat - sampled.reshape(d, -1).T.to(torch.float64)
-        x = x.reshape(z.shape)
+            x = z - optimize.field_at(u, source, x).movedim(0, -1).to(torch.float64)
     data = (x - points).movedim(-1, 0).to(torch.float32).contiguous()
     return DisplacementField(grid, data)

@@ -11,6 +11,7 @@ import torch
 
 from carctl.config import RegistrationOptions
 from carctl.io import Image, read_image
+from carctl.registration import affine as affine_stage
 from carctl.registration import initialise, levels, optimize
 from carctl.registration.pipeline import compose, register
 from carctl.resample import resample_image
@@ -100,6 +101,21 @@ def test_pool_keeps_block_centres():
     # the first block's mean sits at the mean position of its voxels
     assert np.allclose(coarse.origin, (10.5, 1.0, -3.5))
     assert float(pooled[0, 0, 0, 0, 0]) == pytest.approx(float(image[0, 0, :2, :2, :2].mean()))
+
+
+def test_rotation_vector_matches_euler_rotations_about_one_axis():
+    for axis in range(3):
+        vector = torch.zeros(3, dtype=torch.float64)
+        vector[axis] = 0.3
+        angles = [0.0, 0.0, 0.0]
+        angles[axis] = float(np.degrees(0.3))
+        expected = initialise.euler_matrix(tuple(angles))
+        assert np.allclose(affine_stage.rotation_matrix(vector, 3).numpy(), expected)
+    angle = torch.tensor([0.3], dtype=torch.float64)
+    assert np.allclose(
+        affine_stage.rotation_matrix(angle, 2).numpy(),
+        initialise.euler_matrix((float(np.degrees(0.3)),)),
+    )
 
 
 def test_integrate_zero_and_small_velocity():
