@@ -1,8 +1,14 @@
-"""Settings of a registration, as frozen dataclasses (the CLI builds them from its options)."""
+"""Settings of a registration, as frozen dataclasses (the CLI builds them from its options).
+
+Settings check themselves when built, so that a bad value is refused before any image is
+read, whether it comes from the command line or from Python.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -16,5 +22,25 @@ class RegistrationOptions:
     regulariser: str = "diffusion"  # see carctl.losses.REGULARISERS
     iterations: int | None = None  # per deformable level
     resolution: float | None = None  # finest deformable spacing, mm
-    device: str = "cpu"
+    device: str = "cpu"  # or "cuda"; "auto" picks CUDA when there is one
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        from carctl.errors import UsageError
+        from carctl.losses import LOSSES, REGULARISERS
+        from carctl.registration.pipeline import METHODS
+
+        for option, value, choices in (
+            ("--method", self.method, METHODS),
+            ("--loss", self.loss, LOSSES),
+            ("regulariser", self.regulariser, REGULARISERS),
+            ("--device", self.device, DEVICES),
+        ):
+            if value not in choices:
+                raise UsageError(f"unknown {option} '{value}'; choose from {', '.join(choices)}")
+        if self.iterations is not None and self.iterations < 0:
+            raise UsageError("--iterations must be at least 0")
+        if self.resolution is not None and not self.resolution > 0:
+            raise UsageError("--resolution must be positive")
+        if self.regularization is not None and not self.regularization >= 0:
+            raise UsageError("--regularization must be at least 0")

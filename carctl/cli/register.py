@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from carctl.config import RegistrationOptions
 
 NAME = "register"
 
 
 def _default_names(moving: str) -> dict[str, str]:
-    name = Path(moving.split(":")[0] if not Path(moving).exists() else moving).name
-    for suffix in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".hdr", ".dcm"):
-        if name.lower().endswith(suffix):
-            name = name[: -len(suffix)]
-            break
-    stem = name or "moving"
+    """Output names from the moving image's: ``t1w.nii.gz`` -> ``t1w_warped.nii.gz``, ..."""
+    from carctl.io import image_suffix, split_volume
+
+    path, _ = split_volume(moving)
+    suffix = image_suffix(path)
+    stem = (path.name[: -len(suffix)] if suffix else path.name) or "moving"
     return {
         "warped": f"{stem}_warped.nii.gz",
         "field": f"{stem}_field.nii.gz",
@@ -115,16 +119,9 @@ def command(
         raise UsageError("--warped-labels needs --labels")
     if labels:
         outputs["warped_labels"] = warped_labels or str(out_dir / names["warped_labels"])
-    _check_choices(method, loss, device)
-    if json_out == "-":
-        quiet = True
-    summary = run(
-        moving,
-        fixed,
-        outputs,
-        labels=labels,
-        fixed_mask=fixed_mask,
-        moving_mask=moving_mask,
+    from carctl.config import RegistrationOptions
+
+    settings = RegistrationOptions(  # checks every value before any image is read
         method=method,
         loss=loss,
         diffeomorphic=diffeomorphic,
@@ -132,45 +129,48 @@ def command(
         iterations=iterations,
         resolution=resolution,
         device=device,
-        threads=threads,
         seed=seed,
+    )
+    if json_out == "-":
+        quiet = True
+    inputs = [i for i in (moving, fixed, labels, fixed_mask, moving_mask) if i]
+    if json_out not in (None, "-"):  # refused now rather than after the work
+        from carctl.io import check_output
+
+        check_output(json_out, force=force, inputs=inputs, extensions=(".json",))
+    summary = run(
+        moving,
+        fixed,
+        outputs,
+        settings,
+        inputs=inputs,
+        labels=labels,
+        fixed_mask=fixed_mask,
+        moving_mask=moving_mask,
+        threads=threads,
         quiet=quiet,
         force=force,
         started=start,
     )
     from carctl.cli.console import emit_json
 
-    inputs = [i for i in (moving, fixed, labels, fixed_mask, moving_mask) if i]
     emit_json(summary, json_out, force=force, inputs=inputs)
 
 
-def _check_choices(method: str, loss: str, device: str) -> None:
-    from carctl.errors import UsageError
-    from carctl.losses import LOSSES
-    from carctl.registration.pipeline import METHODS
-
-    if method not in METHODS:
-        raise UsageError(f"unknown --method '{method}'; choose from {', '.join(METHODS)}")
-    if loss not in LOSSES:
-        raise UsageError(f"unknown --loss '{loss}'; choose from {', '.join(LOSSES)}")
-    if device not in ("auto", "cpu", "cuda"):
-        raise UsageError(f"unknown --device '{device}'; choose from auto, cpu, cuda")
-
-
-def run(moving: str, fixed: str, outputs: dict[str, str], **options) -> dict:
+def run(
+    moving: str, fixed: str, outputs: dict[str, str], settings: RegistrationOptions, **options
+) -> dict:
     """Everything after parsing: read, register, write, summarise (returns the summary)."""
+    import dataclasses
     import time
 
-    import torch
-
     from carctl.cli.console import stderr
-    from carctl.config import RegistrationOptions
-    from carctl.errors import InputError, UsageError
+    from carctl.errors import InputError
     from carctl.io import IMAGE_EXTENSIONS, check_output, read_image, write_image
     from carctl.metrics import jacobian_summary
     from carctl.registration.pipeline import register
     from carctl.resample import resample_image
-    from carctl.runtime import set_threads
+    from carctl.runtime import resolve_device, set_threads
     from carctl.spatial.files import (
         AFFINE_EXTENSIONS,
         FIELD_EXTENSIONS,
@@ -179,22 +179,15 @@ def run(moving: str, fixed: str, outputs: dict[str, str], **options) -> dict:
     )
     from carctl.spatial.transform import jacobian_determinant
 
-    force = options["force"]
-    inputs = [
-        i
-        for i in (moving, fixed, options["labels"], options["fixed_mask"], options["moving_mask"])
-        if i
-    ]
+    force, inputs = options["force"], options["inputs"]
+    transforms = {"affine": AFFINE_EXTENSIONS, "field": FIELD_EXTENSIONS}
+    transforms["inverse_field"] = FIELD_EXTENSIONS
     for key, path in outputs.items():
-        extensions = {"affine": AFFINE_EXTENSIONS, "field": FIELD_EXTENSIONS}.get(key)
-        extensions = extensions or {"inverse_field": FIELD_EXTENSIONS}.get(key, IMAGE_EXTENSIONS)
-        check_output(path, force=force, inputs=inputs, extensions=extensions)
+        check_output(
+            path, force=force, inputs=inputs, extensions=transforms.get(key, IMAGE_EXTENSIONS)
+        )
     set_threads(options["threads"])
-    device = options["device"]
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
+    settings = dataclasses.replace(settings, device=resolve_device(settings.device))
 
     moving_image = read_image(moving)
     fixed_image = read_image(fixed)
@@ -209,23 +202,6 @@ def run(moving: str, fixed: str, outputs: dict[str, str], **options) -> dict:
     for name, mask in (("--fixed-mask", fixed_mask), ("--moving-mask", moving_mask)):
         if mask is not None and not (mask.array > 0).any():
             raise InputError(f"{name} is empty (no voxel above zero)")
-    settings = RegistrationOptions(
-        method=options["method"],
-        loss=options["loss"],
-        diffeomorphic=options["diffeomorphic"],
-        regularization=options["regularization"],
-        iterations=options["iterations"],
-        resolution=options["resolution"],
-        device=device,
-        seed=options["seed"],
-    )
-    if settings.iterations is not None and settings.iterations < 0:
-        raise UsageError("--iterations must be at least 0")
-    if settings.resolution is not None and not settings.resolution > 0:
-        raise UsageError("--resolution must be positive")
-    if settings.regularization is not None and settings.regularization < 0:
-        raise UsageError("--regularization must be at least 0")
-
     console = stderr()
     quiet = options["quiet"]
     if not quiet:
@@ -252,7 +228,7 @@ def run(moving: str, fixed: str, outputs: dict[str, str], **options) -> dict:
         "method": settings.method,
         "loss": settings.loss,
         "diffeomorphic": settings.diffeomorphic,
-        "device": device,
+        "device": settings.device,
         "seed": settings.seed,
         "initialisation": next(
             (s.detail.get("start") for s in result.stages if s.name == "initialise"), None
@@ -279,52 +255,41 @@ def run(moving: str, fixed: str, outputs: dict[str, str], **options) -> dict:
     return summary
 
 
-class _RichProgress:
-    def __init__(self, progress) -> None:
-        self._progress = progress
+class _StageBars:
+    """The pipeline's progress callback: one rich bar per stage."""
+
+    def __init__(self, bars) -> None:
+        self._bars = bars
         self._task = None
+        self._total = 0
 
     def start(self, stage: str, total: int) -> None:
-        if self._task is not None:
-            self._progress.update(self._task, completed=self._progress.tasks[-1].total)
-        self._task = self._progress.add_task(stage, total=max(total, 1))
+        self.finish()
+        self._total = max(total, 1)
+        self._task = self._bars.add_task(stage, total=self._total)
 
     def advance(self, steps: int = 1) -> None:
-        if self._task is not None:
-            self._progress.advance(self._task, steps)
+        self._bars.advance(self._task, steps)
 
-    def close(self) -> None:
-        if self._task is not None:
-            self._progress.update(self._task, completed=self._progress.tasks[-1].total)
+    def finish(self) -> None:
+        if self._task is not None:  # a stage may stop early (nothing left to do)
+            self._bars.update(self._task, completed=self._total)
 
 
-class _progress:
-    """A rich progress bar per stage (nothing when quiet)."""
+@contextlib.contextmanager
+def _progress(console, quiet: bool):
+    """A :class:`_StageBars` on ``console`` (None when quiet)."""
+    if quiet:
+        yield None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    def __init__(self, console, quiet: bool) -> None:
-        self._console, self._quiet = console, quiet
-
-    def __enter__(self):
-        if self._quiet:
-            return None
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self._bar = Progress(
-            TextColumn("{task.description:<11}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total}"),
-            TimeElapsedColumn(),
-            console=self._console,
-            transient=False,
-        )
-        self._bar.__enter__()
-        self._wrapper = _RichProgress(self._bar)
-        return self._wrapper
-
-    def __exit__(self, *exc) -> None:
-        if not self._quiet:
-            self._wrapper.close()
-            self._bar.__exit__(*exc)
+    columns = (TextColumn("{task.description:<11}"), BarColumn())
+    columns += (TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
+    with Progress(*columns, console=console) as bars:
+        stages = _StageBars(bars)
+        yield stages
+        stages.finish()
 
 
 def _show(summary: dict, console) -> None:

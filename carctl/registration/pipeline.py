@@ -32,6 +32,7 @@ from carctl.registration.levels import (
     foreground_box,
     normalise,
 )
+from carctl.runtime import resolve_device
 from carctl.spatial.grid import Grid, apply_homogeneous
 from carctl.spatial.transform import Affine, DisplacementField
 
@@ -304,18 +305,14 @@ def _register(
 ) -> Registration:
     from carctl.resample import resample_image
 
-    if options.method not in METHODS:
-        raise ValueError(f"unknown method {options.method!r}; choose from {', '.join(METHODS)}")
     spec = loss_spec(options.loss)
-    if options.regulariser not in REGULARISERS:
-        raise ValueError(f"unknown regulariser {options.regulariser!r}")
     if fixed.grid.ndim != moving.grid.ndim:
         raise ValueError(
             f"the moving image is {moving.grid.ndim}-D and the fixed {fixed.grid.ndim}-D"
         )
     progress = progress or _Silent()
     torch.manual_seed(options.seed)
-    device = torch.device(options.device)
+    device = torch.device(resolve_device(options.device))
 
     def mask_on(mask: Image | None, grid: Grid) -> np.ndarray | None:
         if mask is None:

@@ -375,3 +375,28 @@ def test_spine_t1_to_t2_cord_dice(shared_data, tmp_path, cli):
     warped = read_image(tmp_path / "t1w_warped_labels.nii.gz").array
     reference = read_image(folder / "t2_seg-manual.nii.gz").array
     assert dice((reference > 0).astype(np.uint8), (warped > 0).astype(np.uint8))[1] >= 0.90
+
+
+@pytest.mark.parametrize(
+    "settings, option",
+    [
+        ({"method": "net"}, "--method"),
+        ({"iterations": -1}, "--iterations"),
+        ({"resolution": 0.0}, "--resolution"),
+        ({"regularization": -1.0}, "--regularization"),
+        ({"device": "tpu"}, "--device"),
+    ],
+)
+def test_settings_refuse_bad_values(settings, option):
+    from carctl.errors import UsageError
+
+    with pytest.raises(UsageError, match=option):
+        RegistrationOptions(**settings)
+
+
+def test_default_output_names_follow_the_moving_image():
+    from carctl.cli.register import _default_names
+
+    assert _default_names("a/t1w.nii.gz")["warped"] == "t1w_warped.nii.gz"
+    assert _default_names("mr_labels/case0.nii.gz:0")["field"] == "case0_field.nii.gz"
+    assert _default_names("ct.mha")["affine"] == "ct_affine.mat"
