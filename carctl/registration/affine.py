@@ -70,8 +70,8 @@ def mapped(
 ) -> torch.Tensor:
     """Continuous indices in the moving level grid of the working grid's voxels (all, or the
     flattened ``index``) under an affine (physical ``(D+1, D+1)`` matrix)."""
-    to_norm = torch.as_tensor(level.to_moving_index(), dtype=torch.float64)
-    total = (to_norm.to(homogeneous.device) @ homogeneous).to(level.points.dtype)
+    to_index = torch.as_tensor(level.moving_grid.physical_to_index, device=homogeneous.device)
+    total = (to_index @ homogeneous).to(level.points.dtype)
     d = level.ndim
     points = level.points.reshape(-1, d)
     points = points if index is None else points[index]

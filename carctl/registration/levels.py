@@ -174,10 +174,6 @@ class Level:
     def voxels(self) -> int:
         return int(np.prod(self.grid.size))
 
-    def to_moving_index(self) -> np.ndarray:
-        """Homogeneous matrix from physical points to indices of the moving level grid."""
-        return self.moving_grid.physical_to_index
-
     def sample_index(self, budget: int | None, generator: torch.Generator) -> torch.Tensor | None:
         """Random voxel indices (with replacement) for one stochastic step, or None (all)
         when the level has no more than ``budget`` voxels."""

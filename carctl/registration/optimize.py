@@ -11,6 +11,7 @@ fresh random subset of the working grid's voxels (for losses that compare voxel 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -61,17 +62,20 @@ def resample_field(field: torch.Tensor, source: Grid, target: Grid) -> torch.Ten
     return field_at(field, source, points)[None]
 
 
+@functools.lru_cache(maxsize=8)
+def _voxel_indices(size: tuple[int, ...]) -> torch.Tensor:
+    """Index ``(i, j, k)`` of every voxel, in array (``(Z, Y, X)``) order: ``(voxels, D)``."""
+    axes = [torch.arange(n, dtype=torch.float32) for n in reversed(size)]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij")[::-1], dim=-1).reshape(-1, len(size))
+
+
 def integrate(velocity: torch.Tensor, grid: Grid, steps: int = SQUARINGS) -> torch.Tensor:
     """Scaling and squaring on ``grid``: ``exp(v)``'s displacement ``(*shape, D)`` (mm) for a
     velocity ``(*shape, D)`` in mm (channels last)."""
     d = grid.ndim
-    to_index = torch.as_tensor(grid.physical_to_index[:d, :d], dtype=velocity.dtype)
-    upper = torch.as_tensor([n - 1 for n in grid.size], dtype=velocity.dtype)
-    identity = torch.stack(
-        torch.meshgrid(*[torch.arange(n, dtype=velocity.dtype) for n in grid.size], indexing="ij"),
-        dim=-1,
-    )  # (i, j, k) order: (X, Y, Z, D); to array order:
-    identity = identity.permute(*reversed(range(d)), d).reshape(-1, d)
+    to_index = torch.as_tensor(grid.physical_to_index[:d, :d]).to(velocity)
+    upper = torch.as_tensor([n - 1 for n in grid.size]).to(velocity)
+    identity = _voxel_indices(grid.size).to(velocity)
     u = velocity.reshape(-1, d) / (2**steps)
     for _ in range(steps):
         where = (identity + u @ to_index.T).clamp(torch.zeros_like(upper), upper)
@@ -101,15 +105,16 @@ def optimise_level(
     generator = generator or torch.Generator().manual_seed(0)
     d = level.ndim
     total = torch.as_tensor(
-        level.to_moving_index() @ affine, dtype=torch.float32, device=level.points.device
+        level.moving_grid.physical_to_index @ affine,
+        dtype=torch.float32,
+        device=level.points.device,
     )
     points = level.points.reshape(-1, d)
     base = points @ total[:d, :d].T + total[:d, d]  # moving index of x under A
     linear = total[:d, :d]  # mm of displacement -> moving index
     # where the working grid's voxels sit in the control grid
-    in_control = torch.as_tensor(control.physical_to_index, dtype=torch.float32)
-    control_index = points @ in_control[:d, :d].T + in_control[:d, d]
-    upper = torch.as_tensor([n - 1 for n in control.size], dtype=torch.float32)
+    control_index = apply_homogeneous(control.physical_to_index, points)
+    upper = torch.as_tensor([n - 1 for n in control.size]).to(points)
     control_index = control_index.clamp(torch.zeros_like(upper), upper)
     parameter = initial.detach().clone().requires_grad_(True)
     optimiser = torch.optim.Adam([parameter], lr=step)
