@@ -274,17 +274,22 @@ def prostate_pairs(data: Path) -> list[PairSpec]:
             reader = sitk.ImageFileReader()
             reader.SetFileName(str(mr))
             reader.ReadImageInformation()
-            channels = reader.GetSize()[3]
+            size = reader.GetSize()  # 4-D: gland and landmarks; 3-D: gland alone
+            channels = size[3] if len(size) == 4 else 1
+
+            def volume(path: Path, c: int) -> str:
+                return f"{path}:{c}" if len(size) == 4 else str(path)
+
             names = [MAIN] + [f"landmark{c}" for c in range(1, channels)]
             return Pair(
                 name,
                 folder / "mr_images" / case,
                 folder / "us_images" / case,
                 {
-                    n: write_labels(f"{mr}:{c}", work / f"mr_{n}.nii.gz")
+                    n: write_labels(volume(mr, c), work / f"mr_{n}.nii.gz")
                     for c, n in enumerate(names)
                 },
-                {n: label_array(f"{us}:{c}") for c, n in enumerate(names)},
+                {n: label_array(volume(us, c)) for c, n in enumerate(names)},
             )
 
         return PairSpec(name, build)

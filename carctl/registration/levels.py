@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from carctl.spatial.grid import Grid
+from carctl.spatial.grid import Grid, apply_homogeneous
 from carctl.spatial.points import interpolate
 from carctl.spatial.sample import warp
 
@@ -101,10 +101,17 @@ def fixed_level_grid(grid: Grid, spacing: float, box: tuple[np.ndarray, np.ndarr
     return _resampled_grid(grid.direction_matrix, base + low, base + high, step)
 
 
-def moving_level_grid(moving: Grid, direction: np.ndarray, spacing: np.ndarray) -> Grid:
-    """A grid of ``direction`` covering all of ``moving``, with voxels of about ``spacing``
-    (per axis of ``direction``, never finer than the moving image's own along that axis)."""
-    corners = np.array(np.meshgrid(*[[0, n - 1] for n in moving.size], indexing="ij"))
+def moving_level_grid(
+    moving: Grid,
+    direction: np.ndarray,
+    spacing: np.ndarray,
+    box: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Grid:
+    """A grid of ``direction`` covering ``moving`` (or only its index ``box``, inclusive
+    corners), with voxels of about ``spacing`` (per axis of ``direction``, never finer than
+    the moving image's own along that axis)."""
+    low, high = box if box is not None else (np.zeros(moving.ndim), np.asarray(moving.size) - 1)
+    corners = np.array(np.meshgrid(*zip(low, high, strict=True), indexing="ij"))
     corners = corners.reshape(moving.ndim, -1).T
     physical = corners @ moving.index_to_physical[:-1, :-1].T + moving.index_to_physical[:-1, -1]
     along = physical @ direction  # coordinates along direction columns
@@ -246,12 +253,19 @@ def build_level(
     moving_mask: np.ndarray | None = None,
     fills_outside: bool = False,
     device: torch.device | str = "cpu",
+    moving_box: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Level:
     """Resample both (normalised) images to ``spacing / OVERSAMPLE`` mm (never finer than
     their own voxels), compute their ``features`` there and average them down to ``spacing``:
-    descriptors of the finer structure, compared at the level's spacing."""
+    descriptors of the finer structure, compared at the level's spacing.
+
+    The fixed working grid covers ``box`` and the moving one ``moving_box`` (index corners,
+    the whole moving image when None), each widened by a margin; beyond them the moving
+    image counts as absent."""
     fine = fixed_level_grid(fixed_grid, spacing / OVERSAMPLE, _widened(box, fixed_grid))
-    m_fine = moving_level_grid(moving_grid, fixed_grid.direction_matrix, np.asarray(fine.spacing))
+    m_box = None if moving_box is None else _widened(moving_box, moving_grid)
+    direction = fixed_grid.direction_matrix
+    m_fine = moving_level_grid(moving_grid, direction, np.asarray(fine.spacing), m_box)
 
     def band_limited(array: np.ndarray, source: Grid, target: Grid) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
@@ -266,10 +280,10 @@ def build_level(
     f_features, grid = pool(features(band_limited(fixed, fixed_grid, fine)), fine, f_factors)
     m_features = features(band_limited(moving, moving_grid, m_fine))
     m_features, m_grid = pool(m_features, m_fine, m_factors)
-    support = band_limited(np.ones(moving.shape, np.float32), moving_grid, m_fine)
+    support = inside(moving_grid, m_grid).to(device)
     if moving_mask is not None:
-        support = support * band_limited(moving_mask > 0, moving_grid, m_fine)
-    support, _ = pool(support, m_fine, m_factors)
+        mask, _ = pool(band_limited(moving_mask > 0, moving_grid, m_fine), m_fine, m_factors)
+        support = support * mask
     weight = None
     if fixed_mask is not None:
         weight, _ = pool(band_limited(fixed_mask > 0, fixed_grid, fine), fine, f_factors)
@@ -286,6 +300,16 @@ def build_level(
         fill=fill,
         points=grid.points(dtype=torch.float32, device=device),
     )
+
+
+def inside(image: Grid, grid: Grid) -> torch.Tensor:
+    """How much of each voxel of ``grid`` lies in ``image`` ``(1, 1, *grid.shape)``: 1 inside,
+    falling linearly to 0 one voxel beyond the edge (what linear interpolation of ones with
+    zeros outside gives)."""
+    index = apply_homogeneous(image.physical_to_index, grid.points(dtype=torch.float64))
+    upper = torch.as_tensor([n - 1 for n in image.size], dtype=index.dtype)
+    beyond = torch.maximum(-index, index - upper).clamp_min(0.0)
+    return (1.0 - beyond).clamp_min(0.0).prod(dim=-1).float()[None, None]
 
 
 def _widened(box: tuple[np.ndarray, np.ndarray], grid: Grid) -> tuple[np.ndarray, np.ndarray]:

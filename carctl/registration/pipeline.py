@@ -39,13 +39,13 @@ from carctl.spatial.transform import Affine, DisplacementField
 # Fixed-point iterations of the field inversion.
 INVERSE_ITERATIONS = 20
 # Default regularisation weight per loss (their scales differ).
-DEFAULT_REGULARIZATION = {"mind": 1.0, "mi": 0.5, "lncc": 1.0, "ncc": 1.0, "mse": 0.1}
+DEFAULT_REGULARIZATION = {"mind": 0.2, "mi": 0.5, "lncc": 1.0, "ncc": 1.0, "mse": 0.1}
 # Deformable iterations per level, coarse to fine.
 DEFAULT_ITERATIONS = (80, 60, 40)
 # Iterations of the rigid refinement of initial candidates, rigid and affine stages per level.
-INIT_ITERATIONS, RIGID_ITERATIONS, AFFINE_ITERATIONS = 30, 60, 60
+INIT_ITERATIONS, RIGID_ITERATIONS, AFFINE_ITERATIONS = 20, 60, 60
 # Voxels read per stochastic step (losses that compare voxel by voxel).
-LINEAR_VOXELS, DEFORMABLE_VOXELS = 1 << 14, 1 << 16
+INIT_VOXELS, LINEAR_VOXELS, DEFORMABLE_VOXELS = 1 << 13, 1 << 13, 1 << 15
 
 
 class Progress(Protocol):
@@ -99,6 +99,7 @@ class _State:
     spec: LossSpec
     device: torch.device
     box: tuple[np.ndarray, np.ndarray]
+    moving_box: tuple[np.ndarray, np.ndarray]
     center: np.ndarray
     radius: float
     schedule: dict
@@ -127,24 +128,28 @@ class _State:
                 self.moving_mask,
                 spec.fills_outside,
                 self.device,
+                self.moving_box,
             )
         return self._levels[key]
 
 
 def _schedule(fixed: Grid, options: RegistrationOptions) -> dict:
-    """Level spacings (mm) of every stage, from the fixed image's size and spacing."""
+    """Level spacings (mm) of every stage, from the fixed image's size and spacing. The
+    linear stages use levels of the deformable pyramid, so each level is built once."""
     spacing = np.asarray(fixed.spacing)
     extent = float(((np.asarray(fixed.size) - 1) * spacing).max())
     native = float(spacing.min())
     finest = options.resolution or max(native, min(2.0, extent / 96))
-    coarse = max(native, extent / 40, finest)
     deformable = [finest * 4, finest * 2, finest]
     # keep levels with at least 12 voxels across the image
     deformable = [s for s in deformable if extent / s >= 12] or [finest]
+    # the linear stages start at 40 or more voxels across and refine once
+    coarse = max((s for s in deformable if s <= extent / 40), default=deformable[-1])
+    linear = [coarse, deformable[min(deformable.index(coarse) + 1, len(deformable) - 1)]]
     return {
         "initialise": coarse,
-        "rigid": [coarse, max(coarse / 2, finest)],
-        "affine": [coarse, max(coarse / 2, finest)],
+        "rigid": sorted(set(linear), reverse=True),
+        "affine": sorted(set(linear), reverse=True),
         "deformable": deformable,
     }
 
@@ -164,7 +169,7 @@ def _stage_initialise(state: _State, progress: Progress) -> StageReport:
         state.radius,
         INIT_ITERATIONS,
         progress.advance,
-        LINEAR_VOXELS,
+        INIT_VOXELS,
     )
     header = next(s for s in scored if s.name == "header")
     state.affine = best.matrix
@@ -340,6 +345,7 @@ def _register(
         spec=spec,
         device=device,
         box=box,
+        moving_box=foreground_box(moving_norm, m_mask),
         center=center,
         radius=radius,
         schedule=_schedule(fixed.grid, options),

@@ -10,79 +10,74 @@ outside contributes zero, like ``grid_sample(padding_mode="zeros", align_corners
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 
 
-def _corners(index: torch.Tensor, shape: tuple[int, ...]):
-    """For every neighbour corner: flat voxel offset, inside mask, and per-axis weights."""
-    d = index.shape[-1]
+def _corners(index: torch.Tensor, shape: tuple[int, ...], derivative: bool):
+    """The ``2^D`` neighbours of every point: flat voxel offsets ``(P, 2^D)``, weights
+    ``(P, 2^D)`` (zero for neighbours outside the table) and, with ``derivative``, the
+    weights' derivatives along each index axis ``(P, 2^D, D)``."""
+    p, d = index.shape
     sizes = list(reversed(shape))  # index order (i, j, k)
     low = index.floor()
     frac = index - low
     low = low.long()
-    strides = [1]
-    for n in sizes[:-1]:
-        strides.append(strides[-1] * n)
-    out = []
-    for corner in itertools.product((0, 1), repeat=d):
-        flat = torch.zeros_like(low[:, 0])
-        inside = torch.ones_like(low[:, 0], dtype=torch.bool)
-        weights = []
-        for axis in range(d):
-            position = low[:, axis] + corner[axis]
-            inside &= (position >= 0) & (position < sizes[axis])
-            flat += position.clamp(0, sizes[axis] - 1) * strides[axis]
-            weights.append(frac[:, axis] if corner[axis] else 1 - frac[:, axis])
-        out.append((corner, flat, inside, weights))
-    return out
+    sign = torch.tensor([-1.0, 1.0], dtype=index.dtype, device=index.device)
+    stride = 1
+    offsets, weights, slopes = [], [], []
+    for axis in range(d):  # per axis: the lower and the upper neighbour
+        pair = torch.stack([low[:, axis], low[:, axis] + 1], dim=1)  # (P, 2)
+        inside = ((pair >= 0) & (pair < sizes[axis])).to(index.dtype)
+        f = frac[:, axis : axis + 1]
+        offsets.append(pair.clamp(0, sizes[axis] - 1) * stride)
+        weights.append(torch.cat([1 - f, f], dim=1) * inside)
+        slopes.append(inside * sign)
+        stride *= sizes[axis]
+
+    def outer(factors: list[torch.Tensor], op) -> torch.Tensor:
+        # D factors (P, 2) -> (P, 2, ..., 2) -> (P, 2^D)
+        out = factors[0]
+        for f in factors[1:]:
+            out = op(out[..., None], f.reshape(p, *([1] * (out.dim() - 1)), 2))
+        return out.reshape(p, -1)
+
+    flat = outer(offsets, torch.add)
+    weight = outer(weights, torch.mul)
+    slope = None
+    if derivative:
+        slope = torch.stack(
+            [outer(weights[:a] + [slopes[a]] + weights[a + 1 :], torch.mul) for a in range(d)],
+            dim=-1,
+        )
+    return flat, weight, slope
 
 
 class _Interpolate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, table: torch.Tensor, index: torch.Tensor, shape: tuple[int, ...]):
-        d = index.shape[-1]
         flat_table = table.reshape(-1, table.shape[-1])
-        corners = _corners(index.to(flat_table.dtype), shape)
-        values = flat_table.new_zeros(index.shape[0], flat_table.shape[1])
         need_index = ctx.needs_input_grad[1]
-        derivative = [torch.zeros_like(values) for _ in range(d)] if need_index else None
-        saved_flat, saved_weight = [], []
-        for corner, flat, inside, weights in corners:
-            v = flat_table.index_select(0, flat) * inside[:, None]
-            w = torch.stack(weights).prod(dim=0)
-            values += w[:, None] * v
-            saved_flat.append(flat)
-            saved_weight.append(w * inside)
-            if need_index:
-                for axis in range(d):
-                    dw = torch.ones_like(w)
-                    for b in range(d):
-                        if b != axis:
-                            dw = dw * weights[b]
-                    sign = 1.0 if corner[axis] else -1.0
-                    derivative[axis] += (sign * dw)[:, None] * v
+        flat, weight, slope = _corners(index.to(flat_table.dtype), shape, need_index)
+        corners = flat_table.index_select(0, flat.reshape(-1)).reshape(*flat.shape, -1)
+        values = torch.bmm(weight[:, None, :], corners)[:, 0]  # (P, C)
+        # d values / d index (P, C, D)
+        derivative = torch.bmm(corners.transpose(1, 2), slope) if need_index else torch.empty(0)
         ctx.shape = table.shape
-        ctx.save_for_backward(
-            torch.stack(saved_flat),
-            torch.stack(saved_weight),
-            torch.stack(derivative, dim=-1) if need_index else torch.empty(0),
-        )
+        ctx.save_for_backward(flat, weight, derivative)
         return values
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        flats, weights, derivative = ctx.saved_tensors
+        flat, weight, derivative = ctx.saved_tensors
         grad_table = grad_index = None
         if ctx.needs_input_grad[0]:
             c = grad.shape[1]
             grad_table = grad.new_zeros(int(torch.tensor(ctx.shape[:-1]).prod()), c)
-            for flat, w in zip(flats, weights, strict=True):
-                grad_table.index_add_(0, flat, w[:, None] * grad)
+            spread = weight[:, :, None] * grad[:, None, :]  # (P, 2^D, C)
+            grad_table.index_add_(0, flat.reshape(-1), spread.reshape(-1, c))
             grad_table = grad_table.reshape(ctx.shape)
         if ctx.needs_input_grad[1]:
-            grad_index = (grad[:, :, None] * derivative).sum(dim=1)
+            grad_index = torch.bmm(grad[:, None, :], derivative)[:, 0]
         return grad_table, grad_index, None
 
 

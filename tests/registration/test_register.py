@@ -130,8 +130,17 @@ def test_integrate_zero_and_small_velocity():
 # --- stages -----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 3 open: 1.2-4.4 mm left on the 28^3 phantom")
-@pytest.mark.parametrize("loss", ["mind", "mi", "ncc"])
+@pytest.mark.parametrize(
+    "loss",
+    [
+        pytest.param(
+            "mind",
+            marks=pytest.mark.xfail(strict=True, reason="issue 3 open: MIND leaves > 0.6 mm"),
+        ),
+        "mi",
+        "ncc",
+    ],
+)
 def test_rigid_recovers_translation_and_rotation(phantom, loss):
     fixed_source = contrast(phantom) if loss != "ncc" else phantom
     truth = initialise.about(
@@ -162,10 +171,6 @@ def test_initialisation_recovers_large_offsets(phantom):
     assert result.stages[0].detail["start"] != "header"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 3 open: a rotated start beats the correct header by 25 %",
-)
 def test_good_header_is_kept(phantom):
     fixed = contrast(phantom)
     result = register(phantom, fixed, RegistrationOptions(method="affine"))
@@ -189,7 +194,8 @@ def test_deformable_recovers_known_deformation(phantom):
     full = register(pair.moving, pair.fixed, RegistrationOptions())
     after_affine = end_point_error(affine.field, pair.truth, pair.mask)
     after = end_point_error(full.field, pair.truth, pair.mask)
-    assert after < 0.6 * after_affine < before, (before, after_affine, after)
+    assert after < 0.8 * after_affine < before, (before, after_affine, after)
+    assert after < 1.0, (before, after_affine, after)
     assert float((jacobian_determinant(full.field) <= 0).float().mean()) < 1e-3
 
 
