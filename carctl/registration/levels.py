@@ -7,7 +7,8 @@ features are read at ``T(x)`` for the fixed working grid's physical points ``x``
 Coordinates follow :mod:`carctl.spatial.grid`: grids live in physical LPS mm; a level's
 fixed grid has the fixed image's direction, cropped to its foreground; the moving level grid
 has the *same direction* as the fixed grid (so that directional descriptors such as MIND-SSC
-mean the same thing in both images), covering the whole moving image.
+mean the same thing in both images), covering the moving image's foreground. Both crops keep
+a margin.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from carctl.spatial.sample import warp
 _PERCENTILES = (0.5, 99.5)
 # Foreground: voxels above this fraction of the normalised range (cropping only).
 _FOREGROUND = 0.05
-# Margin kept around the fixed foreground, in mm and as a fraction of its extent.
+# Margin kept around each image's foreground, in mm and as a fraction of its extent.
 _MARGIN_MM, _MARGIN_FRACTION = 8.0, 0.1
 
 

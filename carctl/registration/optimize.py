@@ -83,6 +83,24 @@ def integrate(velocity: torch.Tensor, grid: Grid, steps: int = SQUARINGS) -> tor
     return u.reshape(velocity.shape)
 
 
+def similarity(
+    level: Level,
+    affine: np.ndarray,
+    displacement: tuple[Grid, torch.Tensor] | None,
+    function: Callable[..., torch.Tensor],
+) -> float:
+    """The similarity loss at every voxel of ``level`` for the mapping ``A(x + u(x))``
+    (``displacement`` = ``(grid, u)`` with ``u`` ``(1, D, *grid.shape)`` mm, or None)."""
+    d = level.ndim
+    points = level.points.reshape(-1, d)
+    with torch.no_grad():
+        if displacement is not None:
+            grid, u = displacement
+            points = points + field_at(u.to(points), grid, points).T
+        total = torch.as_tensor(level.moving_grid.physical_to_index @ affine).to(points)
+        return float(level.loss(function, points @ total[:d, :d].T + total[:d, d]))
+
+
 def optimise_level(
     level: Level,
     affine: np.ndarray,

@@ -261,23 +261,18 @@ def test_small_thin_and_anisotropic_images_do_not_crash(size, spacing):
     assert torch.isfinite(result.field.data).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 3 open: 55 mm error on a flipped moving grid (or a test error)",
-)
 def test_different_grids_and_orientations(phantom):
     """Moving in another orientation and spacing: the header mapping is kept exactly."""
-    source = phantom.to_sitk()
+    # index axes along +z, -y and -x, 2 mm voxels, covering the phantom's 0-67.5 mm box
     flipped = sitk.Resample(
-        source,
-        phantom.grid.size[::-1],
+        phantom.to_sitk(),
+        (36, 36, 36),
         sitk.Transform(),
         sitk.sitkLinear,
-        (50.0, 70.0, 60.0),
+        (69.0, 69.0, -1.0),
         (2.0, 2.0, 2.0),
         tuple(np.array([[0, 0, -1], [0, -1, 0], [1, 0, 0]], float).ravel()),
     )
-    flipped.SetOrigin(flipped.TransformIndexToPhysicalPoint((0, 0, 0)))
     moving = Image.from_sitk(flipped)
     fixed = contrast(resample_image(moving, phantom.grid))
     result = register(moving, fixed, RegistrationOptions(method="rigid"))
@@ -287,9 +282,6 @@ def test_different_grids_and_orientations(phantom):
 # --- command line -----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, reason="known defect (issue 3 open): the affine stage shrinks the phantom by 5-8 %"
-)
 def test_cli_writes_ants_readable_outputs(tmp_path, cli, phantom):
     truth = initialise.about(rotation(0.0, 0.05, 0.0), centre(phantom), np.array([3.0, 0.0, -2.0]))
     fixed = moved(contrast(phantom), truth)
@@ -331,16 +323,29 @@ def test_cli_writes_ants_readable_outputs(tmp_path, cli, phantom):
         "deformable",
     ]
     assert summary["folding_percent"] < 0.1
+    for stage in summary["stages"][1:4]:  # measured at one level each, so they compare
+        assert stage["loss_after"] < stage["loss_before"], stage
+    assert len(summary["stages"][3]["level_losses"]) == len(summary["stages"][3]["levels_mm"])
     # the field alone reproduces the warped image, through SimpleITK as ANTs would read it
     field = sitk.ReadImage(str(out / "moving_field.nii.gz"), sitk.sitkVectorFloat64)
     transform = sitk.DisplacementFieldTransform(field)
     by_itk = sitk.Resample(phantom.to_sitk(), fixed.to_sitk(), transform, sitk.sitkLinear, 0.0)
     warped = read_image(out / "moving_warped.nii.gz")
     assert np.abs(sitk.GetArrayFromImage(by_itk) - warped.array).max() < 1e-2 * warped.array.max()
-    # and the affine file is a valid ITK affine close to the truth's linear part
+    # and the affine file is a valid ITK affine near the truth's linear part (see below)
     affine = read_affine(out / "moving_affine.mat")
-    assert np.allclose(affine.homogeneous[:3, :3], truth[:3, :3], atol=0.03)
+    assert np.allclose(affine.homogeneous[:3, :3], truth[:3, :3], atol=0.1)
     assert read_field(out / "inverse.nii.gz").grid.same_as(phantom.grid)
+
+
+@pytest.mark.xfail(
+    strict=True, reason="known defect (issue 3 open): the affine stage shrinks the phantom by 2-4 %"
+)
+def test_affine_stage_keeps_the_scale(phantom):
+    truth = initialise.about(rotation(0.0, 0.05, 0.0), centre(phantom), np.array([3.0, 0.0, -2.0]))
+    fixed = moved(contrast(phantom), truth)
+    result = register(phantom, fixed, RegistrationOptions(method="affine"))
+    assert np.allclose(result.affine.homogeneous[:3, :3], truth[:3, :3], atol=0.03)
 
 
 def test_cli_json_to_stdout_and_refusals(tmp_path, cli, phantom):
