@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from carctl.registration.adam import Adam
 from carctl.registration.levels import Level
 
 Progress = Callable[[int], None]
@@ -105,25 +106,19 @@ def optimise(
     """
     generator = generator or torch.Generator().manual_seed(0)
     step = 0.2 * float(np.mean(level.spacing))
-    groups = [
-        {"params": [params.translation], "lr": step},
-        {"params": [params.rotation], "lr": step / radius},
-    ]
+    groups = [(params.translation, step), (params.rotation, step / radius)]
     if params.affine:
-        groups.append({"params": [params.linear], "lr": 0.5 * step / radius})
-    optimiser = torch.optim.Adam(groups)
-    base = [g["lr"] for g in optimiser.param_groups]
+        groups.append((params.linear, 0.5 * step / radius))
+    optimiser = Adam([p for p, _ in groups], [lr for _, lr in groups])
     with torch.no_grad():
         first = float(level_loss(level, params.homogeneous(), function))
     for i in range(iterations):
         decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / max(iterations, 1)))
-        for group, lr in zip(optimiser.param_groups, base, strict=True):
-            group["lr"] = lr * decay
-        optimiser.zero_grad(set_to_none=True)
+        optimiser.zero_grad()
         index = level.sample_index(budget, generator)
         loss = level_loss(level, params.homogeneous(), function, index)
         loss.backward()
-        optimiser.step()
+        optimiser.step(decay)
         if progress is not None:
             progress(1)
     with torch.no_grad():

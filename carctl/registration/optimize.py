@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from carctl.registration.adam import Adam
 from carctl.registration.levels import Level
 from carctl.spatial.grid import Grid, apply_homogeneous
 from carctl.spatial.points import interpolate
@@ -135,7 +136,7 @@ def optimise_level(
     upper = torch.as_tensor([n - 1 for n in control.size]).to(points)
     control_index = control_index.clamp(torch.zeros_like(upper), upper)
     parameter = initial.detach().clone().requires_grad_(True)
-    optimiser = torch.optim.Adam([parameter], lr=step)
+    optimiser = Adam([parameter], [step])
     spacing = control.spacing
 
     def field() -> torch.Tensor:
@@ -151,11 +152,10 @@ def optimise_level(
     with torch.no_grad():
         first = float(objective(None))
     for i in range(iterations):
-        optimiser.param_groups[0]["lr"] = step * (0.2 + 0.8 * (1 - i / max(iterations, 1)))
-        optimiser.zero_grad(set_to_none=True)
+        optimiser.zero_grad()
         loss = objective(level.sample_index(budget, generator))
         loss.backward()
-        optimiser.step()
+        optimiser.step(0.2 + 0.8 * (1 - i / max(iterations, 1)))
         if progress is not None:
             progress(1)
     with torch.no_grad():

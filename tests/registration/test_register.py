@@ -411,3 +411,25 @@ def test_default_output_names_follow_the_moving_image():
     assert _default_names("a/t1w.nii.gz")["warped"] == "t1w_warped.nii.gz"
     assert _default_names("mr_labels/case0.nii.gz:0")["field"] == "case0_field.nii.gz"
     assert _default_names("ct.mha")["affine"] == "ct_affine.mat"
+
+
+def test_adam_matches_torch_and_skips_frozen_parameters():
+    from carctl.registration.adam import Adam
+
+    target = torch.tensor([1.0, -2.0, 3.0])
+    mine = torch.zeros(3, requires_grad=True)
+    theirs = torch.zeros(3, requires_grad=True)
+    frozen = torch.ones(2, requires_grad=True)
+    ours = Adam([mine, frozen], [0.1, 0.1])
+    reference = torch.optim.Adam([theirs], lr=0.1)
+    for i in range(20):
+        scale = 1.0 - i / 40
+        for p in (mine, theirs):
+            ((p - target) ** 2).sum().backward()
+        ours.step(scale)
+        reference.param_groups[0]["lr"] = 0.1 * scale
+        reference.step()
+        ours.zero_grad()
+        reference.zero_grad()
+    assert torch.allclose(mine, theirs, atol=1e-6)
+    assert torch.equal(frozen, torch.ones(2))  # no gradient: unchanged
