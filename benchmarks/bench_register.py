@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-FIELD, WARPED = "field.nii.gz", "warped.nii.gz"
+FIELD, WARPED = "field.nii", "warped.nii.gz"
 MAIN = "main"  # the label map whose mean Dice is reported; other label maps are landmarks
 
 

@@ -42,7 +42,7 @@ def command(
     files = demo_files()
     outputs = {
         "warped": str(out_dir / "t1w_in_t2.nii.gz"),
-        "field": str(out_dir / "t1w_to_t2_field.nii.gz"),
+        "field": str(out_dir / "t1w_to_t2_field.nii"),
         "affine": str(out_dir / "t1w_to_t2_affine.mat"),
         "warped_labels": str(out_dir / "t1w_cord_in_t2.nii.gz"),
     }
@@ -79,5 +79,5 @@ def command(
     console.print(
         f"Spinal-cord Dice {before:.3f} through the headers, {report['dice_mean']:.3f} after "
         f"carctl register. Outputs in {out_dir}/ - open t1w_in_t2.nii.gz over the T2 in any "
-        "viewer, or apply t1w_to_t2_field.nii.gz with antsApplyTransforms."
+        "viewer, or apply t1w_to_t2_field.nii with antsApplyTransforms."
     )

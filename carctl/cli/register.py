@@ -23,7 +23,7 @@ def _default_names(moving: str) -> dict[str, str]:
     stem = (path.name[: -len(suffix)] if suffix else path.name) or "moving"
     return {
         "warped": f"{stem}_warped.nii.gz",
-        "field": f"{stem}_field.nii.gz",
+        "field": f"{stem}_field.nii",  # floats barely compress; gzip costs seconds
         "affine": f"{stem}_affine.mat",
         "warped_labels": f"{stem}_warped_labels.nii.gz",
     }

@@ -70,9 +70,10 @@ def _voxel_indices(size: tuple[int, ...]) -> torch.Tensor:
     return torch.stack(torch.meshgrid(*axes, indexing="ij")[::-1], dim=-1).reshape(-1, len(size))
 
 
-def integrate(velocity: torch.Tensor, grid: Grid, steps: int = SQUARINGS) -> torch.Tensor:
+def integrate(velocity: torch.Tensor, grid: Grid, steps: int | None = None) -> torch.Tensor:
     """Scaling and squaring on ``grid``: ``exp(v)``'s displacement ``(*shape, D)`` (mm) for a
     velocity ``(*shape, D)`` in mm (channels last)."""
+    steps = SQUARINGS if steps is None else steps
     d = grid.ndim
     to_index = torch.as_tensor(grid.physical_to_index[:d, :d]).to(velocity)
     upper = torch.as_tensor([n - 1 for n in grid.size]).to(velocity)

@@ -377,7 +377,7 @@ def test_demo_runs_on_the_bundled_pair(cli, tmp_path):
         "t1w_cord_in_t2.nii.gz",
         "t1w_in_t2.nii.gz",
         "t1w_to_t2_affine.mat",
-        "t1w_to_t2_field.nii.gz",
+        "t1w_to_t2_field.nii",
     ]
     report = json.loads((out / "evaluation.json").read_text())
     assert report["dice_header"] == pytest.approx(0.85, abs=0.01)

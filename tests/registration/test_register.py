@@ -308,7 +308,7 @@ def test_cli_writes_ants_readable_outputs(tmp_path, cli, phantom):
     assert result.code == 0, result.err
     for name in (
         "moving_warped.nii.gz",
-        "moving_field.nii.gz",
+        "moving_field.nii",
         "moving_affine.mat",
         "moving_warped_labels.nii.gz",
         "inverse.nii.gz",
@@ -327,7 +327,7 @@ def test_cli_writes_ants_readable_outputs(tmp_path, cli, phantom):
         assert stage["loss_after"] < stage["loss_before"], stage
     assert len(summary["stages"][3]["level_losses"]) == len(summary["stages"][3]["levels_mm"])
     # the field alone reproduces the warped image, through SimpleITK as ANTs would read it
-    field = sitk.ReadImage(str(out / "moving_field.nii.gz"), sitk.sitkVectorFloat64)
+    field = sitk.ReadImage(str(out / "moving_field.nii"), sitk.sitkVectorFloat64)
     transform = sitk.DisplacementFieldTransform(field)
     by_itk = sitk.Resample(phantom.to_sitk(), fixed.to_sitk(), transform, sitk.sitkLinear, 0.0)
     warped = read_image(out / "moving_warped.nii.gz")
@@ -409,7 +409,7 @@ def test_default_output_names_follow_the_moving_image():
     from carctl.cli.register import _default_names
 
     assert _default_names("a/t1w.nii.gz")["warped"] == "t1w_warped.nii.gz"
-    assert _default_names("mr_labels/case0.nii.gz:0")["field"] == "case0_field.nii.gz"
+    assert _default_names("mr_labels/case0.nii.gz:0")["field"] == "case0_field.nii"
     assert _default_names("ct.mha")["affine"] == "ct_affine.mat"
 
 
