@@ -40,6 +40,9 @@ from carctl.spatial.transform import Affine, DisplacementField
 INVERSE_ITERATIONS = 20
 # Default regularisation weight per loss (their scales differ).
 DEFAULT_REGULARIZATION = {"mind": 0.2, "mi": 0.5, "lncc": 1.0, "ncc": 1.0, "mse": 0.1}
+# The finest level has 2 mm voxels, or this many voxels across a small image (never finer
+# than the image's own).
+FINEST_VOXELS = 96
 # Deformable iterations per level, coarse to fine.
 DEFAULT_ITERATIONS = (80, 60, 40)
 # Iterations of the rigid refinement of initial candidates, rigid and affine stages per level.
@@ -143,7 +146,7 @@ def _schedule(fixed: Grid, options: RegistrationOptions) -> dict:
     spacing = np.asarray(fixed.spacing)
     extent = float(((np.asarray(fixed.size) - 1) * spacing).max())
     native = float(spacing.min())
-    finest = options.resolution or max(native, min(2.0, extent / 96))
+    finest = options.resolution or max(native, min(2.0, extent / FINEST_VOXELS))
     deformable = [finest * 4, finest * 2, finest]
     # keep levels with at least 12 voxels across the image
     deformable = [s for s in deformable if extent / s >= 12] or [finest]
