@@ -433,3 +433,14 @@ def test_adam_matches_torch_and_skips_frozen_parameters():
         reference.zero_grad()
     assert torch.allclose(mine, theirs, atol=1e-6)
     assert torch.equal(frozen, torch.ones(2))  # no gradient: unchanged
+
+
+@pytest.mark.gpu
+def test_register_on_cuda_agrees_with_cpu(phantom):
+    pair = known_pair(contrast(phantom), phantom, phantom.array > 0, rms_mm=3.0, degrees=3, seed=3)
+    errors = []
+    for device in ("cpu", "cuda"):
+        result = register(pair.moving, pair.fixed, RegistrationOptions(device=device))
+        assert result.field.data.device.type == "cpu"  # results come back to the host
+        errors.append(end_point_error(result.field, pair.truth, pair.mask))
+    assert errors[1] < 1.0 and abs(errors[1] - errors[0]) < 0.3, errors
