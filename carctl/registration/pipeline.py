@@ -68,8 +68,8 @@ class _Silent:
 @dataclass
 class StageReport:
     """One stage's time and similarity loss before and after it, both measured at the stage's
-    first (coarsest) level so that they compare (initialise: MIND scores of the header and
-    the chosen start)."""
+    last (finest) level so that they compare (initialise: MIND scores of the header and the
+    chosen start)."""
 
     name: str
     seconds: float
@@ -212,7 +212,7 @@ def _linear_stage(name: str, affine: bool) -> Callable[[_State, Progress], Stage
                 )
             )
             state.affine = params.homogeneous().detach().numpy()
-        before, after = _stage_losses(state, spacings[0], start, None)
+        before, after = _stage_losses(state, spacings[-1], start, None)
         detail = {"levels_mm": spacings, "level_losses": [list(pair) for pair in losses]}
         return StageReport(name, 0.0, before, after, detail)
 
@@ -225,7 +225,7 @@ def _stage_losses(
     start: np.ndarray,
     displacement: tuple[Grid, torch.Tensor] | None,
 ) -> tuple[float, float]:
-    """A stage's similarity before and after it, both at its first (coarsest) level: the
+    """A stage's similarity before and after it, both at its last (finest) level: the
     affine ``start`` alone, then the current affine with ``displacement``."""
     level = state.level(spacing)
     function = state.spec.function
@@ -278,7 +278,7 @@ def _stage_deformable(state: _State, progress: Progress) -> StageReport:
     if options.diffeomorphic:
         u = optimize.integrate(u, grid)
     state.displacement = (grid, u.movedim(-1, 0)[None])
-    before, after = _stage_losses(state, spacings[0], state.affine, state.displacement)
+    before, after = _stage_losses(state, spacings[-1], state.affine, state.displacement)
     return StageReport(
         "deformable",
         0.0,
