@@ -39,7 +39,7 @@ from carctl.spatial.transform import Affine, DisplacementField
 # Fixed-point iterations of the field inversion.
 INVERSE_ITERATIONS = 20
 # Default regularisation weight per loss (their scales differ).
-DEFAULT_REGULARIZATION = {"mind": 0.2, "mi": 0.5, "lncc": 1.0, "ncc": 1.0, "mse": 0.1}
+DEFAULT_REGULARIZATION = {"mind": 0.2, "mi": 10.0, "lncc": 1.0, "ncc": 1.0, "mse": 0.1}
 # The finest level has 2 mm voxels, or this many voxels across a small image (never finer
 # than the image's own).
 FINEST_VOXELS = 96
