@@ -92,7 +92,7 @@ def run_carctl(case: dict, out: Path, threads: int) -> Clock:
     set_threads(threads)
     moving, fixed = read_image(case["moving"]), read_image(case["fixed"])
     with Clock() as clock:
-        result = register(moving, fixed, RegistrationOptions())
+        result = register(moving, fixed, RegistrationOptions(loss=case["carctl_loss"]))
     write_field(result.field, out / FIELD)
     write_image(resample_image(moving, fixed.grid, [result.field]), out / WARPED)
     for name, path in case["labels"].items():
@@ -607,6 +607,7 @@ def main() -> None:
     parser.add_argument("--prostate-cases", type=int, help="at most this many prostate cases")
     parser.add_argument("--quick", action="store_true", help="spine and one prostate case only")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--carctl-loss", default="mind", help="carctl's --loss (default mind)")
     parser.add_argument("--seed", type=int, default=0, help="of the known deformations")
     parser.add_argument("--timeout", type=float, default=3600.0, help="per method and pair (s)")
     parser.add_argument("--json", type=Path, help="also write every number to this file")
@@ -637,6 +638,7 @@ def main() -> None:
             case_file = work / "case.json"
             labels = {name: str(path) for name, path in pair.moving_labels.items()}
             case = {"moving": str(pair.moving), "fixed": str(pair.fixed), "labels": labels}
+            case["carctl_loss"] = args.carctl_loss
             case_file.write_text(json.dumps(case, indent=1))
             rows = [score_header(pair)]
             print(table_row(rows[0]), flush=True)
