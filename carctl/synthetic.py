@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from carctl.io import Image
+from carctl.registration.affine import rotation_matrix
 from carctl.registration.initialise import about
-from carctl.spatial.grid import Grid
+from carctl.spatial.grid import Grid, apply_homogeneous
 from carctl.spatial.sample import warp
 from carctl.spatial.transform import DisplacementField
 
@@ -55,15 +56,9 @@ def rigid_matrix(
     """Homogeneous rotation by ``degrees`` about a random axis through ``center`` followed by
     a translation of ``translation_mm`` in a random direction."""
     rng = np.random.default_rng(seed)
-    angle = np.radians(degrees)
-    if ndim == 3:
-        axis = rng.normal(size=3)
-        axis /= np.linalg.norm(axis)
-        k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-        rotation = np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
-    else:
-        c, s = np.cos(angle), np.sin(angle)
-        rotation = np.array([[c, -s], [s, c]])
+    axis = rng.normal(size=3) if ndim == 3 else np.ones(1)
+    vector = np.radians(degrees) * axis / np.linalg.norm(axis)  # rotation vector (2-D: angle)
+    rotation = rotation_matrix(torch.as_tensor(vector), ndim).numpy()
     direction = rng.normal(size=ndim)
     shift = translation_mm * direction / np.linalg.norm(direction)
     return about(rotation, center, shift)
@@ -92,9 +87,8 @@ def known_pair(
     points = grid.points()
     select = torch.from_numpy(mask > 0)
     center = points[select].mean(dim=0).numpy()
-    rigid = torch.as_tensor(rigid_matrix(grid.ndim, degrees, translation_mm, center, seed))
-    d = grid.ndim
-    mapped = (points + u.movedim(0, -1)) @ rigid[:d, :d].T + rigid[:d, d]
+    rigid = rigid_matrix(grid.ndim, degrees, translation_mm, center, seed)
+    mapped = apply_homogeneous(rigid, points + u.movedim(0, -1))
     truth = DisplacementField(grid, (mapped - points).movedim(-1, 0).contiguous())
     fixed = warp(a.tensor(torch.float32), grid, grid, [truth])[0, 0].numpy()
     warped_mask = warp(

@@ -123,18 +123,15 @@ def intensity(image: torch.Tensor) -> torch.Tensor:
 # --- losses -----------------------------------------------------------------------------------
 
 
-def mind_loss(
-    fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Mean squared difference of MIND-SSC descriptors (from :func:`mind_ssc`)."""
-    return weighted_mean((fixed - moving).square(), weight)
-
-
 def mse_loss(
     fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Mean squared intensity difference (same modality)."""
+    """Mean squared difference of the features (intensities: same modality)."""
     return weighted_mean((fixed - moving).square(), weight)
+
+
+# MIND's loss is the mean squared difference of MIND-SSC descriptors (:func:`mind_ssc`).
+mind_loss = mse_loss
 
 
 def ncc_loss(

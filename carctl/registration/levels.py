@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from carctl.spatial.grid import Grid, apply_homogeneous
+from carctl.spatial.grid import Grid
 from carctl.spatial.points import interpolate
 from carctl.spatial.sample import warp
 
@@ -307,7 +307,7 @@ def inside(image: Grid, grid: Grid) -> torch.Tensor:
     """How much of each voxel of ``grid`` lies in ``image`` ``(1, 1, *grid.shape)``: 1 inside,
     falling linearly to 0 one voxel beyond the edge (what linear interpolation of ones with
     zeros outside gives)."""
-    index = apply_homogeneous(image.physical_to_index, grid.points(dtype=torch.float64))
+    index = image.to_index(grid.points(dtype=torch.float64))
     upper = torch.as_tensor([n - 1 for n in image.size], dtype=index.dtype)
     beyond = torch.maximum(-index, index - upper).clamp_min(0.0)
     return (1.0 - beyond).clamp_min(0.0).prod(dim=-1).float()[None, None]

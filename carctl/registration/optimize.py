@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from carctl.registration.adam import Adam
 from carctl.registration.levels import Level
-from carctl.spatial.grid import Grid, apply_homogeneous
+from carctl.spatial.grid import Grid
 from carctl.spatial.points import interpolate
 
 # Scaling and squaring steps of the velocity integration.
@@ -46,7 +46,7 @@ def field_at(field: torch.Tensor, source: Grid, points: torch.Tensor) -> torch.T
     """A displacement field ``(1, D, *source.shape)`` (mm) at physical ``points`` ``(..., D)``
     -> ``(D, ...)``; outside ``source`` the border value continues (working grids are crops)."""
     d = source.ndim
-    normalised = apply_homogeneous(source.physical_to_normalised, points.to(field.dtype))
+    normalised = source.index_to_normalised(source.to_index(points.to(field.dtype)))
     values = F.grid_sample(
         field,
         normalised.reshape(1, -1, *([1] * (d - 1)), d),
@@ -133,7 +133,7 @@ def optimise_level(
     base = points @ total[:d, :d].T + total[:d, d]  # moving index of x under A
     linear = total[:d, :d]  # mm of displacement -> moving index
     # where the working grid's voxels sit in the control grid
-    control_index = apply_homogeneous(control.physical_to_index, points)
+    control_index = control.to_index(points)
     upper = torch.as_tensor([n - 1 for n in control.size]).to(points)
     control_index = control_index.clamp(torch.zeros_like(upper), upper)
     parameter = initial.detach().clone().requires_grad_(True)

@@ -130,17 +130,6 @@ class Grid:
         """Homogeneous ``(D+1) x (D+1)`` matrix mapping physical points to index."""
         return np.linalg.inv(self.index_to_physical)
 
-    @cached_property
-    def physical_to_normalised(self) -> np.ndarray:
-        """Homogeneous matrix from physical points to ``grid_sample`` coordinates
-        (``align_corners=True``; see :meth:`index_to_normalised`)."""
-        d = self.ndim
-        scale = np.eye(d + 1)
-        for axis, n in enumerate(self.size):
-            scale[axis, axis] = 2.0 / max(n - 1, 1)
-            scale[axis, d] = -1.0
-        return scale @ self.physical_to_index
-
     @property
     def orientation(self) -> str:
         """Three-letter code of the directions the index axes point to, e.g. ``LPS``, ``RAS``.
