@@ -165,7 +165,6 @@ def run(
     import time
 
     from carctl.cli.console import stderr
-    from carctl.errors import InputError
     from carctl.io import IMAGE_EXTENSIONS, check_output, read_image, write_image
     from carctl.metrics import jacobian_summary
     from carctl.registration.pipeline import register
@@ -191,17 +190,9 @@ def run(
 
     moving_image = read_image(moving)
     fixed_image = read_image(fixed)
-    if moving_image.grid.ndim != fixed_image.grid.ndim:
-        raise InputError(
-            f"the moving image is {moving_image.grid.ndim}-D and the fixed image "
-            f"{fixed_image.grid.ndim}-D"
-        )
     fixed_mask = read_image(options["fixed_mask"]) if options["fixed_mask"] else None
     moving_mask = read_image(options["moving_mask"]) if options["moving_mask"] else None
     labels = read_image(options["labels"]) if options["labels"] else None
-    for name, mask in (("--fixed-mask", fixed_mask), ("--moving-mask", moving_mask)):
-        if mask is not None and not (mask.array > 0).any():
-            raise InputError(f"{name} is empty (no voxel above zero)")
     console = stderr()
     quiet = options["quiet"]
     if not quiet:

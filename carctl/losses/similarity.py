@@ -45,26 +45,12 @@ def _shifted(image: torch.Tensor, offset: tuple[int, ...]) -> torch.Tensor:
 
 def _box_filter(image: torch.Tensor, radius: int) -> torch.Tensor:
     """Mean over the ``(2 radius + 1)^D`` box around each voxel, of the voxels inside the image
-    (``avg_pool`` with ``count_include_pad=False``)."""
+    (``avg_pool`` with ``count_include_pad=False``, also on axes shorter than the box), one
+    axis at a time: a box and its count of inside voxels both factor over the axes, and
+    torch's CPU pooling reads the whole window per voxel (729 values for LNCC's 9-voxel
+    windows) where this reads ``D (2 radius + 1)``."""
     if radius == 0:
         return image
-    if radius > 1:
-        return _separable_box_filter(image, radius)
-    pool = F.avg_pool3d if image.dim() == 5 else F.avg_pool2d
-    size = 2 * radius + 1
-    if min(image.shape[2:]) >= size:
-        return pool(image, size, stride=1, padding=radius, count_include_pad=False)
-    # avg_pool3d refuses an axis shorter than the window whatever the padding: pad explicitly
-    # and divide by the count of real voxels (what count_include_pad=False does)
-    pad = [radius] * (2 * (image.dim() - 2))
-    ones = torch.ones_like(image[:1, :1])
-    return pool(F.pad(image, pad), size, stride=1) / pool(F.pad(ones, pad), size, stride=1)
-
-
-def _separable_box_filter(image: torch.Tensor, radius: int) -> torch.Tensor:
-    """:func:`_box_filter` one axis at a time: a box and its count of inside voxels both
-    factor over the axes, and torch's CPU pooling reads the whole ``(2r + 1)^D`` window per
-    voxel (729 values for LNCC's 9-voxel windows) where this reads ``D (2r + 1)``."""
     out = image
     for dim in range(2, image.dim()):
         n = out.shape[dim]

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from carctl.registration.adam import Adam
 from carctl.registration.levels import Level
-from carctl.spatial.grid import Grid
+from carctl.spatial.grid import Grid, apply_homogeneous
 from carctl.spatial.points import interpolate
 
 # Scaling and squaring steps of the velocity integration.
@@ -99,8 +99,8 @@ def similarity(
         if displacement is not None:
             grid, u = displacement
             points = points + field_at(u.to(points), grid, points).T
-        total = torch.as_tensor(level.moving_grid.physical_to_index @ affine).to(points)
-        return float(level.loss(function, points @ total[:d, :d].T + total[:d, d]))
+        to_moving = level.moving_grid.physical_to_index @ affine
+        return float(level.loss(function, apply_homogeneous(to_moving, points)))
 
 
 def optimise_level(
@@ -124,14 +124,10 @@ def optimise_level(
     voxels each step reads a fresh random subset of them."""
     generator = generator or torch.Generator().manual_seed(0)
     d = level.ndim
-    total = torch.as_tensor(
-        level.moving_grid.physical_to_index @ affine,
-        dtype=torch.float32,
-        device=level.points.device,
-    )
+    to_moving = level.moving_grid.physical_to_index @ affine
     points = level.points.reshape(-1, d)
-    base = points @ total[:d, :d].T + total[:d, d]  # moving index of x under A
-    linear = total[:d, :d]  # mm of displacement -> moving index
+    base = apply_homogeneous(to_moving, points)  # moving index of x under A
+    linear = torch.as_tensor(to_moving[:d, :d]).to(points)  # mm of displacement -> index
     # where the working grid's voxels sit in the control grid
     control_index = control.to_index(points)
     upper = torch.as_tensor([n - 1 for n in control.size]).to(points)

@@ -152,13 +152,8 @@ def _schedule(fixed: Grid, options: RegistrationOptions) -> dict:
     deformable = [s for s in deformable if extent / s >= 12] or [finest]
     # the linear stages start at 40 or more voxels across and refine once
     coarse = max((s for s in deformable if s <= extent / 40), default=deformable[-1])
-    linear = [coarse, deformable[min(deformable.index(coarse) + 1, len(deformable) - 1)]]
-    return {
-        "initialise": coarse,
-        "rigid": sorted(set(linear), reverse=True),
-        "affine": sorted(set(linear), reverse=True),
-        "deformable": deformable,
-    }
+    linear = deformable[deformable.index(coarse) :][:2]
+    return {"initialise": coarse, "rigid": linear, "affine": linear, "deformable": deformable}
 
 
 def _stage_initialise(state: _State, progress: Progress) -> StageReport:
@@ -212,25 +207,22 @@ def _linear_stage(name: str, affine: bool) -> Callable[[_State, Progress], Stage
                 )
             )
             state.affine = params.homogeneous().detach().numpy()
-        before, after = _stage_losses(state, spacings[-1], start, None)
+        # both at the finest level; the last level's optimisation measured the loss after
+        before, after = _similarity(state, spacings[-1], start), losses[-1][1]
         detail = {"levels_mm": spacings, "level_losses": [list(pair) for pair in losses]}
         return StageReport(name, 0.0, before, after, detail)
 
     return run
 
 
-def _stage_losses(
+def _similarity(
     state: _State,
     spacing: float,
-    start: np.ndarray,
-    displacement: tuple[Grid, torch.Tensor] | None,
-) -> tuple[float, float]:
-    """A stage's similarity before and after it, both at its last (finest) level: the
-    affine ``start`` alone, then the current affine with ``displacement``."""
-    level = state.level(spacing)
-    function = state.spec.function
-    before = optimize.similarity(level, start, None, function)
-    return before, optimize.similarity(level, state.affine, displacement, function)
+    affine: np.ndarray,
+    displacement: tuple[Grid, torch.Tensor] | None = None,
+) -> float:
+    """The chosen loss at the level of ``spacing`` for ``A(x + u(x))``."""
+    return optimize.similarity(state.level(spacing), affine, displacement, state.spec.function)
 
 
 def _stage_deformable(state: _State, progress: Progress) -> StageReport:
@@ -278,7 +270,8 @@ def _stage_deformable(state: _State, progress: Progress) -> StageReport:
     if options.diffeomorphic:
         u = optimize.integrate(u, grid)
     state.displacement = (grid, u.movedim(-1, 0)[None])
-    before, after = _stage_losses(state, spacings[-1], state.affine, state.displacement)
+    before = _similarity(state, spacings[-1], state.affine)
+    after = _similarity(state, spacings[-1], state.affine, state.displacement)
     return StageReport(
         "deformable",
         0.0,
@@ -337,28 +330,32 @@ def _register(
     moving_mask: Image | None,
     progress: Progress | None,
 ) -> Registration:
+    from carctl.errors import InputError
     from carctl.resample import resample_image
 
     spec = loss_spec(options.loss)
     if fixed.grid.ndim != moving.grid.ndim:
-        raise ValueError(
-            f"the moving image is {moving.grid.ndim}-D and the fixed {fixed.grid.ndim}-D"
+        raise InputError(
+            f"the moving image is {moving.grid.ndim}-D and the fixed image {fixed.grid.ndim}-D"
         )
     progress = progress or _Silent()
     torch.manual_seed(options.seed)
     device = torch.device(resolve_device(options.device))
 
-    def mask_on(mask: Image | None, grid: Grid) -> np.ndarray | None:
+    def mask_on(mask: Image | None, grid: Grid, name: str) -> np.ndarray | None:
         if mask is None:
             return None
         if not mask.grid.same_as(grid):
             mask = resample_image(mask, grid, interpolation="nearest")
-        return (mask.array > 0).astype(np.float32)
+        inside = mask.array > 0
+        if not inside.any():
+            raise InputError(f"the {name} mask has no voxel above zero on the {name} image")
+        return inside.astype(np.float32)
 
     fixed_norm = normalise(fixed.array)
     moving_norm = normalise(moving.array)
-    f_mask = mask_on(fixed_mask, fixed.grid)
-    m_mask = mask_on(moving_mask, moving.grid)
+    f_mask = mask_on(fixed_mask, fixed.grid, "fixed")
+    m_mask = mask_on(moving_mask, moving.grid, "moving")
     box = foreground_box(fixed_norm, f_mask)
     center = init_stage.centre_of_mass(foreground(fixed_norm, f_mask), fixed.grid)
     extent = (np.asarray(box[1]) - np.asarray(box[0]) + 1) * np.asarray(fixed.grid.spacing)

@@ -366,6 +366,29 @@ def test_cli_json_to_stdout_and_refusals(tmp_path, cli, phantom):
     assert labels_only.code == 2 and "--labels" in labels_only.err
 
 
+def test_inputs_refused_by_the_pipeline_for_api_and_cli(tmp_path, cli, phantom):
+    """A 2-D moving image for a 3-D fixed one, and a mask with nothing in it: one line, exit 1
+    on the command line, InputError from Python."""
+    from carctl.errors import InputError
+
+    slice_ = Image(phantom.array[14], Grid((28, 28), (2.5, 2.5), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0)))
+    empty = Image(np.zeros_like(phantom.array), phantom.grid)
+    with pytest.raises(InputError, match="2-D and the fixed image 3-D"):
+        register(slice_, phantom)
+    with pytest.raises(InputError, match="fixed mask has no voxel"):
+        register(phantom, phantom, fixed_mask=empty)
+    fixed_path = write(phantom.to_sitk(), tmp_path / "fixed.nii.gz")
+    for moving, option in (
+        (slice_, []),
+        (phantom, ["--moving-mask", write(empty.to_sitk(), tmp_path / "empty.nii.gz")]),
+    ):
+        moving_path = write(moving.to_sitk(), tmp_path / "moving.nii.gz")
+        result = cli("register", moving_path, fixed_path, "-o", tmp_path / "out", *option)
+        lines = result.err.strip().splitlines()  # the images' geometry, then the error
+        assert result.code == 1 and lines[-1].startswith("carctl: error: "), result.err
+        assert sum("error" in line for line in lines) == 1 and "Traceback" not in result.err
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("loss, least", [("mind", 0.90), ("mi", 0.85)])
 def test_spine_t1_to_t2_cord_dice(shared_data, tmp_path, cli, loss, least):
