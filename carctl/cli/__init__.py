@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from carctl import __version__
-from carctl.cli import apply, demo, evaluate, info, register
+from carctl.cli import apply, demo, evaluate, info, qa, register, train, translate, weights
 from carctl.cli.console import run_guarded, set_debug
 
 app = typer.Typer(
@@ -46,8 +46,10 @@ def _root(
         set_debug(True)
 
 
-for module in (register, apply, evaluate, info, demo):
+for module in (register, apply, evaluate, qa, translate, info, demo):
     app.command(name=module.NAME, help=module.command.__doc__)(module.command)
+app.add_typer(train.app)
+app.add_typer(weights.app)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -94,6 +94,13 @@ def command(
         str | None,
         typer.Option("--json", help="Write the summary as JSON to PATH, or - for stdout only."),
     ] = None,
+    qa: Annotated[
+        bool,
+        typer.Option(
+            "--qa/--no-qa",
+            help="Score the alignment before and after with the learned evaluator (carctl qa).",
+        ),
+    ] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
 ) -> None:
@@ -151,6 +158,7 @@ def command(
         quiet=quiet,
         force=force,
         started=start,
+        qa=qa,
     )
     from carctl.cli.console import emit_json
 
@@ -241,9 +249,41 @@ def run(
         "affine": result.affine.homogeneous.tolist(),
         "outputs": outputs,
     }
+    if options.get("qa", True):
+        summary["qa"] = _quality(moving_image, fixed_image, result, settings.device, console)
+        summary["total_seconds"] = round(time.perf_counter() - options["started"], 3)
     if not quiet:
         _show(summary, console)
     return summary
+
+
+def _quality(moving, fixed, result, device: str, console) -> dict:
+    """Label-free QA (see :mod:`carctl.qa`) of the headers and of ``result``: scores and
+    verdicts, and a warning when the registration looks worse than its input."""
+    import time
+
+    from carctl import pretrained, qa
+
+    started = time.perf_counter()
+    try:
+        model, card = pretrained.load(qa.WEIGHTS, device=device)
+    except pretrained.WeightsError as error:
+        console.print(f"warning: quality control skipped: {error}")
+        return {"skipped": str(error)}
+    thresholds = card.data["qa"]["thresholds"]
+    grid = qa.working_grid(fixed)
+    out = {}
+    for name, chain in (("before", []), ("after", [result.field])):
+        score = qa.assess(model, qa.prepare(fixed, moving, chain, grid, device)).score
+        out[name] = {"score": score, "verdict": qa.verdict(score, thresholds)}
+    out["seconds"] = round(time.perf_counter() - started, 3)
+    if out["after"]["score"] > out["before"]["score"]:
+        console.print(
+            "warning: the registered result looks worse than the input to the quality check "
+            f"(score {out['after']['score']:.4f} after, {out['before']['score']:.4f} through "
+            "the headers); inspect it with carctl qa"
+        )
+    return out
 
 
 class _StageBars:
@@ -295,6 +335,16 @@ def _show(summary: dict, console) -> None:
         if stage["loss_before"] is not None:
             change = f"   loss {loss(stage['loss_before'])} -> {loss(stage['loss_after'])}"
         rows.append((stage["name"], f"{stage['seconds']:.2f} s{change}"))
+    quality = summary.get("qa", {})
+    if "after" in quality:
+        before, after = quality["before"], quality["after"]
+        rows.append(
+            (
+                "quality",
+                f"{before['score']:.4f} ({before['verdict']}) -> {after['score']:.4f} "
+                f"({after['verdict']}), lower is better",
+            )
+        )
     rows += [
         ("start", str(summary["initialisation"])),
         ("folding", f"{summary['folding_percent']:.4f} % of voxels"),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from carctl.losses import regularisers, similarity
+from carctl.losses import learned, regularisers, similarity
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,8 @@ class LossSpec:
     fills_outside: bool = False
     # compares voxel by voxel, so a random subset of voxels gives an unbiased estimate
     pointwise: bool = True
+    # the loss the rigid and affine stages use instead (None: this one)
+    linear: str | None = None
 
 
 LOSSES: dict[str, LossSpec] = {
@@ -60,6 +62,15 @@ LOSSES: dict[str, LossSpec] = {
         ),
         LossSpec(
             "mse", similarity.intensity, similarity.mse_loss, "mean squared error (same contrast)"
+        ),
+        LossSpec(
+            "imse",
+            learned.centred,
+            learned.imse_loss,
+            "IMSE: the learned evaluator's mean predicted error (any contrast; MIND for the "
+            "rigid and affine stages)",
+            pointwise=False,
+            linear="mind",
         ),
     )
 }

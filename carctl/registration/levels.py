@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from carctl.spatial.grid import Grid
 from carctl.spatial.points import interpolate
 from carctl.spatial.sample import warp
+from carctl.spatial.transform import Transform
 
 # Intensities are scaled so that these percentiles map to 0 and 1.
 _PERCENTILES = (0.5, 99.5)
@@ -269,10 +270,7 @@ def build_level(
     m_fine = moving_level_grid(moving_grid, direction, np.asarray(fine.spacing), m_box)
 
     def band_limited(array: np.ndarray, source: Grid, target: Grid) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
-        t, source = reduce(t.to(device), source, float(np.min(target.spacing)))
-        t = gaussian_blur(t, smoothing_sigma(source.spacing, float(np.min(target.spacing))))
-        return warp(t, source, target)
+        return resample_band_limited(array, source, target, device=device)
 
     def factors(grid: Grid) -> list[int]:  # block sizes that bring `grid` to the level spacing
         return [max(1, round(max(s, spacing) / s)) for s in grid.spacing]
@@ -301,6 +299,21 @@ def build_level(
         fill=fill,
         points=grid.points(dtype=torch.float32, device=device),
     )
+
+
+def resample_band_limited(
+    array: np.ndarray,
+    source: Grid,
+    target: Grid,
+    transforms: Sequence[Transform] = (),
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """``array`` (on ``source``) blurred for ``target``'s finest spacing, then resampled onto
+    ``target`` through ``transforms`` (see :func:`warp`): ``(1, 1, *target.shape)`` float32."""
+    t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
+    t, source = reduce(t.to(device), source, float(np.min(target.spacing)))
+    t = gaussian_blur(t, smoothing_sigma(source.spacing, float(np.min(target.spacing))))
+    return warp(t, source, target, transforms)
 
 
 def inside(image: Grid, grid: Grid) -> torch.Tensor:

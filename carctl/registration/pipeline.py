@@ -39,7 +39,14 @@ from carctl.spatial.transform import Affine, DisplacementField
 # Fixed-point iterations of the field inversion.
 INVERSE_ITERATIONS = 20
 # Default regularisation weight per loss (their scales differ).
-DEFAULT_REGULARIZATION = {"mind": 0.2, "mi": 10.0, "lncc": 1.0, "ncc": 1.0, "mse": 0.1}
+DEFAULT_REGULARIZATION = {
+    "mind": 0.2,
+    "mi": 10.0,
+    "lncc": 1.0,
+    "ncc": 1.0,
+    "mse": 0.1,
+    "imse": 0.2,
+}
 # The finest level has 2 mm voxels, or this many voxels across a small image (never finer
 # than the image's own).
 FINEST_VOXELS = 96
@@ -190,25 +197,26 @@ def _linear_stage(name: str, affine: bool) -> Callable[[_State, Progress], Stage
         iterations = RIGID_ITERATIONS if not affine else AFFINE_ITERATIONS
         progress.start(name, iterations * len(spacings))
         start = state.affine
+        spec = loss_spec(state.spec.linear) if state.spec.linear else state.spec
         losses = []
         for spacing in spacings:
-            level = state.level(spacing)
+            level = state.level(spacing, spec.name)
             params = affine_stage.AffineParameters(state.affine, state.center, affine=affine)
             losses.append(
                 affine_stage.optimise(
                     level,
                     params,
-                    state.spec.function,
+                    spec.function,
                     iterations,
                     state.radius,
                     progress.advance,
-                    state.budget(LINEAR_VOXELS),
+                    LINEAR_VOXELS if spec.pointwise else None,
                     state.generator,
                 )
             )
             state.affine = params.homogeneous().detach().numpy()
         # both at the finest level; the last level's optimisation measured the loss after
-        before, after = _similarity(state, spacings[-1], start), losses[-1][1]
+        before, after = _similarity(state, spacings[-1], start, spec=spec), losses[-1][1]
         detail = {"levels_mm": spacings, "level_losses": [list(pair) for pair in losses]}
         return StageReport(name, 0.0, before, after, detail)
 
@@ -220,9 +228,11 @@ def _similarity(
     spacing: float,
     affine: np.ndarray,
     displacement: tuple[Grid, torch.Tensor] | None = None,
+    spec: LossSpec | None = None,
 ) -> float:
-    """The chosen loss at the level of ``spacing`` for ``A(x + u(x))``."""
-    return optimize.similarity(state.level(spacing), affine, displacement, state.spec.function)
+    """The chosen loss (or ``spec``) at the level of ``spacing`` for ``A(x + u(x))``."""
+    spec = spec or state.spec
+    return optimize.similarity(state.level(spacing, spec.name), affine, displacement, spec.function)
 
 
 def _stage_deformable(state: _State, progress: Progress) -> StageReport:

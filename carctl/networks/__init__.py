@@ -1,0 +1,1 @@
+"""Neural networks that carctl ships (architectures only; weights in :mod:`carctl.pretrained`)."""

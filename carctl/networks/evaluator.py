@@ -1,0 +1,94 @@
+"""IMSE's spatial evaluator: a compact residual network that predicts, from a reference
+image and another image of any contrast, the error map ``reference - other'`` where
+``other'`` is the other image's content in the reference's contrast (the paper's
+"absolute single-modal" error). Both inputs are on one grid, intensities in ``[-1, 1]``.
+
+Encoder (full, 1/2, 1/4 resolution), residual blocks at 1/4, decoder with skip connections;
+3-D or 2-D by ``ndim``. Any input size: the decoder resizes to the skip's shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class EvaluatorConfig:
+    ndim: int = 3
+    width: int = 8  # channels at full resolution; x2 and x4 below
+    blocks: int = 4  # residual blocks at 1/4 resolution
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# Intensity (in [-1, 1]) above which a voxel counts as anatomy: a tenth of the range.
+ANATOMY = -0.8
+
+
+def anatomy(image: torch.Tensor) -> torch.Tensor:
+    """Where a ``[-1, 1]`` image ``(N, 1, *spatial)`` holds anatomy, dilated by one voxel."""
+    pool = F.max_pool3d if image.dim() == 5 else F.max_pool2d
+    return pool((image > ANATOMY).float(), 3, 1, 1) > 0
+
+
+def _conv(ndim: int):
+    return nn.Conv3d if ndim == 3 else nn.Conv2d
+
+
+class _Residual(nn.Module):
+    def __init__(self, ndim: int, channels: int) -> None:
+        super().__init__()
+        conv = _conv(ndim)
+        self.a = conv(channels, channels, 3, padding=1)
+        self.b = conv(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.b(F.leaky_relu(self.a(x), 0.2))
+
+
+class Evaluator(nn.Module):
+    """``forward(reference, other) -> error`` with inputs and output ``(N, 1, *spatial)``.
+
+    The network predicts ``other'``, the other image's content in the reference's contrast,
+    and returns ``reference - other'``. The contrast mapping it must invert is global (one
+    intensity remapping for the whole image), so the bottleneck's spatial mean modulates
+    the decoder (feature-wise scale and shift), and the raw ``other`` reaches the last layers.
+    """
+
+    def __init__(self, config: EvaluatorConfig = EvaluatorConfig()) -> None:
+        super().__init__()
+        self.config = config
+        conv, w = _conv(config.ndim), config.width
+        self.enc0 = conv(2, w, 3, padding=1)
+        self.enc1 = conv(w, 2 * w, 3, stride=2, padding=1)
+        self.enc2 = conv(2 * w, 4 * w, 3, stride=2, padding=1)
+        self.blocks = nn.Sequential(*(_Residual(config.ndim, 4 * w) for _ in range(config.blocks)))
+        self.context = nn.Linear(4 * w, 2 * (2 * w + w))  # scale and shift for dec1, dec0
+        self.dec1 = conv(6 * w, 2 * w, 3, padding=1)
+        self.fuse0 = conv(3 * w + 1, w, 1)
+        self.dec0 = conv(w, w, 3, padding=1)
+        self.head = conv(w + 1, w, 1)
+        self.out = conv(w, 1, 1)
+
+    def forward(self, reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        mode = "trilinear" if self.config.ndim == 3 else "bilinear"
+        act = lambda x: F.leaky_relu(x, 0.2)  # noqa: E731
+        w = self.config.width
+        x0 = act(self.enc0(torch.cat([reference, other], dim=1)))
+        x1 = act(self.enc1(x0))
+        x2 = self.blocks(act(self.enc2(x1)))
+        film = self.context(x2.flatten(2).mean(dim=2))  # (N, 6w)
+        shape = (*film.shape, *([1] * self.config.ndim))
+        s1, b1, s0, b0 = torch.split(film.view(shape), [2 * w, 2 * w, w, w], dim=1)
+        up = F.interpolate(x2, size=x1.shape[2:], mode=mode, align_corners=False)
+        y1 = act(self.dec1(torch.cat([up, x1], dim=1)) * (1 + s1) + b1)
+        up = F.interpolate(y1, size=x0.shape[2:], mode=mode, align_corners=False)
+        y0 = act(self.fuse0(torch.cat([up, x0, other], dim=1)))
+        y0 = act(self.dec0(y0) * (1 + s0) + b0)
+        translated = self.out(act(self.head(torch.cat([y0, other], dim=1))))
+        return reference - translated

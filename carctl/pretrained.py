@@ -1,0 +1,139 @@
+"""Shipped network weights: safetensors files with a JSON model card each.
+
+A card ``<name>.json`` beside ``<name>.safetensors`` records the architecture (enough to
+rebuild the network), the training data and command, the steps, the validation metrics and
+the file's sha256. :func:`load` checks the hash before reading a byte of the weights and
+rebuilds the architecture from the card. No pickles, no network access.
+
+Weights are looked for in ``$CARCTL_WEIGHTS``, then in the ``weights/`` folder beside the
+package (a source checkout or editable install), then in ``<prefix>/share/carctl/weights``
+(a regular install).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from carctl.errors import CarctlError
+
+CARD_SUFFIX, WEIGHTS_SUFFIX = ".json", ".safetensors"
+
+
+class WeightsError(CarctlError):
+    """Weights are missing, corrupted, or do not match their card."""
+
+
+def search_path() -> list[Path]:
+    folders = []
+    if os.environ.get("CARCTL_WEIGHTS"):
+        folders.append(Path(os.environ["CARCTL_WEIGHTS"]))
+    folders.append(Path(__file__).resolve().parent.parent / "weights")
+    folders.append(Path(sys.prefix) / "share" / "carctl" / "weights")
+    return folders
+
+
+@dataclass(frozen=True)
+class Card:
+    name: str
+    path: Path  # the card file
+    data: dict
+
+    @property
+    def weights(self) -> Path:
+        return self.path.with_name(self.data["file"])
+
+    @property
+    def kind(self) -> str:
+        return self.data["architecture"]["kind"]
+
+
+def cards() -> list[Card]:
+    """Every model card found, first folder of :func:`search_path` winning per name."""
+    found: dict[str, Card] = {}
+    for folder in search_path():
+        for path in sorted(folder.glob(f"*{CARD_SUFFIX}")) if folder.is_dir() else []:
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict) and {"file", "sha256", "architecture"} <= data.keys():
+                found.setdefault(path.stem, Card(path.stem, path, data))
+    return list(found.values())
+
+
+def card(name: str) -> Card:
+    for c in cards():
+        if c.name == name:
+            return c
+    where = ", ".join(str(p) for p in search_path())
+    raise WeightsError(f"no weights named {name!r} (looked in {where})")
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(c: Card) -> None:
+    """Raise :class:`WeightsError` unless the weights file exists and matches the card."""
+    if not c.weights.is_file():
+        raise WeightsError(f"{c.name}: weights file {c.weights} is missing")
+    actual = sha256(c.weights)
+    if actual != c.data["sha256"]:
+        raise WeightsError(
+            f"{c.name}: {c.weights.name} is corrupted or not the file of its card "
+            f"(sha256 {actual[:12]}..., card says {c.data['sha256'][:12]}...)"
+        )
+
+
+def build(architecture: dict):
+    """The network described by a card's ``architecture``."""
+    kind = architecture["kind"]
+    if kind == "imse-evaluator":
+        from carctl.networks.evaluator import Evaluator, EvaluatorConfig
+
+        return Evaluator(EvaluatorConfig(**architecture["config"]))
+    raise WeightsError(f"unknown architecture {kind!r}")
+
+
+def load(name: str, device: str = "cpu"):
+    """The network ``name``, checked against its card, in eval mode; returns (model, card)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    c = card(name)
+    verify(c)
+    model = build(c.data["architecture"])
+    try:
+        model.load_state_dict(load_file(str(c.weights), device=device))
+    except (SafetensorError, RuntimeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise WeightsError(
+            f"{c.name}: weights do not fit the card's architecture ({reason})"
+        ) from None
+    return model.to(device).eval(), c
+
+
+def write(model, folder: Path, name: str, card_data: dict) -> Card:
+    """Save ``model``'s weights as ``folder/name.safetensors`` with its card (sha256 added)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / f"{name}{WEIGHTS_SUFFIX}"
+    tmp = weights.with_name(f".{weights.name}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(weights)
+    data = {"name": name, "file": weights.name, "sha256": sha256(weights), **card_data}
+    path = folder / f"{name}{CARD_SUFFIX}"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+    return Card(name, path, data)

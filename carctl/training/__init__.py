@@ -1,0 +1,1 @@
+"""Training the networks that carctl ships (``carctl train ...``)."""

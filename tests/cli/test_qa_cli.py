@@ -1,0 +1,180 @@
+"""``carctl qa``, ``weights``, ``translate``, ``train`` on tiny data, with tiny weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from tests.conftest import make_image, write
+
+
+@pytest.fixture
+def tiny_weights(tmp_path, monkeypatch) -> Path:
+    """An untrained tiny evaluator as the ``imse`` weights, with thresholds chosen so that a
+    pair is ``ok`` below 0.5 and ``failed`` from 1.0 on."""
+    import torch
+
+    from carctl import pretrained
+    from carctl.networks.evaluator import Evaluator, EvaluatorConfig
+
+    folder = tmp_path / "weights"
+    torch.manual_seed(0)
+    net = Evaluator(EvaluatorConfig(width=4, blocks=1))
+    card = {
+        "architecture": {"kind": "imse-evaluator", "config": net.config.to_dict()},
+        "training": {"command": "carctl train imse (test)"},
+        "validation": {},
+        "qa": {"thresholds": {"suspect": 0.5, "failed": 1.0}},
+    }
+    pretrained.write(net, folder, "imse", card)
+    monkeypatch.setenv("CARCTL_WEIGHTS", str(folder))
+    return folder
+
+
+@pytest.fixture
+def images(tmp_path) -> tuple[Path, Path]:
+    fixed = write(make_image((24, 22, 20), spacing=(1.0, 1.1, 1.2), seed=3), tmp_path / "f.nii.gz")
+    moving = write(
+        make_image((22, 22, 22), spacing=(1.2, 1.0, 1.0), origin=(1, -1, 2), seed=4),
+        tmp_path / "m.nii.gz",
+    )
+    return moving, fixed
+
+
+def test_qa_writes_error_map_png_and_json(cli, tiny_weights, images, tmp_path):
+    moving, fixed = images
+    out = tmp_path / "qa"
+    result = cli("qa", moving, fixed, "-o", out, "--json", "-")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert report["verdict"] in ("ok", "suspect", "failed")
+    assert np.isfinite(report["score"]) and report["score"] >= 0
+    error = sitk.ReadImage(str(out / "m_qa.nii.gz"))
+    assert error.GetDimension() == 3
+    assert sitk.GetArrayFromImage(error).min() >= 0
+    png = (out / "m_qa.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and b"IEND" in png[-12:]
+
+
+def test_qa_before_and_after_with_a_field(cli, tiny_weights, images, tmp_path):
+    moving, fixed = images
+    field = tmp_path / "field.nii.gz"
+    zero = sitk.Image(sitk.ReadImage(str(fixed)).GetSize(), sitk.sitkVectorFloat64, 3)
+    zero.CopyInformation(sitk.ReadImage(str(fixed)))
+    sitk.WriteImage(zero, str(field))
+    result = cli("qa", moving, fixed, "-f", field, "-o", tmp_path, "--json", "-")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    # a zero field is the header alignment: same score before and after
+    assert report["before"]["score"] == pytest.approx(report["score"], rel=1e-4)
+
+
+def test_qa_verdict_thresholds_and_fail_on(cli, tiny_weights, images, tmp_path):
+    from carctl import qa
+
+    thresholds = {"suspect": 0.5, "failed": 1.0}
+    assert qa.verdict(0.1, thresholds) == "ok"
+    assert qa.verdict(0.5, thresholds) == "suspect"
+    assert qa.verdict(1.0, thresholds) == "failed"
+    assert qa.verdict(float("nan"), thresholds) == "failed"
+    card = tiny_weights / "imse.json"
+    data = json.loads(card.read_text())
+    data["qa"]["thresholds"] = {"suspect": 0.0, "failed": 0.0}  # everything fails
+    card.write_text(json.dumps(data))
+    moving, fixed = images
+    result = cli("qa", moving, fixed, "-o", tmp_path, "--fail-on", "failed", "-q")
+    assert result.code == 3
+
+
+def test_qa_refuses_both_warped_and_field(cli, tiny_weights, images, tmp_path):
+    moving, fixed = images
+    result = cli("qa", moving, fixed, "-w", fixed, "-f", fixed, "-o", tmp_path)
+    assert result.code == 2 and "either --warped" in result.err
+
+
+def test_qa_with_corrupted_weights_is_a_one_line_error(cli, tiny_weights, images, tmp_path):
+    (tiny_weights / "imse.safetensors").write_bytes(b"not weights")
+    moving, fixed = images
+    result = cli("qa", moving, fixed, "-o", tmp_path)
+    assert result.code == 1
+    assert result.err.count("\n") == 1 and "corrupted" in result.err
+
+
+def test_weights_list_and_verify(cli, tiny_weights):
+    result = cli("weights", "verify")
+    assert result.code == 0 and "imse: ok" in result.out
+    assert "imse-evaluator" in cli("weights", "list").out
+    (tiny_weights / "imse.safetensors").write_bytes(b"x")
+    assert cli("weights", "verify").code == 1
+
+
+def test_translate_writes_an_image_on_the_references_grid(cli, tiny_weights, images, tmp_path):
+    moving, fixed = images
+    out = tmp_path / "t.nii.gz"
+    result = cli("translate", moving, "-r", fixed, "-o", out)
+    assert result.code == 0, result.err
+    image = sitk.ReadImage(str(out))
+    assert np.isfinite(sitk.GetArrayFromImage(image)).all()
+    assert image.GetDirection() == sitk.ReadImage(str(fixed)).GetDirection()
+
+
+def test_register_reports_quality_before_and_after(cli, tiny_weights, images, tmp_path):
+    moving, fixed = images
+    result = cli("register", moving, fixed, "-o", tmp_path, "--method", "rigid", "--json", "-")
+    assert result.code == 0, result.err
+    summary = json.loads(result.out)
+    assert {"before", "after"} <= summary["qa"].keys()
+    assert summary["qa"]["after"]["verdict"] in ("ok", "suspect", "failed")
+    result = cli(
+        "register",
+        moving,
+        fixed,
+        "-o",
+        tmp_path,
+        "--method",
+        "rigid",
+        "--no-qa",
+        "--json",
+        "-",
+        "--force",
+    )
+    assert "qa" not in json.loads(result.out)
+
+
+def test_train_imse_smoke(cli, tmp_path):
+    """A few steps of ``carctl train imse`` on a tiny data folder write weights and a card."""
+    data = tmp_path / "data" / "oasis-t1-a"
+    data.mkdir(parents=True)
+    write(make_image((40, 40, 40), seed=5), data / "t1.nii.gz")
+    validation = tmp_path / "data" / "ct-mr-pat002"
+    validation.mkdir()
+    write(make_image((36, 36, 36), seed=6), validation / "pat002_ct.hdr")
+    out = tmp_path / "run"
+    args = ["train", "imse", "--data", tmp_path / "data", "--out", out, "--steps", "4"]
+    args += ["--batch", "1", "--patch", "16", "--width", "4", "--blocks", "1"]
+    result = cli(*args, "--validate-every", "2", "-q")
+    assert result.code == 0, result.err
+    card = json.loads((out / "imse.json").read_text())
+    assert card["training"]["settings"]["steps"] == 4
+    assert card["training"]["data"] == ["oasis-t1-a/t1.nii.gz"]
+    assert card["architecture"]["config"]["width"] == 4
+    resumed = cli(*args, "--steps", "6", "--resume", "-q")
+    assert resumed.code == 0, resumed.err
+    assert json.loads((out / "state.json").read_text())["step"] == 6
+
+
+def test_register_with_the_imse_loss(cli, tiny_weights, images, tmp_path):
+    moving, fixed = images
+    args = ["register", moving, fixed, "-o", tmp_path, "--loss", "imse", "--iterations", "3"]
+    result = cli(*args, "--no-qa", "--json", "-")
+    assert result.code == 0, result.err
+    summary = json.loads(result.out)
+    assert summary["loss"] == "imse"
+    deformable = next(s for s in summary["stages"] if s["name"] == "deformable")
+    assert np.isfinite(deformable["loss_after"])
+    # the rigid and affine stages compare MIND features (IMSE is for the deformable stage)
+    assert all(level["loss"] == "mind" for level in summary["levels"][:1])

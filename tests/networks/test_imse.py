@@ -1,0 +1,198 @@
+"""IMSE: Shuffle Remap, the evaluator network, the weights registry, training steps."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from carctl import pretrained
+from carctl.augment import ShuffleRemap
+from carctl.networks.evaluator import Evaluator, EvaluatorConfig
+
+# --- Shuffle Remap ---------------------------------------------------------------------------
+
+
+def _remap(seed: int) -> ShuffleRemap:
+    return ShuffleRemap.random(torch.Generator().manual_seed(seed))
+
+
+def test_shuffle_remap_keeps_the_range():
+    x = torch.linspace(-1, 1, 10001)
+    for seed in range(20):
+        y = _remap(seed)(x)
+        assert y.min() >= -1 and y.max() <= 1
+
+
+def test_shuffle_remap_is_linear_and_increasing_within_each_segment():
+    for seed in range(10):
+        remap = _remap(seed)
+        edges = remap.edges
+        for i in range(remap.order.numel()):
+            low, high = float(edges[i]), float(edges[i + 1])
+            if high - low < 1e-4:
+                continue
+            x = torch.linspace(low, high, 7, dtype=torch.float64)[:-1]  # half-open segment
+            y = remap(x)
+            j = int(remap.order[i])
+            slope = (float(edges[j + 1]) - float(edges[j])) / (high - low)
+            assert torch.all(torch.diff(y) > 0)
+            torch.testing.assert_close(torch.diff(y), torch.diff(x) * slope)
+            torch.testing.assert_close(y[0], edges[j])  # segment start -> target start
+
+
+def test_shuffle_remap_matches_the_papers_equation_8():
+    remap = ShuffleRemap(torch.tensor([-1.0, -0.5, 0.2, 1.0]), torch.tensor([2, 0, 1]))
+    # x = 0.0 lies in segment 1 ([-0.5, 0.2)), which takes segment 0's range [-1, -0.5)
+    expected = (0.0 - -0.5) / (0.2 - -0.5) * (-0.5 - -1.0) + -1.0
+    assert float(remap(torch.tensor([0.0]))) == pytest.approx(expected)
+    assert float(remap(torch.tensor([1.0]))) == pytest.approx(0.2)  # top of the last segment
+
+
+def test_shuffle_remap_is_deterministic_with_a_seed_and_varies_without():
+    x = torch.rand(1000) * 2 - 1
+    torch.testing.assert_close(_remap(3)(x), _remap(3)(x))
+    assert not torch.allclose(_remap(3)(x), _remap(4)(x))
+
+
+def test_shuffle_remap_draws_control_points_in_the_papers_range():
+    counts = {_remap(seed).edges.numel() - 2 for seed in range(200)}
+    assert min(counts) >= 2 and max(counts) <= 50 and len(counts) > 20
+
+
+# --- the evaluator network -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(13, 17, 9), (1, 20, 21), (32, 32, 32)])
+def test_evaluator_runs_on_odd_3d_sizes(shape):
+    net = Evaluator(EvaluatorConfig(width=4, blocks=1))
+    x = torch.rand(1, 1, *shape)
+    assert net(x, x).shape == (1, 1, *shape)
+
+
+def test_evaluator_2d():
+    net = Evaluator(EvaluatorConfig(ndim=2, width=4, blocks=1))
+    x = torch.rand(2, 1, 31, 18)
+    assert net(x, x).shape == (2, 1, 31, 18)
+
+
+# --- weights registry ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def weights_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("CARCTL_WEIGHTS", str(tmp_path))
+    net = Evaluator(EvaluatorConfig(width=4, blocks=1))
+    arch = {"kind": "imse-evaluator", "config": net.config.to_dict()}
+    pretrained.write(net, tmp_path, "tiny", {"architecture": arch})
+    return tmp_path
+
+
+def test_weights_round_trip_through_the_card(weights_dir):
+    model, card = pretrained.load("tiny")
+    assert card.data["architecture"]["config"]["width"] == 4
+    x = torch.rand(1, 1, 8, 8, 8)
+    assert model(x, x).shape == x.shape
+    assert not model.training
+
+
+def test_corrupted_weights_are_refused(weights_dir):
+    path = weights_dir / "tiny.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(pretrained.WeightsError, match="corrupted"):
+        pretrained.load("tiny")
+
+
+def test_weights_that_do_not_fit_the_card_are_refused(weights_dir):
+    card = weights_dir / "tiny.json"
+    data = json.loads(card.read_text())
+    data["architecture"]["config"]["width"] = 8
+    card.write_text(json.dumps(data))
+    with pytest.raises(pretrained.WeightsError, match="architecture"):
+        pretrained.load("tiny")
+
+
+def test_unknown_weights_name(weights_dir):
+    with pytest.raises(pretrained.WeightsError, match="no weights named"):
+        pretrained.load("nothing")
+
+
+def test_shipped_weights_verify():
+    shipped = [c for c in pretrained.cards() if c.path.parent.name == "weights"]
+    assert {c.name for c in shipped} >= {"imse"}
+    for c in shipped:
+        pretrained.verify(c)
+        assert c.data["training"]["command"].startswith("carctl train ")
+        assert "validation" in c.data
+
+
+# --- training --------------------------------------------------------------------------------
+
+
+def _tiny_volumes():
+    from carctl.training.data import Volume
+
+    rng = np.random.default_rng(0)
+    z, y, x = np.mgrid[:40, :40, :40]
+    blob = ((z - 20) ** 2 + (y - 20) ** 2 + (x - 20) ** 2 < 15**2).astype(np.float32)
+    inner = ((z - 17) ** 2 + (y - 22) ** 2 + (x - 19) ** 2 < 6**2).astype(np.float32)
+    image = blob * 0.6 + inner * 0.4 + 0.02 * rng.normal(size=blob.shape).astype(np.float32)
+    labels = (blob + inner).astype(np.int64)
+    return [Volume("blob", array=image * 2 - 1), Volume("labels", labels=labels)]
+
+
+def test_training_batch_label_is_the_difference_of_the_two_views():
+    from carctl.training import imse
+
+    settings = imse.ImseTraining(batch=2, patch=16)
+    batch = imse.make_batch(_tiny_volumes(), settings, torch.Generator().manual_seed(0))
+    assert batch["reference"].shape == (2, 1, 16, 16, 16)
+    assert batch["other"].min() >= -1.2 and batch["other"].max() <= 1.2
+    # x2 - (x2 - x1) is x1, which the remapped input is a function of: same ordering where
+    # the remap is monotone is not guaranteed, but the label is bounded by the range
+    assert batch["target"].abs().max() <= 2
+
+
+def test_a_few_training_steps_reduce_the_loss(tmp_path):
+    from carctl.training import imse
+
+    torch.manual_seed(0)
+    settings = imse.ImseTraining(
+        steps=40,
+        batch=2,
+        patch=16,
+        validate_every=20,
+        learning_rate=3e-3,
+        network=EvaluatorConfig(width=4, blocks=1),
+    )
+    volumes = _tiny_volumes()
+    checks = imse.validation_batches(volumes, settings, count=4)
+    before = imse.validate(Evaluator(settings.network), checks)["l1"]
+    torch.manual_seed(settings.seed)
+    model, metrics = imse.train(settings, volumes, volumes, tmp_path)
+    assert metrics["l1"] < before
+    assert (tmp_path / "model.safetensors").exists() and (tmp_path / "state.json").exists()
+
+
+def test_training_resumes_where_it_stopped(tmp_path):
+    from carctl.training import imse
+
+    settings = imse.ImseTraining(
+        steps=6, batch=1, patch=16, validate_every=3, network=EvaluatorConfig(width=4, blocks=1)
+    )
+    volumes = _tiny_volumes()
+    whole, _ = imse.train(settings, volumes, volumes, tmp_path / "whole")
+
+    def interrupt(step: int, metrics: dict) -> None:
+        if step == 3:  # just after the checkpoint of step 3
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        imse.train(settings, volumes, volumes, tmp_path / "split", progress=interrupt)
+    resumed, _ = imse.train(settings, volumes, volumes, tmp_path / "split", resume=True)
+    for a, b in zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
