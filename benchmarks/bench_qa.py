@@ -124,12 +124,14 @@ def known_deformations(data: Path, model, seed: int, only: list[str] | None = No
                         "size_mm": size,
                         "true_mm": true,
                         "score": result.score,
+                        "mean_error": result.mean_error,
                         "seconds": time.perf_counter() - started,
                     }
                 )
                 print(
                     f"{name:16s} {kind:7s} {size:4.1f} mm  true {true:6.2f} mm  "
-                    f"score {result.score:.4f}  ({rows[-1]['seconds']:.1f} s)",
+                    f"score {result.score:.4f}  mean |E| {result.mean_error:.4f}  "
+                    f"({rows[-1]['seconds']:.1f} s)",
                     flush=True,
                 )
     return rows
@@ -226,6 +228,8 @@ def main() -> None:
     print("\nSpearman rho, QA score vs true mean error:")
     pooled = spearman([r["score"] for r in rows], [r["true_mm"] for r in rows])
     print(f"  pooled over {len(rows)} alignments, {len(by_pair)} pairs: {pooled:.3f}")
+    raw = spearman([r["mean_error"] for r in rows], [r["true_mm"] for r in rows])
+    print(f"  (mean |E| without the sharpness normalisation, pooled: {raw:.3f})")
     for name, group in by_pair.items():
         rho = spearman([r["score"] for r in group], [r["true_mm"] for r in group])
         print(f"  {name:16s} {rho:.3f}")

@@ -5,9 +5,12 @@ foreground (with a margin), isotropic voxels of :func:`carctl.training.data.work
 (the spacing the evaluator was trained at). The moving image is resampled there through the
 transforms under test (through the scanner headers alone for "before"). The evaluator
 predicts the error map ``E(fixed, moved)`` in the fixed image's normalised intensities
-(``[-1, 1]``); the *score* is the mean of ``|E|`` over the anatomy of either image where the
-moving image is present. Higher is worse; the verdict thresholds come with the weights'
-model card (key ``qa``), calibrated by ``benchmarks/bench_qa.py``.
+(``[-1, 1]``). Over the anatomy of either image where the moving image is present, the mean
+``|E|`` divided by the mean ``|grad fixed|`` (per mm) is the *score*: for small misalignments
+``|E| ~ |grad fixed . d|``, so the score reads as a misalignment in mm, comparable between
+sharp and blurry images (an estimate, not a measurement). Higher is worse; the verdict
+thresholds come with the weights' model card (key ``qa``), calibrated by
+``benchmarks/bench_qa.py``.
 """
 
 from __future__ import annotations
@@ -49,9 +52,10 @@ class Pair:
 
 @dataclass(eq=False)
 class Assessment:
-    score: float
+    score: float  # mean |E| over the mask divided by the mean |grad reference| there (mm)
     error: torch.Tensor  # |E| on the working grid, (1, 1, *shape)
     pair: Pair
+    mean_error: float  # mean |E| over the mask (normalised intensity)
 
 
 def working_grid(fixed: Image, mask: np.ndarray | None = None) -> Grid:
@@ -102,13 +106,25 @@ def assess(model: torch.nn.Module, pair: Pair) -> Assessment:
     """The evaluator's error map and score for ``pair`` (no gradients)."""
     with torch.no_grad():
         error = model(pair.reference, pair.other).abs()
-    return Assessment(score_of(error, pair.mask), error, pair)
+    mean_error = masked_mean(error, pair.mask)
+    sharpness = masked_mean(gradient_magnitude(pair.reference, pair.grid), pair.mask)
+    return Assessment(mean_error / max(sharpness, 1e-6), error, pair, mean_error)
 
 
-def score_of(error: torch.Tensor, mask: torch.Tensor) -> float:
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
     if not bool(mask.any()):
         return float("nan")
-    return float(error[mask].mean())
+    return float(values[mask].mean())
+
+
+def gradient_magnitude(image: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """``|grad image|`` per mm (central differences), same shape as ``image``."""
+    spacing = list(reversed(grid.spacing))  # array axes are (z, y, x)
+    axes = [d for d in range(2, image.dim()) if image.shape[d] > 1]
+    if not axes:
+        return torch.zeros_like(image)
+    parts = torch.gradient(image, spacing=[spacing[d - 2] for d in axes], dim=axes)
+    return torch.stack(parts).square().sum(dim=0).sqrt()
 
 
 def verdict(score: float, thresholds: dict) -> str:

@@ -53,6 +53,14 @@ def imse(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the checkpoint in --out.")
     ] = False,
+    stop_at: Annotated[
+        int | None,
+        typer.Option(
+            "--stop-at",
+            help="Stop at this step (checkpoint and weights written; the learning-rate "
+            "schedule stays that of --steps, so --resume later finishes the same run).",
+        ),
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")] = "auto",
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -131,7 +139,14 @@ def imse(
         bar.start()
     try:
         model, metrics = training.train(
-            settings, volumes, validation, out, resume=resume, device=device, progress=progress_fn
+            settings,
+            volumes,
+            validation,
+            out,
+            resume=resume,
+            device=device,
+            progress=progress_fn,
+            stop=stop_at,
         )
     finally:
         if bar is not None:
@@ -152,6 +167,7 @@ def imse(
             "training": {
                 "command": command.strip(),
                 "settings": training._settings_dict(settings),
+                "steps_done": metrics["step"],
                 "data": sorted({v.name.split("@")[0] for v in volumes}),
                 "validation_data": sorted({v.name.split("@")[0] for v in validation}),
                 "device": device,

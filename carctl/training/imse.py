@@ -197,8 +197,10 @@ def train(
     resume: bool = False,
     device: str = "cpu",
     progress: Callable[[int, dict], None] | None = None,
+    stop: int | None = None,
 ) -> tuple[Evaluator, dict]:
-    """Train (or resume) in ``folder``; returns the model and its last validation."""
+    """Train (or resume) in ``folder`` up to ``settings.steps`` (or until step ``stop``,
+    keeping the schedule of the whole run); returns the model and its last validation."""
     torch.manual_seed(settings.seed)
     model = Evaluator(settings.network).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
@@ -209,7 +211,7 @@ def train(
     checks = [{k: v.to(device) for k, v in b.items()} for b in checks]
     metrics = log[-1] if log else {}
     started = time.perf_counter()
-    while step < settings.steps:
+    while step < min(settings.steps, stop if stop is not None else settings.steps):
         generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
         batch = {k: v.to(device) for k, v in make_batch(volumes, settings, generator).items()}
         for group in optimizer.param_groups:
@@ -220,11 +222,11 @@ def train(
         loss.backward()
         optimizer.step()
         step += 1
-        if step % settings.validate_every == 0 or step == settings.steps:
+        if step % settings.validate_every == 0 or step in (settings.steps, stop):
             metrics = {"step": step, "loss": loss.item(), **validate(model, checks)}
             metrics["seconds"] = round(time.perf_counter() - started, 1)
             log.append(metrics)
             save_checkpoint(folder, model, optimizer, step, settings, log)
         if progress is not None:
             progress(step, {"loss": loss.item(), **metrics})
-    return model, metrics
+    return model, {**metrics, "step": step}

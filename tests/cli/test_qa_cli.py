@@ -162,9 +162,11 @@ def test_train_imse_smoke(cli, tmp_path):
     assert card["training"]["settings"]["steps"] == 4
     assert card["training"]["data"] == ["oasis-t1-a/t1.nii.gz"]
     assert card["architecture"]["config"]["width"] == 4
-    resumed = cli(*args, "--steps", "6", "--resume", "-q")
+    resumed = cli(*args, "--steps", "8", "--resume", "--stop-at", "6", "-q")
     assert resumed.code == 0, resumed.err
     assert json.loads((out / "state.json").read_text())["step"] == 6
+    card = json.loads((out / "imse.json").read_text())
+    assert card["training"]["steps_done"] == 6 and card["training"]["settings"]["steps"] == 8
 
 
 def test_register_with_the_imse_loss(cli, tiny_weights, images, tmp_path):
