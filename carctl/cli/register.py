@@ -72,7 +72,10 @@ def command(
         str, typer.Option("--method", help="auto | io | affine | rigid (stages run).")
     ] = "auto",
     loss: Annotated[
-        str, typer.Option("--loss", help="mind | mi | lncc | ncc | mse (mind: any contrast).")
+        str,
+        typer.Option(
+            "--loss", help="mind | mi | lncc | ncc | mse | imse | mind+imse (mind: any contrast)."
+        ),
     ] = "mind",
     diffeomorphic: Annotated[
         bool,

@@ -39,12 +39,12 @@ def imse(
             "--data", help="Data folder (default: ../shared/data or $CARCTL_SHARED_DATA)."
         ),
     ] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Optimiser steps in all.")] = 20000,
+    steps: Annotated[int, typer.Option("--steps", help="Optimiser steps in all.")] = 10000,
     batch: Annotated[int, typer.Option("--batch", help="Samples per step.")] = 2,
     patch: Annotated[int, typer.Option("--patch", help="Crop edge in voxels.")] = 48,
     width: Annotated[int, typer.Option("--width", help="Channels at full resolution.")] = 8,
     blocks: Annotated[int, typer.Option("--blocks", help="Residual blocks at 1/4.")] = 4,
-    learning_rate: Annotated[float, typer.Option("--lr", help="Initial learning rate.")] = 1e-3,
+    learning_rate: Annotated[float, typer.Option("--lr", help="Initial learning rate.")] = 5e-4,
     validate_every: Annotated[
         int, typer.Option("--validate-every", help="Steps between validations and checkpoints.")
     ] = 500,

@@ -72,6 +72,15 @@ LOSSES: dict[str, LossSpec] = {
             pointwise=False,
             linear="mind",
         ),
+        LossSpec(
+            "mind+imse",
+            learned.mind_and_centred,
+            learned.mind_imse_loss,
+            "MIND-SSC plus IMSE (their sum; MIND alone for the rigid and affine stages)",
+            fills_outside=True,
+            pointwise=False,
+            linear="mind",
+        ),
     )
 }
 

@@ -11,7 +11,7 @@ import functools
 
 import torch
 
-from carctl.losses.similarity import weighted_mean
+from carctl.losses.similarity import mind_loss, mind_ssc, weighted_mean
 
 WEIGHTS = "imse"
 
@@ -38,3 +38,17 @@ def imse_loss(
     ``(1, 1, *spatial)`` in ``[-1, 1]``, weighted by ``weight``."""
     model = evaluator(str(fixed.device))
     return weighted_mean(model(fixed, moving).abs(), weight)
+
+
+def mind_and_centred(image: torch.Tensor) -> torch.Tensor:
+    """MIND-SSC descriptors with the ``[-1, 1]`` intensities as one more (last) channel."""
+    return torch.cat([mind_ssc(image), centred(image)], dim=1)
+
+
+def mind_imse_loss(
+    fixed: torch.Tensor, moving: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """MIND-SSC's loss on all channels but the last plus IMSE's on the last (intensities)."""
+    return mind_loss(fixed[:, :-1], moving[:, :-1], weight) + imse_loss(
+        fixed[:, -1:], moving[:, -1:], weight
+    )

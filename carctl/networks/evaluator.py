@@ -84,7 +84,8 @@ class Evaluator(nn.Module):
         x2 = self.blocks(act(self.enc2(x1)))
         film = self.context(x2.flatten(2).mean(dim=2))  # (N, 6w)
         shape = (*film.shape, *([1] * self.config.ndim))
-        s1, b1, s0, b0 = torch.split(film.view(shape), [2 * w, 2 * w, w, w], dim=1)
+        # bounded scales keep the modulation from running away
+        s1, b1, s0, b0 = torch.split(torch.tanh(film).view(shape), [2 * w, 2 * w, w, w], dim=1)
         up = F.interpolate(x2, size=x1.shape[2:], mode=mode, align_corners=False)
         y1 = act(self.dec1(torch.cat([up, x1], dim=1)) * (1 + s1) + b1)
         up = F.interpolate(y1, size=x0.shape[2:], mode=mode, align_corners=False)

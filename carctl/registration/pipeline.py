@@ -46,6 +46,7 @@ DEFAULT_REGULARIZATION = {
     "ncc": 1.0,
     "mse": 0.1,
     "imse": 0.2,
+    "mind+imse": 0.2,
 }
 # The finest level has 2 mm voxels, or this many voxels across a small image (never finer
 # than the image's own).

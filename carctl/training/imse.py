@@ -28,13 +28,16 @@ from carctl.networks.evaluator import Evaluator, EvaluatorConfig, anatomy
 from carctl.registration.levels import gaussian_blur
 from carctl.training import data
 
+# Gradient norm clip (the decoder's feature-wise modulation made plain Adam diverge).
+CLIP = 1.0
+
 
 @dataclass
 class ImseTraining:
     steps: int = 20000
     batch: int = 2
     patch: int = 48
-    learning_rate: float = 1e-3
+    learning_rate: float = 5e-4
     seed: int = 0
     validate_every: int = 500
     max_displacement: float = 8.0  # voxels, largest elastic misalignment drawn
@@ -220,6 +223,7 @@ def train(
         loss = (error - batch["target"]).abs().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         optimizer.step()
         step += 1
         if step % settings.validate_every == 0 or step in (settings.steps, stop):

@@ -169,13 +169,14 @@ def test_train_imse_smoke(cli, tmp_path):
     assert card["training"]["steps_done"] == 6 and card["training"]["settings"]["steps"] == 8
 
 
-def test_register_with_the_imse_loss(cli, tiny_weights, images, tmp_path):
+@pytest.mark.parametrize("loss", ["imse", "mind+imse"])
+def test_register_with_the_imse_loss(cli, tiny_weights, images, tmp_path, loss):
     moving, fixed = images
-    args = ["register", moving, fixed, "-o", tmp_path, "--loss", "imse", "--iterations", "3"]
+    args = ["register", moving, fixed, "-o", tmp_path, "--loss", loss, "--iterations", "3"]
     result = cli(*args, "--no-qa", "--json", "-")
     assert result.code == 0, result.err
     summary = json.loads(result.out)
-    assert summary["loss"] == "imse"
+    assert summary["loss"] == loss
     deformable = next(s for s in summary["stages"] if s["name"] == "deformable")
     assert np.isfinite(deformable["loss_after"])
     # the rigid and affine stages compare MIND features (IMSE is for the deformable stage)

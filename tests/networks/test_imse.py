@@ -72,6 +72,18 @@ def test_evaluator_runs_on_odd_3d_sizes(shape):
     assert net(x, x).shape == (1, 1, *shape)
 
 
+def test_evaluator_modulation_is_bounded():
+    """Regression: unbounded feature-wise scales let training diverge (loss 1e15 at step
+    3000); the scales pass through tanh, so huge context weights cannot blow the output up."""
+    net = Evaluator(EvaluatorConfig(width=4, blocks=1))
+    with torch.no_grad():
+        net.context.weight.fill_(1e6)
+        net.context.bias.fill_(1e6)
+    x = torch.rand(1, 1, 12, 12, 12)
+    assert torch.isfinite(net(x, x)).all()
+    assert net(x, x).abs().max() < 1e3
+
+
 def test_evaluator_2d():
     net = Evaluator(EvaluatorConfig(ndim=2, width=4, blocks=1))
     x = torch.rand(2, 1, 31, 18)
