@@ -160,10 +160,7 @@ def spine(data: Path, model) -> list[dict]:
         points = image.grid.points(dtype=torch.float64).reshape(-1, image.grid.ndim)
         return (points * weights[:, None]).sum(0).numpy() / float(weights.sum())
 
-    shift = centre_of_mass(moving) - centre_of_mass(fixed)
-    matrix = np.eye(4)
-    matrix[:3, 3] = shift
-    com = [Affine(torch.from_numpy(matrix))]
+    com = [Affine(np.eye(3), centre_of_mass(moving) - centre_of_mass(fixed))]
     result = register(moving, fixed, RegistrationOptions())
     rows = []
     grid = qa.working_grid(fixed)
@@ -180,10 +177,15 @@ def spine(data: Path, model) -> list[dict]:
     return rows
 
 
-def calibrate(rows: list[dict]) -> dict:
+# Below this pooled rank correlation the score is not trusted with verdicts.
+MIN_SPEARMAN = 0.8
+
+
+def calibrate(rows: list[dict], pooled: float) -> dict | None:
     """Thresholds on the score: ``suspect`` half-way (in log score) between the median score
     of alignments within 1 mm and that of alignments 2-3 mm off; ``failed`` likewise
-    between 2-3 mm and beyond 5 mm."""
+    between 2-3 mm and beyond 5 mm. None (no verdicts) unless the score tracks the true
+    error (pooled Spearman of at least :data:`MIN_SPEARMAN`) and the medians increase."""
     scores = np.array([r["score"] for r in rows])
     true = np.array([r["true_mm"] for r in rows])
 
@@ -191,6 +193,8 @@ def calibrate(rows: list[dict]) -> dict:
         return float(np.median(scores[(true >= low) & (true < high)]))
 
     good, fair, bad = median(0, 1), median(2, 3), median(5, np.inf)
+    if not (pooled >= MIN_SPEARMAN and good < fair < bad):
+        return None
     return {
         "suspect": float(np.sqrt(good * fair)),
         "failed": float(np.sqrt(fair * bad)),
@@ -237,12 +241,14 @@ def main() -> None:
         group = [r for r in rows if r["kind"] == kind or r["size_mm"] == 0]
         rho = spearman([r["score"] for r in group], [r["true_mm"] for r in group])
         print(f"  kind {kind:11s} {rho:.3f}")
-    thresholds = calibrate(rows) if args.calibrate else card.data.get("qa", {}).get("thresholds")
+    thresholds = card.data.get("qa", {}).get("thresholds")
     if args.calibrate:
+        thresholds = calibrate(rows, pooled)
         data = dict(card.data)
         data["qa"] = {
             "thresholds": thresholds,
-            "calibration": "benchmarks/bench_qa.py --calibrate: see calibrate()",
+            "spearman_pooled": pooled,
+            "calibration": "python benchmarks/bench_qa.py --calibrate (see its calibrate())",
         }
         card.path.write_text(json.dumps(data, indent=2) + "\n")
         print(f"thresholds written to {card.path}: {thresholds}")
@@ -251,7 +257,7 @@ def main() -> None:
         spine_rows = spine(args.data, model)
     print("\nspine T1 -> T2:")
     for r in spine_rows:
-        verdict = qa.verdict(r["score"], thresholds) if thresholds else "-"
+        verdict = qa.verdict(r["score"], thresholds)
         r["verdict"] = verdict
         print(
             f"  {r['alignment']:15s} cord Dice {r['cord_dice']:.3f}  "

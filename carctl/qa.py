@@ -127,8 +127,20 @@ def gradient_magnitude(image: torch.Tensor, grid: Grid) -> torch.Tensor:
     return torch.stack(parts).square().sum(dim=0).sqrt()
 
 
-def verdict(score: float, thresholds: dict) -> str:
-    """``ok`` below ``thresholds['suspect']``, ``failed`` from ``thresholds['failed']`` on."""
+UNCALIBRATED = "uncalibrated"
+
+
+def thresholds_of(card_data: dict) -> dict | None:
+    """The verdict thresholds in a model card, or None when the weights were not calibrated
+    (``benchmarks/bench_qa.py --calibrate`` found no trustworthy thresholds)."""
+    return (card_data.get("qa") or {}).get("thresholds")
+
+
+def verdict(score: float, thresholds: dict | None) -> str:
+    """``ok`` below ``thresholds['suspect']``, ``failed`` from ``thresholds['failed']`` on;
+    ``uncalibrated`` without thresholds."""
+    if thresholds is None:
+        return UNCALIBRATED
     if not np.isfinite(score) or score >= thresholds["failed"]:
         return "failed"
     return "suspect" if score >= thresholds["suspect"] else "ok"

@@ -100,12 +100,15 @@ def command(
         rows += [("error map", outputs["error_map"]), ("overlay", outputs["png"])]
         stdout().print(key_value_table("Quality control (lower is better)", rows))
     ranks = {"ok": 0, "suspect": 1, "failed": 2}
+    if fail_on and result["verdict"] == "uncalibrated":
+        raise UsageError("--fail-on needs calibrated weights; these give no verdict")
     if fail_on and ranks[result["verdict"]] >= ranks[fail_on]:
         raise typer.Exit(FAILED_EXIT)
 
 
 def run(moving, fixed, field, affine, warped, outputs, device, threads, force, inputs) -> dict:
     from carctl import pretrained, qa
+    from carctl.cli.console import stderr
     from carctl.io import atomic_output, read_image, write_image
     from carctl.resample import load_chain
     from carctl.runtime import resolve_device, set_threads
@@ -113,7 +116,12 @@ def run(moving, fixed, field, affine, warped, outputs, device, threads, force, i
     set_threads(threads)
     device = resolve_device(device)
     model, card = pretrained.load(qa.WEIGHTS, device=device)
-    thresholds = card.data["qa"]["thresholds"]
+    thresholds = qa.thresholds_of(card.data)
+    if thresholds is None:
+        stderr().print(
+            "warning: these evaluator weights are not calibrated (no verdict thresholds in "
+            f"{card.path.name}): the score is experimental and the verdict 'uncalibrated'"
+        )
     fixed_image, moving_image = read_image(fixed), read_image(moving)
     grid = qa.working_grid(fixed_image)
     before = qa.assess(model, qa.prepare(fixed_image, moving_image, (), grid, device))

@@ -90,6 +90,20 @@ def test_qa_verdict_thresholds_and_fail_on(cli, tiny_weights, images, tmp_path):
     assert result.code == 3
 
 
+def test_qa_without_calibration_gives_no_verdict(cli, tiny_weights, images, tmp_path):
+    card = tiny_weights / "imse.json"
+    data = json.loads(card.read_text())
+    data["qa"] = {"thresholds": None}
+    card.write_text(json.dumps(data))
+    moving, fixed = images
+    result = cli("qa", moving, fixed, "-o", tmp_path, "--json", "-")
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["verdict"] == "uncalibrated"
+    assert "not calibrated" in result.err
+    result = cli("qa", moving, fixed, "-o", tmp_path, "--fail-on", "failed", "--force", "-q")
+    assert result.code == 2 and "calibrated" in result.err
+
+
 def test_qa_refuses_both_warped_and_field(cli, tiny_weights, images, tmp_path):
     moving, fixed = images
     result = cli("qa", moving, fixed, "-w", fixed, "-f", fixed, "-o", tmp_path)
@@ -124,7 +138,8 @@ def test_translate_writes_an_image_on_the_references_grid(cli, tiny_weights, ima
 
 def test_register_reports_quality_before_and_after(cli, tiny_weights, images, tmp_path):
     moving, fixed = images
-    result = cli("register", moving, fixed, "-o", tmp_path, "--method", "rigid", "--json", "-")
+    args = ["register", moving, fixed, "-o", tmp_path, "--method", "rigid"]
+    result = cli(*args, "--qa", "--json", "-")
     assert result.code == 0, result.err
     summary = json.loads(result.out)
     assert {"before", "after"} <= summary["qa"].keys()
