@@ -37,7 +37,14 @@ def imse_loss(
     """Mean absolute error predicted by the evaluator for ``(fixed, moving)`` images
     ``(1, 1, *spatial)`` in ``[-1, 1]``, weighted by ``weight``."""
     model = evaluator(str(fixed.device))
-    return weighted_mean(model(fixed, moving).abs(), weight)
+    if fixed.dim() - 2 != model.config.ndim:
+        from carctl.errors import InputError
+
+        raise InputError(
+            f"the IMSE evaluator is {model.config.ndim}-D and the images {fixed.dim() - 2}-D"
+        )
+    error = model(fixed.float(), moving.float()).to(fixed.dtype)
+    return weighted_mean(error.abs(), weight)
 
 
 def mind_and_centred(image: torch.Tensor) -> torch.Tensor:
