@@ -54,35 +54,6 @@ def pairs(data: Path) -> list[tuple[str, Path, Path]]:
     ]
 
 
-def mapping(image, mask: np.ndarray, size_mm: float, kind: str, seed: int):
-    """The known pull-back ``phi`` on ``image``'s grid (a DisplacementField)."""
-    import torch
-
-    from carctl.registration.levels import gaussian_blur
-    from carctl.spatial.grid import apply_homogeneous
-    from carctl.spatial.transform import DisplacementField
-    from carctl.synthetic import rigid_matrix, smooth_field
-
-    grid = image.grid
-    points = grid.points()
-    if size_mm == 0:
-        return DisplacementField(grid, torch.zeros((grid.ndim, *grid.shape), dtype=torch.float64))
-    u = smooth_field(grid, size_mm, control_mm=30.0, seed=seed, mask=mask)
-    if kind == "inside":
-        # fade to zero over ~10 mm inside the outline: the outline stays put
-        sigma = [10.0 / s for s in grid.spacing]
-        inner = torch.from_numpy(mask.astype(np.float32))[None, None].double()
-        inner = gaussian_blur(inner, sigma)[0, 0]
-        weight = ((inner - 0.5) * 2).clamp(0, 1)
-        u = u * weight
-        mapped = points + u.movedim(0, -1)
-    else:
-        centre = points[torch.from_numpy(mask)].mean(dim=0).numpy()
-        rigid = rigid_matrix(grid.ndim, size_mm / 2, size_mm / 2, centre, seed)
-        mapped = apply_homogeneous(rigid, points + u.movedim(0, -1))
-    return DisplacementField(grid, (mapped - points).movedim(-1, 0).contiguous())
-
-
 def anatomy_mask(image) -> np.ndarray:
     from carctl.registration.levels import normalise
 
@@ -95,6 +66,7 @@ def known_deformations(data: Path, model, seed: int, only: list[str] | None = No
     from carctl import qa
     from carctl.io import Image, read_image
     from carctl.spatial.sample import warp
+    from carctl.synthetic import known_mapping
 
     rows = []
     for p, (name, a_path, b_path) in enumerate(pairs(data)):
@@ -109,7 +81,13 @@ def known_deformations(data: Path, model, seed: int, only: list[str] | None = No
             for s, size in enumerate(SIZES_MM):
                 if size == 0 and kind != KINDS[0]:
                     continue
-                phi = mapping(a, mask, size, kind, seed + 100 * p + 10 * k + s)
+                # global: field, rotation and translation grow together; inside: the field
+                # alone, faded out over 10 mm inside the outline
+                turn = size / 2 if kind == "global" else 0.0
+                fade = 10.0 if kind == "inside" else None
+                phi = known_mapping(
+                    a.grid, mask, size, turn, turn, seed + 100 * p + 10 * k + s, 30.0, fade
+                )
                 fixed_array = warp(a.tensor(torch.float32), a.grid, a.grid, [phi])[0, 0].numpy()
                 fixed = Image(fixed_array, a.grid)
                 inside = torch.from_numpy(anatomy_mask(fixed))
@@ -139,13 +117,14 @@ def known_deformations(data: Path, model, seed: int, only: list[str] | None = No
 
 def spine(data: Path, model) -> list[dict]:
     """The spine pair through its headers, a centre-of-mass initialisation (deliberately
-    bad here: the two fields of view differ), and carctl's own registration."""
-    import torch
-
+    bad here: the two fields of view differ; the pipeline's own candidate of that name), and
+    carctl's own registration."""
     from carctl import qa
     from carctl.config import RegistrationOptions
     from carctl.io import read_image
     from carctl.metrics import dice
+    from carctl.registration.initialise import centre_of_mass
+    from carctl.registration.levels import normalise
     from carctl.registration.pipeline import register
     from carctl.resample import resample_image
     from carctl.spatial.transform import Affine
@@ -155,18 +134,18 @@ def spine(data: Path, model) -> list[dict]:
     moving_cord = read_image(folder / "t1w_seg-manual.nii.gz")
     fixed_cord = read_image(folder / "t2_seg-manual.nii.gz").array > 0
 
-    def centre_of_mass(image) -> np.ndarray:
-        weights = torch.from_numpy(np.clip(image.array, 0, None).astype(np.float64)).flatten()
-        points = image.grid.points(dtype=torch.float64).reshape(-1, image.grid.ndim)
-        return (points * weights[:, None]).sum(0).numpy() / float(weights.sum())
-
-    com = [Affine(np.eye(3), centre_of_mass(moving) - centre_of_mass(fixed))]
-    result = register(moving, fixed, RegistrationOptions())
+    shift = centre_of_mass(normalise(moving.array), moving.grid) - centre_of_mass(
+        normalise(fixed.array), fixed.grid
+    )
+    chains = {
+        "headers": [],
+        "centre of mass": [Affine(np.eye(3), shift)],
+        "carctl": [register(moving, fixed, RegistrationOptions()).field],
+    }
+    assessments = qa.assess_alignments(model, fixed, [(moving, c) for c in chains.values()])
     rows = []
-    grid = qa.working_grid(fixed)
-    for name, chain in (("headers", []), ("centre of mass", com), ("carctl", [result.field])):
+    for (name, chain), assessment in zip(chains.items(), assessments, strict=True):
         cord = resample_image(moving_cord, fixed.grid, chain, "label").array > 0
-        assessment = qa.assess(model, qa.prepare(fixed, moving, chain, grid))
         rows.append(
             {
                 "alignment": name,

@@ -387,6 +387,13 @@ def image_suffix(path: str | os.PathLike) -> str:
     return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
 
 
+def output_stem(spec: str | os.PathLike, default: str = "moving") -> str:
+    """The name outputs derived from an input take: ``t1w.nii.gz:2`` -> ``t1w``."""
+    path, _ = split_volume(spec)
+    suffix = image_suffix(path)
+    return (path.name[: -len(suffix)] if suffix else path.name) or default
+
+
 def check_output(
     path: str | os.PathLike,
     *,

@@ -122,15 +122,20 @@ def load(name: str, device: str = "cpu"):
     return model.to(device).eval(), c
 
 
-def write(model, folder: Path, name: str, card_data: dict) -> Card:
-    """Save ``model``'s weights as ``folder/name.safetensors`` with its card (sha256 added)."""
+def save_tensors(tensors: dict, path: Path) -> None:
+    """``tensors`` as a safetensors file at ``path``, written atomically."""
     from safetensors.torch import save_file
 
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(path)
+
+
+def write(model, folder: Path, name: str, card_data: dict) -> Card:
+    """Save ``model``'s weights as ``folder/name.safetensors`` with its card (sha256 added)."""
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / f"{name}{WEIGHTS_SUFFIX}"
-    tmp = weights.with_name(f".{weights.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(weights)
+    save_tensors(model.state_dict(), weights)
     data = {"name": name, "file": weights.name, "sha256": sha256(weights), **card_data}
     path = folder / f"{name}{CARD_SUFFIX}"
     tmp = path.with_name(f".{path.name}.tmp")

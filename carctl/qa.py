@@ -1,7 +1,7 @@
 """Label-free quality control of an alignment with IMSE's evaluator.
 
 Both images are brought onto one *working grid*: the fixed image's axes, cropped to its
-foreground (with a margin), isotropic voxels of :func:`carctl.training.data.working_spacing`
+foreground (with a margin), isotropic voxels of :func:`carctl.networks.evaluator.working_spacing`
 (the spacing the evaluator was trained at). The moving image is resampled there through the
 transforms under test (through the scanner headers alone for "before"). The evaluator
 predicts the error map ``E(fixed, moved)`` in the fixed image's normalised intensities
@@ -24,20 +24,31 @@ import numpy as np
 import torch
 
 from carctl.io import Image
-from carctl.networks.evaluator import anatomy
+from carctl.networks.evaluator import anatomy, working_spacing
 from carctl.registration.levels import (
     fixed_level_grid,
     foreground_box,
+    intensity_range,
     normalise,
     resample_band_limited,
+    widened,
 )
 from carctl.spatial.grid import Grid
 from carctl.spatial.sample import warp
 from carctl.spatial.transform import Transform
-from carctl.training.data import working_spacing
 
 WEIGHTS = "imse"
 VERDICTS = ("ok", "suspect", "failed")
+
+
+@dataclass(eq=False)
+class Reference:
+    """The fixed image on the working grid, in ``[-1, 1]``; ``range`` is the pair of fixed
+    intensities mapped to -1 and 1."""
+
+    grid: Grid
+    image: torch.Tensor  # (1, 1, *grid.shape)
+    range: tuple[float, float]
 
 
 @dataclass(eq=False)
@@ -59,27 +70,45 @@ class Assessment:
 
 
 def working_grid(fixed: Image, mask: np.ndarray | None = None) -> Grid:
-    """The fixed image's axes over its foreground box (widened), isotropic working voxels."""
-    low, high = foreground_box(normalise(fixed.array), mask)
-    spacing = np.asarray(fixed.grid.spacing)
-    margin = np.maximum(4 * spacing, 0.05 * (high - low))
-    upper = np.asarray(fixed.grid.size, float) - 1
-    box = (np.clip(low - margin / spacing, 0, upper), np.clip(high + margin / spacing, 0, upper))
-    extent = (box[1] - box[0] + 1) * spacing
-    return fixed_level_grid(fixed.grid, working_spacing(spacing, extent / spacing), box)
+    """The fixed image's axes over its foreground box (with the registration levels' margin),
+    isotropic voxels of :func:`working_spacing`."""
+    box = widened(foreground_box(normalise(fixed.array), mask), fixed.grid)
+    size = box[1] - box[0] + 1
+    return fixed_level_grid(fixed.grid, working_spacing(fixed.grid.spacing, size), box)
 
 
-def _normalised(values: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
-    """Robust ``[-1, 1]`` scaling; percentiles taken over ``select`` when given."""
+def _scaled(
+    values: torch.Tensor, select: torch.Tensor | None = None
+) -> tuple[torch.Tensor, tuple[float, float]]:
+    """``values`` mapped to ``[-1, 1]`` by :func:`intensity_range` (over ``select``), and
+    that range."""
     array = values[0, 0].cpu().numpy()
-    if select is not None and bool(select.any()):
-        sample = array[select[0, 0].cpu().numpy()]
-        low, high = np.percentile(sample, (0.5, 99.5))
-        high = high if high > low else low + 1
-        scaled = np.clip((array - low) / (high - low), 0, 1)
-    else:
-        scaled = normalise(array)
-    return torch.from_numpy(scaled.astype(np.float32) * 2 - 1)[None, None].to(values.device)
+    bounds = intensity_range(array, None if select is None else select[0, 0].cpu().numpy())
+    low, high = bounds or (0.0, 1.0)
+    scaled = np.clip((array - low) / (high - low), 0, 1) * 2 - 1
+    return torch.from_numpy(scaled.astype(np.float32))[None, None].to(values.device), (low, high)
+
+
+def reference_of(fixed: Image, grid: Grid | None = None, device: str = "cpu") -> Reference:
+    """``fixed`` on the working ``grid`` (default :func:`working_grid`), in ``[-1, 1]``."""
+    grid = grid or working_grid(fixed)
+    image, bounds = _scaled(resample_band_limited(fixed.array, fixed.grid, grid, device=device))
+    return Reference(grid, image, bounds)
+
+
+def pair_with(
+    reference: Reference, moving: Image, transforms: Sequence[Transform] = (), device="cpu"
+) -> Pair:
+    """``moving`` through ``transforms`` on the reference's grid, in ``[-1, 1]`` (scaled over
+    where it is present; -1 elsewhere)."""
+    grid = reference.grid
+    moved = resample_band_limited(moving.array, moving.grid, grid, transforms, device=device)
+    ones = torch.ones((1, 1, *moving.grid.shape), device=device)
+    support = warp(ones, moving.grid, grid, transforms) > 0.5
+    other, _ = _scaled(moved, support)
+    other = torch.where(support, other, torch.full_like(other, -1.0))
+    mask = (anatomy(reference.image) | anatomy(other)) & support
+    return Pair(grid, reference.image, other, mask)
 
 
 def prepare(
@@ -89,17 +118,20 @@ def prepare(
     grid: Grid | None = None,
     device: str = "cpu",
 ) -> Pair:
-    """Fixed and moving (through ``transforms``) on the working ``grid`` (default
-    :func:`working_grid`), normalised to ``[-1, 1]``."""
-    grid = grid or working_grid(fixed)
-    reference = _normalised(resample_band_limited(fixed.array, fixed.grid, grid, device=device))
-    moved = resample_band_limited(moving.array, moving.grid, grid, transforms, device=device)
-    ones = torch.ones((1, 1, *moving.grid.shape), device=device)
-    support = warp(ones, moving.grid, grid, transforms) > 0.5
-    other = _normalised(moved, support)
-    other = torch.where(support, other, torch.full_like(other, -1.0))
-    mask = (anatomy(reference) | anatomy(other)) & support
-    return Pair(grid, reference, other, mask)
+    """Fixed and moving (through ``transforms``) on the working ``grid``, in ``[-1, 1]``."""
+    return pair_with(reference_of(fixed, grid, device), moving, transforms, device)
+
+
+def assess_alignments(
+    model: torch.nn.Module,
+    fixed: Image,
+    alignments: Sequence[tuple[Image, Sequence[Transform]]],
+    device: str = "cpu",
+) -> list[Assessment]:
+    """One :class:`Assessment` per ``(moving image, transforms)``, all on one working grid
+    with the fixed image resampled once."""
+    reference = reference_of(fixed, device=device)
+    return [assess(model, pair_with(reference, m, chain, device)) for m, chain in alignments]
 
 
 def assess(model: torch.nn.Module, pair: Pair) -> Assessment:
@@ -160,31 +192,28 @@ def _heat(values: np.ndarray) -> np.ndarray:
     return np.clip(np.concatenate([3 * v, 3 * v - 1, 3 * v - 2], axis=-1), 0, 1)
 
 
-def overlay(assessments: Sequence[Assessment], scale: float | None = None) -> np.ndarray:
-    """Rows of three orthogonal slices (through the anatomy's centre) of the fixed image in
-    grey with ``|E|`` blended as heat, one row per assessment: ``(H, W, 3)`` uint8."""
-    first = assessments[0].pair
-    mask = first.mask[0, 0].cpu().numpy()
-    centre = [int(np.round(np.mean(w))) for w in np.nonzero(mask)] if mask.any() else None
+def overlay(assessments: Sequence[Assessment]) -> np.ndarray:
+    """Rows of three orthogonal slices (through the anatomy's centre; a 2-D image whole) of
+    the fixed image in grey with ``|E|`` blended as heat, one row per assessment, one colour
+    scale for all: ``(H, W, 3)`` uint8."""
+    mask = assessments[0].pair.mask[0, 0].cpu().numpy()
+    centre = [int(np.round(w.mean())) for w in np.nonzero(mask)] if mask.any() else None
     centre = centre or [n // 2 for n in mask.shape]
+
+    def slices(volume: np.ndarray) -> list[np.ndarray]:
+        if volume.ndim == 2:
+            return [volume]
+        return [np.take(volume, c, axis=axis) for axis, c in enumerate(centre)]
+
     errors = [a.error[0, 0].cpu().numpy() for a in assessments]
-    top = scale or max(float(np.percentile(e[mask], 99)) if mask.any() else 1.0 for e in errors)
+    top = max(float(np.percentile(e[mask], 99)) if mask.any() else 1.0 for e in errors)
     rows = []
     for a, error in zip(assessments, errors, strict=True):
         grey = (a.pair.reference[0, 0].cpu().numpy() + 1) / 2
         panels = []
-        for axis in range(grey.ndim):
-            take = (
-                (lambda x, axis=axis: np.take(x, centre[axis], axis=axis))
-                if grey.ndim == 3
-                else (lambda x: x)
-            )
-            g, e = take(grey), take(error) / max(top, 1e-6)
+        for g, e in zip(slices(grey), slices(error / max(top, 1e-6)), strict=True):
             alpha = np.clip(e, 0, 1)[..., None] * 0.8
-            rgb = (1 - alpha) * g[..., None] + alpha * _heat(e)
-            panels.append(_resize(np.flipud(rgb), a.pair.grid, axis))
-            if grey.ndim == 2:
-                break
+            panels.append(_enlarged(np.flipud((1 - alpha) * g[..., None] + alpha * _heat(e))))
         height = max(p.shape[0] for p in panels)
         panels = [np.pad(p, ((0, height - p.shape[0]), (0, 2), (0, 0))) for p in panels]
         rows.append(np.concatenate(panels, axis=1))
@@ -193,7 +222,7 @@ def overlay(assessments: Sequence[Assessment], scale: float | None = None) -> np
     return (np.concatenate(rows, axis=0) * 255).round().astype(np.uint8)
 
 
-def _resize(rgb: np.ndarray, grid: Grid, axis: int) -> np.ndarray:
+def _enlarged(rgb: np.ndarray) -> np.ndarray:
     """Nearest-neighbour upscaling so that the panel is at least 192 pixels high."""
     factor = max(1, int(np.ceil(192 / rgb.shape[0])))
     return rgb.repeat(factor, axis=0).repeat(factor, axis=1)

@@ -64,6 +64,34 @@ def rigid_matrix(
     return about(rotation, center, shift)
 
 
+def known_mapping(
+    grid: Grid,
+    mask: np.ndarray,
+    rms_mm: float,
+    degrees: float,
+    translation_mm: float,
+    seed: int = 0,
+    control_mm: float = 40.0,
+    fade_mm: float | None = None,
+) -> DisplacementField:
+    """``phi(x) = R(x + u(x)) + t`` on ``grid``: ``u`` from :func:`smooth_field` (RMS
+    ``rms_mm`` inside ``mask``), ``R, t`` from :func:`rigid_matrix` about the mask's centre.
+    With ``fade_mm``, ``u`` fades to zero over that distance inside the mask's outline (the
+    outline stays put, the inside moves)."""
+    u = smooth_field(grid, rms_mm, control_mm, seed=seed, mask=mask)
+    if fade_mm is not None:
+        from carctl.registration.levels import gaussian_blur
+
+        inner = torch.from_numpy(mask.astype(np.float64))[None, None]
+        inner = gaussian_blur(inner, [fade_mm / s for s in grid.spacing])[0, 0]
+        u = u * ((inner - 0.5) * 2).clamp(0, 1)
+    points = grid.points()
+    center = points[torch.from_numpy(mask > 0)].mean(dim=0).numpy()
+    rigid = rigid_matrix(grid.ndim, degrees, translation_mm, center, seed)
+    mapped = apply_homogeneous(rigid, points + u.movedim(0, -1))
+    return DisplacementField(grid, (mapped - points).movedim(-1, 0).contiguous())
+
+
 @dataclass(eq=False)
 class KnownPair:
     fixed: Image  # ``a`` warped by ``truth``
@@ -81,15 +109,9 @@ def known_pair(
     translation_mm: float = 4.0,
     seed: int = 0,
 ) -> KnownPair:
-    """Warp ``a`` by ``phi(x) = R(x + u(x)) + t`` (``u`` from :func:`smooth_field`)."""
+    """Warp ``a`` by the mapping of :func:`known_mapping`."""
     grid = a.grid
-    u = smooth_field(grid, rms_mm, seed=seed, mask=mask)
-    points = grid.points()
-    select = torch.from_numpy(mask > 0)
-    center = points[select].mean(dim=0).numpy()
-    rigid = rigid_matrix(grid.ndim, degrees, translation_mm, center, seed)
-    mapped = apply_homogeneous(rigid, points + u.movedim(0, -1))
-    truth = DisplacementField(grid, (mapped - points).movedim(-1, 0).contiguous())
+    truth = known_mapping(grid, mask, rms_mm, degrees, translation_mm, seed)
     fixed = warp(a.tensor(torch.float32), grid, grid, [truth])[0, 0].numpy()
     warped_mask = warp(
         torch.from_numpy(mask.astype(np.uint8))[None, None], grid, grid, [truth], mode="nearest"

@@ -12,14 +12,6 @@ NAME = "qa"
 FAILED_EXIT = 3
 
 
-def _stem(path: str) -> str:
-    from carctl.io import image_suffix, split_volume
-
-    p, _ = split_volume(path)
-    suffix = image_suffix(p)
-    return (p.name[: -len(suffix)] if suffix else p.name) or "moving"
-
-
 def command(
     moving: Annotated[str, typer.Argument(help="The moving image (as given to register).")],
     fixed: Annotated[str, typer.Argument(help="The fixed image.")],
@@ -67,13 +59,13 @@ def command(
     """
     from carctl.cli.console import emit_json, key_value_table, stdout
     from carctl.errors import UsageError
-    from carctl.io import check_output
+    from carctl.io import check_output, output_stem
 
     if warped and (field or affine):
         raise UsageError("give either --warped or --field/--affine, not both")
     if fail_on not in (None, "suspect", "failed"):
         raise UsageError("--fail-on takes suspect or failed")
-    stem = _stem(moving)
+    stem = output_stem(moving)
     outputs = {
         "error_map": error_map or str(out_dir / f"{stem}_qa.nii.gz"),
         "png": png or str(out_dir / f"{stem}_qa.png"),
@@ -84,6 +76,11 @@ def command(
     if json_out not in (None, "-"):
         check_output(json_out, force=force, inputs=inputs, extensions=(".json",))
 
+    if fail_on:  # refused before any work when the weights give no verdict
+        from carctl import pretrained, qa
+
+        if qa.thresholds_of(pretrained.card(qa.WEIGHTS).data) is None:
+            raise UsageError("--fail-on needs calibrated weights; these give no verdict")
     result = run(moving, fixed, field, affine, warped, outputs, device, threads, force, inputs)
     emit_json(result, json_out, force=force, inputs=inputs)
     if not quiet and json_out != "-":
@@ -100,8 +97,6 @@ def command(
         rows += [("error map", outputs["error_map"]), ("overlay", outputs["png"])]
         stdout().print(key_value_table("Quality control (lower is better)", rows))
     ranks = {"ok": 0, "suspect": 1, "failed": 2}
-    if fail_on and result["verdict"] == "uncalibrated":
-        raise UsageError("--fail-on needs calibrated weights; these give no verdict")
     if fail_on and ranks[result["verdict"]] >= ranks[fail_on]:
         raise typer.Exit(FAILED_EXIT)
 
@@ -122,20 +117,14 @@ def run(moving, fixed, field, affine, warped, outputs, device, threads, force, i
             "warning: these evaluator weights are not calibrated (no verdict thresholds in "
             f"{card.path.name}): the score is experimental and the verdict 'uncalibrated'"
         )
-    fixed_image, moving_image = read_image(fixed), read_image(moving)
-    grid = qa.working_grid(fixed_image)
-    before = qa.assess(model, qa.prepare(fixed_image, moving_image, (), grid, device))
-    assessments = [before]
+    moving_image = read_image(moving)
+    alignments = [(moving_image, [])]  # through the headers
     if field or affine:
-        chain = load_chain(field, affine)
-        assessments.append(
-            qa.assess(model, qa.prepare(fixed_image, moving_image, chain, grid, device))
-        )
+        alignments.append((moving_image, load_chain(field, affine)))
     elif warped:
-        assessments.append(
-            qa.assess(model, qa.prepare(fixed_image, read_image(warped), (), grid, device))
-        )
-    last = assessments[-1]
+        alignments.append((read_image(warped), []))
+    assessments = qa.assess_alignments(model, read_image(fixed), alignments, device)
+    before, last = assessments[0], assessments[-1]
     write_image(qa.error_image(last), outputs["error_map"], force=force, inputs=inputs)
     with atomic_output(outputs["png"], force=force, inputs=inputs, extensions=(".png",)) as tmp:
         tmp.write_bytes(qa.png_bytes(qa.overlay(assessments)))

@@ -16,11 +16,9 @@ NAME = "register"
 
 def _default_names(moving: str) -> dict[str, str]:
     """Output names from the moving image's: ``t1w.nii.gz`` -> ``t1w_warped.nii.gz``, ..."""
-    from carctl.io import image_suffix, split_volume
+    from carctl.io import output_stem
 
-    path, _ = split_volume(moving)
-    suffix = image_suffix(path)
-    stem = (path.name[: -len(suffix)] if suffix else path.name) or "moving"
+    stem = output_stem(moving)
     return {
         "warped": f"{stem}_warped.nii.gz",
         "field": f"{stem}_field.nii",  # floats barely compress; gzip costs seconds
@@ -275,11 +273,13 @@ def _quality(moving, fixed, result, device: str, console) -> dict:
         console.print(f"warning: quality control skipped: {error}")
         return {"skipped": str(error)}
     thresholds = qa.thresholds_of(card.data)
-    grid = qa.working_grid(fixed)
-    out = {}
-    for name, chain in (("before", []), ("after", [result.field])):
-        score = qa.assess(model, qa.prepare(fixed, moving, chain, grid, device)).score
-        out[name] = {"score": score, "verdict": qa.verdict(score, thresholds)}
+    alignments = [(moving, []), (moving, [result.field])]
+    out = {
+        name: {"score": a.score, "verdict": qa.verdict(a.score, thresholds)}
+        for name, a in zip(
+            ("before", "after"), qa.assess_alignments(model, fixed, alignments, device), strict=True
+        )
+    }
     out["seconds"] = round(time.perf_counter() - started, 3)
     if thresholds is not None and out["after"]["score"] > out["before"]["score"]:
         console.print(

@@ -32,23 +32,19 @@ def command(
     import torch
 
     from carctl import pretrained, qa
-    from carctl.cli.qa import _stem
-    from carctl.io import Image, check_output, read_image, write_image
-    from carctl.registration.levels import resample_band_limited
+    from carctl.io import Image, check_output, output_stem, read_image, write_image
     from carctl.runtime import resolve_device, set_threads
 
-    out = out or f"{_stem(image)}_translated.nii.gz"
+    out = out or f"{output_stem(image, 'image')}_translated.nii.gz"
     check_output(out, force=force, inputs=[image, reference])
     set_threads(threads)
     device = resolve_device(device)
     model, _ = pretrained.load(qa.WEIGHTS, device=device)
-    ref, other = read_image(reference), read_image(image)
-    pair = qa.prepare(ref, other, device=device)
+    ref = qa.reference_of(read_image(reference), device=device)
+    pair = qa.pair_with(ref, read_image(image), device=device)
     with torch.no_grad():
         translated = (pair.reference - model(pair.reference, pair.other)).clamp(-1, 1)
-    # back to the reference's intensities (the scaling qa.prepare used)
-    raw = resample_band_limited(ref.array, ref.grid, pair.grid, device=device)[0, 0].cpu().numpy()
-    low, high = np.percentile(raw, (0.5, 99.5))
+    low, high = ref.range  # back to the reference's intensities
     values = low + (translated[0, 0].cpu().numpy() + 1) / 2 * (high - low)
     write_image(
         Image(values.astype(np.float32), pair.grid), out, force=force, inputs=[image, reference]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,6 +25,18 @@ class EvaluatorConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# At most this many voxels on the grid the evaluator works on.
+WORKING_VOXELS = 1 << 20
+
+
+def working_spacing(spacing, size) -> float:
+    """Isotropic spacing (mm) of the grid the evaluator works on, in training and inference:
+    the image's finest ``spacing``, coarsened until ``size`` voxels of it (the field of
+    view) fit in :data:`WORKING_VOXELS`."""
+    extent = float(np.prod(np.asarray(size) * np.asarray(spacing)))
+    return max(min(spacing), (extent / WORKING_VOXELS) ** (1 / 3))
 
 
 # Intensity (in [-1, 1]) above which a voxel counts as anatomy: a tenth of the range.

@@ -34,17 +34,29 @@ _FOREGROUND = 0.05
 _MARGIN_MM, _MARGIN_FRACTION = 8.0, 0.1
 
 
-def normalise(array: np.ndarray) -> np.ndarray:
-    """Robustly rescale intensities to ``[0, 1]`` (float32)."""
-    values = array.astype(np.float32, copy=False).ravel()
+def intensity_range(
+    array: np.ndarray, select: np.ndarray | None = None
+) -> tuple[float, float] | None:
+    """The robust range (percentiles :data:`_PERCENTILES`) of ``array``'s finite values (only
+    where ``select`` is true, when given and not empty); ``high > low``, or None when there
+    is no finite value."""
+    values = array if select is None or not select.any() else array[select]
+    values = values.astype(np.float32, copy=False).ravel()
     if values.size > (1 << 20):
         values = values[:: values.size // (1 << 20)]
     finite = values[np.isfinite(values)]
     if finite.size == 0:
+        return None
+    low, high = (float(v) for v in np.percentile(finite, _PERCENTILES))
+    return low, (high if high > low else low + 1.0)
+
+
+def normalise(array: np.ndarray, select: np.ndarray | None = None) -> np.ndarray:
+    """Robustly rescale intensities to ``[0, 1]`` (float32), with :func:`intensity_range`."""
+    bounds = intensity_range(array, select)
+    if bounds is None:
         return np.zeros(array.shape, np.float32)
-    low, high = np.percentile(finite, _PERCENTILES)
-    if high <= low:
-        high = low + 1.0
+    low, high = bounds
     out = (np.nan_to_num(array.astype(np.float32)) - low) / (high - low)
     return np.clip(out, 0.0, 1.0, out=out)
 
@@ -264,8 +276,8 @@ def build_level(
     The fixed working grid covers ``box`` and the moving one ``moving_box`` (index corners,
     the whole moving image when None), each widened by a margin; beyond them the moving
     image counts as absent."""
-    fine = fixed_level_grid(fixed_grid, spacing / OVERSAMPLE, _widened(box, fixed_grid))
-    m_box = None if moving_box is None else _widened(moving_box, moving_grid)
+    fine = fixed_level_grid(fixed_grid, spacing / OVERSAMPLE, widened(box, fixed_grid))
+    m_box = None if moving_box is None else widened(moving_box, moving_grid)
     direction = fixed_grid.direction_matrix
     m_fine = moving_level_grid(moving_grid, direction, np.asarray(fine.spacing), m_box)
 
@@ -326,7 +338,8 @@ def inside(image: Grid, grid: Grid) -> torch.Tensor:
     return (1.0 - beyond).clamp_min(0.0).prod(dim=-1).float()[None, None]
 
 
-def _widened(box: tuple[np.ndarray, np.ndarray], grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+def widened(box: tuple[np.ndarray, np.ndarray], grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+    """An index ``box`` of ``grid`` widened by the margin (mm or fraction), kept inside."""
     low, high = (np.asarray(b, float) for b in box)
     spacing = np.asarray(grid.spacing)
     margin = np.maximum(_MARGIN_MM / spacing, _MARGIN_FRACTION * (high - low))

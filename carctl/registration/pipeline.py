@@ -123,9 +123,9 @@ class _State:
     generator: torch.Generator = field(default_factory=torch.Generator)
     _levels: dict = field(default_factory=dict)
 
-    def budget(self, voxels: int) -> int | None:
-        """Voxels per stochastic step for the chosen loss (None: every voxel)."""
-        return voxels if self.spec.pointwise else None
+    def budget(self, voxels: int, spec: LossSpec | None = None) -> int | None:
+        """Voxels per stochastic step for the chosen loss or ``spec`` (None: every voxel)."""
+        return voxels if (spec or self.spec).pointwise else None
 
     def level(self, spacing: float, loss: str | None = None) -> Level:
         spec = loss_spec(loss) if loss else self.spec
@@ -211,7 +211,7 @@ def _linear_stage(name: str, affine: bool) -> Callable[[_State, Progress], Stage
                     iterations,
                     state.radius,
                     progress.advance,
-                    LINEAR_VOXELS if spec.pointwise else None,
+                    state.budget(LINEAR_VOXELS, spec),
                     state.generator,
                 )
             )

@@ -1,9 +1,10 @@
 """Training volumes: real scans and label maps from a data folder, resampled to isotropic
 voxels and normalised to ``[-1, 1]``, and random smooth spatial transforms in voxel units.
 
-Networks trained here work in voxel units on a working grid (see :mod:`carctl.qa` for the
-grid chosen at inference), so each volume is kept at its working spacing and at 1.5 times
-that, which teaches the network a range of anatomical scales.
+Networks trained here work in voxel units on a working grid
+(:func:`carctl.networks.evaluator.working_spacing`, as at inference), so each volume is kept
+at its working spacing and at 1.5 times that, which teaches the network a range of
+anatomical scales.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from carctl.io import Image, read_image
-from carctl.registration.levels import normalise
+from carctl.networks.evaluator import working_spacing
+from carctl.registration.levels import gaussian_blur, normalise
 
 # Folders of ../shared/data used for training. The known-alignment sets that the QA and
 # registration benchmarks score (BraTS, the SPM avg152 templates, the cardiac contrasts) are
@@ -43,16 +45,6 @@ TRAINING_LABELS = (
     "brain-templates-2mm/labels_Neuromorphometrics.nii",
 )
 VALIDATION_IMAGES = ("ct-mr-pat002/pat002_ct.hdr", "ct-mr-pat002/pat002_mr_T2.hdr")
-
-# At most this many voxels at a volume's working spacing.
-WORKING_VOXELS = 1 << 20
-
-
-def working_spacing(image_spacing, size) -> float:
-    """Isotropic spacing (mm) of the grid a network works on: the image's finest spacing,
-    coarsened until the field of view holds at most :data:`WORKING_VOXELS` voxels."""
-    extent = float(np.prod(np.asarray(size) * np.asarray(image_spacing)))
-    return max(min(image_spacing), (extent / WORKING_VOXELS) ** (1 / 3))
 
 
 @dataclass(eq=False)
@@ -150,8 +142,6 @@ def _crop(
 
 def painted(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """An image from a label map: a random intensity per label, blurred, noisy, in [-1, 1]."""
-    from carctl.registration.levels import gaussian_blur
-
     values = torch.rand(int(labels.max()) + 1, generator=generator) * 2 - 1
     image = values[labels][None, None]
     sigma = float(torch.rand((), generator=generator)) + 0.3

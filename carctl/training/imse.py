@@ -150,16 +150,11 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tens
 def save_checkpoint(
     folder: Path, model: Evaluator, optimizer, step: int, settings: ImseTraining, log: list
 ) -> None:
-    from safetensors.torch import save_file
+    from carctl.pretrained import save_tensors
 
     folder.mkdir(parents=True, exist_ok=True)
-    for name, tensors in (
-        ("model", model.state_dict()),
-        ("optimizer", _optimizer_tensors(optimizer)),
-    ):
-        tmp = folder / f".{name}.safetensors.tmp"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-        tmp.replace(folder / f"{name}.safetensors")
+    save_tensors(model.state_dict(), folder / "model.safetensors")
+    save_tensors(_optimizer_tensors(optimizer), folder / "optimizer.safetensors")
     state = {"step": step, "settings": _settings_dict(settings), "log": log}
     tmp = folder / ".state.json.tmp"
     tmp.write_text(json.dumps(state, indent=1))
