@@ -238,7 +238,7 @@ def test_shipped_evaluator_score_grows_with_a_shift_of_the_same_image():
 
 UNDERTRAINED = (
     "the shipped evaluator is undertrained (10k steps, 52 min on 2 CPU cores): it does not "
-    "yet track misalignment across contrasts (bench_qa pooled Spearman -0.01)"
+    "yet track misalignment across contrasts (bench_qa pooled Spearman -0.02)"
 )
 
 
