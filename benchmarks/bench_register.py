@@ -1,6 +1,7 @@
 """Benchmark: registration accuracy, time and memory of carctl and three peers, side by side.
 
-Methods: carctl (``register`` with default options), ANTs (antspyx,
+Methods: carctl (``register`` with default options; ``carctl-net``, ``carctl-io`` and
+``carctl-affine`` run its other ``--method`` choices when asked for), ANTs (antspyx,
 ``antsRegistrationSyNQuick[s]``: rigid + affine + SyN, all on Mattes MI), elastix (itk-elastix
 default ``affine`` + ``bspline`` maps, AdvancedMattesMutualInformation) and convexAdam (defaults,
 MIND-SSC; the moving image is first resampled onto the fixed grid through the headers, since
@@ -30,6 +31,7 @@ The row ``header`` is the identity mapping through the scanner headers (no regis
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -81,7 +83,7 @@ def label_output(out: Path, name: str) -> Path:
     return out / f"label_{name}.nii.gz"
 
 
-def run_carctl(case: dict, out: Path, threads: int) -> Clock:
+def run_carctl(case: dict, out: Path, threads: int, method: str = "auto") -> Clock:
     from carctl.config import RegistrationOptions
     from carctl.io import read_image, write_image
     from carctl.registration.pipeline import register
@@ -92,7 +94,8 @@ def run_carctl(case: dict, out: Path, threads: int) -> Clock:
     set_threads(threads)
     moving, fixed = read_image(case["moving"]), read_image(case["fixed"])
     with Clock() as clock:
-        result = register(moving, fixed, RegistrationOptions(loss=case["carctl_loss"]))
+        options = RegistrationOptions(method=method, loss=case["carctl_loss"])
+        result = register(moving, fixed, options)
     write_field(result.field, out / FIELD)
     write_image(resample_image(moving, fixed.grid, [result.field]), out / WARPED)
     for name, path in case["labels"].items():
@@ -190,6 +193,10 @@ def run_convexadam(case: dict, out: Path, threads: int) -> Clock:
 
 METHODS: dict[str, Callable[[dict, Path, int], Clock]] = {
     "carctl": run_carctl,
+    # carctl's other --method choices (not run unless asked for with --methods)
+    "carctl-net": functools.partial(run_carctl, method="net"),
+    "carctl-io": functools.partial(run_carctl, method="io"),
+    "carctl-affine": functools.partial(run_carctl, method="affine"),
     "ants": run_ants,
     "elastix": run_elastix,
     "convexadam": run_convexadam,
@@ -603,7 +610,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=HERE.parent.parent / "shared" / "data")
     parser.add_argument("--pairs", nargs="+", help="pair names or prefixes (default: all)")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    peers = [m for m in METHODS if not m.startswith("carctl-")]
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=peers)
     parser.add_argument("--prostate-cases", type=int, help="at most this many prostate cases")
     parser.add_argument("--quick", action="store_true", help="spine and one prostate case only")
     parser.add_argument("--threads", type=int, default=2)

@@ -4,6 +4,11 @@
 range ``[-1, 1]`` is cut at random control points into segments, the segments are shuffled,
 and every voxel is mapped linearly from its segment onto the segment that took its place
 (Eq. 8). The transform itself is deterministic; :meth:`ShuffleRemap.random` draws one.
+
+:class:`RandomConvolution` is CAR's contrast augmentation (Section 2.1): a stack of 1x1(x1)
+convolutions with kernel weights drawn from ``U(0, 10)`` and shifted to zero mean,
+LeakyReLU(0.2) after each; a per-voxel random non-linear intensity mapping that keeps every
+edge where it is. :meth:`RandomConvolution.random` draws one.
 """
 
 from __future__ import annotations
@@ -11,9 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 # The paper's range for the number of control points (Section 4.2, Table 3).
 CONTROL_POINTS = (2, 50)
+# CAR's random convolutions: layers, hidden channels, kernel weights drawn from U(0, HIGH).
+RC_LAYERS, RC_CHANNELS, RC_HIGH = 4, 8, 10.0
 
 
 @dataclass(frozen=True)
@@ -58,3 +66,51 @@ class ShuffleRemap:
         new_low, new_high = edges[target], edges[target + 1]
         fraction = (x - low) / (high - low).clamp_min(torch.finfo(image.dtype).tiny)
         return (new_low + fraction * (new_high - new_low)).clamp(-1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class RandomConvolution:
+    """Stacked 1x1 convolutions ``1 -> C -> ... -> C -> 1`` (``weights[k]`` is
+    ``(out, in)``), LeakyReLU(0.2) after each, the result rescaled to ``[0, 1]``.
+
+    A bias-free stack of 1x1 convolutions and LeakyReLUs is positively homogeneous
+    (``f(a x) = a f(x)`` for ``a > 0``), i.e. *linear* on a non-negative image. So the input is
+    standardised, and before each activation every channel is standardised over the image
+    and shifted by ``shifts[k]`` (drawn from ``U(-1, 1)``): the kinks of the activations fall
+    inside the intensity range and the stack maps intensities non-linearly, even
+    non-monotonically, as contrasts of real modalities do.
+    """
+
+    weights: tuple[torch.Tensor, ...]
+    shifts: tuple[torch.Tensor, ...]
+
+    @classmethod
+    def random(
+        cls,
+        generator: torch.Generator | None = None,
+        layers: int = RC_LAYERS,
+        channels: int = RC_CHANNELS,
+    ) -> RandomConvolution:
+        """Kernel weights of each layer from ``U(0, 10)``, then shifted to zero mean."""
+        sizes = [1] + [channels] * (layers - 1) + [1]
+        weights, shifts = [], []
+        for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
+            w = torch.rand(n_out, n_in, generator=generator, dtype=torch.float64) * RC_HIGH
+            weights.append(w - w.mean())
+            shifts.append(torch.rand(n_out, generator=generator, dtype=torch.float64) * 2 - 1)
+        return cls(tuple(weights), tuple(shifts))
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        """``image`` ``(N, 1, *spatial)`` in a new contrast, each sample rescaled to
+        ``[0, 1]`` (a constant result becomes zeros)."""
+        x = image.flatten(2).movedim(1, -1)  # (N, voxels, channels): a matrix product per voxel
+
+        def standardised(t: torch.Tensor) -> torch.Tensor:
+            return (t - t.mean(dim=1, keepdim=True)) / t.std(dim=1, keepdim=True).clamp_min(1e-6)
+
+        x = standardised(x)
+        for w, b in zip(self.weights, self.shifts, strict=True):
+            x = F.leaky_relu(standardised(x @ w.to(x).T) + b.to(x), 0.2)
+        low, high = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
+        x = (x - low) / (high - low).clamp_min(1e-12)
+        return x.movedim(-1, 1).reshape(image.shape)

@@ -101,6 +101,10 @@ def build(architecture: dict):
         from carctl.networks.evaluator import Evaluator, EvaluatorConfig
 
         return Evaluator(EvaluatorConfig(**architecture["config"]))
+    if kind == "car-registration":
+        from carctl.networks.car import CarConfig, CarNet
+
+        return CarNet(CarConfig(**architecture["config"]))
     raise WeightsError(f"unknown architecture {kind!r}")
 
 

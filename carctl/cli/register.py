@@ -67,7 +67,12 @@ def command(
         str | None, typer.Option("--moving-mask", help="Only voxels inside count (moving space).")
     ] = None,
     method: Annotated[
-        str, typer.Option("--method", help="auto | io | affine | rigid (stages run).")
+        str,
+        typer.Option(
+            "--method",
+            help="auto (affine, network, short optimisation) | net (affine, network) | io "
+            "(affine, optimisation) | affine | rigid.",
+        ),
     ] = "auto",
     loss: Annotated[
         str,
@@ -106,7 +111,8 @@ def command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.")] = False,
 ) -> None:
-    """Align MOVING to FIXED: initialisation, rigid, affine, then deformable optimisation.
+    """Align MOVING to FIXED: initialisation, rigid, affine, the pretrained network, then
+    deformable optimisation.
 
     Writes the warped image, the whole mapping as one displacement field and the affine part
     (ITK/ANTs conventions: LPS mm, pull-back from fixed to moving), and prints a summary.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -28,48 +29,36 @@ def _default_data() -> Path:
     return Path("../shared/data")
 
 
-@app.command("imse")
-def imse(
-    out: Annotated[
-        Path, typer.Option("--out", "-o", help="Folder for checkpoints, weights and card.")
-    ] = Path("runs/imse"),
-    data_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--data", help="Data folder (default: ../shared/data or $CARCTL_SHARED_DATA)."
-        ),
-    ] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Optimiser steps in all.")] = 10000,
-    batch: Annotated[int, typer.Option("--batch", help="Samples per step.")] = 2,
-    patch: Annotated[int, typer.Option("--patch", help="Crop edge in voxels.")] = 48,
-    width: Annotated[int, typer.Option("--width", help="Channels at full resolution.")] = 8,
-    blocks: Annotated[int, typer.Option("--blocks", help="Residual blocks at 1/4.")] = 4,
-    learning_rate: Annotated[float, typer.Option("--lr", help="Initial learning rate.")] = 5e-4,
-    validate_every: Annotated[
-        int, typer.Option("--validate-every", help="Steps between validations and checkpoints.")
-    ] = 500,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
-    name: Annotated[str, typer.Option("--name", help="Name of the weights written.")] = "imse",
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from the checkpoint in --out.")
-    ] = False,
-    stop_at: Annotated[
-        int | None,
-        typer.Option(
-            "--stop-at",
-            help="Stop at this step (checkpoint and weights written; the learning-rate "
-            "schedule stays that of --steps, so --resume later finishes the same run).",
-        ),
-    ] = None,
-    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")] = "auto",
-    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
-) -> None:
-    """Train IMSE's spatial evaluator from single-contrast volumes with Shuffle Remap.
+def _common(out: Path, data_dir: Path | None, steps: int, threads: int | None, device: str):
+    """Checks shared by every ``train`` command; returns (data folder, device)."""
+    from carctl.errors import InputError, UsageError
+    from carctl.runtime import resolve_device, set_threads
 
-    Writes checkpoints to --out every --validate-every steps (resume with --resume) and, at
-    the end, NAME.safetensors with its model card NAME.json; copy both into weights/ to ship.
-    """
+    set_threads(threads)
+    if steps < 1:
+        raise UsageError("--steps must be at least 1")
+    root = data_dir or _default_data()
+    if not root.is_dir():
+        raise InputError(f"data folder {root} does not exist")
+    return root, resolve_device(device)
+
+
+def _run(
+    kind: str,
+    module,
+    settings,
+    root: Path,
+    out: Path,
+    name: str,
+    architecture: str,
+    description: str,
+    resume: bool,
+    stop_at: int | None,
+    device: str,
+    quiet: bool,
+    shown: Callable[[dict], str],
+) -> None:
+    """Load the data, train with a progress bar, write the weights and their card."""
     import shlex
     import sys
     import time
@@ -78,31 +67,11 @@ def imse(
 
     from carctl import __version__, pretrained
     from carctl.cli.console import stdout
-    from carctl.errors import InputError, UsageError
-    from carctl.networks.evaluator import EvaluatorConfig
-    from carctl.runtime import resolve_device, set_threads
-    from carctl.training import data
-    from carctl.training import imse as training
+    from carctl.errors import InputError
+    from carctl.training import data, loop
 
-    set_threads(threads)
-    device = resolve_device(device)
-    for option, value in (("--steps", steps), ("--batch", batch), ("--width", width)):
-        if value < 1:
-            raise UsageError(f"{option} must be at least 1")
-    if patch < 16 or patch % 4:
-        raise UsageError("--patch must be a multiple of 4, at least 16")
-    root = data_dir or _default_data()
-    if not root.is_dir():
-        raise InputError(f"data folder {root} does not exist")
-    settings = training.ImseTraining(
-        steps=steps,
-        batch=batch,
-        patch=patch,
-        learning_rate=learning_rate,
-        seed=seed,
-        validate_every=validate_every,
-        network=EvaluatorConfig(ndim=3, width=width, blocks=blocks),
-    )
+    rank = loop.distributed()[0]  # under torchrun: joins the group, takes its GPU
+    quiet = quiet or rank != 0
     console = stdout()
     began = time.perf_counter()
     volumes = data.load_volumes(root, data.TRAINING_IMAGES)
@@ -120,25 +89,22 @@ def imse(
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
         bar = Progress(
-            TextColumn("imse"),
+            TextColumn(kind),
             BarColumn(),
             TextColumn("{task.completed}/{task.total}"),
             TextColumn("{task.fields[info]}"),
             TimeRemainingColumn(),
             console=console,
         )
-        task = bar.add_task("train", total=steps, info="")
+        task = bar.add_task("train", total=settings.steps, info="")
 
         def progress_fn(step: int, metrics: dict) -> None:
-            info = f"loss {metrics['loss']:.4f}"
-            if "spearman" in metrics:
-                info += f"  val L1 {metrics['l1']:.4f}  rho {metrics['spearman']:.3f}"
-            bar.update(task, completed=step, info=info)
+            bar.update(task, completed=step, info=shown(metrics))
 
     if bar is not None:
         bar.start()
     try:
-        model, metrics = training.train(
+        model, metrics = module.train(
             settings,
             volumes,
             validation,
@@ -151,22 +117,23 @@ def imse(
     finally:
         if bar is not None:
             bar.stop()
+    if rank != 0:
+        return  # process 0 writes the weights
     command = (
-        "carctl train imse " + shlex.join(sys.argv[sys.argv.index("imse") + 1 :])
-        if ("imse" in sys.argv)
-        else "carctl train imse"
+        f"carctl train {kind} " + shlex.join(sys.argv[sys.argv.index(kind) + 1 :])
+        if kind in sys.argv
+        else f"carctl train {kind}"
     )
     card = pretrained.write(
         model,
         out,
         name,
         {
-            "architecture": {"kind": "imse-evaluator", "config": settings.network.to_dict()},
-            "description": "IMSE spatial evaluator: predicts reference - other' (the error map "
-            "in the reference's contrast) from (reference, other), intensities in [-1, 1].",
+            "architecture": {"kind": architecture, "config": settings.network.to_dict()},
+            "description": description,
             "training": {
                 "command": command.strip(),
-                "settings": training._settings_dict(settings),
+                "settings": loop.settings_dict(settings),
                 "steps_done": metrics["step"],
                 "data": sorted({v.name.split("@")[0] for v in volumes}),
                 "validation_data": sorted({v.name.split("@")[0] for v in validation}),
@@ -178,8 +145,180 @@ def imse(
         },
     )
     if not quiet:
-        console.print(
-            f"wrote {card.weights} and {card.path}: validation L1 "
-            f"{metrics.get('l1', float('nan')):.4f}, Spearman "
-            f"{metrics.get('spearman', float('nan')):.3f}"
-        )
+        console.print(f"wrote {card.weights} and {card.path}: validation {shown(metrics)}")
+
+
+OUT_HELP = "Folder for checkpoints, weights and card."
+DATA_HELP = "Data folder (default: ../shared/data or $CARCTL_SHARED_DATA)."
+STOP_HELP = (
+    "Stop at this step (checkpoint and weights written; the learning-rate schedule stays "
+    "that of --steps, so --resume later finishes the same run)."
+)
+
+
+@app.command("imse")
+def imse(
+    out: Annotated[Path, typer.Option("--out", "-o", help=OUT_HELP)] = Path("runs/imse"),
+    data_dir: Annotated[Path | None, typer.Option("--data", help=DATA_HELP)] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Optimiser steps in all.")] = 10000,
+    batch: Annotated[int, typer.Option("--batch", help="Samples per step.")] = 2,
+    patch: Annotated[int, typer.Option("--patch", help="Crop edge in voxels.")] = 48,
+    width: Annotated[int, typer.Option("--width", help="Channels at full resolution.")] = 8,
+    blocks: Annotated[int, typer.Option("--blocks", help="Residual blocks at 1/4.")] = 4,
+    learning_rate: Annotated[float, typer.Option("--lr", help="Initial learning rate.")] = 5e-4,
+    validate_every: Annotated[
+        int, typer.Option("--validate-every", help="Steps between validations and checkpoints.")
+    ] = 500,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    name: Annotated[str, typer.Option("--name", help="Name of the weights written.")] = "imse",
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the checkpoint in --out.")
+    ] = False,
+    stop_at: Annotated[int | None, typer.Option("--stop-at", help=STOP_HELP)] = None,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")] = "auto",
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Train IMSE's spatial evaluator from single-contrast volumes with Shuffle Remap.
+
+    Writes checkpoints to --out every --validate-every steps (resume with --resume) and, at
+    the end, NAME.safetensors with its model card NAME.json; copy both into weights/ to ship.
+    """
+    from carctl.errors import UsageError
+    from carctl.networks.evaluator import EvaluatorConfig
+    from carctl.training import imse as training
+
+    root, device = _common(out, data_dir, steps, threads, device)
+    for option, value in (("--batch", batch), ("--width", width)):
+        if value < 1:
+            raise UsageError(f"{option} must be at least 1")
+    if patch < 16 or patch % 4:
+        raise UsageError("--patch must be a multiple of 4, at least 16")
+    settings = training.ImseTraining(
+        steps=steps,
+        batch=batch,
+        patch=patch,
+        learning_rate=learning_rate,
+        seed=seed,
+        validate_every=validate_every,
+        network=EvaluatorConfig(ndim=3, width=width, blocks=blocks),
+    )
+
+    def shown(metrics: dict) -> str:
+        info = f"loss {metrics['loss']:.4f}" if "loss" in metrics else ""
+        if "spearman" in metrics:
+            info += f"  val L1 {metrics['l1']:.4f}  rho {metrics['spearman']:.3f}"
+        return info
+
+    _run(
+        "imse",
+        training,
+        settings,
+        root,
+        out,
+        name,
+        "imse-evaluator",
+        "IMSE spatial evaluator: predicts reference - other' (the error map in the reference's "
+        "contrast) from (reference, other), intensities in [-1, 1].",
+        resume,
+        stop_at,
+        device,
+        quiet,
+        shown,
+    )
+
+
+@app.command("car")
+def car(
+    out: Annotated[Path, typer.Option("--out", "-o", help=OUT_HELP)] = Path("runs/car"),
+    data_dir: Annotated[Path | None, typer.Option("--data", help=DATA_HELP)] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Optimiser steps in all.")] = 8000,
+    patch: Annotated[
+        int, typer.Option("--patch", help="Crop edge in voxels (a multiple of 16).")
+    ] = 48,
+    width: Annotated[int, typer.Option("--width", help="Encoder channels at 1/2 size.")] = 16,
+    learning_rate: Annotated[float, typer.Option("--lr", help="Initial learning rate.")] = 3e-4,
+    regularization: Annotated[
+        float, typer.Option("--regularization", help="Diffusion weight (lambda 1).")
+    ] = 1.0,
+    contrast: Annotated[
+        float, typer.Option("--contrast", help="Contrast-invariance weight (lambda 2).")
+    ] = 0.1,
+    supervision: Annotated[
+        float,
+        typer.Option("--supervision", help="Weight of the known-field end-point error (0: off)."),
+    ] = 0.05,
+    max_displacement: Annotated[
+        float, typer.Option("--max-displacement", help="Largest smooth displacement, voxels.")
+    ] = 8.0,
+    validate_every: Annotated[
+        int, typer.Option("--validate-every", help="Steps between validations and checkpoints.")
+    ] = 250,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    name: Annotated[str, typer.Option("--name", help="Name of the weights written.")] = "car",
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the checkpoint in --out.")
+    ] = False,
+    stop_at: Annotated[int | None, typer.Option("--stop-at", help=STOP_HELP)] = None,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")] = "auto",
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Train CAR's contrast-agnostic registration network (random-convolution contrasts,
+    contrast-invariance loss, LNCC on the single-contrast images).
+
+    Writes checkpoints to --out every --validate-every steps (resume with --resume) and, at
+    the end, NAME.safetensors with its model card NAME.json; copy both into weights/ to ship.
+    """
+    from carctl.errors import UsageError
+    from carctl.networks.car import CarConfig
+    from carctl.training import car as training
+
+    root, device = _common(out, data_dir, steps, threads, device)
+    if width < 2:
+        raise UsageError("--width must be at least 2")
+    if patch < 16 or patch % 16:
+        raise UsageError("--patch must be a multiple of 16")
+    for option, value in (
+        ("--regularization", regularization),
+        ("--contrast", contrast),
+        ("--supervision", supervision),
+        ("--max-displacement", max_displacement),
+    ):
+        if not value >= 0:
+            raise UsageError(f"{option} must be at least 0")
+    settings = training.CarTraining(
+        steps=steps,
+        patch=patch,
+        learning_rate=learning_rate,
+        seed=seed,
+        validate_every=validate_every,
+        max_displacement=max_displacement,
+        regularization=regularization,
+        contrast=contrast,
+        supervision=supervision,
+        network=CarConfig(ndim=3, width=width),
+    )
+
+    def shown(metrics: dict) -> str:
+        info = f"loss {metrics['loss']:.4f}" if "loss" in metrics else ""
+        if "epe" in metrics and "epe_before" in metrics:
+            info += f"  val EPE {metrics['epe']:.2f}/{metrics['epe_before']:.2f} vx"
+        return info
+
+    _run(
+        "car",
+        training,
+        settings,
+        root,
+        out,
+        name,
+        "car-registration",
+        "CAR registration network: (moving, fixed) on one working grid, intensities in "
+        "[0, 1] -> displacement in voxels of that grid (x first), moving read at index + u.",
+        resume,
+        stop_at,
+        device,
+        quiet,
+        shown,
+    )

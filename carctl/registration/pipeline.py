@@ -1,8 +1,9 @@
 """What ``carctl register`` runs: a sequence of stages over shared state, with reports.
 
-Stages: ``initialise`` (header, centres, rotation search), ``rigid``, ``affine`` and
-``deformable`` (instance optimisation). ``--method`` picks a prefix of this sequence through
-:data:`METHODS`; later stages (a network) slot in before ``deformable``.
+Stages: ``initialise`` (header, centres, rotation search), ``rigid``, ``affine``,
+``network`` (CAR's pretrained network, :mod:`carctl.registration.network`) and
+``deformable`` (instance optimisation, started from the network's field when it ran, with
+fewer iterations). ``--method`` picks stages through :data:`METHODS`.
 
 The result maps fixed to moving physical points: ``T(x) = A(x + u(x))``. It is returned as
 the affine ``A`` alone and as one displacement field on the fixed grid for the whole of ``T``
@@ -120,6 +121,7 @@ class _State:
     schedule: dict
     affine: np.ndarray
     displacement: tuple[Grid, torch.Tensor] | None = None
+    network: object = None  # the loaded network, once the network stage ran
     generator: torch.Generator = field(default_factory=torch.Generator)
     _levels: dict = field(default_factory=dict)
 
@@ -236,14 +238,24 @@ def _similarity(
     return optimize.similarity(state.level(spacing, spec.name), affine, displacement, spec.function)
 
 
+def after_network(counts: list[int]) -> list[int]:
+    """Iterations per level when the network's field is the start: half the total, on the
+    finer levels only (the network has done the coarsest level's work)."""
+    total = sum(counts) // 2
+    finer = max(len(counts) - 1, 1)
+    return [0] * (len(counts) - finer) + [total // finer] * finer
+
+
 def _stage_deformable(state: _State, progress: Progress) -> StageReport:
     options = state.options
     spacings = state.schedule["deformable"]
-    counts = (
-        [options.iterations] * len(spacings)
-        if options.iterations is not None
-        else list(DEFAULT_ITERATIONS[-len(spacings) :])
-    )
+    start = state.displacement  # the network's field, when it ran
+    if options.iterations is not None:
+        counts = [options.iterations] * len(spacings)
+    else:
+        counts = list(DEFAULT_ITERATIONS[-len(spacings) :])
+        if start is not None:
+            counts = after_network(counts)
     weight = (
         options.regularization
         if options.regularization is not None
@@ -253,14 +265,21 @@ def _stage_deformable(state: _State, progress: Progress) -> StageReport:
     progress.start("deformable", sum(counts))
     u = None
     grid = None
-    losses = []
+    losses, ran = [], []
     for spacing, iterations in zip(spacings, counts, strict=True):
+        if iterations == 0 and spacing != spacings[-1]:
+            continue  # a level the network's start makes unnecessary
+        ran.append(spacing)
         level = state.level(spacing)
         control = optimize.control_grid(level.grid)
-        if u is None:
+        if u is None and start is None:
             u = torch.zeros((*control.shape, level.ndim), device=state.device)
         else:
-            u = optimize.resample_field(u.movedim(-1, 0)[None], grid, control)[0].movedim(0, -1)
+            # from the previous level or the network; a velocity starts from the network's
+            # displacement (exp(v) = id + v to first order)
+            source, field = (grid, u.movedim(-1, 0)[None]) if u is not None else start
+            u = optimize.resample_field(field.to(state.device), source, control)
+            u = u[0].movedim(0, -1)
         u, before, after = optimize.optimise_level(
             level,
             state.affine,
@@ -281,7 +300,7 @@ def _stage_deformable(state: _State, progress: Progress) -> StageReport:
     if options.diffeomorphic:
         u = optimize.integrate(u, grid)
     state.displacement = (grid, u.movedim(-1, 0)[None])
-    before = _similarity(state, spacings[-1], state.affine)
+    before = _similarity(state, spacings[-1], state.affine, start)
     after = _similarity(state, spacings[-1], state.affine, state.displacement)
     return StageReport(
         "deformable",
@@ -289,23 +308,66 @@ def _stage_deformable(state: _State, progress: Progress) -> StageReport:
         before,
         after,
         {
-            "levels_mm": spacings,
-            "iterations": counts,
+            "levels_mm": ran,
+            "iterations": [c for s, c in zip(spacings, counts, strict=True) if s in ran],
             "regularization": weight,
             "level_losses": losses,
         },
     )
 
 
+def _stage_network(state: _State, progress: Progress) -> StageReport:
+    from carctl.errors import InputError
+    from carctl.pretrained import WeightsError, load
+    from carctl.registration import network
+
+    if state.fixed.grid.ndim != 3:
+        if state.options.method == "net":
+            raise InputError("carctl ships a 3-D network only; use --method io for 2-D images")
+        return StageReport("network", 0.0, detail={"skipped": "2-D images (3-D weights only)"})
+    try:
+        model, card = load(network.WEIGHTS, str(state.device))
+    except WeightsError as error:
+        if state.options.method == "net":
+            raise
+        # auto without its network is io: say so in the report rather than fail
+        return StageReport("network", 0.0, detail={"skipped": str(error)})
+    progress.start("network", 1)
+    last = state.schedule["deformable"][-1]
+    before = _similarity(state, last, state.affine)
+    grid, u = network.predict(
+        model,
+        state.fixed_norm,
+        state.fixed.grid,
+        state.moving_norm,
+        state.moving.grid,
+        state.affine,
+        state.box,
+        state.device,
+    )
+    state.displacement = (grid, u)
+    progress.advance()
+    after = _similarity(state, last, state.affine, state.displacement)
+    detail = {
+        "weights": card.name,
+        "steps_trained": card.data.get("training", {}).get("steps_done"),
+        "grid_size": list(grid.size),
+        "spacing_mm": grid.spacing[0],
+    }
+    return StageReport("network", 0.0, before, after, detail)
+
+
 STAGES: dict[str, Callable[[_State, Progress], StageReport]] = {
     "initialise": _stage_initialise,
     "rigid": _linear_stage("rigid", affine=False),
     "affine": _linear_stage("affine", affine=True),
+    "network": _stage_network,
     "deformable": _stage_deformable,
 }
 
 METHODS: dict[str, tuple[str, ...]] = {
-    "auto": ("initialise", "rigid", "affine", "deformable"),
+    "auto": ("initialise", "rigid", "affine", "network", "deformable"),
+    "net": ("initialise", "rigid", "affine", "network"),
     "io": ("initialise", "rigid", "affine", "deformable"),
     "affine": ("initialise", "rigid", "affine"),
     "rigid": ("initialise", "rigid"),

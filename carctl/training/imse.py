@@ -6,18 +6,13 @@ Each sample is a crop ``x`` of a single-contrast volume and two random spatial t
 so that the outline stays put). The label is ``x2 - x1``, the inputs are ``x2`` (reference)
 and ``x1`` with a random Shuffle Remap (a new contrast each sample); the loss is L1.
 
-Resumable: a checkpoint folder holds the model, the optimiser state and the step as
-safetensors/JSON (no pickles); the random stream of step ``n`` depends only on the seed and
-``n``, so a resumed run is the run that was never interrupted.
+Resumable through :mod:`carctl.training.loop`.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +21,7 @@ import torch
 from carctl.augment import ShuffleRemap
 from carctl.networks.evaluator import Evaluator, EvaluatorConfig, anatomy
 from carctl.registration.levels import gaussian_blur
-from carctl.training import data
-
-# Gradient norm clip (the decoder's feature-wise modulation made plain Adam diverge).
-CLIP = 1.0
+from carctl.training import data, loop
 
 
 @dataclass
@@ -136,57 +128,6 @@ def validate(model: Evaluator, batches: list[dict[str, torch.Tensor]]) -> dict[s
     }
 
 
-# --- checkpoints ---------------------------------------------------------------------------
-
-
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    out = {}
-    for i, state in optimizer.state_dict()["state"].items():
-        for key, value in state.items():
-            out[f"{i}.{key}"] = torch.as_tensor(value).clone()
-    return out
-
-
-def save_checkpoint(
-    folder: Path, model: Evaluator, optimizer, step: int, settings: ImseTraining, log: list
-) -> None:
-    from carctl.pretrained import save_tensors
-
-    folder.mkdir(parents=True, exist_ok=True)
-    save_tensors(model.state_dict(), folder / "model.safetensors")
-    save_tensors(_optimizer_tensors(optimizer), folder / "optimizer.safetensors")
-    state = {"step": step, "settings": _settings_dict(settings), "log": log}
-    tmp = folder / ".state.json.tmp"
-    tmp.write_text(json.dumps(state, indent=1))
-    tmp.replace(folder / "state.json")
-
-
-def load_checkpoint(folder: Path, model: Evaluator, optimizer) -> tuple[int, list]:
-    from safetensors.torch import load_file
-
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
-    tensors = load_file(str(folder / "optimizer.safetensors"))
-    state_dict = optimizer.state_dict()
-    for key, value in tensors.items():
-        i, name = key.split(".", 1)
-        state_dict["state"].setdefault(int(i), {})[name] = value
-    optimizer.load_state_dict(state_dict)
-    state = json.loads((folder / "state.json").read_text())
-    return int(state["step"]), list(state["log"])
-
-
-def _settings_dict(settings: ImseTraining) -> dict:
-    out = asdict(settings)
-    out["network"] = settings.network.to_dict()
-    return out
-
-
-def learning_rate(settings: ImseTraining, step: int) -> float:
-    """Cosine decay from the initial rate to a tenth of it."""
-    t = min(step / max(settings.steps, 1), 1.0)
-    return settings.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
-
-
 def train(
     settings: ImseTraining,
     volumes: list[data.Volume],
@@ -201,31 +142,16 @@ def train(
     keeping the schedule of the whole run); returns the model and its last validation."""
     torch.manual_seed(settings.seed)
     model = Evaluator(settings.network).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
-    step, log = 0, []
-    if resume and (folder / "state.json").exists():
-        step, log = load_checkpoint(folder, model, optimizer)
     checks = validation_batches(validation or volumes, settings)
     checks = [{k: v.to(device) for k, v in b.items()} for b in checks]
-    metrics = log[-1] if log else {}
-    started = time.perf_counter()
-    while step < min(settings.steps, stop if stop is not None else settings.steps):
-        generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
+
+    def loss_of(step: int) -> tuple[torch.Tensor, dict]:
+        generator = loop.step_generator(settings.seed, step)
         batch = {k: v.to(device) for k, v in make_batch(volumes, settings, generator).items()}
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(settings, step)
         error = model(batch["reference"], batch["other"])
-        loss = (error - batch["target"]).abs().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        optimizer.step()
-        step += 1
-        if step % settings.validate_every == 0 or step in (settings.steps, stop):
-            metrics = {"step": step, "loss": loss.item(), **validate(model, checks)}
-            metrics["seconds"] = round(time.perf_counter() - started, 1)
-            log.append(metrics)
-            save_checkpoint(folder, model, optimizer, step, settings, log)
-        if progress is not None:
-            progress(step, {"loss": loss.item(), **metrics})
-    return model, {**metrics, "step": step}
+        return (error - batch["target"]).abs().mean(), {}
+
+    metrics = loop.fit(
+        model, settings, loss_of, lambda: validate(model, checks), folder, resume, progress, stop
+    )
+    return model, metrics

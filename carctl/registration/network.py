@@ -1,0 +1,92 @@
+"""The network stage of ``carctl register``: CAR's pretrained network on the affinely aligned
+pair, its displacement returned in physical mm.
+
+Coordinates: the network works on a *working grid* of the fixed image's direction, covering
+the fixed foreground box (with the levels' margin), isotropic voxels of
+:func:`carctl.networks.evaluator.working_spacing` (as in training), its size padded to a
+multiple of 16. The moving image is resampled onto it through the affine ``A`` (fixed ->
+moving physical), so the network's voxel displacement ``u`` (index axes, x first) says that
+``moving(A(x + u_mm(x)))`` matches ``fixed(x)`` with ``u_mm = direction @ (spacing * u)``:
+exactly the deformable part of the pipeline's ``T(x) = A(x + u(x))``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from carctl.registration.levels import normalise, resample_band_limited, widened
+from carctl.spatial.grid import Grid
+from carctl.spatial.transform import Affine
+
+# The network's grid is padded to a multiple of this many voxels (its encoder halves it 4 x).
+MULTIPLE = 16
+# The name of the shipped weights.
+WEIGHTS = "car"
+
+
+def working_grid(fixed: Grid, box: tuple[np.ndarray, np.ndarray]) -> Grid:
+    """The network's grid for ``fixed`` and its foreground index ``box`` (inclusive corners):
+    see the module docstring."""
+    from carctl.networks.evaluator import working_spacing
+
+    spacing = working_spacing(fixed.spacing, fixed.size)
+    low, high = widened(box, fixed)
+    base = fixed.direction_matrix.T @ np.asarray(fixed.origin)
+    low = base + low * np.asarray(fixed.spacing)
+    high = base + high * np.asarray(fixed.spacing)
+    # voxels across, padded up to the multiple, centred on the box
+    count = np.ceil((high - low) / spacing - 1e-6).astype(int) + 1
+    size = np.ceil(count / MULTIPLE).astype(int) * MULTIPLE
+    origin = fixed.direction_matrix @ ((low + high) / 2 - spacing * (size - 1) / 2)
+    return Grid(
+        tuple(int(n) for n in size),
+        (float(spacing),) * fixed.ndim,
+        tuple(float(o) for o in origin),
+        fixed.direction,
+    )
+
+
+def inputs(
+    fixed: np.ndarray,
+    fixed_grid: Grid,
+    moving: np.ndarray,
+    moving_grid: Grid,
+    affine: np.ndarray,
+    grid: Grid,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both images on the network's ``grid`` (the moving one through ``affine``),
+    band-limited and normalised to ``[0, 1]``: ``(1, 1, *grid.shape)`` each."""
+    f = resample_band_limited(fixed, fixed_grid, grid, device=device)
+    through = [Affine.from_homogeneous(affine)]
+    m = resample_band_limited(moving, moving_grid, grid, through, device=device)
+    return (
+        torch.from_numpy(normalise(f[0, 0].cpu().numpy()))[None, None].to(device),
+        torch.from_numpy(normalise(m[0, 0].cpu().numpy()))[None, None].to(device),
+    )
+
+
+def to_physical(u: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """A displacement ``(1, D, *grid.shape)`` in voxels of ``grid`` (index axes) in mm."""
+    step = torch.as_tensor(grid.direction_matrix * np.asarray(grid.spacing)).to(u)
+    return torch.einsum("ij,njzyx->nizyx" if grid.ndim == 3 else "ij,njyx->niyx", step, u)
+
+
+@torch.no_grad()
+def predict(
+    model,
+    fixed: np.ndarray,
+    fixed_grid: Grid,
+    moving: np.ndarray,
+    moving_grid: Grid,
+    affine: np.ndarray,
+    box: tuple[np.ndarray, np.ndarray],
+    device: torch.device | str = "cpu",
+) -> tuple[Grid, torch.Tensor]:
+    """The network's deformable part ``u`` for the mapping ``A(x + u(x))``: its grid and
+    ``(1, D, *grid.shape)`` mm (normalised images in, see :func:`inputs`)."""
+    grid = working_grid(fixed_grid, box)
+    f, m = inputs(fixed, fixed_grid, moving, moving_grid, affine, grid, device)
+    u = model(m, f)
+    return grid, to_physical(u.float(), grid)

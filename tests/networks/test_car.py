@@ -1,0 +1,227 @@
+"""CAR: random-convolution contrasts, the registration network, its training and weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from carctl import pretrained
+from carctl.augment import RC_HIGH, RandomConvolution
+from carctl.networks.car import CarConfig, CarNet, integrate, warp
+
+# --- random convolutions ---------------------------------------------------------------------
+
+
+def _rc(seed: int) -> RandomConvolution:
+    return RandomConvolution.random(torch.Generator().manual_seed(seed))
+
+
+def _phantom() -> torch.Tensor:
+    """Three nested regions with smooth shading: ``(1, 1, 24, 24, 24)`` in [0, 1]."""
+    z, y, x = torch.meshgrid(*(torch.arange(24.0),) * 3, indexing="ij")
+    r = ((z - 12) ** 2 + (y - 12) ** 2 + (x - 12) ** 2).sqrt()
+    image = 0.3 * (r < 10) + 0.4 * (r < 5) + 0.02 * x / 24
+    return image[None, None]
+
+
+def test_random_convolution_kernels_are_drawn_as_in_the_paper():
+    rc = _rc(0)
+    assert [tuple(w.shape) for w in rc.weights] == [(8, 1), (8, 8), (8, 8), (1, 8)]
+    for w in rc.weights:
+        assert abs(float(w.mean())) < 1e-9  # zero-centred
+        assert float(w.max() - w.min()) <= RC_HIGH  # a U(0, 10) draw, shifted
+
+
+def test_random_contrasts_differ_and_stay_in_range():
+    image = _phantom()
+    outputs = [_rc(seed)(image) for seed in range(12)]
+    for out in outputs:
+        assert out.shape == image.shape
+        assert float(out.min()) == pytest.approx(0.0) and float(out.max()) == pytest.approx(1.0)
+    flat = torch.stack([o.flatten() for o in outputs]).double()
+    correlation = torch.corrcoef(flat).abs()
+    off = correlation[~torch.eye(len(outputs), dtype=torch.bool)]
+    assert float(off.min()) < 0.5  # some contrasts are far apart
+    torch.testing.assert_close(_rc(3)(image), _rc(3)(image))  # deterministic per draw
+
+
+def test_random_contrasts_are_nonlinear_but_keep_the_structure():
+    """Each output is a function of the input intensity (voxels of one value get one value:
+    every edge stays where it is), and not an affine one."""
+    levels = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])
+    image = levels[torch.randint(0, 5, (1, 1, 10, 10, 10), generator=torch.Generator())]
+    nonlinear = 0
+    for seed in range(10):
+        out = _rc(seed)(image)
+        values = []
+        for v in levels:
+            inside = out[image == v]
+            assert float(inside.max() - inside.min()) < 1e-6
+            values.append(float(inside[0]))
+        fit = np.polyfit(levels.numpy(), values, 1)
+        nonlinear += float(np.abs(np.polyval(fit, levels.numpy()) - values).max()) > 0.05
+    assert nonlinear >= 5
+
+
+# --- the network -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 19, 23, 17), (2, 1, 33, 17)])
+def test_forward_pass_on_odd_sizes(shape):
+    torch.manual_seed(0)
+    net = CarNet(CarConfig(ndim=len(shape) - 2, width=4)).eval()
+    moving, fixed = torch.rand(shape), torch.rand(shape)
+    with torch.no_grad():
+        u = net(moving, fixed)
+    assert u.shape == (shape[0], len(shape) - 2, *shape[2:])
+    assert torch.isfinite(u).all()
+    assert float(u.abs().max()) < 0.05  # the velocity layer starts near zero
+
+
+def test_a_constant_velocity_integrates_to_the_same_translation():
+    velocity = torch.zeros(1, 3, 8, 10, 12)
+    velocity[:, 0], velocity[:, 2] = 1.5, -2.0  # voxels of the full grid, x first
+    u = integrate(velocity, (16, 20, 24), squarings=7)
+    inner = u[:, :, 4:-4, 4:-4, 4:-4]  # away from the clamped border
+    torch.testing.assert_close(inner[:, 0], torch.full_like(inner[:, 0], 1.5))
+    torch.testing.assert_close(inner[:, 2], torch.full_like(inner[:, 2], -2.0))
+
+
+def test_warp_reads_the_moving_image_at_index_plus_displacement():
+    image = torch.arange(6.0 * 7 * 8).reshape(1, 1, 6, 7, 8)
+    u = torch.zeros(1, 3, 6, 7, 8)
+    u[:, 0] = 1.0  # one voxel along x (the last array axis)
+    moved = warp(image, u)
+    torch.testing.assert_close(moved[..., :-1], image[..., 1:])
+
+
+# --- weights ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def car_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("CARCTL_WEIGHTS", str(tmp_path))
+    torch.manual_seed(0)
+    net = CarNet(CarConfig(width=4))
+    arch = {"kind": "car-registration", "config": net.config.to_dict()}
+    card = {"architecture": arch, "training": {"command": "carctl train car (test)"}}
+    pretrained.write(net, tmp_path, "car", card)
+    return tmp_path
+
+
+def test_car_weights_round_trip_and_corruption_is_refused(car_weights):
+    model, card = pretrained.load("car")
+    assert isinstance(model, CarNet) and card.data["architecture"]["config"]["width"] == 4
+    path = car_weights / "car.safetensors"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(pretrained.WeightsError, match="corrupted"):
+        pretrained.load("car")
+
+
+def test_car_weights_that_do_not_fit_the_card_are_refused(car_weights):
+    card = car_weights / "car.json"
+    data = json.loads(card.read_text())
+    data["architecture"]["config"]["width"] = 8
+    card.write_text(json.dumps(data))
+    with pytest.raises(pretrained.WeightsError, match="architecture"):
+        pretrained.load("car")
+
+
+# --- training --------------------------------------------------------------------------------
+
+
+def _volumes():
+    from tests.networks.test_imse import _tiny_volumes
+
+    return _tiny_volumes()
+
+
+def test_training_pairs_carry_their_true_displacement():
+    """Warping the moving crop by the known ``d`` reproduces the fixed crop."""
+    from carctl.training import car
+
+    settings = car.CarTraining(patch=32)
+    for seed in range(4):
+        pair = car.make_pair(_volumes(), settings, torch.Generator().manual_seed(seed))
+        mask = pair["mask"].float()
+        before = ((pair["fixed"] - pair["moving"]).abs() * mask).sum() / mask.sum()
+        after = ((pair["fixed"] - warp(pair["moving"], pair["truth"])).abs() * mask).sum()
+        after = after / mask.sum()
+        if before > 0.02:
+            assert after < 0.3 * before
+
+
+def test_a_few_training_steps_reduce_the_loss(tmp_path):
+    from carctl.training import car
+
+    settings = car.CarTraining(
+        steps=30,
+        patch=16,
+        learning_rate=3e-3,
+        validate_every=30,
+        network=CarConfig(width=4),
+    )
+    volumes = _volumes()
+
+    def total(model):
+        generator = torch.Generator().manual_seed(99)
+        pairs = [car.make_pair(volumes, settings, generator) for _ in range(4)]
+        with torch.no_grad():
+            return sum(float(car.losses(model, p, settings, generator)["total"]) for p in pairs)
+
+    torch.manual_seed(settings.seed)
+    before = total(CarNet(settings.network))
+    model, metrics = car.train(settings, volumes, volumes, tmp_path)
+    assert total(model) < before
+    assert {"epe", "epe_before", "epe_ratio"} <= metrics.keys()
+    assert (tmp_path / "model.safetensors").exists()
+
+
+def test_train_car_cli_smoke(cli, tmp_path):
+    """``carctl train car`` on a tiny data folder writes weights whose card loads."""
+    from tests.conftest import make_image, write
+
+    data = tmp_path / "data" / "oasis-t1-a"
+    data.mkdir(parents=True)
+    write(make_image((40, 40, 40), seed=5), data / "t1.nii.gz")
+    out = tmp_path / "run"
+    args = ["train", "car", "--data", tmp_path / "data", "--out", out, "--steps", "3"]
+    result = cli(*args, "--patch", "16", "--width", "4", "--validate-every", "3", "-q")
+    assert result.code == 0, result.err
+    card = json.loads((out / "car.json").read_text())
+    assert card["architecture"]["kind"] == "car-registration"
+    assert card["training"]["command"].startswith("carctl train car")
+    assert card["training"]["steps_done"] == 3
+    bad = cli("train", "car", "--data", tmp_path / "data", "--patch", "20", "-q")
+    assert bad.code != 0 and "multiple of 16" in bad.err
+
+
+def test_torchrun_trains_with_two_processes(tmp_path):
+    """``torchrun --nproc_per_node 2`` (Gloo on CPU): both processes step together and
+    process 0 writes the checkpoint and the weights."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import make_image, write
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+    if not Path(torchrun).exists():
+        pytest.skip("torchrun not installed")
+    data = tmp_path / "data" / "oasis-t1-a"
+    data.mkdir(parents=True)
+    write(make_image((40, 40, 40), seed=5), data / "t1.nii.gz")
+    out = tmp_path / "run"
+    command = [torchrun, "--nproc_per_node", "2", "-m", "carctl", "train", "car"]
+    command += ["--data", str(tmp_path / "data"), "--out", str(out), "--steps", "2"]
+    command += ["--patch", "16", "--width", "4", "--validate-every", "2", "--threads", "1", "-q"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((out / "state.json").read_text())["step"] == 2
+    assert json.loads((out / "car.json").read_text())["training"]["steps_done"] == 2

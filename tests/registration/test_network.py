@@ -1,0 +1,148 @@
+"""The network stage of ``carctl register``: its grid, its units, the methods that run it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from carctl import pretrained
+from carctl.config import RegistrationOptions
+from carctl.io import Image
+from carctl.networks.car import CarConfig, CarNet
+from carctl.registration import network
+from carctl.registration.pipeline import register
+from carctl.spatial.grid import Grid
+from tests.conftest import rotation, write
+from tests.registration.test_register import blobs, contrast
+
+
+@pytest.fixture
+def car_weights(tmp_path, monkeypatch):
+    """An untrained tiny network as the ``car`` weights (found first)."""
+    folder = tmp_path / "weights"
+    torch.manual_seed(0)
+    net = CarNet(CarConfig(width=4))
+    card = {
+        "architecture": {"kind": "car-registration", "config": net.config.to_dict()},
+        "training": {"command": "carctl train car (test)", "steps_done": 0},
+    }
+    pretrained.write(net, folder, "car", card)
+    monkeypatch.setenv("CARCTL_WEIGHTS", str(folder))
+    return folder
+
+
+class Shift(torch.nn.Module):
+    """A stand-in network: the same displacement (voxels, x first) everywhere."""
+
+    def __init__(self, voxels) -> None:
+        super().__init__()
+        self.voxels = torch.tensor(voxels, dtype=torch.float32)
+
+    def forward(self, moving, fixed):
+        shape = (1, len(self.voxels), *fixed.shape[2:])
+        return self.voxels.view(1, -1, *([1] * (len(shape) - 2))).expand(shape).clone()
+
+
+def test_working_grid_is_padded_isotropic_and_keeps_the_direction():
+    direction = rotation(0.3, -0.2, 0.5)
+    fixed = Grid((90, 100, 70), (1.0, 1.0, 1.5), (10.0, -20.0, 5.0), tuple(direction.ravel()))
+    box = (np.array([10.0, 12.0, 5.0]), np.array([80.0, 90.0, 60.0]))
+    grid = network.working_grid(fixed, box)
+    assert all(n % network.MULTIPLE == 0 for n in grid.size)
+    assert len(set(grid.spacing)) == 1 and grid.spacing[0] >= 1.0
+    np.testing.assert_allclose(grid.direction_matrix, fixed.direction_matrix, atol=1e-12)
+    # the working grid covers the box's corners
+    corners = np.array(np.meshgrid(*zip(*box, strict=True), indexing="ij")).reshape(3, -1).T
+    physical = corners @ fixed.index_to_physical[:3, :3].T + fixed.index_to_physical[:3, 3]
+    index = grid.to_index(torch.as_tensor(physical)).numpy()
+    assert (index >= -1e-6).all() and (index <= np.asarray(grid.size) - 1 + 1e-6).all()
+
+
+def test_voxel_displacements_become_physical_along_the_grid_axes():
+    direction = rotation(0.0, 0.0, np.pi / 2)  # index x runs along physical y
+    grid = Grid((16, 16, 16), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), tuple(direction.ravel()))
+    u = torch.zeros(1, 3, 16, 16, 16)
+    u[:, 0] = 1.5
+    mm = network.to_physical(u, grid)
+    np.testing.assert_allclose(mm[0, :, 3, 4, 5].numpy(), 3.0 * direction[:, 0], atol=1e-6)
+
+
+def test_the_network_field_enters_the_mapping_in_mm(monkeypatch):
+    """A network that says "one voxel along x" moves every point by one working voxel."""
+    image = blobs()
+    monkeypatch.setattr(pretrained, "load", lambda name, device="cpu": (Shift([1.0, 0, 0]), _c()))
+    result = register(image, image, RegistrationOptions(method="net"))
+    stage = next(s for s in result.stages if s.name == "network")
+    step = stage.detail["spacing_mm"]
+    inner = result.field.data[:, 8:-8, 8:-8, 8:-8]
+    # header-aligned identical images: the affine stays near the identity
+    np.testing.assert_allclose(inner[0].mean(), step, atol=0.1 * step)
+    assert float(inner[1:].abs().max()) < 0.1 * step
+
+
+def _c():
+    return pretrained.Card("car", pretrained.Path("car.json"), {"training": {"steps_done": 1}})
+
+
+def test_methods_run_their_stages(car_weights):
+    image = blobs()
+    other = contrast(image)
+    names = {}
+    for method in ("net", "auto", "io"):
+        result = register(image, other, RegistrationOptions(method=method, iterations=2))
+        names[method] = [s.name for s in result.stages]
+    assert names["net"][-2:] == ["network", "compose"]
+    assert names["auto"][-3:] == ["network", "deformable", "compose"]
+    assert "network" not in names["io"]
+
+
+def test_auto_after_the_network_optimises_less(car_weights):
+    image = blobs()
+    result = register(image, contrast(image), RegistrationOptions(method="auto"))
+    deformable = next(s for s in result.stages if s.name == "deformable")
+    io = register(image, contrast(image), RegistrationOptions(method="io"))
+    io_stage = next(s for s in io.stages if s.name == "deformable")
+    assert sum(deformable.detail["iterations"]) <= sum(io_stage.detail["iterations"]) / 2
+
+
+def test_missing_weights_skip_the_network_in_auto_and_fail_net(monkeypatch):
+    monkeypatch.setattr(network, "WEIGHTS", "no-such-weights")
+    image = blobs()
+    result = register(image, image, RegistrationOptions(method="auto", iterations=1))
+    stage = next(s for s in result.stages if s.name == "network")
+    assert "no weights named" in stage.detail["skipped"]
+    with pytest.raises(pretrained.WeightsError):
+        register(image, image, RegistrationOptions(method="net"))
+
+
+def test_2d_images_skip_the_network_and_net_says_why(cli, tmp_path, car_weights):
+    from tests.conftest import make_image
+
+    image = write(make_image((40, 36), seed=2), tmp_path / "a.nii.gz")
+    other = write(make_image((40, 36), seed=2), tmp_path / "b.nii.gz")
+    result = cli("register", image, other, "-o", tmp_path, "--method", "net")
+    assert result.code != 0 and "3-D network only" in result.err
+    assert "Traceback" not in result.err
+    ok = cli("register", image, other, "-o", tmp_path, "--iterations", "1", "--json", "-")
+    assert ok.code == 0, ok.err
+    stage = next(s for s in json.loads(ok.out)["stages"] if s["name"] == "network")
+    assert "2-D" in stage["skipped"]
+
+
+def test_cli_net_reports_the_network_stage_and_its_time(cli, tmp_path, car_weights):
+    image = blobs()
+    from carctl.io import write_image
+
+    moving, fixed = tmp_path / "m.nii.gz", tmp_path / "f.nii.gz"
+    write_image(image, moving)
+    write_image(Image(contrast(image).array, image.grid), fixed)
+    result = cli("register", moving, fixed, "-o", tmp_path, "--method", "net", "--json", "-")
+    assert result.code == 0, result.err
+    summary = json.loads(result.out)
+    stage = next(s for s in summary["stages"] if s["name"] == "network")
+    assert stage["seconds"] > 0 and stage["weights"] == "car"
+    assert all(n % 16 == 0 for n in stage["grid_size"])
+    assert (tmp_path / "m_field.nii").exists() and (tmp_path / "m_warped.nii.gz").exists()
