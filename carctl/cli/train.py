@@ -232,12 +232,12 @@ def imse(
 def car(
     out: Annotated[Path, typer.Option("--out", "-o", help=OUT_HELP)] = Path("runs/car"),
     data_dir: Annotated[Path | None, typer.Option("--data", help=DATA_HELP)] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Optimiser steps in all.")] = 8000,
+    steps: Annotated[int, typer.Option("--steps", help="Optimiser steps in all.")] = 9000,
     patch: Annotated[
         int, typer.Option("--patch", help="Crop edge in voxels (a multiple of 16).")
     ] = 48,
     width: Annotated[int, typer.Option("--width", help="Encoder channels at 1/2 size.")] = 16,
-    learning_rate: Annotated[float, typer.Option("--lr", help="Initial learning rate.")] = 3e-4,
+    learning_rate: Annotated[float, typer.Option("--lr", help="Initial learning rate.")] = 1e-3,
     regularization: Annotated[
         float, typer.Option("--regularization", help="Diffusion weight (lambda 1).")
     ] = 1.0,
@@ -251,6 +251,12 @@ def car(
     max_displacement: Annotated[
         float, typer.Option("--max-displacement", help="Largest smooth displacement, voxels.")
     ] = 8.0,
+    same_contrast: Annotated[
+        float,
+        typer.Option(
+            "--same-contrast", help="Fraction of views whose two images share one contrast."
+        ),
+    ] = 0.5,
     validate_every: Annotated[
         int, typer.Option("--validate-every", help="Steps between validations and checkpoints.")
     ] = 250,
@@ -287,6 +293,8 @@ def car(
     ):
         if not value >= 0:
             raise UsageError(f"{option} must be at least 0")
+    if not 0 <= same_contrast <= 1:
+        raise UsageError("--same-contrast must be between 0 and 1")
     settings = training.CarTraining(
         steps=steps,
         patch=patch,
@@ -297,6 +305,7 @@ def car(
         regularization=regularization,
         contrast=contrast,
         supervision=supervision,
+        same_contrast=same_contrast,
         network=CarConfig(ndim=3, width=width),
     )
 

@@ -121,7 +121,6 @@ class _State:
     schedule: dict
     affine: np.ndarray
     displacement: tuple[Grid, torch.Tensor] | None = None
-    network: object = None  # the loaded network, once the network stage ran
     generator: torch.Generator = field(default_factory=torch.Generator)
     _levels: dict = field(default_factory=dict)
 
@@ -333,7 +332,7 @@ def _stage_network(state: _State, progress: Progress) -> StageReport:
         # auto without its network is io: say so in the report rather than fail
         return StageReport("network", 0.0, detail={"skipped": str(error)})
     progress.start("network", 1)
-    last = state.schedule["deformable"][-1]
+    last = state.schedule["affine"][-1]  # a level the affine stage has built
     before = _similarity(state, last, state.affine)
     grid, u = network.predict(
         model,

@@ -82,6 +82,22 @@ def test_forward_pass_on_odd_sizes(shape):
     assert float(u.abs().max()) < 0.05  # the velocity layer starts near zero
 
 
+def test_correlation_peaks_at_the_offset_between_the_features():
+    """Moving features equal to the fixed ones shifted by (z, y, x) = (1, 0, -2) voxels: the
+    cost volume is highest at that offset."""
+    import itertools
+
+    from carctl.networks.car import correlation
+
+    torch.manual_seed(0)
+    moving = torch.randn(1, 6, 12, 12, 12)
+    fixed = torch.roll(moving, shifts=(-1, 0, 2), dims=(2, 3, 4))  # fixed(x) = moving(x + o)
+    cost = correlation(fixed, moving, radius=2)[..., 3:-3, 3:-3, 3:-3].mean(dim=(2, 3, 4))[0]
+    offsets = list(itertools.product(range(-2, 3), repeat=3))
+    assert offsets[int(cost.argmax())] == (1, 0, -2)
+    assert float(cost.max()) == pytest.approx(1.0, abs=1e-5)
+
+
 def test_a_constant_velocity_integrates_to_the_same_translation():
     velocity = torch.zeros(1, 3, 8, 10, 12)
     velocity[:, 0], velocity[:, 2] = 1.5, -2.0  # voxels of the full grid, x first
@@ -158,22 +174,26 @@ def test_training_pairs_carry_their_true_displacement():
 
 
 def test_a_few_training_steps_reduce_the_loss(tmp_path):
-    from carctl.training import car
+    """The mean loss over the samples of a short run is lower after it than before."""
+    from carctl.training import car, loop
 
     settings = car.CarTraining(
-        steps=30,
+        steps=40,
         patch=16,
         learning_rate=3e-3,
-        validate_every=30,
+        validate_every=40,
         network=CarConfig(width=4),
     )
     volumes = _volumes()
 
     def total(model):
-        generator = torch.Generator().manual_seed(99)
-        pairs = [car.make_pair(volumes, settings, generator) for _ in range(4)]
-        with torch.no_grad():
-            return sum(float(car.losses(model, p, settings, generator)["total"]) for p in pairs)
+        out = 0.0
+        for step in range(settings.steps):
+            generator = loop.step_generator(settings.seed, step)
+            pair = car.make_pair(volumes, settings, generator)
+            with torch.no_grad():
+                out += float(car.losses(model, pair, settings, generator)["total"])
+        return out / settings.steps
 
     torch.manual_seed(settings.seed)
     before = total(CarNet(settings.network))
