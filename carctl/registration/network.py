@@ -23,6 +23,9 @@ from carctl.spatial.transform import Affine
 MULTIPLE = 16
 # The name of the shipped weights.
 WEIGHTS = "car"
+# Passes of the network: each one registers the moving image warped by the previous passes
+# (a cascade; the fields compose).
+PASSES = 1
 
 
 def working_grid(fixed: Grid, box: tuple[np.ndarray, np.ndarray]) -> Grid:
@@ -83,10 +86,19 @@ def predict(
     affine: np.ndarray,
     box: tuple[np.ndarray, np.ndarray],
     device: torch.device | str = "cpu",
+    passes: int = PASSES,
 ) -> tuple[Grid, torch.Tensor]:
     """The network's deformable part ``u`` for the mapping ``A(x + u(x))``: its grid and
-    ``(1, D, *grid.shape)`` mm (normalised images in, see :func:`inputs`)."""
+    ``(1, D, *grid.shape)`` mm (normalised images in, see :func:`inputs`).
+
+    Each pass registers the moving image warped by the field so far; with ``du`` the new
+    pass's field, the whole is ``u(x) = du(x) + u_before(x + du(x))`` (voxels)."""
+    from carctl.networks.car import warp
+
     grid = working_grid(fixed_grid, box)
     f, m = inputs(fixed, fixed_grid, moving, moving_grid, affine, grid, device)
-    u = model(m, f)
-    return grid, to_physical(u.float(), grid)
+    u = torch.zeros((1, grid.ndim, *grid.shape), device=f.device)
+    for _ in range(passes):
+        du = model(warp(m, u), f).float()
+        u = du + warp(u, du)
+    return grid, to_physical(u, grid)

@@ -343,6 +343,7 @@ def _stage_network(state: _State, progress: Progress) -> StageReport:
         state.affine,
         state.box,
         state.device,
+        network.PASSES,
     )
     state.displacement = (grid, u)
     progress.advance()
@@ -352,6 +353,7 @@ def _stage_network(state: _State, progress: Progress) -> StageReport:
         "steps_trained": card.data.get("training", {}).get("steps_done"),
         "grid_size": list(grid.size),
         "spacing_mm": grid.spacing[0],
+        "passes": network.PASSES,
     }
     return StageReport("network", 0.0, before, after, detail)
 

@@ -71,7 +71,8 @@ def test_voxel_displacements_become_physical_along_the_grid_axes():
 
 
 def test_the_network_field_enters_the_mapping_in_mm(monkeypatch):
-    """A network that says "one voxel along x" moves every point by one working voxel."""
+    """A network that says "one voxel along x" moves every point by one working voxel per
+    pass (the passes compose)."""
     image = blobs()
     monkeypatch.setattr(pretrained, "load", lambda name, device="cpu": (Shift([1.0, 0, 0]), _c()))
     result = register(image, image, RegistrationOptions(method="net"))
@@ -79,7 +80,8 @@ def test_the_network_field_enters_the_mapping_in_mm(monkeypatch):
     step = stage.detail["spacing_mm"]
     inner = result.field.data[:, 8:-8, 8:-8, 8:-8]
     # header-aligned identical images: the affine stays near the identity
-    np.testing.assert_allclose(inner[0].mean(), step, atol=0.1 * step)
+    np.testing.assert_allclose(inner[0].mean(), network.PASSES * step, atol=0.1 * step)
+    assert stage.detail["passes"] == network.PASSES
     assert float(inner[1:].abs().max()) < 0.1 * step
 
 
