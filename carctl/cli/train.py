@@ -117,6 +117,7 @@ def _run(
     finally:
         if bar is not None:
             bar.stop()
+        loop.finish()
     if rank != 0:
         return  # process 0 writes the weights
     command = (

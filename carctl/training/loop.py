@@ -100,6 +100,15 @@ def distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def finish() -> None:
+    """Leave the process group, if any (a process that exits inside it may abort)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _average_gradients(model: torch.nn.Module, world: int) -> None:
     import torch.distributed as dist
 

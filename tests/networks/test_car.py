@@ -238,7 +238,7 @@ def test_torchrun_trains_with_two_processes(tmp_path):
     data.mkdir(parents=True)
     write(make_image((40, 40, 40), seed=5), data / "t1.nii.gz")
     out = tmp_path / "run"
-    command = [torchrun, "--nproc_per_node", "2", "-m", "carctl", "train", "car"]
+    command = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "carctl", "train", "car"]
     command += ["--data", str(tmp_path / "data"), "--out", str(out), "--steps", "2"]
     command += ["--patch", "16", "--width", "4", "--validate-every", "2", "--threads", "1", "-q"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
