@@ -233,10 +233,10 @@ def imse(
 def car(
     out: Annotated[Path, typer.Option("--out", "-o", help=OUT_HELP)] = Path("runs/car"),
     data_dir: Annotated[Path | None, typer.Option("--data", help=DATA_HELP)] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Optimiser steps in all.")] = 9000,
+    steps: Annotated[int, typer.Option("--steps", help="Optimiser steps in all.")] = 12000,
     patch: Annotated[
         int, typer.Option("--patch", help="Crop edge in voxels (a multiple of 16).")
-    ] = 48,
+    ] = 32,
     width: Annotated[int, typer.Option("--width", help="Encoder channels at 1/2 size.")] = 16,
     learning_rate: Annotated[float, typer.Option("--lr", help="Initial learning rate.")] = 1e-3,
     regularization: Annotated[
@@ -251,7 +251,7 @@ def car(
     ] = 0.05,
     max_displacement: Annotated[
         float, typer.Option("--max-displacement", help="Largest smooth displacement, voxels.")
-    ] = 8.0,
+    ] = 6.0,
     same_contrast: Annotated[
         float,
         typer.Option(

@@ -46,12 +46,12 @@ from carctl.training import data, loop
 
 @dataclass
 class CarTraining:
-    steps: int = 9000
-    patch: int = 48
+    steps: int = 12000
+    patch: int = 32
     learning_rate: float = 1e-3
     seed: int = 0
     validate_every: int = 250
-    max_displacement: float = 8.0  # voxels, largest smooth displacement drawn
+    max_displacement: float = 6.0  # voxels, largest smooth displacement drawn
     regularization: float = 1.0  # diffusion weight (lambda_1)
     contrast: float = 0.1  # contrast-invariance weight (lambda_2)
     supervision: float = 0.05  # end-point-error weight (not in the paper)
