@@ -29,7 +29,7 @@ def _default_data() -> Path:
     return Path("../shared/data")
 
 
-def _common(out: Path, data_dir: Path | None, steps: int, threads: int | None, device: str):
+def _common(data_dir: Path | None, steps: int, threads: int | None, device: str):
     """Checks shared by every ``train`` command; returns (data folder, device)."""
     from carctl.errors import InputError, UsageError
     from carctl.runtime import resolve_device, set_threads
@@ -150,35 +150,47 @@ def _run(
 
 
 OUT_HELP = "Folder for checkpoints, weights and card."
-DATA_HELP = "Data folder (default: ../shared/data or $CARCTL_SHARED_DATA)."
 STOP_HELP = (
     "Stop at this step (checkpoint and weights written; the learning-rate schedule stays "
     "that of --steps, so --resume later finishes the same run)."
 )
+# Options every ``train`` command takes (each command sets its own default where one differs).
+Data = Annotated[
+    Path | None,
+    typer.Option("--data", help="Data folder (default: ../shared/data or $CARCTL_SHARED_DATA)."),
+]
+Steps = Annotated[int, typer.Option("--steps", help="Optimiser steps in all.")]
+LearningRate = Annotated[float, typer.Option("--lr", help="Initial learning rate.")]
+ValidateEvery = Annotated[
+    int, typer.Option("--validate-every", help="Steps between validations and checkpoints.")
+]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed.")]
+Name = Annotated[str, typer.Option("--name", help="Name of the weights written.")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue from the checkpoint in --out.")]
+StopAt = Annotated[int | None, typer.Option("--stop-at", help=STOP_HELP)]
+Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")]
+Threads = Annotated[int | None, typer.Option("--threads", help="CPU threads.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
 
 @app.command("imse")
 def imse(
     out: Annotated[Path, typer.Option("--out", "-o", help=OUT_HELP)] = Path("runs/imse"),
-    data_dir: Annotated[Path | None, typer.Option("--data", help=DATA_HELP)] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Optimiser steps in all.")] = 10000,
+    data_dir: Data = None,
+    steps: Steps = 10000,
     batch: Annotated[int, typer.Option("--batch", help="Samples per step.")] = 2,
     patch: Annotated[int, typer.Option("--patch", help="Crop edge in voxels.")] = 48,
     width: Annotated[int, typer.Option("--width", help="Channels at full resolution.")] = 8,
     blocks: Annotated[int, typer.Option("--blocks", help="Residual blocks at 1/4.")] = 4,
-    learning_rate: Annotated[float, typer.Option("--lr", help="Initial learning rate.")] = 5e-4,
-    validate_every: Annotated[
-        int, typer.Option("--validate-every", help="Steps between validations and checkpoints.")
-    ] = 500,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
-    name: Annotated[str, typer.Option("--name", help="Name of the weights written.")] = "imse",
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from the checkpoint in --out.")
-    ] = False,
-    stop_at: Annotated[int | None, typer.Option("--stop-at", help=STOP_HELP)] = None,
-    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")] = "auto",
-    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    learning_rate: LearningRate = 5e-4,
+    validate_every: ValidateEvery = 500,
+    seed: Seed = 0,
+    name: Name = "imse",
+    resume: Resume = False,
+    stop_at: StopAt = None,
+    device: Device = "auto",
+    threads: Threads = None,
+    quiet: Quiet = False,
 ) -> None:
     """Train IMSE's spatial evaluator from single-contrast volumes with Shuffle Remap.
 
@@ -189,7 +201,7 @@ def imse(
     from carctl.networks.evaluator import EvaluatorConfig
     from carctl.training import imse as training
 
-    root, device = _common(out, data_dir, steps, threads, device)
+    root, device = _common(data_dir, steps, threads, device)
     for option, value in (("--batch", batch), ("--width", width)):
         if value < 1:
             raise UsageError(f"{option} must be at least 1")
@@ -232,13 +244,13 @@ def imse(
 @app.command("car")
 def car(
     out: Annotated[Path, typer.Option("--out", "-o", help=OUT_HELP)] = Path("runs/car"),
-    data_dir: Annotated[Path | None, typer.Option("--data", help=DATA_HELP)] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Optimiser steps in all.")] = 12000,
+    data_dir: Data = None,
+    steps: Steps = 12000,
     patch: Annotated[
         int, typer.Option("--patch", help="Crop edge in voxels (a multiple of 16).")
     ] = 32,
     width: Annotated[int, typer.Option("--width", help="Encoder channels at 1/2 size.")] = 16,
-    learning_rate: Annotated[float, typer.Option("--lr", help="Initial learning rate.")] = 1e-3,
+    learning_rate: LearningRate = 1e-3,
     regularization: Annotated[
         float, typer.Option("--regularization", help="Diffusion weight (lambda 1).")
     ] = 1.0,
@@ -258,18 +270,14 @@ def car(
             "--same-contrast", help="Fraction of views whose two images share one contrast."
         ),
     ] = 0.5,
-    validate_every: Annotated[
-        int, typer.Option("--validate-every", help="Steps between validations and checkpoints.")
-    ] = 250,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
-    name: Annotated[str, typer.Option("--name", help="Name of the weights written.")] = "car",
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from the checkpoint in --out.")
-    ] = False,
-    stop_at: Annotated[int | None, typer.Option("--stop-at", help=STOP_HELP)] = None,
-    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")] = "auto",
-    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    validate_every: ValidateEvery = 250,
+    seed: Seed = 0,
+    name: Name = "car",
+    resume: Resume = False,
+    stop_at: StopAt = None,
+    device: Device = "auto",
+    threads: Threads = None,
+    quiet: Quiet = False,
 ) -> None:
     """Train CAR's contrast-agnostic registration network (random-convolution contrasts,
     contrast-invariance loss, LNCC on the single-contrast images).
@@ -281,7 +289,7 @@ def car(
     from carctl.networks.car import CarConfig
     from carctl.training import car as training
 
-    root, device = _common(out, data_dir, steps, threads, device)
+    root, device = _common(data_dir, steps, threads, device)
     if width < 2:
         raise UsageError("--width must be at least 2")
     if patch < 16 or patch % 16:

@@ -183,14 +183,10 @@ def train(
     keeping the schedule of the whole run); returns the model and its last validation."""
     torch.manual_seed(settings.seed)
     model = CarNet(settings.network).to(device)
-    checks = [
-        {k: v.to(device) for k, v in pair.items()}
-        for pair in validation_pairs(validation or volumes, settings)
-    ]
+    checks = [loop.on(pair, device) for pair in validation_pairs(validation or volumes, settings)]
 
-    def loss_of(step: int) -> tuple[torch.Tensor, dict]:
-        generator = loop.step_generator(settings.seed, step)
-        pair = {k: v.to(device) for k, v in make_pair(volumes, settings, generator).items()}
+    def loss_of(generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        pair = loop.on(make_pair(volumes, settings, generator), device)
         parts = losses(model, pair, settings, generator)
         return parts["total"], {k: v.item() for k, v in parts.items() if k != "total"}
 

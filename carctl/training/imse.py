@@ -112,7 +112,6 @@ def validation_batches(
 def validate(model: Evaluator, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     """L1 of the error map, and the Spearman correlation between the predicted mean absolute
     error inside the foreground and the true mean displacement there."""
-    model.eval()
     l1, scores, truth = [], [], []
     for batch in batches:
         error = model(batch["reference"], batch["other"])
@@ -121,7 +120,6 @@ def validate(model: Evaluator, batches: list[dict[str, torch.Tensor]]) -> dict[s
         score = (error.abs() * mask).sum(dim=(1, 2, 3, 4)) / mask.sum(dim=(1, 2, 3, 4)).clamp_min(1)
         scores.extend(score.tolist())
         truth.extend(batch["displacement"].tolist())
-    model.train()
     return {
         "l1": float(np.mean(l1)),
         "spearman": spearman(np.asarray(scores), np.asarray(truth)),
@@ -142,12 +140,10 @@ def train(
     keeping the schedule of the whole run); returns the model and its last validation."""
     torch.manual_seed(settings.seed)
     model = Evaluator(settings.network).to(device)
-    checks = validation_batches(validation or volumes, settings)
-    checks = [{k: v.to(device) for k, v in b.items()} for b in checks]
+    checks = [loop.on(b, device) for b in validation_batches(validation or volumes, settings)]
 
-    def loss_of(step: int) -> tuple[torch.Tensor, dict]:
-        generator = loop.step_generator(settings.seed, step)
-        batch = {k: v.to(device) for k, v in make_batch(volumes, settings, generator).items()}
+    def loss_of(generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        batch = loop.on(make_batch(volumes, settings, generator), device)
         error = model(batch["reference"], batch["other"])
         return (error - batch["target"]).abs().mean(), {}
 

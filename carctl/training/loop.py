@@ -46,6 +46,11 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
+def on(tensors: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    """A dict of tensors moved to ``device``."""
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     out = {}
     for i, state in optimizer.state_dict()["state"].items():
@@ -121,7 +126,7 @@ def _average_gradients(model: torch.nn.Module, world: int) -> None:
 def fit(
     model: torch.nn.Module,
     settings,
-    loss_of: Callable[[int], tuple[torch.Tensor, dict]],
+    loss_of: Callable[[torch.Generator], tuple[torch.Tensor, dict]],
     validate: Callable[[], dict],
     folder: Path,
     resume: bool = False,
@@ -129,8 +134,9 @@ def fit(
     stop: int | None = None,
 ) -> dict:
     """Adam on ``model`` up to ``settings.steps`` (or until step ``stop``, keeping the
-    schedule of the whole run). ``loss_of(n)`` returns the loss of the sample stream ``n``
-    (the step, or ``step * world + rank`` under ``torchrun``) and a few numbers to show;
+    schedule of the whole run). ``loss_of(generator)`` draws a sample from ``generator``
+    (:func:`step_generator` of the stream ``n``: the step, or ``step * world + rank`` under
+    ``torchrun``) and returns its loss and a few numbers to show;
     every ``settings.validate_every`` steps (and at the end) process 0 logs ``validate()``
     and writes a checkpoint to ``folder``. Returns the last validation."""
     rank, world = distributed()
@@ -145,7 +151,7 @@ def fit(
     while step < end:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(settings.learning_rate, settings.steps, step)
-        loss, shown = loss_of(step * world + rank)
+        loss, shown = loss_of(step_generator(settings.seed, step * world + rank))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:

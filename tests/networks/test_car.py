@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from carctl import pretrained
 from carctl.augment import RC_HIGH, RandomConvolution
 from carctl.networks.car import CarConfig, CarNet, integrate, warp
 
@@ -113,40 +112,6 @@ def test_warp_reads_the_moving_image_at_index_plus_displacement():
     u[:, 0] = 1.0  # one voxel along x (the last array axis)
     moved = warp(image, u)
     torch.testing.assert_close(moved[..., :-1], image[..., 1:])
-
-
-# --- weights ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def car_weights(tmp_path, monkeypatch):
-    monkeypatch.setenv("CARCTL_WEIGHTS", str(tmp_path))
-    torch.manual_seed(0)
-    net = CarNet(CarConfig(width=4))
-    arch = {"kind": "car-registration", "config": net.config.to_dict()}
-    card = {"architecture": arch, "training": {"command": "carctl train car (test)"}}
-    pretrained.write(net, tmp_path, "car", card)
-    return tmp_path
-
-
-def test_car_weights_round_trip_and_corruption_is_refused(car_weights):
-    model, card = pretrained.load("car")
-    assert isinstance(model, CarNet) and card.data["architecture"]["config"]["width"] == 4
-    path = car_weights / "car.safetensors"
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
-    with pytest.raises(pretrained.WeightsError, match="corrupted"):
-        pretrained.load("car")
-
-
-def test_car_weights_that_do_not_fit_the_card_are_refused(car_weights):
-    card = car_weights / "car.json"
-    data = json.loads(card.read_text())
-    data["architecture"]["config"]["width"] = 8
-    card.write_text(json.dumps(data))
-    with pytest.raises(pretrained.WeightsError, match="architecture"):
-        pretrained.load("car")
 
 
 # --- training --------------------------------------------------------------------------------

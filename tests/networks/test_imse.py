@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -93,34 +95,57 @@ def test_evaluator_2d():
 # --- weights registry ------------------------------------------------------------------------
 
 
-@pytest.fixture
-def weights_dir(tmp_path, monkeypatch):
+@dataclass
+class TinyWeights:
+    folder: Path  # holds the weights ``tiny``
+    network: type  # the class they build
+    kind: str  # the card's architecture kind
+    channels: int  # output channels of the network
+
+
+def _tiny_evaluator():
+    return Evaluator(EvaluatorConfig(width=4, blocks=1)), "imse-evaluator", 1
+
+
+def _tiny_car():
+    from carctl.networks.car import CarConfig, CarNet
+
+    return CarNet(CarConfig(width=4)), "car-registration", 3
+
+
+@pytest.fixture(params=[_tiny_evaluator, _tiny_car], ids=["imse", "car"])
+def weights_dir(request, tmp_path, monkeypatch) -> TinyWeights:
+    """Tiny untrained weights named ``tiny``, of each architecture carctl ships."""
     monkeypatch.setenv("CARCTL_WEIGHTS", str(tmp_path))
-    net = Evaluator(EvaluatorConfig(width=4, blocks=1))
-    arch = {"kind": "imse-evaluator", "config": net.config.to_dict()}
-    pretrained.write(net, tmp_path, "tiny", {"architecture": arch})
-    return tmp_path
+    torch.manual_seed(0)
+    net, kind, channels = request.param()
+    architecture = {"kind": kind, "config": net.config.to_dict()}
+    pretrained.write(net, tmp_path, "tiny", {"architecture": architecture})
+    return TinyWeights(tmp_path, type(net), kind, channels)
 
 
 def test_weights_round_trip_through_the_card(weights_dir):
     model, card = pretrained.load("tiny")
+    assert isinstance(model, weights_dir.network)
+    assert card.data["architecture"]["kind"] == weights_dir.kind
     assert card.data["architecture"]["config"]["width"] == 4
     x = torch.rand(1, 1, 8, 8, 8)
-    assert model(x, x).shape == x.shape
+    assert model(x, x).shape == (1, weights_dir.channels, 8, 8, 8)
     assert not model.training
 
 
-def test_corrupted_weights_are_refused(weights_dir):
-    path = weights_dir / "tiny.safetensors"
+@pytest.mark.parametrize("where", [-3, 0.5], ids=["end", "middle"])
+def test_corrupted_weights_are_refused(weights_dir, where):
+    path = weights_dir.folder / "tiny.safetensors"
     data = bytearray(path.read_bytes())
-    data[-3] ^= 0xFF
+    data[where if isinstance(where, int) else int(len(data) * where)] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(pretrained.WeightsError, match="corrupted"):
         pretrained.load("tiny")
 
 
 def test_weights_that_do_not_fit_the_card_are_refused(weights_dir):
-    card = weights_dir / "tiny.json"
+    card = weights_dir.folder / "tiny.json"
     data = json.loads(card.read_text())
     data["architecture"]["config"]["width"] = 8
     card.write_text(json.dumps(data))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -86,7 +87,7 @@ def test_the_network_field_enters_the_mapping_in_mm(monkeypatch):
 
 
 def _c():
-    return pretrained.Card("car", pretrained.Path("car.json"), {"training": {"steps_done": 1}})
+    return pretrained.Card("car", Path("car.json"), {"training": {"steps_done": 1}})
 
 
 def test_methods_run_their_stages(car_weights):
