@@ -43,6 +43,20 @@ def _common(data_dir: Path | None, steps: int, threads: int | None, device: str)
     return root, resolve_device(device)
 
 
+def _earlier_commands(card: Path) -> list[str]:
+    """The commands that produced the checkpoint a resumed run continues (from the card
+    the earlier run wrote), so the new card records the whole recipe in order."""
+    import json
+
+    try:
+        training = json.loads(card.read_text())["training"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return list(
+        training.get("commands", [training.get("command")] if "command" in training else [])
+    )
+
+
 def _run(
     kind: str,
     module,
@@ -124,7 +138,10 @@ def _run(
         f"carctl train {kind} " + shlex.join(sys.argv[sys.argv.index(kind) + 1 :])
         if kind in sys.argv
         else f"carctl train {kind}"
-    )
+    ).strip()
+    commands = _earlier_commands(out / f"{name}.json") if resume else []
+    if not commands or commands[-1] != command:
+        commands.append(command)
     card = pretrained.write(
         model,
         out,
@@ -133,7 +150,8 @@ def _run(
             "architecture": {"kind": architecture, "config": settings.network.to_dict()},
             "description": description,
             "training": {
-                "command": command.strip(),
+                "command": " && ".join(commands),
+                "commands": commands,
                 "settings": loop.settings_dict(settings),
                 "steps_done": metrics["step"],
                 "data": sorted({v.name.split("@")[0] for v in volumes}),

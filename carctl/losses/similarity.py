@@ -56,9 +56,9 @@ def _box_filter(image: torch.Tensor, radius: int) -> torch.Tensor:
         n = out.shape[dim]
         zeros = out.new_zeros(*out.shape[:dim], radius, *out.shape[dim + 1 :])
         padded = torch.cat([zeros, out, zeros], dim=dim)
-        total = padded.narrow(dim, 0, n)
-        for k in range(1, 2 * radius + 1):
-            total = total + padded.narrow(dim, k, n)
+        total = padded.narrow(dim, 0, n) + padded.narrow(dim, 1, n)
+        for k in range(2, 2 * radius + 1):
+            total.add_(padded.narrow(dim, k, n))
         index = torch.arange(n, device=image.device)
         count = index.clamp(max=radius) + (n - 1 - index).clamp(max=radius) + 1
         out = total / count.to(out.dtype).reshape(n, *([1] * (image.dim() - 1 - dim)))

@@ -110,8 +110,9 @@ def optimise(
     if params.affine:
         groups.append((params.linear, 0.5 * step / radius))
     optimiser = Adam([p for p, _ in groups], [lr for _, lr in groups])
+    report = level.report_index(budget)
     with torch.no_grad():
-        first = float(level_loss(level, params.homogeneous(), function))
+        first = float(level_loss(level, params.homogeneous(), function, report))
     for i in range(iterations):
         decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / max(iterations, 1)))
         optimiser.zero_grad()
@@ -122,5 +123,5 @@ def optimise(
         if progress is not None:
             progress(1)
     with torch.no_grad():
-        last = float(level_loss(level, params.homogeneous(), function))
+        last = float(level_loss(level, params.homogeneous(), function, report))
     return first, last

@@ -45,16 +45,21 @@ def control_grid(grid: Grid, factor: float = CONTROL_FACTOR) -> Grid:
 def field_at(field: torch.Tensor, source: Grid, points: torch.Tensor) -> torch.Tensor:
     """A displacement field ``(1, D, *source.shape)`` (mm) at physical ``points`` ``(..., D)``
     -> ``(D, ...)``; outside ``source`` the border value continues (working grids are crops)."""
+    return sample_field(field, source, source.to_index(points.to(field.dtype)))
+
+
+def sample_field(field: torch.Tensor, source: Grid, index: torch.Tensor) -> torch.Tensor:
+    """A displacement field ``(1, D, *source.shape)`` at continuous indices of ``source``
+    ``(..., D)`` -> ``(D, ...)`` (linear; the border value continues beyond the grid)."""
     d = source.ndim
-    normalised = source.index_to_normalised(source.to_index(points.to(field.dtype)))
     values = F.grid_sample(
         field,
-        normalised.reshape(1, -1, *([1] * (d - 1)), d),
+        source.index_to_normalised(index).reshape(1, -1, *([1] * (d - 1)), d),
         mode="bilinear",
         padding_mode="border",
         align_corners=True,
     )
-    return values.reshape(d, *points.shape[:-1])
+    return values.reshape(d, *index.shape[:-1])
 
 
 def resample_field(field: torch.Tensor, source: Grid, target: Grid) -> torch.Tensor:
@@ -90,17 +95,21 @@ def similarity(
     affine: np.ndarray,
     displacement: tuple[Grid, torch.Tensor] | None,
     function: Callable[..., torch.Tensor],
+    budget: int | None = None,
 ) -> float:
-    """The similarity loss at every voxel of ``level`` for the mapping ``A(x + u(x))``
-    (``displacement`` = ``(grid, u)`` with ``u`` ``(1, D, *grid.shape)`` mm, or None)."""
+    """The similarity loss at ``level`` for the mapping ``A(x + u(x))`` (``displacement`` =
+    ``(grid, u)`` with ``u`` ``(1, D, *grid.shape)`` mm, or None), on the voxels of
+    :meth:`Level.report_index` (``budget`` None: every voxel)."""
     d = level.ndim
+    index = level.report_index(budget)
     points = level.points.reshape(-1, d)
+    points = points if index is None else points[index]
     with torch.no_grad():
         if displacement is not None:
             grid, u = displacement
             points = points + field_at(u.to(points), grid, points).T
         to_moving = level.moving_grid.physical_to_index @ affine
-        return float(level.loss(function, apply_homogeneous(to_moving, points)))
+        return float(level.loss(function, apply_homogeneous(to_moving, points), index))
 
 
 def optimise_level(
@@ -146,8 +155,9 @@ def optimise_level(
         penalty = regulariser(u.movedim(-1, 0)[None], spacing)
         return level.loss(function, moved, index) + weight * penalty
 
+    report = level.report_index(budget)
     with torch.no_grad():
-        first = float(objective(None))
+        first = float(objective(report))
     for i in range(iterations):
         optimiser.zero_grad()
         loss = objective(level.sample_index(budget, generator))
@@ -156,5 +166,5 @@ def optimise_level(
         if progress is not None:
             progress(1)
     with torch.no_grad():
-        last = float(objective(None))
+        last = float(objective(report))
     return parameter.detach(), first, last

@@ -27,6 +27,7 @@ from carctl.registration import affine as affine_stage
 from carctl.registration import initialise as init_stage
 from carctl.registration import optimize
 from carctl.registration.levels import (
+    OVERSAMPLE,
     Level,
     build_level,
     foreground,
@@ -56,6 +57,10 @@ FINEST_VOXELS = 96
 DEFAULT_ITERATIONS = (80, 60, 40)
 # Iterations of the rigid refinement of initial candidates, rigid and affine stages per level.
 INIT_ITERATIONS, RIGID_ITERATIONS, AFFINE_ITERATIONS = 20, 60, 60
+# Features of the initialisation and the linear stages are computed at their level's spacing
+# (oversampling them, as the deformable stage's are, cost 3-5 s on a 1 mm brain and changed
+# the network's end-point error by less than 0.02 mm on BraTS and SPM pairs).
+LINEAR_OVERSAMPLE = 1
 # Voxels read per stochastic step (losses that compare voxel by voxel).
 INIT_VOXELS, LINEAR_VOXELS, DEFORMABLE_VOXELS = 1 << 13, 1 << 13, 1 << 15
 
@@ -128,9 +133,11 @@ class _State:
         """Voxels per stochastic step for the chosen loss or ``spec`` (None: every voxel)."""
         return voxels if (spec or self.spec).pointwise else None
 
-    def level(self, spacing: float, loss: str | None = None) -> Level:
+    def level(self, spacing: float, loss: str | None = None, oversample: int = OVERSAMPLE) -> Level:
+        """The level of ``spacing`` for ``loss`` (the chosen one by default), its features
+        computed at ``spacing / oversample`` (built once, then cached)."""
         spec = loss_spec(loss) if loss else self.spec
-        key = (round(spacing, 6), spec.name)
+        key = (round(spacing, 6), spec.name, oversample)
         if key not in self._levels:
             self._levels[key] = build_level(
                 self.fixed_norm,
@@ -145,6 +152,7 @@ class _State:
                 spec.fills_outside,
                 self.device,
                 self.moving_box,
+                oversample,
             )
         return self._levels[key]
 
@@ -166,7 +174,7 @@ def _schedule(fixed: Grid, options: RegistrationOptions) -> dict:
 
 
 def _stage_initialise(state: _State, progress: Progress) -> StageReport:
-    level = state.level(state.schedule["initialise"], "mind")
+    level = state.level(state.schedule["initialise"], "mind", LINEAR_OVERSAMPLE)
     starts = init_stage.candidates(
         state.fixed_norm, state.fixed.grid, state.moving_norm, state.moving.grid, state.center
     )
@@ -202,7 +210,7 @@ def _linear_stage(name: str, affine: bool) -> Callable[[_State, Progress], Stage
         spec = loss_spec(state.spec.linear) if state.spec.linear else state.spec
         losses = []
         for spacing in spacings:
-            level = state.level(spacing, spec.name)
+            level = state.level(spacing, spec.name, LINEAR_OVERSAMPLE)
             params = affine_stage.AffineParameters(state.affine, state.center, affine=affine)
             losses.append(
                 affine_stage.optimise(
@@ -218,7 +226,9 @@ def _linear_stage(name: str, affine: bool) -> Callable[[_State, Progress], Stage
             )
             state.affine = params.homogeneous().detach().numpy()
         # both at the finest level; the last level's optimisation measured the loss after
-        before, after = _similarity(state, spacings[-1], start, spec=spec), losses[-1][1]
+        last = spacings[-1]
+        before = _similarity(state, last, start, spec=spec, oversample=LINEAR_OVERSAMPLE)
+        after = losses[-1][1]
         detail = {"levels_mm": spacings, "level_losses": [list(pair) for pair in losses]}
         return StageReport(name, 0.0, before, after, detail)
 
@@ -231,18 +241,23 @@ def _similarity(
     affine: np.ndarray,
     displacement: tuple[Grid, torch.Tensor] | None = None,
     spec: LossSpec | None = None,
+    oversample: int = OVERSAMPLE,
 ) -> float:
     """The chosen loss (or ``spec``) at the level of ``spacing`` for ``A(x + u(x))``."""
     spec = spec or state.spec
-    return optimize.similarity(state.level(spacing, spec.name), affine, displacement, spec.function)
+    level = state.level(spacing, spec.name, oversample)
+    budget = state.budget(LINEAR_VOXELS, spec)
+    return optimize.similarity(level, affine, displacement, spec.function, budget)
 
 
 def after_network(counts: list[int]) -> list[int]:
-    """Iterations per level when the network's field is the start: half the total, on the
-    finer levels only (the network has done the coarsest level's work)."""
-    total = sum(counts) // 2
-    finer = max(len(counts) - 1, 1)
-    return [0] * (len(counts) - finer) + [total // finer] * finer
+    """Iterations per level when the network's field is the start: the finest level only,
+    with one and a half times its own count, at most half the total (a third of the default
+    three levels' total). The network has done the coarse levels' work: on BraTS and SPM
+    pairs this matched or beat the whole pyramid's end-point error (within 0.01 mm) in 55-75 %
+    of its time, while half the total spread over the two finer levels cost as much time as
+    the whole pyramid."""
+    return [0] * (len(counts) - 1) + [min(counts[-1] * 3 // 2, sum(counts) // 2)]
 
 
 def _stage_deformable(state: _State, progress: Progress) -> StageReport:
@@ -333,7 +348,8 @@ def _stage_network(state: _State, progress: Progress) -> StageReport:
         return StageReport("network", 0.0, detail={"skipped": str(error)})
     progress.start("network", 1)
     last = state.schedule["affine"][-1]  # a level the affine stage has built
-    before = _similarity(state, last, state.affine)
+    spec = loss_spec(state.spec.linear) if state.spec.linear else state.spec
+    before = _similarity(state, last, state.affine, spec=spec, oversample=LINEAR_OVERSAMPLE)
     grid, u = network.predict(
         model,
         state.fixed_norm,
@@ -347,7 +363,9 @@ def _stage_network(state: _State, progress: Progress) -> StageReport:
     )
     state.displacement = (grid, u)
     progress.advance()
-    after = _similarity(state, last, state.affine, state.displacement)
+    after = _similarity(
+        state, last, state.affine, state.displacement, spec=spec, oversample=LINEAR_OVERSAMPLE
+    )
     detail = {
         "weights": card.name,
         "steps_trained": card.data.get("training", {}).get("steps_done"),
@@ -472,14 +490,23 @@ def _register(
 def compose(
     grid: Grid, affine: np.ndarray, displacement: tuple[Grid, torch.Tensor] | None
 ) -> DisplacementField:
-    """The field ``d(x) = A(x + u(x)) - x`` on ``grid`` (float32 mm)."""
-    points = grid.points(dtype=torch.float64)
-    moved = points
+    """The field ``d(x) = A(x + u(x)) - x = (L - I) x + t + L u(x)`` on ``grid`` (float32 mm,
+    ``A = (L, t)``). Both terms are built from voxel indices by broadcasting (the affine term
+    is affine in the index; ``u`` is read at indices of its own grid, also affine in ``grid``'s
+    index), never as a float64 array of points."""
+    d = grid.ndim
+    linear = np.asarray(affine, float)[:d, :d]
+    part = np.eye(d + 1)
+    part[:d, :d] = linear - np.eye(d)
+    part[:d, d] = np.asarray(affine, float)[:d, d]
+    data = grid.map_indices(part @ grid.index_to_physical, torch.float32).movedim(-1, 0)
     if displacement is not None:
         source, u = displacement
-        moved = points + optimize.field_at(u.float().cpu(), source, points).movedim(0, -1)
-    data = (apply_homogeneous(affine, moved) - points).movedim(-1, 0)
-    return DisplacementField(grid, data.to(torch.float32).contiguous())
+        index = grid.map_indices(source.physical_to_index @ grid.index_to_physical, torch.float32)
+        values = optimize.sample_field(u.float().cpu(), source, index)
+        step = torch.as_tensor(linear, dtype=torch.float32)
+        data = data + torch.einsum("ab,b...->a...", step, values)
+    return DisplacementField(grid, data.contiguous())
 
 
 def invert(

@@ -178,17 +178,26 @@ class Grid:
     # --- tensors ------------------------------------------------------------------------
     def points(self, dtype: torch.dtype | None = None, device=None) -> torch.Tensor:
         """Physical (LPS mm) position of every voxel as a ``(*shape, D)`` tensor."""
+        return self.map_indices(self.index_to_physical, dtype, device)
+
+    def map_indices(
+        self, matrix: np.ndarray, dtype: torch.dtype | None = None, device=None
+    ) -> torch.Tensor:
+        """A homogeneous ``(D+1) x (D+1)`` matrix applied to every voxel's index (``(i, j,
+        k, 1)``): ``(*shape, D)``, built as a sum of one broadcast row per axis (no matrix
+        product over the voxels)."""
         import torch
 
         dtype = dtype or torch.float64
-        m = torch.as_tensor(self.index_to_physical, dtype=dtype, device=device)
-        points = m[: self.ndim, self.ndim].reshape((1,) * self.ndim + (self.ndim,))
-        for axis, n in enumerate(self.size):  # origin + sum over axes of index * column
-            steps = torch.arange(n, dtype=dtype, device=device)[:, None] * m[: self.ndim, axis]
+        m = torch.as_tensor(np.asarray(matrix), dtype=torch.float64)
+        out = m[: self.ndim, self.ndim].to(dtype).reshape((1,) * self.ndim + (self.ndim,))
+        out = out.to(device)
+        for axis, n in enumerate(self.size):  # offset + sum over axes of index * column
+            steps = torch.arange(n, dtype=torch.float64)[:, None] * m[: self.ndim, axis]
             view = [1] * self.ndim + [self.ndim]
             view[self.ndim - 1 - axis] = n
-            points = points + steps.reshape(view)
-        return points
+            out = out + steps.to(dtype=dtype, device=device).reshape(view)
+        return out
 
     def to_index(self, points: torch.Tensor) -> torch.Tensor:
         """Physical points ``(..., D)`` to continuous index ``(..., D)``."""

@@ -165,21 +165,55 @@ def jacobian_determinant(field: DisplacementField) -> torch.Tensor:
     determinant everywhere), zero along an axis of size one. Inside the grid this equals ITK's
     ``DisplacementFieldJacobianDeterminantFilter`` on grids with an identity direction (that
     filter ignores the direction and halves the derivative on the border).
+
+    Computed in float64 by slabs of the slowest axis with the closed-form 2x2 / 3x3
+    determinant (a whole 1 mm brain field would otherwise need gigabytes of 3x3 matrices).
     """
     grid = field.grid
     d = grid.ndim
-    u = field.data.to(torch.float64)
-    index_derivatives = []  # du/d(index) for index axes i, j, k
-    for axis in range(d):
-        dim = d - axis  # tensor dimension of index axis `axis` (after the channel)
-        if u.shape[dim] > 1:
-            index_derivatives.append(torch.gradient(u, dim=dim)[0])
-        else:
-            index_derivatives.append(torch.zeros_like(u))
-    # g[..., a, b] = du_a / d index_b
-    g = torch.stack(index_derivatives, dim=-1).movedim(0, -2)
-    to_physical = torch.as_tensor(
-        np.linalg.inv(grid.direction_matrix * np.asarray(grid.spacing)), dtype=torch.float64
+    u = field.data
+    to_physical = np.linalg.inv(grid.direction_matrix * np.asarray(grid.spacing))
+    out = torch.empty(u.shape[1:], dtype=torch.float64, device=u.device)
+    n = u.shape[1]  # slowest axis (the last index axis)
+    for start in range(0, n, _SLAB):
+        stop = min(start + _SLAB, n)
+        # one neighbour on each side so that central differences match the whole-grid ones
+        low, high = max(start - 1, 0), min(stop + 1, n)
+        part = u[:, low:high].to(torch.float64)
+        # derivatives du/d(index b) for index axes i, j, k, cropped back to the slab
+        keep = slice(start - low, start - low + stop - start)
+        derivative = []
+        for axis in range(d):
+            dim = d - axis  # tensor dimension of index axis `axis` (after the channel)
+            if part.shape[dim] > 1:
+                derivative.append(torch.gradient(part, dim=dim)[0][:, keep])
+            else:
+                derivative.append(torch.zeros_like(part[:, keep]))
+        # jacobian[a][b] = delta_ab + sum_c du_a/d index_c * to_physical[c, b]
+        jacobian = [
+            [
+                sum(derivative[c][a] * float(to_physical[c, b]) for c in range(d))
+                + (1.0 if a == b else 0.0)
+                for b in range(d)
+            ]
+            for a in range(d)
+        ]
+        out[start:stop] = _determinant(jacobian)
+    return out
+
+
+# Slices of the slowest axis per slab of :func:`jacobian_determinant`.
+_SLAB = 16
+
+
+def _determinant(m: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Closed-form determinant of a 1x1, 2x2 or 3x3 matrix of tensors."""
+    if len(m) == 1:
+        return m[0][0]
+    if len(m) == 2:
+        return m[0][0] * m[1][1] - m[0][1] * m[1][0]
+    return (
+        m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
+        - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+        + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0])
     )
-    jacobian = torch.eye(d, dtype=torch.float64, device=u.device) + g @ to_physical.to(u.device)
-    return torch.linalg.det(jacobian)

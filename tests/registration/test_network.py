@@ -109,6 +109,7 @@ def test_auto_after_the_network_optimises_less(car_weights):
     io = register(image, contrast(image), RegistrationOptions(method="io"))
     io_stage = next(s for s in io.stages if s.name == "deformable")
     assert sum(deformable.detail["iterations"]) <= sum(io_stage.detail["iterations"]) / 2
+    assert deformable.detail["levels_mm"] == io_stage.detail["levels_mm"][-1:]  # finest only
 
 
 def test_missing_weights_skip_the_network_in_auto_and_fail_net(monkeypatch):

@@ -103,6 +103,29 @@ def test_pool_keeps_block_centres():
     assert float(pooled[0, 0, 0, 0, 0]) == pytest.approx(float(image[0, 0, :2, :2, :2].mean()))
 
 
+@pytest.mark.parametrize("sigma", [[0.85, 0.0, 2.5], [0.5, 1.7, 0.3]])
+def test_gaussian_blur_matches_a_replicate_padded_convolution(sigma):
+    """The shifted-sum blur equals ``conv1d`` of each axis' rows with the same kernel."""
+    import math
+
+    image = torch.rand(1, 2, 9, 12, 15, generator=torch.Generator().manual_seed(0))
+    expected = image
+    for axis, s in enumerate(sigma):
+        if s <= 0.1:
+            continue
+        dim = 4 - axis
+        radius = min(math.ceil(3 * s), expected.shape[dim] - 1)
+        x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        kernel = torch.exp(-0.5 * (x / s) ** 2)
+        rows = expected.movedim(dim, -1)
+        flat = torch.nn.functional.pad(
+            rows.reshape(-1, 1, rows.shape[-1]), (radius,) * 2, "replicate"
+        )
+        flat = torch.nn.functional.conv1d(flat, (kernel / kernel.sum())[None, None])
+        expected = flat.reshape(rows.shape).movedim(-1, dim)
+    torch.testing.assert_close(levels.gaussian_blur(image, sigma), expected)
+
+
 def test_rotation_vector_matches_euler_rotations_about_one_axis():
     for axis in range(3):
         vector = torch.zeros(3, dtype=torch.float64)
@@ -479,3 +502,28 @@ def test_register_on_cuda_agrees_with_cpu(phantom):
         assert result.field.data.device.type == "cpu"  # results come back to the host
         errors.append(end_point_error(result.field, pair.truth, pair.mask))
     assert errors[1] < 1.0 and abs(errors[1] - errors[0]) < 0.3, errors
+
+
+def test_compose_matches_the_float64_chain_on_oblique_grids():
+    """``compose`` builds ``A(x + u(x)) - x`` from indices in float32; it agrees with the
+    float64 chain through physical points (``u`` on a coarser grid of another box)."""
+    from carctl.spatial.grid import apply_homogeneous
+
+    direction = tuple(rotation(0.3, -0.2, 0.5).ravel())
+    grid = Grid((23, 19, 17), (1.1, 0.9, 1.3), (5.0, -3.0, 2.0), direction)
+    source = Grid((9, 8, 7), (2.5, 2.5, 2.5), (3.0, -5.0, 0.0), direction)
+    rng = np.random.default_rng(0)
+    affine = np.eye(4)
+    affine[:3, :3] += rng.normal(size=(3, 3)) * 0.1
+    affine[:3, 3] = rng.normal(size=3) * 5
+    u = torch.from_numpy(rng.normal(size=(1, 3, 7, 8, 9)) * 2)
+    points = grid.points(dtype=torch.float64)
+    moved = points + optimize.field_at(u, source, points).movedim(0, -1)
+    expected = (apply_homogeneous(affine, moved) - points).movedim(-1, 0)
+    whole = compose(grid, affine, (source, u.float()))
+    assert whole.data.dtype == torch.float32
+    torch.testing.assert_close(whole.data.double(), expected, rtol=0, atol=1e-4)
+    affine_only = (apply_homogeneous(affine, points) - points).movedim(-1, 0)
+    torch.testing.assert_close(
+        compose(grid, affine, None).data.double(), affine_only, rtol=0, atol=1e-4
+    )
