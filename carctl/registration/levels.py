@@ -344,8 +344,54 @@ def resample_band_limited(
     ``target`` through ``transforms`` (see :func:`warp`): ``(1, 1, *target.shape)`` float32."""
     t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
     t, source = reduce(t.to(device), source, float(np.min(target.spacing)))
-    t = gaussian_blur(t, smoothing_sigma(source.spacing, float(np.min(target.spacing))))
-    return warp(t, source, target, transforms)
+    sigma = smoothing_sigma(source.spacing, float(np.min(target.spacing)))
+    t, source = _crop_to_target(t, source, target, transforms, math.ceil(3 * max(sigma)) + 2)
+    return warp(gaussian_blur(t, sigma), source, target, transforms)
+
+
+def _crop_to_target(
+    image: torch.Tensor,
+    source: Grid,
+    target: Grid,
+    transforms: Sequence[Transform],
+    margin: int,
+) -> tuple[torch.Tensor, Grid]:
+    """``image`` on ``source`` cropped to the voxels that resampling onto ``target`` through
+    affine ``transforms`` can read, plus ``margin`` voxels (the blur's reach and linear
+    interpolation's neighbour): what is blurred and sampled there is unchanged, and a brain's
+    working grid no longer pays for blurring the whole field of view. Chains with a
+    displacement field are not cropped (the box of the target's corners does not bound them).
+    """
+    from carctl.spatial.transform import Affine
+
+    if any(not isinstance(t, Affine) for t in transforms):
+        return image, source
+    d = target.ndim
+    corners = np.array(np.meshgrid(*[(0, n - 1) for n in target.size], indexing="ij"))
+    corners = corners.reshape(d, -1).T.astype(float)
+    to_physical = target.index_to_physical
+    points = torch.from_numpy(corners @ to_physical[:d, :d].T + to_physical[:d, d])
+    for transform in transforms:
+        points = transform.to("cpu").transform_points(points)
+    index = source.to_index(points).numpy()
+    upper = np.asarray(source.size) - 1
+    low = np.clip(np.floor(index.min(axis=0)) - margin, 0, upper).astype(int)
+    high = np.clip(np.ceil(index.max(axis=0)) + margin, 0, upper).astype(int)
+    if np.any(index.max(axis=0) < -margin) or np.any(index.min(axis=0) > upper + margin):
+        return image, source  # the target lies beside the image: nothing to save
+    if np.all(low == 0) and np.all(high == upper):
+        return image, source
+    slices = [slice(None), slice(None)] + [
+        slice(int(a), int(b) + 1) for a, b in zip(reversed(low), reversed(high), strict=True)
+    ]
+    origin = (source.index_to_physical @ np.append(low, 1.0))[:d]
+    cropped = Grid(
+        tuple(int(n) for n in high - low + 1),
+        source.spacing,
+        tuple(float(o) for o in origin),
+        source.direction,
+    )
+    return image[tuple(slices)].contiguous(), cropped
 
 
 def inside(image: Grid, grid: Grid) -> torch.Tensor:

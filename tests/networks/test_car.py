@@ -168,21 +168,34 @@ def test_a_few_training_steps_reduce_the_loss(tmp_path):
     assert (tmp_path / "model.safetensors").exists()
 
 
-def test_train_car_cli_smoke(cli, tmp_path):
-    """``carctl train car`` on a tiny data folder writes weights whose card loads."""
+def test_train_car_cli_smoke(cli, tmp_path, monkeypatch):
+    """``carctl train car`` on a tiny data folder writes weights whose card loads; a run
+    resumed with more steps records both commands (the recipe of its weights)."""
+    import sys
+
     from tests.conftest import make_image, write
 
     data = tmp_path / "data" / "oasis-t1-a"
     data.mkdir(parents=True)
     write(make_image((40, 40, 40), seed=5), data / "t1.nii.gz")
     out = tmp_path / "run"
-    args = ["train", "car", "--data", tmp_path / "data", "--out", out, "--steps", "3"]
-    result = cli(*args, "--patch", "16", "--width", "4", "--validate-every", "3", "-q")
+    args = ["train", "car", "--data", str(tmp_path / "data"), "--out", str(out)]
+    args += ["--patch", "16", "--width", "4", "--validate-every", "3", "-q"]
+    monkeypatch.setattr(sys, "argv", ["carctl", *args, "--steps", "3"])
+    result = cli(*args, "--steps", "3")
     assert result.code == 0, result.err
     card = json.loads((out / "car.json").read_text())
     assert card["architecture"]["kind"] == "car-registration"
     assert card["training"]["command"].startswith("carctl train car")
     assert card["training"]["steps_done"] == 3
+    more = [*args, "--steps", "4", "--resume"]
+    monkeypatch.setattr(sys, "argv", ["carctl", *more])
+    assert cli(*more).code == 0
+    training = json.loads((out / "car.json").read_text())["training"]
+    assert training["steps_done"] == 4
+    assert len(training["commands"]) == 2 and training["commands"][0] == card["training"]["command"]
+    assert training["commands"][1].endswith("--steps 4 --resume")
+    assert training["command"] == " && ".join(training["commands"])
     bad = cli("train", "car", "--data", tmp_path / "data", "--patch", "20", "-q")
     assert bad.code != 0 and "multiple of 16" in bad.err
 

@@ -126,6 +126,35 @@ def test_gaussian_blur_matches_a_replicate_padded_convolution(sigma):
     torch.testing.assert_close(levels.gaussian_blur(image, sigma), expected)
 
 
+@pytest.mark.parametrize("moved", [False, True])
+def test_band_limited_resampling_crops_without_changing_values(monkeypatch, moved):
+    """Blurring only the part of the source that the target reads (plus the blur's reach)
+    gives the values of blurring the whole source."""
+    from carctl.spatial.transform import Affine
+
+    direction = tuple(rotation(0.2, -0.1, 0.3).ravel())
+    source = Grid((40, 36, 30), (1.0, 1.0, 1.2), (-20.0, -18.0, -15.0), direction)
+    target = Grid((8, 9, 7), (2.0, 2.0, 2.0), (-4.0, -6.0, -2.0), tuple(np.eye(3).ravel()))
+    array = np.random.default_rng(0).random((30, 36, 40)).astype(np.float32)
+    through = [Affine.from_homogeneous(_small_affine())] if moved else []
+    cropped = levels.resample_band_limited(array, source, target, through)
+    part, grid = levels._crop_to_target(
+        torch.from_numpy(array)[None, None], source, target, through, 3
+    )
+    assert np.prod(grid.size) < np.prod(source.size) / 2 and part.shape[2:] == grid.shape
+    monkeypatch.setattr(levels, "_crop_to_target", lambda image, grid, *_: (image, grid))
+    whole = levels.resample_band_limited(array, source, target, through)
+    assert cropped.shape == (1, 1, *target.shape)
+    torch.testing.assert_close(cropped, whole, rtol=0, atol=1e-6)
+
+
+def _small_affine() -> np.ndarray:
+    matrix = np.eye(4)
+    matrix[:3, :3] = rotation(0.1, 0.05, -0.1) * 1.05
+    matrix[:3, 3] = [3.0, -2.0, 1.5]
+    return matrix
+
+
 def test_rotation_vector_matches_euler_rotations_about_one_axis():
     for axis in range(3):
         vector = torch.zeros(3, dtype=torch.float64)
