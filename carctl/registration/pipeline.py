@@ -377,9 +377,10 @@ def _stage_network(state: _State, progress: Progress) -> StageReport:
     detail = {"gain": gain}
     if state.options.method == "auto" and gain < NETWORK_MIN_GAIN:
         state.displacement = None  # the deformable stage starts from the affine
+        verb = "lowered" if gain >= 0 else "raised"
         detail["discarded"] = (
-            f"the network lowered {spec.name} by {100 * gain:.0f} % (< "
-            f"{100 * NETWORK_MIN_GAIN:.0f} %): its field is not used"
+            f"the network's field {verb} {spec.name} by {abs(100 * gain):.0f} % (a start "
+            f"must lower it by {100 * NETWORK_MIN_GAIN:.0f} %): not used"
         )
     detail |= {
         "weights": card.name,
