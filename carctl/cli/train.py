@@ -50,11 +50,9 @@ def _earlier_commands(card: Path) -> list[str]:
 
     try:
         training = json.loads(card.read_text())["training"]
+        return list(training.get("commands") or [training["command"]])
     except (OSError, ValueError, KeyError, TypeError):
         return []
-    return list(
-        training.get("commands", [training.get("command")] if "command" in training else [])
-    )
 
 
 def _run(

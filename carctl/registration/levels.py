@@ -131,15 +131,19 @@ def moving_level_grid(
     corners), with voxels of about ``spacing`` (per axis of ``direction``, never finer than
     the moving image's own along that axis)."""
     low, high = box if box is not None else (np.zeros(moving.ndim), np.asarray(moving.size) - 1)
-    corners = np.array(np.meshgrid(*zip(low, high, strict=True), indexing="ij"))
-    corners = corners.reshape(moving.ndim, -1).T
-    physical = corners @ moving.index_to_physical[:-1, :-1].T + moving.index_to_physical[:-1, -1]
-    along = physical @ direction  # coordinates along direction columns
+    along = _corners(moving, low, high) @ direction  # coordinates along direction columns
     # the moving axis closest to each axis of `direction` sets the finest useful spacing
     cosines = np.abs(direction.T @ moving.direction_matrix)
     own = np.asarray(moving.spacing)[cosines.argmax(axis=1)]
     step = np.maximum(spacing, own)
     return _resampled_grid(direction, along.min(axis=0), along.max(axis=0), step)
+
+
+def _corners(grid: Grid, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Physical points ``(2^D, D)`` of the corners of ``grid``'s index box ``[low, high]``."""
+    corners = np.array(np.meshgrid(*zip(low, high, strict=True), indexing="ij"), dtype=float)
+    corners = corners.reshape(grid.ndim, -1).T
+    return corners @ grid.index_to_physical[:-1, :-1].T + grid.index_to_physical[:-1, -1]
 
 
 def smoothing_sigma(native: Sequence[float], target: Sequence[float] | float) -> list[float]:
@@ -367,10 +371,7 @@ def _crop_to_target(
     if any(not isinstance(t, Affine) for t in transforms):
         return image, source
     d = target.ndim
-    corners = np.array(np.meshgrid(*[(0, n - 1) for n in target.size], indexing="ij"))
-    corners = corners.reshape(d, -1).T.astype(float)
-    to_physical = target.index_to_physical
-    points = torch.from_numpy(corners @ to_physical[:d, :d].T + to_physical[:d, d])
+    points = torch.from_numpy(_corners(target, np.zeros(d), np.asarray(target.size) - 1.0))
     for transform in transforms:
         points = transform.to("cpu").transform_points(points)
     index = source.to_index(points).numpy()

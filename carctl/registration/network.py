@@ -97,8 +97,8 @@ def predict(
 
     grid = working_grid(fixed_grid, box)
     f, m = inputs(fixed, fixed_grid, moving, moving_grid, affine, grid, device)
-    u = torch.zeros((1, grid.ndim, *grid.shape), device=f.device)
-    for _ in range(passes):
+    u = model(m, f).float()
+    for _ in range(passes - 1):
         du = model(warp(m, u), f).float()
         u = du + warp(u, du)
     return grid, to_physical(u, grid)

@@ -140,6 +140,11 @@ class _State:
         """Voxels per stochastic step for the chosen loss or ``spec`` (None: every voxel)."""
         return voxels if (spec or self.spec).pointwise else None
 
+    @property
+    def linear_spec(self) -> LossSpec:
+        """The loss of the initialisation and the linear stages (MIND for learned losses)."""
+        return loss_spec(self.spec.linear) if self.spec.linear else self.spec
+
     def level(self, spacing: float, loss: str | None = None, oversample: int = OVERSAMPLE) -> Level:
         """The level of ``spacing`` for ``loss`` (the chosen one by default), its features
         computed at ``spacing / oversample`` (built once, then cached)."""
@@ -214,7 +219,7 @@ def _linear_stage(name: str, affine: bool) -> Callable[[_State, Progress], Stage
         iterations = RIGID_ITERATIONS if not affine else AFFINE_ITERATIONS
         progress.start(name, iterations * len(spacings))
         start = state.affine
-        spec = loss_spec(state.spec.linear) if state.spec.linear else state.spec
+        spec = state.linear_spec
         losses = []
         for spacing in spacings:
             level = state.level(spacing, spec.name, LINEAR_OVERSAMPLE)
@@ -233,9 +238,7 @@ def _linear_stage(name: str, affine: bool) -> Callable[[_State, Progress], Stage
             )
             state.affine = params.homogeneous().detach().numpy()
         # both at the finest level; the last level's optimisation measured the loss after
-        last = spacings[-1]
-        before = _similarity(state, last, start, spec=spec, oversample=LINEAR_OVERSAMPLE)
-        after = losses[-1][1]
+        before, after = _similarity(state, spacings[-1], start, linear=True), losses[-1][1]
         detail = {"levels_mm": spacings, "level_losses": [list(pair) for pair in losses]}
         return StageReport(name, 0.0, before, after, detail)
 
@@ -247,13 +250,13 @@ def _similarity(
     spacing: float,
     affine: np.ndarray,
     displacement: tuple[Grid, torch.Tensor] | None = None,
-    spec: LossSpec | None = None,
-    oversample: int = OVERSAMPLE,
+    linear: bool = False,
 ) -> float:
-    """The chosen loss (or ``spec``) at the level of ``spacing`` for ``A(x + u(x))``."""
-    spec = spec or state.spec
-    level = state.level(spacing, spec.name, oversample)
-    budget = state.budget(LINEAR_VOXELS, spec)
+    """The chosen loss at the level of ``spacing`` for ``A(x + u(x))`` (with ``linear``: the
+    linear stages' loss on their level)."""
+    spec = state.linear_spec if linear else state.spec
+    level = state.level(spacing, spec.name, LINEAR_OVERSAMPLE if linear else OVERSAMPLE)
+    budget = state.budget(LINEAR_VOXELS, spec)  # None for losses that need every voxel
     return optimize.similarity(level, affine, displacement, spec.function, budget)
 
 
@@ -355,8 +358,7 @@ def _stage_network(state: _State, progress: Progress) -> StageReport:
         return StageReport("network", 0.0, detail={"skipped": str(error)})
     progress.start("network", 1)
     last = state.schedule["affine"][-1]  # a level the affine stage has built
-    spec = loss_spec(state.spec.linear) if state.spec.linear else state.spec
-    before = _similarity(state, last, state.affine, spec=spec, oversample=LINEAR_OVERSAMPLE)
+    before = _similarity(state, last, state.affine, linear=True)
     grid, u = network.predict(
         model,
         state.fixed_norm,
@@ -370,17 +372,15 @@ def _stage_network(state: _State, progress: Progress) -> StageReport:
     )
     state.displacement = (grid, u)
     progress.advance()
-    after = _similarity(
-        state, last, state.affine, state.displacement, spec=spec, oversample=LINEAR_OVERSAMPLE
-    )
+    after = _similarity(state, last, state.affine, state.displacement, linear=True)
     gain = (before - after) / abs(before) if before else 0.0
     detail = {"gain": gain}
     if state.options.method == "auto" and gain < NETWORK_MIN_GAIN:
         state.displacement = None  # the deformable stage starts from the affine
         verb = "lowered" if gain >= 0 else "raised"
         detail["discarded"] = (
-            f"the network's field {verb} {spec.name} by {abs(100 * gain):.0f} % (a start "
-            f"must lower it by {100 * NETWORK_MIN_GAIN:.0f} %): not used"
+            f"the network's field {verb} {state.linear_spec.name} by {abs(100 * gain):.0f} % "
+            f"(a start must lower it by {100 * NETWORK_MIN_GAIN:.0f} %): not used"
         )
     detail |= {
         "weights": card.name,

@@ -190,8 +190,8 @@ class Grid:
 
         dtype = dtype or torch.float64
         m = torch.as_tensor(np.asarray(matrix), dtype=torch.float64)
-        out = m[: self.ndim, self.ndim].to(dtype).reshape((1,) * self.ndim + (self.ndim,))
-        out = out.to(device)
+        out = m[: self.ndim, self.ndim].to(dtype=dtype, device=device)
+        out = out.reshape((1,) * self.ndim + (self.ndim,))
         for axis, n in enumerate(self.size):  # offset + sum over axes of index * column
             steps = torch.arange(n, dtype=torch.float64)[:, None] * m[: self.ndim, axis]
             view = [1] * self.ndim + [self.ndim]

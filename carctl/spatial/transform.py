@@ -157,6 +157,10 @@ def to_displacement(grid: Grid, transforms: Sequence[Transform] = ()) -> Displac
     return DisplacementField(grid, (mapped - grid.points()).movedim(-1, 0).contiguous())
 
 
+# Slices of the slowest axis per slab of :func:`jacobian_determinant`.
+_SLAB = 16
+
+
 def jacobian_determinant(field: DisplacementField) -> torch.Tensor:
     """Determinant of the Jacobian of ``x -> x + u(x)`` at every voxel, ``(*grid.shape)``.
 
@@ -200,10 +204,6 @@ def jacobian_determinant(field: DisplacementField) -> torch.Tensor:
         ]
         out[start:stop] = _determinant(jacobian)
     return out
-
-
-# Slices of the slowest axis per slab of :func:`jacobian_determinant`.
-_SLAB = 16
 
 
 def _determinant(m: list[list[torch.Tensor]]) -> torch.Tensor:
