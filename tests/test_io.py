@@ -325,3 +325,19 @@ def test_read_grid_from_the_header_equals_the_full_read(shared_data, tmp_path):
         shared_data / "dicom/mr-3slice",
     ):
         assert read_grid(spec) == read_image(spec).grid, spec
+
+
+def test_keep_freed_memory_is_safe_to_call():
+    """The command line's allocator setting: True where glibc takes it, False elsewhere,
+    never an error; arrays still behave afterwards."""
+    import platform
+
+    import torch
+
+    from carctl.runtime import keep_freed_memory
+
+    done = keep_freed_memory()
+    assert done is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+    big = torch.ones(1 << 23)
+    del big
+    assert float(torch.ones(1 << 23).sum()) == float(1 << 23)

@@ -14,6 +14,7 @@ import typer
 from carctl import __version__
 from carctl.cli import apply, demo, evaluate, info, qa, register, train, translate, weights
 from carctl.cli.console import run_guarded, set_debug
+from carctl.runtime import keep_freed_memory
 
 app = typer.Typer(
     name="carctl",
@@ -59,4 +60,5 @@ def main(argv: list[str] | None = None) -> None:
     if "--debug" in head:
         set_debug(True)
         args.remove("--debug")
+    keep_freed_memory()  # a short-lived process: reuse memory rather than fault it in again
     sys.exit(run_guarded(lambda: app(args=args, prog_name="carctl")))

@@ -75,7 +75,7 @@ def mapped(
     total = (to_index @ homogeneous).to(level.points.dtype)
     d = level.ndim
     points = level.points.reshape(-1, d)
-    points = points if index is None else points[index]
+    points = points if index is None else points.index_select(0, index)
     return points @ total[:d, :d].T + total[:d, d]
 
 

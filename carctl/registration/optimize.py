@@ -62,6 +62,37 @@ def sample_field(field: torch.Tensor, source: Grid, index: torch.Tensor) -> torc
     return values.reshape(d, *index.shape[:-1])
 
 
+def field_on_grid(field: torch.Tensor, source: Grid, target: Grid) -> torch.Tensor:
+    """A displacement field ``(1, D, *source.shape)`` on every voxel of ``target``:
+    ``(D, *target.shape)`` (linear; the border value continues beyond ``source``).
+
+    When the two grids' axes are parallel (target index -> source index is a scaling and a
+    shift per axis, as for working grids cut from the fixed grid) it interpolates one axis
+    at a time (about 4x faster than ``grid_sample`` on a 1 mm brain); otherwise it samples
+    at every voxel's mapped index."""
+    d = source.ndim
+    matrix = source.physical_to_index @ target.index_to_physical
+    linear = matrix[:d, :d]
+    if np.abs(linear - np.diag(np.diag(linear))).max() > 1e-9 * np.abs(linear).max():
+        index = target.map_indices(matrix, torch.float32, field.device)
+        return sample_field(field, source, index)
+    out = field[0]
+    for axis in range(d):  # index axis i, j, k is tensor dimension D, D-1, ... (after channels)
+        dim = d - axis
+        n = out.shape[dim]
+        steps = torch.arange(target.size[axis], dtype=torch.float64)
+        where = (steps * linear[axis, axis] + matrix[axis, d]).clamp(0, n - 1)
+        low = where.floor().clamp(max=max(n - 2, 0))
+        fraction = (where - low).to(out.dtype).to(out.device)
+        low = low.long().to(out.device)
+        shape = [1] * out.dim()
+        shape[dim] = -1
+        fraction = fraction.reshape(shape)
+        above = out.index_select(dim, (low + 1).clamp(max=n - 1))
+        out = torch.lerp(out.index_select(dim, low), above, fraction)
+    return out
+
+
 def resample_field(field: torch.Tensor, source: Grid, target: Grid) -> torch.Tensor:
     """A displacement field ``(1, D, *source.shape)`` (mm) on ``target``'s points."""
     points = target.points(dtype=torch.float32, device=field.device)
@@ -103,7 +134,7 @@ def similarity(
     d = level.ndim
     index = level.report_index(budget)
     points = level.points.reshape(-1, d)
-    points = points if index is None else points[index]
+    points = points if index is None else points.index_select(0, index)
     with torch.no_grad():
         if displacement is not None:
             grid, u = displacement
@@ -150,8 +181,10 @@ def optimise_level(
 
     def objective(index: torch.Tensor | None) -> torch.Tensor:
         u = field()
-        where = control_index if index is None else control_index[index]
-        moved = (base if index is None else base[index]) + interpolate(u, where) @ linear.T
+        where, start = control_index, base
+        if index is not None:
+            where, start = where.index_select(0, index), start.index_select(0, index)
+        moved = start + interpolate(u, where) @ linear.T
         penalty = regulariser(u.movedim(-1, 0)[None], spacing)
         return level.loss(function, moved, index) + weight * penalty
 

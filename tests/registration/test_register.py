@@ -556,3 +556,30 @@ def test_compose_matches_the_float64_chain_on_oblique_grids():
     torch.testing.assert_close(
         compose(grid, affine, None).data.double(), affine_only, rtol=0, atol=1e-4
     )
+
+
+@pytest.mark.parametrize("turn", [False, True])
+def test_field_on_grid_matches_sampling_at_every_voxel(turn):
+    """Parallel axes (flipped ones included) take the one-axis-at-a-time path, others the
+    general sampling; both equal ``sample_field`` at every target voxel's index, beyond the
+    source's box (the border value continues) and with an axis of one voxel."""
+    flip = np.diag([1.0, -1.0, 1.0])
+    source = Grid((9, 8, 1), (2.5, 2.0, 3.0), (3.0, -5.0, 0.0), tuple(flip.ravel()))
+    direction = rotation(0.3, -0.2, 0.5) @ flip if turn else flip
+    grid = Grid((23, 19, 4), (1.1, 0.9, 1.3), (-2.0, -3.0, -1.0), tuple(direction.ravel()))
+    u = torch.randn(1, 3, 1, 8, 9, generator=torch.Generator().manual_seed(0))
+    index = grid.map_indices(source.physical_to_index @ grid.index_to_physical, torch.float32)
+    expected = optimize.sample_field(u, source, index)
+    torch.testing.assert_close(optimize.field_on_grid(u, source, grid), expected, atol=1e-5, rtol=0)
+
+
+def test_rigid_stage_refines_only_when_it_is_the_last_linear_stage():
+    """Before an affine stage the rigid stage runs on the coarse level alone (the affine stage
+    refines on both); ``--method rigid`` refines on both levels itself."""
+    from carctl.registration.pipeline import _schedule
+
+    grid = Grid((240, 240, 155), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+    plans = {m: _schedule(grid, RegistrationOptions(method=m)) for m in ("rigid", "affine", "auto")}
+    assert plans["rigid"]["rigid"] == [4.0, 2.0]
+    for method in ("affine", "auto"):
+        assert plans[method]["rigid"] == [4.0] and plans[method]["affine"] == [4.0, 2.0]

@@ -134,7 +134,13 @@ def test_jacobian_determinant_by_slabs_matches_the_dense_determinant():
     direction = tuple(rotation(0.3, 0.2, 0.1).ravel())
     grid = Grid((13, 11, 2 * _SLAB + 5), (0.7, 1.3, 2.0), (4.0, -2.0, 9.0), direction)
     data = torch.randn(3, *grid.shape, generator=torch.Generator().manual_seed(0))
-    field = DisplacementField(grid, data)
+    # a float64 field: float64 arithmetic, as exact as the dense determinant
+    field = DisplacementField(grid, data.double())
     ours = jacobian_determinant(field)
     assert ours.dtype == torch.float64 and ours.shape == grid.shape
-    torch.testing.assert_close(ours, _dense_jacobian_determinant(field), rtol=0, atol=1e-12)
+    dense = _dense_jacobian_determinant(field)
+    torch.testing.assert_close(ours, dense, rtol=0, atol=1e-12)
+    # a float32 field (what registration writes): float32 arithmetic, close to it
+    ours = jacobian_determinant(DisplacementField(grid, data))
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours.double(), dense, rtol=0, atol=1e-5)
