@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from carctl.registration.adam import Adam
 from carctl.registration.levels import Level
 from carctl.spatial.grid import Grid, apply_homogeneous
-from carctl.spatial.points import interpolate
+from carctl.spatial.points import corners, interpolate, interpolate_at
 
 # Scaling and squaring steps of the velocity integration.
 SQUARINGS = 6
@@ -172,6 +172,8 @@ def optimise_level(
     control_index = control.to_index(points)
     upper = torch.as_tensor([n - 1 for n in control.size]).to(points)
     control_index = control_index.clamp(torch.zeros_like(upper), upper)
+    # the voxels do not move in the control grid: their neighbours and weights, once
+    neighbours, fractions = corners(control.shape, control_index)
     parameter = initial.detach().clone().requires_grad_(True)
     optimiser = Adam([parameter], [step])
     spacing = control.spacing
@@ -181,10 +183,11 @@ def optimise_level(
 
     def objective(index: torch.Tensor | None) -> torch.Tensor:
         u = field()
-        where, start = control_index, base
+        rows, weights, start = neighbours, fractions, base
         if index is not None:
-            where, start = where.index_select(0, index), start.index_select(0, index)
-        moved = start + interpolate(u, where) @ linear.T
+            rows, weights = rows.index_select(0, index), weights.index_select(0, index)
+            start = start.index_select(0, index)
+        moved = start + interpolate_at(u, rows, weights) @ linear.T
         penalty = regulariser(u.movedim(-1, 0)[None], spacing)
         return level.loss(function, moved, index) + weight * penalty
 

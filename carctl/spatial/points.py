@@ -59,16 +59,29 @@ def _corners(index: torch.Tensor, shape: tuple[int, ...], derivative: bool):
     return flat, weight, slope
 
 
+def _spread(grad: torch.Tensor, flat: torch.Tensor, weight: torch.Tensor, shape) -> torch.Tensor:
+    """The gradient of a ``shape`` table from that of its interpolated values ``(P, C)``."""
+    c = grad.shape[1]
+    out = grad.new_zeros(int(torch.tensor(shape[:-1]).prod()), c)
+    out.index_add_(0, flat.reshape(-1), (weight[:, :, None] * grad[:, None, :]).reshape(-1, c))
+    return out.reshape(shape)
+
+
+def _weighted(table: torch.Tensor, flat: torch.Tensor, weight: torch.Tensor):
+    """The corners' rows ``(P, 2^D, C)`` and their weighted sum ``(P, C)``."""
+    flat_table = table.reshape(-1, table.shape[-1])
+    corners = flat_table.index_select(0, flat.reshape(-1)).reshape(*flat.shape, -1)
+    return corners, (weight[:, :, None] * corners).sum(1)
+
+
 class _Interpolate(torch.autograd.Function):
     # Weighted sums over the 2^D corners are products and sums along one axis: batched
     # matrix products of (1, 2^D) by (2^D, C) matrices ran 3-4x slower on the CPU.
     @staticmethod
     def forward(ctx, table: torch.Tensor, index: torch.Tensor, shape: tuple[int, ...]):
-        flat_table = table.reshape(-1, table.shape[-1])
         need_index = ctx.needs_input_grad[1]
-        flat, weight, slope = _corners(index.to(flat_table.dtype), shape, need_index)
-        corners = flat_table.index_select(0, flat.reshape(-1)).reshape(*flat.shape, -1)
-        values = (weight[:, :, None] * corners).sum(1)  # (P, C)
+        flat, weight, slope = _corners(index.to(table.dtype), shape, need_index)
+        corners, values = _weighted(table, flat, weight)
         ctx.shape = table.shape
         if need_index:  # d values / d index = sum over corners of corner value x slope
             ctx.save_for_backward(flat, weight, corners, slope)
@@ -81,11 +94,7 @@ class _Interpolate(torch.autograd.Function):
         flat, weight, *rest = ctx.saved_tensors
         grad_table = grad_index = None
         if ctx.needs_input_grad[0]:
-            c = grad.shape[1]
-            grad_table = grad.new_zeros(int(torch.tensor(ctx.shape[:-1]).prod()), c)
-            spread = weight[:, :, None] * grad[:, None, :]  # (P, 2^D, C)
-            grad_table.index_add_(0, flat.reshape(-1), spread.reshape(-1, c))
-            grad_table = grad_table.reshape(ctx.shape)
+            grad_table = _spread(grad, flat, weight, ctx.shape)
         if ctx.needs_input_grad[1]:
             corners, slope = rest
             along = (corners * grad[:, None, :]).sum(-1)  # (P, 2^D)
@@ -93,10 +102,44 @@ class _Interpolate(torch.autograd.Function):
         return grad_table, grad_index, None
 
 
-def interpolate(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``table`` ``(*shape, C)`` (array order ``(Z, Y, X)``) at continuous indices ``(P, D)``
-    (components ``(i, j, k)``), linearly interpolated: ``(P, C)``."""
+class _AtCorners(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, flat: torch.Tensor, weight: torch.Tensor):
+        ctx.shape = table.shape
+        ctx.save_for_backward(flat, weight)
+        return _weighted(table, flat, weight)[1]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        flat, weight = ctx.saved_tensors
+        return _spread(grad, flat, weight, ctx.shape), None, None
+
+
+def _check(table: torch.Tensor, index: torch.Tensor) -> tuple[int, ...]:
     shape = tuple(table.shape[:-1])
     if index.shape[-1] != len(shape):
         raise ValueError(f"{index.shape[-1]}-D indices for a {len(shape)}-D table")
-    return _Interpolate.apply(table, index, shape)
+    return shape
+
+
+def interpolate(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table`` ``(*shape, C)`` (array order ``(Z, Y, X)``) at continuous indices ``(P, D)``
+    (components ``(i, j, k)``), linearly interpolated: ``(P, C)``."""
+    return _Interpolate.apply(table, index, _check(table, index))
+
+
+def corners(shape: tuple[int, ...], index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neighbours and weights of fixed points ``(P, D)`` in a table of ``shape`` (without
+    its channels): flat offsets and weights ``(P, 2^D)``, for :func:`interpolate_at`. An
+    optimiser that reads a changing table at points that do not move computes them once
+    (their rows for a subset of points are then a gather)."""
+    if index.shape[-1] != len(shape):
+        raise ValueError(f"{index.shape[-1]}-D indices for a {len(shape)}-D table")
+    flat, weight, _ = _corners(index, tuple(shape), False)
+    return flat, weight
+
+
+def interpolate_at(table: torch.Tensor, flat: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """:func:`interpolate` at points given by their :func:`corners` (differentiable with
+    respect to ``table`` only)."""
+    return _AtCorners.apply(table, flat, weight.to(table.dtype))

@@ -75,6 +75,28 @@ def test_interpolate_matches_grid_sample_and_has_gradients():
     assert torch.allclose(interpolate(table, index).T, reference, atol=1e-12)
 
 
+def test_interpolate_at_precomputed_corners_equals_interpolate():
+    """Fixed points' corners computed once (the deformable stage's voxels in its control
+    grid) give the same values and table gradients as :func:`interpolate`; wrong
+    dimensions are refused."""
+    from carctl.spatial.points import corners, interpolate_at
+
+    torch.manual_seed(0)
+    table = torch.randn(5, 6, 7, 3, dtype=torch.float64, requires_grad=True)
+    index = torch.rand(40, 3, dtype=torch.float64) * 9 - 1
+    flat, weight = corners(tuple(table.shape[:-1]), index)
+    assert torch.autograd.gradcheck(lambda t: interpolate_at(t, flat, weight), (table,))
+    rows = torch.tensor([3, 0, 39, 3])
+    ours = interpolate_at(table, flat[rows], weight[rows])
+    reference = interpolate(table, index[rows])
+    torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+    (g1,) = torch.autograd.grad(ours.square().sum(), table)
+    (g2,) = torch.autograd.grad(reference.square().sum(), table)
+    torch.testing.assert_close(g1, g2, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="2-D indices"):
+        corners((5, 6, 7), index[:, :2])
+
+
 def test_level_grids_keep_geometry(phantom):
     grid = phantom.grid
     box = (np.zeros(3), np.asarray(grid.size, float) - 1)
