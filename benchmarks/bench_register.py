@@ -88,9 +88,10 @@ def run_carctl(case: dict, out: Path, threads: int, method: str = "auto") -> Clo
     from carctl.io import read_image, write_image
     from carctl.registration.pipeline import register
     from carctl.resample import resample_image
-    from carctl.runtime import set_threads
+    from carctl.runtime import keep_freed_memory, set_threads
     from carctl.spatial.files import write_field
 
+    keep_freed_memory()  # as the command line does
     set_threads(threads)
     moving, fixed = read_image(case["moving"]), read_image(case["fixed"])
     with Clock() as clock:
