@@ -65,6 +65,44 @@ def _box_filter(image: torch.Tensor, radius: int) -> torch.Tensor:
     return out
 
 
+def _patch_distances(image: torch.Tensor, radius: int, dilation: int) -> torch.Tensor:
+    """MIND-SSC's patch distances ``(N, 12 | 4, *spatial)``: for every pair of non-opposite
+    face neighbours at distance ``dilation``, in :func:`itertools.combinations` order of the
+    neighbours ``-x, +x, -y, +y, ...``, the box-filtered squared difference of the image
+    read at the two neighbours."""
+    d = image.dim() - 2
+    neighbours = []
+    for axis in range(d):
+        for sign in (-1, 1):
+            offset = [0] * d
+            offset[axis] = sign * dilation
+            neighbours.append(tuple(offset))
+    pairs = [
+        (a, b)
+        for a, b in itertools.combinations(range(len(neighbours)), 2)
+        if sum((x - y) ** 2 for x, y in zip(neighbours[a], neighbours[b], strict=True))
+        == 2 * dilation**2
+    ]
+    # Half of the pairs are the other half moved: with a the lower neighbour along its axis,
+    # (I(x - e_a) - I(x + s e_b))^2 is the pair (+e_a, -s e_b) read at x - e_a + s e_b. So
+    # the patch distances of the pairs whose first neighbour is the upper one are computed
+    # and filtered, and the others read from them (the same inside the image; on its outer
+    # `dilation + radius` voxels they repeat the border's value instead).
+    upper = [(a, b) for a, b in pairs if a % 2 == 1]
+    shifted = {n: _shifted(image, neighbours[n]) for n in sorted({n for p in upper for n in p})}
+    filtered = torch.cat([(shifted[a] - shifted[b]).square() for a, b in upper], dim=1)
+    filtered = _box_filter(filtered, radius)
+    channels = []
+    for a, b in pairs:
+        if a % 2 == 1:
+            channels.append(filtered[:, upper.index((a, b))])
+            continue
+        twin = upper.index((a + 1, b ^ 1))  # same axes, both neighbours flipped
+        offset = tuple(x - y for x, y in zip(neighbours[a], neighbours[b ^ 1], strict=True))
+        channels.append(_shifted(filtered[:, twin : twin + 1], offset)[:, 0])
+    return torch.stack(channels, dim=1)
+
+
 def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 1) -> torch.Tensor:
     """MIND-SSC descriptors (self-similarity context) of ``image`` ``(N, 1, *spatial)``.
 
@@ -73,24 +111,11 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 1) -> torch.T
     squared difference of the image shifted to the two neighbours. The descriptor is
     ``exp(-(D - min D) / V)`` with ``V`` the mean of the distances (clamped around its image
     mean), so that it depends on local structure, not on intensities. Returns
-    ``(N, 12, *spatial)`` (``(N, 4, ...)`` in 2-D) in ``[0, 1]``.
+    ``(N, 12, *spatial)`` (``(N, 4, ...)`` in 2-D) in ``[0, 1]``. On the outer ``dilation +
+    radius`` voxels, half of the distances repeat the border's value (see
+    :func:`_patch_distances`).
     """
-    d = image.dim() - 2
-    neighbours = []
-    for axis in range(d):
-        for sign in (-1, 1):
-            offset = [0] * d
-            offset[axis] = sign * dilation
-            neighbours.append(tuple(offset))
-    shifted = [_shifted(image, o) for o in neighbours]
-    pairs = [
-        (a, b)
-        for a, b in itertools.combinations(range(len(neighbours)), 2)
-        if sum((x - y) ** 2 for x, y in zip(neighbours[a], neighbours[b], strict=True))
-        == 2 * dilation**2
-    ]
-    distance = torch.cat([(shifted[a] - shifted[b]).square() for a, b in pairs], dim=1)
-    distance = _box_filter(distance, radius)
+    distance = _patch_distances(image, radius, dilation)
     distance = distance - distance.amin(dim=1, keepdim=True)
     variance = distance.mean(dim=1, keepdim=True)
     mean_variance = variance.mean()

@@ -190,6 +190,37 @@ def test_mind_matches_hand_computed_descriptor(dilation):
     np.testing.assert_allclose(np.sort(got), np.sort(expected), rtol=1e-10)
 
 
+@pytest.mark.parametrize(
+    ("shape", "radius", "dilation"), [((11, 12, 13), 1, 1), ((13, 12, 14), 2, 2), ((12, 13), 1, 2)]
+)
+def test_mind_patch_distances_inside_equal_every_pair_computed(shape, radius, dilation):
+    """Half of the patch distances are read from their shifted twins: inside the image (all
+    but the outer ``dilation + radius`` voxels) they equal computing all pairs one by one."""
+    image = _image(shape, seed=7)
+    d = len(shape)
+    neighbours = []
+    for axis in range(d):
+        for sign in (-1, 1):
+            offset = [0] * d
+            offset[axis] = sign * dilation
+            neighbours.append(tuple(offset))
+    expected = torch.cat(
+        [
+            (sim._shifted(image, neighbours[a]) - sim._shifted(image, neighbours[b])).square()
+            for a in range(2 * d)
+            for b in range(a + 1, 2 * d)
+            if b // 2 != a // 2  # not opposite
+        ],
+        dim=1,
+    )
+    expected = sim._box_filter(expected, radius)
+    got = sim._patch_distances(image, radius, dilation)
+    assert got.shape == expected.shape
+    inside = (slice(None), slice(None)) + (slice(radius + dilation, -(radius + dilation)),) * d
+    torch.testing.assert_close(got[inside], expected[inside], rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(got, expected)  # the outer voxels differ: the test sees the twins
+
+
 def test_mind_contrast_invariance():
     image = _image((14, 14, 14))
     reference = sim.mind_ssc(image)
