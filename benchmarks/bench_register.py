@@ -19,6 +19,8 @@ convention) and scored by this script with carctl's metrics:
 * known deformations (``brats-*``, ``spm-*``, ``oasis-t1``, see ``carctl.synthetic.known_pair``):
   mean end-point error inside the mask (mm); for ``oasis-t1`` also the mean Dice of its 45
   labels (moving labels warped by the method, fixed labels warped by the truth).
+* ``ct-chest``: the chest CT against a copy of itself under a known deformation of 8 mm RMS
+  (see :func:`chest_ct_pair`): mean end-point error inside the thorax (mm).
 * ``prostate-*`` (MR -> ultrasound): Dice of the gland and mean Dice of the landmark blobs.
 * every pair: folding (% of fixed voxels where det J of the mapping <= 0).
 
@@ -361,8 +363,47 @@ def known_pairs(data: Path, seed: int) -> list[PairSpec]:
     return [spec(i, *row) for i, row in enumerate(table)]
 
 
+def thorax(ct: np.ndarray) -> np.ndarray:
+    """The thorax of a chest CT ``(Z, Y, X)`` in Hounsfield units: the body (above -500 HU)
+    with what it encloses in each axial slice (the lungs), filled row by row from both sides."""
+    body = ct > -500
+    # a voxel is enclosed when there is body on both of its sides along x and along y
+    enclosed = np.ones_like(body)
+    for axis in (1, 2):
+        before = np.maximum.accumulate(body, axis=axis)
+        after = np.flip(np.maximum.accumulate(np.flip(body, axis=axis), axis=axis), axis=axis)
+        enclosed &= before & after
+    return body | enclosed
+
+
+def chest_ct_pair(data: Path, seed: int, index: int) -> PairSpec:
+    """The chest CT (40 slices of 0.98 x 0.98 x 2 mm) against a copy of itself deformed by a
+    known mapping (as :func:`known_pairs`'s, 8 mm RMS inside the thorax: breathing moves the
+    lungs further than the brain pairs' 5 mm); end-point error inside the thorax."""
+
+    def build(work: Path) -> Pair:
+        from carctl.io import read_image, write_image
+        from carctl.synthetic import known_pair
+
+        ct = read_image(data / "dicom" / "ct-chest-40")
+        write_image(ct, work / "moving.nii.gz")  # every tool reads the same NIfTI file
+        made = known_pair(ct, ct, thorax(ct.array), rms_mm=8.0, seed=seed + index)
+        write_image(made.fixed, work / "fixed.nii.gz")
+        return Pair(
+            "ct-chest", work / "moving.nii.gz", work / "fixed.nii.gz", {}, {}, made.truth, made.mask
+        )
+
+    return PairSpec("ct-chest", build)
+
+
 def all_pairs(data: Path, seed: int) -> list[PairSpec]:
-    return [spine_pair(data), *known_pairs(data, seed), *prostate_pairs(data)]
+    known = known_pairs(data, seed)
+    return [
+        spine_pair(data),
+        *known,
+        chest_ct_pair(data, seed, len(known)),
+        *prostate_pairs(data),
+    ]
 
 
 def select_pairs(specs: list[PairSpec], args: argparse.Namespace) -> list[PairSpec]:

@@ -31,3 +31,25 @@ def test_prostate_pairs_read_4d_and_3d_label_files(bench, shared_data, tmp_path,
     assert (len(pair.fixed_labels) > 1) == landmarks
     for labels in pair.fixed_labels.values():
         assert labels.ndim == 3 and np.issubdtype(labels.dtype, np.integer)
+
+
+def test_thorax_fills_what_the_body_encloses_in_each_slice(bench):
+    ct = np.full((2, 9, 11), -1000.0)  # air
+    ct[:, 1:8, 1:10] = 40.0  # the body
+    ct[:, 3:6, 2:5] = -800.0  # a lung, enclosed
+    ct[:, 3:6, 6:9] = -800.0  # the other one
+    ct[:, 8, 3] = 200.0  # a stray bright voxel outside
+    thorax = bench.thorax(ct)
+    assert thorax[:, 1:8, 1:10].all()  # the lungs are filled
+    assert thorax.sum() == 2 * (7 * 9 + 1)  # and the air around the body is not
+
+
+def test_chest_ct_pair_is_a_known_deformation_of_the_ct(bench, shared_data, tmp_path):
+    pair = bench.chest_ct_pair(shared_data, seed=0, index=0).build(tmp_path)
+    from carctl.io import read_image
+
+    moving, fixed = read_image(pair.moving), read_image(pair.fixed)
+    assert moving.grid == fixed.grid == pair.truth.grid
+    assert pair.mask.shape == fixed.array.shape and 0.2 < pair.mask.mean() < 0.7
+    moved = pair.truth.data.square().sum(dim=0).sqrt().numpy()[pair.mask]
+    assert 4.0 < moved.mean() < 20.0  # 8 mm RMS plus the rigid part: it does move
