@@ -65,18 +65,24 @@ def _box_filter(image: torch.Tensor, radius: int) -> torch.Tensor:
     return out
 
 
-def _patch_distances(image: torch.Tensor, radius: int, dilation: int) -> torch.Tensor:
-    """MIND-SSC's patch distances ``(N, 12 | 4, *spatial)``: for every pair of non-opposite
-    face neighbours at distance ``dilation``, in :func:`itertools.combinations` order of the
-    neighbours ``-x, +x, -y, +y, ...``, the box-filtered squared difference of the image
-    read at the two neighbours."""
-    d = image.dim() - 2
+def _face_neighbours(d: int, dilation: int) -> list[tuple[int, ...]]:
+    """The ``2 D`` face neighbours at distance ``dilation`` as index offsets, in the order
+    ``-i, +i, -j, +j, ...`` (neighbour ``n`` lies along axis ``n // 2``, upward when odd)."""
     neighbours = []
     for axis in range(d):
         for sign in (-1, 1):
             offset = [0] * d
             offset[axis] = sign * dilation
             neighbours.append(tuple(offset))
+    return neighbours
+
+
+def _patch_distances(image: torch.Tensor, radius: int, dilation: int) -> torch.Tensor:
+    """MIND-SSC's patch distances ``(N, 12 | 4, *spatial)``: for every pair of non-opposite
+    face neighbours at distance ``dilation``, in :func:`itertools.combinations` order of the
+    neighbours ``-x, +x, -y, +y, ...``, the box-filtered squared difference of the image
+    read at the two neighbours."""
+    neighbours = _face_neighbours(image.dim() - 2, dilation)
     pairs = [
         (a, b)
         for a, b in itertools.combinations(range(len(neighbours)), 2)

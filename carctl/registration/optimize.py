@@ -74,7 +74,7 @@ def field_on_grid(field: torch.Tensor, source: Grid, target: Grid) -> torch.Tens
     matrix = source.physical_to_index @ target.index_to_physical
     linear = matrix[:d, :d]
     if np.abs(linear - np.diag(np.diag(linear))).max() > 1e-9 * np.abs(linear).max():
-        index = target.map_indices(matrix, torch.float32, field.device)
+        index = target.map_indices(matrix, field.dtype, field.device)
         return sample_field(field, source, index)
     out = field[0]
     for axis in range(d):  # index axis i, j, k is tensor dimension D, D-1, ... (after channels)
@@ -91,12 +91,6 @@ def field_on_grid(field: torch.Tensor, source: Grid, target: Grid) -> torch.Tens
         above = out.index_select(dim, (low + 1).clamp(max=n - 1))
         out = torch.lerp(out.index_select(dim, low), above, fraction)
     return out
-
-
-def resample_field(field: torch.Tensor, source: Grid, target: Grid) -> torch.Tensor:
-    """A displacement field ``(1, D, *source.shape)`` (mm) on ``target``'s points."""
-    points = target.points(dtype=torch.float32, device=field.device)
-    return field_at(field, source, points)[None]
 
 
 @functools.lru_cache(maxsize=8)

@@ -306,8 +306,7 @@ def _stage_deformable(state: _State, progress: Progress) -> StageReport:
             # from the previous level or the network; a velocity starts from the network's
             # displacement (exp(v) = id + v to first order)
             source, field = (grid, u.movedim(-1, 0)[None]) if u is not None else start
-            u = optimize.resample_field(field.to(state.device), source, control)
-            u = u[0].movedim(0, -1)
+            u = optimize.field_on_grid(field.to(state.device), source, control).movedim(0, -1)
         u, before, after = optimize.optimise_level(
             level,
             state.affine,

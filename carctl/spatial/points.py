@@ -115,17 +115,16 @@ class _AtCorners(torch.autograd.Function):
         return _spread(grad, flat, weight, ctx.shape), None, None
 
 
-def _check(table: torch.Tensor, index: torch.Tensor) -> tuple[int, ...]:
-    shape = tuple(table.shape[:-1])
+def _check(shape: tuple[int, ...], index: torch.Tensor) -> tuple[int, ...]:
     if index.shape[-1] != len(shape):
         raise ValueError(f"{index.shape[-1]}-D indices for a {len(shape)}-D table")
-    return shape
+    return tuple(shape)
 
 
 def interpolate(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``table`` ``(*shape, C)`` (array order ``(Z, Y, X)``) at continuous indices ``(P, D)``
     (components ``(i, j, k)``), linearly interpolated: ``(P, C)``."""
-    return _Interpolate.apply(table, index, _check(table, index))
+    return _Interpolate.apply(table, index, _check(table.shape[:-1], index))
 
 
 def corners(shape: tuple[int, ...], index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,9 +132,7 @@ def corners(shape: tuple[int, ...], index: torch.Tensor) -> tuple[torch.Tensor, 
     its channels): flat offsets and weights ``(P, 2^D)``, for :func:`interpolate_at`. An
     optimiser that reads a changing table at points that do not move computes them once
     (their rows for a subset of points are then a gather)."""
-    if index.shape[-1] != len(shape):
-        raise ValueError(f"{index.shape[-1]}-D indices for a {len(shape)}-D table")
-    flat, weight, _ = _corners(index, tuple(shape), False)
+    flat, weight, _ = _corners(index, _check(shape, index), False)
     return flat, weight
 
 

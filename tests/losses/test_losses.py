@@ -198,12 +198,7 @@ def test_mind_patch_distances_inside_equal_every_pair_computed(shape, radius, di
     but the outer ``dilation + radius`` voxels) they equal computing all pairs one by one."""
     image = _image(shape, seed=7)
     d = len(shape)
-    neighbours = []
-    for axis in range(d):
-        for sign in (-1, 1):
-            offset = [0] * d
-            offset[axis] = sign * dilation
-            neighbours.append(tuple(offset))
+    neighbours = sim._face_neighbours(d, dilation)
     expected = torch.cat(
         [
             (sim._shifted(image, neighbours[a]) - sim._shifted(image, neighbours[b])).square()

@@ -580,8 +580,9 @@ def test_compose_matches_the_float64_chain_on_oblique_grids():
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("turn", [False, True])
-def test_field_on_grid_matches_sampling_at_every_voxel(turn):
+def test_field_on_grid_matches_sampling_at_every_voxel(turn, dtype):
     """Parallel axes (flipped ones included) take the one-axis-at-a-time path, others the
     general sampling; both equal ``sample_field`` at every target voxel's index, beyond the
     source's box (the border value continues) and with an axis of one voxel."""
@@ -589,10 +590,12 @@ def test_field_on_grid_matches_sampling_at_every_voxel(turn):
     source = Grid((9, 8, 1), (2.5, 2.0, 3.0), (3.0, -5.0, 0.0), tuple(flip.ravel()))
     direction = rotation(0.3, -0.2, 0.5) @ flip if turn else flip
     grid = Grid((23, 19, 4), (1.1, 0.9, 1.3), (-2.0, -3.0, -1.0), tuple(direction.ravel()))
-    u = torch.randn(1, 3, 1, 8, 9, generator=torch.Generator().manual_seed(0))
-    index = grid.map_indices(source.physical_to_index @ grid.index_to_physical, torch.float32)
+    u = torch.randn(1, 3, 1, 8, 9, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    index = grid.map_indices(source.physical_to_index @ grid.index_to_physical, dtype)
     expected = optimize.sample_field(u, source, index)
-    torch.testing.assert_close(optimize.field_on_grid(u, source, grid), expected, atol=1e-5, rtol=0)
+    ours = optimize.field_on_grid(u, source, grid)
+    assert ours.dtype == dtype
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
 
 
 def test_rigid_stage_refines_only_when_it_is_the_last_linear_stage():
