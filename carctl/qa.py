@@ -1,16 +1,24 @@
-"""Label-free quality control of an alignment with IMSE's evaluator.
+"""Label-free quality control of an alignment.
 
 Both images are brought onto one *working grid*: the fixed image's axes, cropped to its
-foreground (with a margin), isotropic voxels of :func:`carctl.networks.evaluator.working_spacing`
-(the spacing the evaluator was trained at). The moving image is resampled there through the
-transforms under test (through the scanner headers alone for "before"). The evaluator
-predicts the error map ``E(fixed, moved)`` in the fixed image's normalised intensities
-(``[-1, 1]``). Over the anatomy of either image where the moving image is present, the mean
-``|E|`` divided by the mean ``|grad fixed|`` (per mm) is the *score*: for small misalignments
-``|E| ~ |grad fixed . d|``, so the score reads as a misalignment in mm, comparable between
-sharp and blurry images (an estimate, not a measurement). Higher is worse; the verdict
-thresholds come with the weights' model card (key ``qa``), calibrated by
-``benchmarks/bench_qa.py``.
+foreground (with a margin), voxels of :func:`carctl.networks.evaluator.working_spacing`. The
+moving image is resampled there through the transforms under test (through the scanner headers
+alone for "before"), and both are scaled to ``[-1, 1]``.
+
+The *score* is an estimate of the remaining misalignment in mm: a quick, independent
+re-registration of the two (MIND-SSC, a smooth field on control points, two coarse levels
+scaled to the field of view; see :func:`correction`) measures how far it would still move the
+moving image; the score is the mean length of that correction over the anatomy of either
+image where the moving image is present, and the map of its length is the *misalignment map*.
+It is an estimate, not a measurement: at the true alignment of two different contrasts the
+re-registration still moves by 1-2 mm on brain MR (the contrasts' structures differ), and
+more on thick-slice images (see ``docs/benchmarks.md``). Higher is worse; the verdict
+thresholds :data:`THRESHOLDS` are calibrated by ``benchmarks/bench_qa.py``.
+
+IMSE's evaluator is run too: its predicted error map ``E(fixed, moved)`` and its mean
+``|E|`` are reported alongside (the evaluator shipped so far does not track misalignment
+across contrasts: pooled Spearman -0.02 on the QA benchmark, so it does not decide the
+verdict).
 """
 
 from __future__ import annotations
@@ -22,9 +30,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from carctl.io import Image
+from carctl.losses.regularisers import diffusion
+from carctl.losses.similarity import mind_ssc
 from carctl.networks.evaluator import anatomy, working_spacing
+from carctl.registration.adam import Adam
 from carctl.registration.levels import (
     fixed_level_grid,
     foreground_box,
@@ -39,6 +51,30 @@ from carctl.spatial.transform import Transform
 
 WEIGHTS = "imse"
 VERDICTS = ("ok", "suspect", "failed")
+# Score (mm) from which an alignment is ``suspect`` and ``failed``: calibrated on the shared
+# data by ``python benchmarks/bench_qa.py --calibrate`` (see its ``calibrate``), rounded.
+THRESHOLDS = {"suspect": 2.5, "failed": 5.0}
+
+
+@dataclass(frozen=True)
+class Check:
+    """The quick re-registration behind the score (:func:`correction`)."""
+
+    # voxel size of each level, coarse to fine, and the control-point spacing (mm); on a
+    # small field of view at most the grid's largest extent over ``across`` (voxels or
+    # control intervals), so that a level still resolves it
+    levels_mm: tuple[float, ...] = (8.0, 4.0)
+    levels_across: tuple[float, ...] = (16.0, 32.0)
+    control_mm: float = 20.0
+    controls_across: float = 6.5
+    iterations: int = 40  # Adam steps per level
+    regularization: float = 1.0  # weight of the diffusion penalty (MIND summed over channels)
+    step_mm: float = 0.5  # Adam's step, decaying linearly to a fifth over each level
+
+
+CHECK = Check()
+# A level keeps at least this many voxels along every axis (MIND needs a neighbourhood).
+_MIN_LEVEL_VOXELS = 5
 
 
 @dataclass(eq=False)
@@ -63,10 +99,11 @@ class Pair:
 
 @dataclass(eq=False)
 class Assessment:
-    score: float  # mean |E| over the mask divided by the mean |grad reference| there (mm)
-    error: torch.Tensor  # |E| on the working grid, (1, 1, *shape)
+    score: float  # mean length of the correction over the mask (mm)
+    misalignment: torch.Tensor  # length of the correction on the working grid (mm), (1, 1, *shape)
     pair: Pair
-    mean_error: float  # mean |E| over the mask (normalised intensity)
+    error: torch.Tensor | None = None  # IMSE's |E| on the working grid, (1, 1, *shape)
+    mean_error: float = float("nan")  # IMSE's mean |E| over the mask (normalised intensity)
 
 
 def working_grid(fixed: Image, mask: np.ndarray | None = None) -> Grid:
@@ -123,24 +160,128 @@ def prepare(
 
 
 def assess_alignments(
-    model: torch.nn.Module,
+    model: torch.nn.Module | None,
     fixed: Image,
     alignments: Sequence[tuple[Image, Sequence[Transform]]],
     device: str = "cpu",
 ) -> list[Assessment]:
     """One :class:`Assessment` per ``(moving image, transforms)``, all on one working grid
-    with the fixed image resampled once."""
+    with the fixed image resampled once (IMSE's error maps too when ``model`` is given)."""
     reference = reference_of(fixed, device=device)
     return [assess(model, pair_with(reference, m, chain, device)) for m, chain in alignments]
 
 
-def assess(model: torch.nn.Module, pair: Pair) -> Assessment:
-    """The evaluator's error map and score for ``pair`` (no gradients)."""
+def assess(model: torch.nn.Module | None, pair: Pair, check: Check = CHECK) -> Assessment:
+    """The score and misalignment map of ``pair`` (:func:`correction`), and IMSE's error map
+    when ``model`` is given (no gradients through the evaluator)."""
+    u = correction(pair, check)
+    length = u.square().sum(dim=1, keepdim=True).sqrt()
+    assessment = Assessment(masked_mean(length, pair.mask), length, pair)
+    if model is not None:
+        with torch.no_grad():
+            assessment.error = model(pair.reference, pair.other).abs()
+        assessment.mean_error = masked_mean(assessment.error, pair.mask)
+    return assessment
+
+
+def _normalised(positions: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
+    """Array-order index ``positions`` ``(..., D)`` in ``grid_sample`` coordinates (x first,
+    ``align_corners=True``) of an array of ``sizes``."""
+    scale = [2.0 / max(n - 1, 1) for n in sizes]
+    scale = torch.tensor(scale, dtype=positions.dtype, device=positions.device)
+    return (positions * scale - 1).flip(-1)
+
+
+def _linear_weights(positions: torch.Tensor, count: int) -> torch.Tensor:
+    """``(len(positions), count)`` weights of linear interpolation between ``count`` nodes
+    at indices ``0 .. count - 1`` (positions clamped to them)."""
+    positions = positions.clamp(0, count - 1)
+    low = positions.floor().clamp(max=count - 2).long() if count > 1 else positions.long()
+    weights = torch.zeros((len(positions), count))
+    if count == 1:
+        return weights + 1
+    rows = torch.arange(len(positions))
+    fraction = positions - low
+    weights[rows, low] = 1 - fraction
+    weights[rows, low + 1] += fraction
+    return weights
+
+
+def _interpolate(field: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``field`` ``(1, D, *controls)`` interpolated separably with one weight matrix per axis
+    (``(n_axis, controls_axis)``, array order): ``(1, D, *n)``."""
+    for axis, w in enumerate(weights):
+        field = torch.movedim(torch.movedim(field, 2 + axis, -1) @ w.T, -1, 2 + axis)
+    return field
+
+
+def correction(pair: Pair, check: Check = CHECK) -> torch.Tensor:
+    """The displacement (mm) a quick re-registration of ``pair`` applies to its moving image,
+    on the working grid: ``(1, D, *shape)``, components along the grid's array axes
+    (``z, y, x``; only its length is used).
+
+    At each level of ``check.levels_mm`` (finer on a small field of view, see :class:`Check`)
+    both images are average-pooled to about that voxel size (per axis, never finer than the
+    grid, at least five voxels across) and described by MIND-SSC; one displacement on a
+    control grid ``check.control_mm`` apart (or finer) spanning the working grid (linear
+    interpolation) is optimised by Adam for the squared MIND difference
+    over the pair's mask plus ``check.regularization`` x the diffusion energy, coarse level
+    first. Deterministic; no gradients leave it."""
+    d, device = pair.grid.ndim, pair.reference.device
+    shape = pair.reference.shape[2:]
+    spacing = list(reversed(pair.grid.spacing))  # array order, like shape
+    extent = max((n - 1) * s for n, s in zip(shape, spacing, strict=True))
+    control_mm = min(check.control_mm, extent / check.controls_across)
+    controls = [
+        max(2, int(np.ceil((n - 1) * s / control_mm - 1e-6)) + 1)
+        for n, s in zip(shape, spacing, strict=True)
+    ]
+    # control node c of an axis sits at working index c (n - 1) / (controls - 1)
+    to_control = [(c - 1) / max(n - 1, 1) for n, c in zip(shape, controls, strict=True)]
+    control_spacing = [s / t for s, t in zip(spacing, to_control, strict=True)]
+    field = torch.zeros((1, d, *controls), device=device, requires_grad=True)
+    pool = F.avg_pool3d if d == 3 else F.avg_pool2d
+    mask = pair.mask.float()
+    for level_mm, across in zip(check.levels_mm, check.levels_across, strict=True):
+        level_mm = min(level_mm, extent / across)
+        factors = [
+            max(1, min(round(level_mm / s), n // _MIN_LEVEL_VOXELS))
+            for n, s in zip(shape, spacing, strict=True)
+        ]
+        fixed = mind_ssc(pool(pair.reference, factors, factors))
+        moving = mind_ssc(pool(pair.other, factors, factors))
+        select = pool(mask, factors, factors)[0, 0] > 0.5
+        if not bool(select.any()):
+            continue
+        level_shape = fixed.shape[2:]
+        # a pooled voxel sits at its block's centre on the working grid
+        weights = [
+            _linear_weights((torch.arange(n) * f + (f - 1) / 2) * t, c).to(device)
+            for n, f, t, c in zip(level_shape, factors, to_control, controls, strict=True)
+        ]
+        axes = [torch.arange(n, dtype=torch.float32, device=device) for n in level_shape]
+        index = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)[select]  # (K, D)
+        fixed = fixed[0].movedim(0, -1)[select]  # (K, C)
+        step = [f * s for f, s in zip(factors, spacing, strict=True)]
+        step = torch.tensor(step, dtype=torch.float32, device=device)
+        optimiser = Adam([field], [check.step_mm])
+        for i in range(check.iterations):
+            optimiser.zero_grad()
+            u = _interpolate(field, weights)[0].movedim(0, -1)[select]  # (K, D) mm
+            at = _normalised(index + u / step, level_shape).view(1, -1, *[1] * (d - 1), d)
+            moved = F.grid_sample(
+                moving, at, mode="bilinear", padding_mode="border", align_corners=True
+            ).view(moving.shape[1], -1)
+            similarity = (fixed - moved.T).square().sum(dim=1).mean()
+            penalty = diffusion(field, list(reversed(control_spacing)))
+            (similarity + check.regularization * penalty).backward()
+            optimiser.step(1 - 0.8 * i / check.iterations)
     with torch.no_grad():
-        error = model(pair.reference, pair.other).abs()
-    mean_error = masked_mean(error, pair.mask)
-    sharpness = masked_mean(gradient_magnitude(pair.reference, pair.grid), pair.mask)
-    return Assessment(mean_error / max(sharpness, 1e-6), error, pair, mean_error)
+        weights = [
+            _linear_weights(torch.arange(n) * t, c).to(device)
+            for n, t, c in zip(shape, to_control, controls, strict=True)
+        ]
+        return _interpolate(field, weights)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
@@ -149,41 +290,22 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
     return float(values[mask].mean())
 
 
-def gradient_magnitude(image: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """``|grad image|`` per mm (central differences), same shape as ``image``."""
-    spacing = list(reversed(grid.spacing))  # array axes are (z, y, x)
-    axes = [d for d in range(2, image.dim()) if image.shape[d] > 1]
-    if not axes:
-        return torch.zeros_like(image)
-    parts = torch.gradient(image, spacing=[spacing[d - 2] for d in axes], dim=axes)
-    return torch.stack(parts).square().sum(dim=0).sqrt()
-
-
-UNCALIBRATED = "uncalibrated"
-
-
-def thresholds_of(card_data: dict) -> dict | None:
-    """The verdict thresholds in a model card, or None when the weights were not calibrated
-    (``benchmarks/bench_qa.py --calibrate`` found no trustworthy thresholds)."""
-    return (card_data.get("qa") or {}).get("thresholds")
-
-
-def verdict(score: float, thresholds: dict | None) -> str:
-    """``ok`` below ``thresholds['suspect']``, ``failed`` from ``thresholds['failed']`` on;
-    ``uncalibrated`` without thresholds."""
-    if thresholds is None:
-        return UNCALIBRATED
+def verdict(score: float, thresholds: dict | None = None) -> str:
+    """``ok`` below ``thresholds['suspect']`` (default :data:`THRESHOLDS`), ``failed`` from
+    ``thresholds['failed']`` on, ``suspect`` between; ``failed`` when there is no score."""
+    thresholds = thresholds or THRESHOLDS
     if not np.isfinite(score) or score >= thresholds["failed"]:
         return "failed"
     return "suspect" if score >= thresholds["suspect"] else "ok"
 
 
-def error_image(assessment: Assessment) -> Image:
-    """``|E|`` as an image on the working grid (float32)."""
-    return Image(assessment.error[0, 0].cpu().numpy().astype(np.float32), assessment.pair.grid)
+def misalignment_image(assessment: Assessment) -> Image:
+    """The misalignment map (mm) as an image on the working grid (float32)."""
+    values = assessment.misalignment[0, 0].cpu().numpy().astype(np.float32)
+    return Image(values, assessment.pair.grid)
 
 
-# --- a picture for people: fixed image with the error map as a heat overlay ------------------
+# --- a picture for people: the fixed image with the misalignment map as heat -------------------
 
 
 def _heat(values: np.ndarray) -> np.ndarray:
@@ -194,8 +316,9 @@ def _heat(values: np.ndarray) -> np.ndarray:
 
 def overlay(assessments: Sequence[Assessment]) -> np.ndarray:
     """Rows of three orthogonal slices (through the anatomy's centre; a 2-D image whole) of
-    the fixed image in grey with ``|E|`` blended as heat, one row per assessment, one colour
-    scale for all: ``(H, W, 3)`` uint8."""
+    the fixed image in grey with the misalignment map blended as heat, one row per
+    assessment, one colour scale for all (white at twice the ``failed`` threshold):
+    ``(H, W, 3)`` uint8."""
     mask = assessments[0].pair.mask[0, 0].cpu().numpy()
     centre = [int(np.round(w.mean())) for w in np.nonzero(mask)] if mask.any() else None
     centre = centre or [n // 2 for n in mask.shape]
@@ -205,8 +328,8 @@ def overlay(assessments: Sequence[Assessment]) -> np.ndarray:
             return [volume]
         return [np.take(volume, c, axis=axis) for axis, c in enumerate(centre)]
 
-    errors = [a.error[0, 0].cpu().numpy() for a in assessments]
-    top = max(float(np.percentile(e[mask], 99)) if mask.any() else 1.0 for e in errors)
+    errors = [a.misalignment[0, 0].cpu().numpy() for a in assessments]
+    top = 2 * THRESHOLDS["failed"]
     rows = []
     for a, error in zip(assessments, errors, strict=True):
         grey = (a.pair.reference[0, 0].cpu().numpy() + 1) / 2

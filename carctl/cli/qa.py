@@ -1,4 +1,4 @@
-"""``carctl qa``: label-free quality control of an alignment (IMSE's evaluator)."""
+"""``carctl qa``: label-free quality control of an alignment (see :mod:`carctl.qa`)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,9 @@ def command(
     ] = Path("."),
     error_map: Annotated[
         str | None,
-        typer.Option("--error-map", help="Predicted |error| as an image (default NAME_qa.nii.gz)."),
+        typer.Option(
+            "--error-map", help="Estimated misalignment (mm) as an image (default NAME_qa.nii.gz)."
+        ),
     ] = None,
     png: Annotated[
         str | None,
@@ -53,9 +55,10 @@ def command(
     """Score how well MOVING is aligned to FIXED, without labels: ok, suspect or failed.
 
     Assesses the alignment through the scanner headers (before) and, with --field/--affine
-    or --warped, the registered one (after). Writes the predicted error map (NIfTI, on a
-    working grid over the fixed image's anatomy) and a PNG overlay; the score is the mean
-    predicted error inside the anatomy (lower is better).
+    or --warped, the registered one (after). The score estimates the remaining misalignment
+    in mm (how far a quick independent re-registration would still move the image, averaged
+    over the anatomy; lower is better). Writes that map (NIfTI, on a working grid over the
+    fixed image's anatomy) and a PNG overlay.
     """
     from carctl.cli.console import emit_json, key_value_table, stdout
     from carctl.errors import UsageError
@@ -76,26 +79,22 @@ def command(
     if json_out not in (None, "-"):
         check_output(json_out, force=force, inputs=inputs, extensions=(".json",))
 
-    if fail_on:  # refused before any work when the weights give no verdict
-        from carctl import pretrained, qa
-
-        if qa.thresholds_of(pretrained.card(qa.WEIGHTS).data) is None:
-            raise UsageError("--fail-on needs calibrated weights; these give no verdict")
     result = run(moving, fixed, field, affine, warped, outputs, device, threads, force, inputs)
     emit_json(result, json_out, force=force, inputs=inputs)
     if not quiet and json_out != "-":
         rows = []
         if "before" in result:
             b = result["before"]
-            rows.append(("before (headers)", f"{b['score']:.4f}  {b['verdict']}"))
+            rows.append(("before (headers)", f"{b['score']:.2f}  {b['verdict']}"))
         rows.append(
             (
                 "after" if "before" in result else "score",
-                f"{result['score']:.4f}  {result['verdict']}",
+                f"{result['score']:.2f}  {result['verdict']}",
             )
         )
-        rows += [("error map", outputs["error_map"]), ("overlay", outputs["png"])]
-        stdout().print(key_value_table("Quality control (lower is better)", rows))
+        rows += [("misalignment map", outputs["error_map"]), ("overlay", outputs["png"])]
+        title = "Quality control: estimated misalignment, mm (lower is better)"
+        stdout().print(key_value_table(title, rows))
     ranks = {"ok": 0, "suspect": 1, "failed": 2}
     if fail_on and ranks[result["verdict"]] >= ranks[fail_on]:
         raise typer.Exit(FAILED_EXIT)
@@ -103,7 +102,6 @@ def command(
 
 def run(moving, fixed, field, affine, warped, outputs, device, threads, force, inputs) -> dict:
     from carctl import pretrained, qa
-    from carctl.cli.console import stderr
     from carctl.io import atomic_output, read_image, write_image
     from carctl.resample import load_chain
     from carctl.runtime import resolve_device, set_threads
@@ -111,12 +109,6 @@ def run(moving, fixed, field, affine, warped, outputs, device, threads, force, i
     set_threads(threads)
     device = resolve_device(device)
     model, card = pretrained.load(qa.WEIGHTS, device=device)
-    thresholds = qa.thresholds_of(card.data)
-    if thresholds is None:
-        stderr().print(
-            "warning: these evaluator weights are not calibrated (no verdict thresholds in "
-            f"{card.path.name}): the score is experimental and the verdict 'uncalibrated'"
-        )
     moving_image = read_image(moving)
     alignments = [(moving_image, [])]  # through the headers
     if field or affine:
@@ -125,17 +117,22 @@ def run(moving, fixed, field, affine, warped, outputs, device, threads, force, i
         alignments.append((read_image(warped), []))
     assessments = qa.assess_alignments(model, read_image(fixed), alignments, device)
     before, last = assessments[0], assessments[-1]
-    write_image(qa.error_image(last), outputs["error_map"], force=force, inputs=inputs)
+    write_image(qa.misalignment_image(last), outputs["error_map"], force=force, inputs=inputs)
     with atomic_output(outputs["png"], force=force, inputs=inputs, extensions=(".png",)) as tmp:
         tmp.write_bytes(qa.png_bytes(qa.overlay(assessments)))
     result = {
         "score": last.score,
-        "verdict": qa.verdict(last.score, thresholds),
-        "thresholds": thresholds,
+        "verdict": qa.verdict(last.score),
+        "thresholds": qa.THRESHOLDS,
+        "imse_mean_error": last.mean_error,
         "weights": card.name,
         "error_map": outputs["error_map"],
         "png": outputs["png"],
     }
     if len(assessments) > 1:
-        result["before"] = {"score": before.score, "verdict": qa.verdict(before.score, thresholds)}
+        result["before"] = {
+            "score": before.score,
+            "verdict": qa.verdict(before.score),
+            "imse_mean_error": before.mean_error,
+        }
     return result

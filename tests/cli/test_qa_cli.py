@@ -14,8 +14,7 @@ from tests.conftest import make_image, write
 
 @pytest.fixture
 def tiny_weights(tmp_path, monkeypatch) -> Path:
-    """An untrained tiny evaluator as the ``imse`` weights, with thresholds chosen so that a
-    pair is ``ok`` below 0.5 and ``failed`` from 1.0 on."""
+    """An untrained tiny evaluator as the ``imse`` weights."""
     import torch
 
     from carctl import pretrained
@@ -28,7 +27,6 @@ def tiny_weights(tmp_path, monkeypatch) -> Path:
         "architecture": {"kind": "imse-evaluator", "config": net.config.to_dict()},
         "training": {"command": "carctl train imse (test)"},
         "validation": {},
-        "qa": {"thresholds": {"suspect": 0.5, "failed": 1.0}},
     }
     pretrained.write(net, folder, "imse", card)
     monkeypatch.setenv("CARCTL_WEIGHTS", str(folder))
@@ -73,35 +71,17 @@ def test_qa_before_and_after_with_a_field(cli, tiny_weights, images, tmp_path):
     assert report["before"]["score"] == pytest.approx(report["score"], rel=1e-4)
 
 
-def test_qa_verdict_thresholds_and_fail_on(cli, tiny_weights, images, tmp_path):
+def test_qa_fail_on_exits_with_its_own_status(cli, tiny_weights, images, tmp_path, monkeypatch):
     from carctl import qa
 
-    thresholds = {"suspect": 0.5, "failed": 1.0}
-    assert qa.verdict(0.1, thresholds) == "ok"
-    assert qa.verdict(0.5, thresholds) == "suspect"
-    assert qa.verdict(1.0, thresholds) == "failed"
-    assert qa.verdict(float("nan"), thresholds) == "failed"
-    card = tiny_weights / "imse.json"
-    data = json.loads(card.read_text())
-    data["qa"]["thresholds"] = {"suspect": 0.0, "failed": 0.0}  # everything fails
-    card.write_text(json.dumps(data))
     moving, fixed = images
-    result = cli("qa", moving, fixed, "-o", tmp_path, "--fail-on", "failed", "-q")
+    result = cli("qa", fixed, fixed, "-o", tmp_path, "--fail-on", "failed", "-q")
+    assert result.code == 0, result.err  # an image against itself
+    monkeypatch.setattr(qa, "THRESHOLDS", {"suspect": 0.0, "failed": 0.0})  # everything fails
+    result = cli("qa", moving, fixed, "-o", tmp_path, "--fail-on", "failed", "-q", "--force")
     assert result.code == 3
-
-
-def test_qa_without_calibration_gives_no_verdict(cli, tiny_weights, images, tmp_path):
-    card = tiny_weights / "imse.json"
-    data = json.loads(card.read_text())
-    data["qa"] = {"thresholds": None}
-    card.write_text(json.dumps(data))
-    moving, fixed = images
-    result = cli("qa", moving, fixed, "-o", tmp_path, "--json", "-")
-    assert result.code == 0, result.err
-    assert json.loads(result.out)["verdict"] == "uncalibrated"
-    assert "not calibrated" in result.err
-    result = cli("qa", moving, fixed, "-o", tmp_path, "--fail-on", "failed", "--force", "-q")
-    assert result.code == 2 and "calibrated" in result.err
+    result = cli("qa", moving, fixed, "-o", tmp_path, "--fail-on", "bad", "--force")
+    assert result.code == 2 and "--fail-on" in result.err
 
 
 def test_qa_refuses_both_warped_and_field(cli, tiny_weights, images, tmp_path):
