@@ -151,6 +151,7 @@ def optimise_level(
     progress: Callable[[int], None] | None = None,
     budget: int | None = None,
     generator: torch.Generator | None = None,
+    offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float, float]:
     """Adam from ``initial`` ``(*control.shape, D)`` (mm, channels last, a displacement or a
     velocity); returns the optimised field and the loss before and after (similarity +
@@ -181,7 +182,10 @@ def optimise_level(
         if index is not None:
             rows, weights = rows.index_select(0, index), weights.index_select(0, index)
             start = start.index_select(0, index)
-        moved = start + interpolate_at(u, rows, weights) @ linear.T
+        shift = interpolate_at(u, rows, weights)
+        if offset is not None:
+            shift = shift + (offset if index is None else offset.index_select(0, index))
+        moved = start + shift @ linear.T
         penalty = regulariser(u.movedim(-1, 0)[None], spacing)
         return level.loss(function, moved, index) + weight * penalty
 

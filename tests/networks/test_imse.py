@@ -240,7 +240,8 @@ def test_training_resumes_where_it_stopped(tmp_path):
 
 UNDERTRAINED = (
     "the shipped evaluator is undertrained (10k steps, 52 min on 2 CPU cores): it does not "
-    "yet track misalignment across contrasts (bench_qa: its mean error against the true misalignment, pooled Spearman -0.04)"
+    "yet track misalignment across contrasts (bench_qa: its mean predicted error against the "
+    "true misalignment, pooled Spearman -0.04)"
 )
 
 

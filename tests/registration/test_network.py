@@ -149,6 +149,66 @@ def test_auto_uses_the_network_field_only_when_it_helps(monkeypatch, car_weights
         assert deformable["iterations"] == io.detail["iterations"]
 
 
+@pytest.mark.parametrize("far_off", [False, True])
+def test_auto_checks_a_kept_network_field_at_the_coarsest_level(monkeypatch, car_weights, far_off):
+    """A kept field gets a correction at the coarsest level; above the threshold the whole
+    pyramid goes on correcting it (``io``'s levels and iterations after the check), below it
+    the finest level alone runs from the field."""
+    image = blobs()
+    grid = image.grid
+    shift = torch.zeros(1, 3, *grid.shape)
+    shift[0, 0] = 2.0
+    fixed = contrast(image)
+    monkeypatch.setattr(network, "predict", lambda *args, **kwargs: (grid, shift))
+    monkeypatch.setattr(pipeline, "NETWORK_MIN_GAIN", -np.inf)  # keep it whatever it does
+    monkeypatch.setattr(pipeline, "NETWORK_MAX_CORRECTION_MM", -1.0 if far_off else 1e9)
+    result = register(image, fixed, RegistrationOptions(method="auto"))
+    detail = next(s for s in result.stages if s.name == "deformable").detail
+    io = next(
+        s
+        for s in register(image, fixed, RegistrationOptions(method="io")).stages
+        if s.name == "deformable"
+    ).detail
+    assert detail["network_correction_mm"] >= 0
+    if far_off:
+        assert detail["network_start"] == "corrected through every level"
+        assert detail["levels_mm"] == io["levels_mm"]
+        assert detail["iterations"] == io["iterations"]
+        # the 2 mm shift the "network" wrongly added is corrected away (identical anatomy)
+        inner = result.field.data[:, 6:-6, 6:-6, 6:-6]
+        assert float(inner.norm(dim=0).mean()) < 1.0
+    else:
+        assert detail["network_start"] == "finest level only"
+        assert detail["levels_mm"] == io["levels_mm"][-1:]
+
+
+def test_a_correction_on_top_of_an_offset_moves_points_like_the_sum():
+    """``optimise_level`` with a fixed ``offset`` at the level's points: a zero correction on
+    top of a constant offset gives the loss of that constant as the field itself."""
+    from carctl.losses import regularisers, similarity
+    from carctl.registration import levels, optimize
+
+    image = blobs()
+    box = levels.foreground_box(levels.normalise(image.array), None)
+    level = levels.build_level(
+        image.array, image.grid, contrast(image).array, image.grid, 5.0, similarity.mind_ssc, box
+    )
+    control = optimize.control_grid(level.grid)
+    vector = torch.tensor([1.5, -1.0, 0.5], dtype=level.points.dtype)
+    offset = vector.expand(level.points.reshape(-1, 3).shape).contiguous()
+    common = (np.eye(4), None, control, similarity.mind_loss, regularisers.diffusion, 0.0, 0, False)
+
+    def first_loss(initial, **extra):
+        args = list(common)
+        args[1] = initial
+        return optimize.optimise_level(level, *args, step=0.1, **extra)[1]
+
+    zero = torch.zeros((*control.shape, 3), dtype=level.points.dtype)
+    constant = vector.expand(zero.shape).contiguous()
+    assert first_loss(zero, offset=offset) == pytest.approx(first_loss(constant), rel=1e-6)
+    assert first_loss(zero, offset=offset) != pytest.approx(first_loss(zero), rel=1e-3)
+
+
 def test_missing_weights_skip_the_network_in_auto_and_fail_net(monkeypatch):
     monkeypatch.setattr(network, "WEIGHTS", "no-such-weights")
     image = blobs()
