@@ -17,7 +17,7 @@ thresholds :data:`THRESHOLDS` are calibrated by ``benchmarks/bench_qa.py``.
 
 IMSE's evaluator is run too: its predicted error map ``E(fixed, moved)`` and its mean
 ``|E|`` are reported alongside (the evaluator shipped so far does not track misalignment
-across contrasts: pooled Spearman -0.02 on the QA benchmark, so it does not decide the
+across contrasts: pooled Spearman -0.04 on the QA benchmark, so it does not decide the
 verdict).
 """
 

@@ -156,7 +156,9 @@ def optimise_level(
     """Adam from ``initial`` ``(*control.shape, D)`` (mm, channels last, a displacement or a
     velocity); returns the optimised field and the loss before and after (similarity +
     ``weight`` x regulariser of the displacement on the control grid). Above ``budget``
-    voxels each step reads a fresh random subset of them."""
+    voxels each step reads a fresh random subset of them. With ``offset`` ``(voxels, D)``
+    (mm, at the level's points, fixed) the field is a correction: the points move by
+    ``offset`` plus the field, and only the field is regularised."""
     generator = generator or torch.Generator().manual_seed(0)
     d = level.ndim
     to_moving = level.moving_grid.physical_to_index @ affine

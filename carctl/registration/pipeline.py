@@ -281,6 +281,12 @@ def after_network(counts: list[int]) -> list[int]:
     return [0] * (len(counts) - 1) + [min(counts[-1] * 3 // 2, sum(counts) // 2)]
 
 
+def _regularization(state: _State) -> float:
+    """The deformable stage's regularisation weight: the option, or the loss's default."""
+    given = state.options.regularization
+    return given if given is not None else DEFAULT_REGULARIZATION[state.spec.name]
+
+
 def _optimise_levels(
     state: _State,
     spacings: list[float],
@@ -296,11 +302,7 @@ def _optimise_levels(
     is. Returns the last control grid and field ``(*shape, D)`` (the correction alone, with
     ``offset``), the levels run and their losses before and after."""
     options = state.options
-    weight = (
-        options.regularization
-        if options.regularization is not None
-        else DEFAULT_REGULARIZATION[state.spec.name]
-    )
+    weight = _regularization(state)
     u, grid = None, None
     losses, ran = [], []
     for spacing, iterations in zip(spacings, counts, strict=True):
@@ -387,11 +389,6 @@ def _stage_deformable(state: _State, progress: Progress) -> StageReport:
     state.displacement = (grid, u.movedim(-1, 0)[None])
     before = _similarity(state, spacings[-1], state.affine, network)
     after = _similarity(state, spacings[-1], state.affine, state.displacement)
-    weight = (
-        options.regularization
-        if options.regularization is not None
-        else DEFAULT_REGULARIZATION[state.spec.name]
-    )
     return StageReport(
         "deformable",
         0.0,
@@ -400,7 +397,7 @@ def _stage_deformable(state: _State, progress: Progress) -> StageReport:
         {
             "levels_mm": ran,
             "iterations": [c for s, c in zip(spacings, used, strict=True) if s in ran],
-            "regularization": weight,
+            "regularization": _regularization(state),
             "level_losses": losses,
             **detail,
         },
