@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from carctl.io import Image
 from carctl.losses.regularisers import diffusion
@@ -42,10 +41,13 @@ from carctl.registration.levels import (
     foreground_box,
     intensity_range,
     normalise,
+    pool,
     resample_band_limited,
     widened,
 )
+from carctl.registration.optimize import field_on_grid, voxel_indices
 from carctl.spatial.grid import Grid
+from carctl.spatial.points import interpolate
 from carctl.spatial.sample import warp
 from carctl.spatial.transform import Transform
 
@@ -184,104 +186,62 @@ def assess(model: torch.nn.Module | None, pair: Pair, check: Check = CHECK) -> A
     return assessment
 
 
-def _normalised(positions: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
-    """Array-order index ``positions`` ``(..., D)`` in ``grid_sample`` coordinates (x first,
-    ``align_corners=True``) of an array of ``sizes``."""
-    scale = [2.0 / max(n - 1, 1) for n in sizes]
-    scale = torch.tensor(scale, dtype=positions.dtype, device=positions.device)
-    return (positions * scale - 1).flip(-1)
-
-
-def _linear_weights(positions: torch.Tensor, count: int) -> torch.Tensor:
-    """``(len(positions), count)`` weights of linear interpolation between ``count`` nodes
-    at indices ``0 .. count - 1`` (positions clamped to them)."""
-    positions = positions.clamp(0, count - 1)
-    low = positions.floor().clamp(max=count - 2).long() if count > 1 else positions.long()
-    weights = torch.zeros((len(positions), count))
-    if count == 1:
-        return weights + 1
-    rows = torch.arange(len(positions))
-    fraction = positions - low
-    weights[rows, low] = 1 - fraction
-    weights[rows, low + 1] += fraction
-    return weights
-
-
-def _interpolate(field: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``field`` ``(1, D, *controls)`` interpolated separably with one weight matrix per axis
-    (``(n_axis, controls_axis)``, array order): ``(1, D, *n)``."""
-    for axis, w in enumerate(weights):
-        field = torch.movedim(torch.movedim(field, 2 + axis, -1) @ w.T, -1, 2 + axis)
-    return field
-
-
 def correction(pair: Pair, check: Check = CHECK) -> torch.Tensor:
     """The displacement (mm) a quick re-registration of ``pair`` applies to its moving image,
-    on the working grid: ``(1, D, *shape)``, components along the grid's array axes
-    (``z, y, x``; only its length is used).
+    on the working grid: ``(1, D, *shape)``, components along the grid's index axes
+    (``i, j, k``; only its length is used).
 
     At each level of ``check.levels_mm`` (finer on a small field of view, see :class:`Check`)
     both images are average-pooled to about that voxel size (per axis, never finer than the
     grid, at least five voxels across) and described by MIND-SSC; one displacement on a
     control grid ``check.control_mm`` apart (or finer) spanning the working grid (linear
-    interpolation) is optimised by Adam for the squared MIND difference
-    over the pair's mask plus ``check.regularization`` x the diffusion energy, coarse level
-    first. Deterministic; no gradients leave it."""
-    d, device = pair.grid.ndim, pair.reference.device
-    shape = pair.reference.shape[2:]
-    spacing = list(reversed(pair.grid.spacing))  # array order, like shape
-    extent = max((n - 1) * s for n, s in zip(shape, spacing, strict=True))
+    interpolation) is optimised by Adam for the squared MIND difference over the pair's mask
+    plus ``check.regularization`` x the diffusion energy, coarse level first. Deterministic;
+    no gradients leave it."""
+    grid, d = pair.grid, pair.grid.ndim
+    extent = max((n - 1) * s for n, s in zip(grid.size, grid.spacing, strict=True))
     control_mm = min(check.control_mm, extent / check.controls_across)
-    controls = [
+    counts = [
         max(2, int(np.ceil((n - 1) * s / control_mm - 1e-6)) + 1)
-        for n, s in zip(shape, spacing, strict=True)
+        for n, s in zip(grid.size, grid.spacing, strict=True)
     ]
-    # control node c of an axis sits at working index c (n - 1) / (controls - 1)
-    to_control = [(c - 1) / max(n - 1, 1) for n, c in zip(shape, controls, strict=True)]
-    control_spacing = [s / t for s, t in zip(spacing, to_control, strict=True)]
-    field = torch.zeros((1, d, *controls), device=device, requires_grad=True)
-    pool = F.avg_pool3d if d == 3 else F.avg_pool2d
-    mask = pair.mask.float()
+    # control points from the working grid's first voxel to its last, along its axes
+    control = Grid(
+        tuple(counts),
+        tuple(
+            (n - 1) * s / (c - 1) for n, s, c in zip(grid.size, grid.spacing, counts, strict=True)
+        ),
+        grid.origin,
+        grid.direction,
+    )
+    field = torch.zeros((1, d, *control.shape), device=pair.reference.device, requires_grad=True)
     for level_mm, across in zip(check.levels_mm, check.levels_across, strict=True):
         level_mm = min(level_mm, extent / across)
         factors = [
             max(1, min(round(level_mm / s), n // _MIN_LEVEL_VOXELS))
-            for n, s in zip(shape, spacing, strict=True)
+            for n, s in zip(grid.size, grid.spacing, strict=True)
         ]
-        fixed = mind_ssc(pool(pair.reference, factors, factors))
-        moving = mind_ssc(pool(pair.other, factors, factors))
-        select = pool(mask, factors, factors)[0, 0] > 0.5
+        reference, level = pool(pair.reference, grid, factors)
+        select = pool(pair.mask.float(), grid, factors)[0][0, 0] > 0.5
         if not bool(select.any()):
             continue
-        level_shape = fixed.shape[2:]
-        # a pooled voxel sits at its block's centre on the working grid
-        weights = [
-            _linear_weights((torch.arange(n) * f + (f - 1) / 2) * t, c).to(device)
-            for n, f, t, c in zip(level_shape, factors, to_control, controls, strict=True)
-        ]
-        axes = [torch.arange(n, dtype=torch.float32, device=device) for n in level_shape]
-        index = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)[select]  # (K, D)
-        fixed = fixed[0].movedim(0, -1)[select]  # (K, C)
-        step = [f * s for f, s in zip(factors, spacing, strict=True)]
-        step = torch.tensor(step, dtype=torch.float32, device=device)
+        fixed = mind_ssc(reference)[0].movedim(0, -1)[select]  # (K, C)
+        moving = mind_ssc(pool(pair.other, grid, factors)[0])[0].movedim(0, -1).contiguous()
+        index = voxel_indices(level.size).to(field.device)[select.flatten()]  # (K, D)
+        step = torch.tensor(level.spacing, dtype=torch.float32, device=field.device)
+        upper = torch.tensor([n - 1 for n in level.size], dtype=torch.float32, device=field.device)
         optimiser = Adam([field], [check.step_mm])
         for i in range(check.iterations):
             optimiser.zero_grad()
-            u = _interpolate(field, weights)[0].movedim(0, -1)[select]  # (K, D) mm
-            at = _normalised(index + u / step, level_shape).view(1, -1, *[1] * (d - 1), d)
-            moved = F.grid_sample(
-                moving, at, mode="bilinear", padding_mode="border", align_corners=True
-            ).view(moving.shape[1], -1)
-            similarity = (fixed - moved.T).square().sum(dim=1).mean()
-            penalty = diffusion(field, list(reversed(control_spacing)))
+            u = field_on_grid(field, control, level).movedim(0, -1)[select]  # (K, D) mm
+            # clamped to the level: beyond it the border's features continue
+            at = torch.minimum((index + u / step).clamp_min(0), upper)
+            similarity = (fixed - interpolate(moving, at)).square().sum(dim=1).mean()
+            penalty = diffusion(field, control.spacing)
             (similarity + check.regularization * penalty).backward()
             optimiser.step(1 - 0.8 * i / check.iterations)
     with torch.no_grad():
-        weights = [
-            _linear_weights(torch.arange(n) * t, c).to(device)
-            for n, t, c in zip(shape, to_control, controls, strict=True)
-        ]
-        return _interpolate(field, weights)
+        return field_on_grid(field, control, grid)[None]
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:

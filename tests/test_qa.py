@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from carctl import qa
 from carctl.io import Image, read_image
@@ -22,25 +21,6 @@ def phantom() -> Image:
 
 def _shift(mm) -> list[Affine]:
     return [Affine(np.eye(len(mm)), np.asarray(mm, dtype=float))]
-
-
-def test_linear_weights_interpolate_linear_functions_exactly():
-    positions = torch.tensor([0.0, 0.25, 1.5, 2.0, 3.0])
-    weights = qa._linear_weights(positions, 4)
-    torch.testing.assert_close(weights.sum(dim=1), torch.ones(5))
-    nodes = torch.tensor([1.0, 3.0, 5.0, 7.0])  # 1 + 2 i
-    torch.testing.assert_close(weights @ nodes, 1 + 2 * positions)
-
-
-def test_separable_interpolation_equals_trilinear_resizing():
-    field = torch.randn(1, 3, 3, 4, 5)
-    shape = (7, 9, 11)
-    weights = [
-        qa._linear_weights(torch.arange(n) * (c - 1) / (n - 1), c)
-        for n, c in zip(shape, field.shape[2:], strict=True)
-    ]
-    expected = F.interpolate(field, size=shape, mode="trilinear", align_corners=True)
-    torch.testing.assert_close(qa._interpolate(field, weights), expected)
 
 
 def test_score_is_near_zero_for_an_image_against_itself(phantom):

@@ -94,7 +94,7 @@ def field_on_grid(field: torch.Tensor, source: Grid, target: Grid) -> torch.Tens
 
 
 @functools.lru_cache(maxsize=8)
-def _voxel_indices(size: tuple[int, ...]) -> torch.Tensor:
+def voxel_indices(size: tuple[int, ...]) -> torch.Tensor:
     """Index ``(i, j, k)`` of every voxel, in array (``(Z, Y, X)``) order: ``(voxels, D)``."""
     axes = [torch.arange(n, dtype=torch.float32) for n in reversed(size)]
     return torch.stack(torch.meshgrid(*axes, indexing="ij")[::-1], dim=-1).reshape(-1, len(size))
@@ -107,7 +107,7 @@ def integrate(velocity: torch.Tensor, grid: Grid, steps: int | None = None) -> t
     d = grid.ndim
     to_index = torch.as_tensor(grid.physical_to_index[:d, :d]).to(velocity)
     upper = torch.as_tensor([n - 1 for n in grid.size]).to(velocity)
-    identity = _voxel_indices(grid.size).to(velocity)
+    identity = voxel_indices(grid.size).to(velocity)
     u = velocity.reshape(-1, d) / (2**steps)
     for _ in range(steps):
         where = (identity + u @ to_index.T).clamp(torch.zeros_like(upper), upper)
