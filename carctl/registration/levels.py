@@ -165,7 +165,7 @@ def reduce(image: torch.Tensor, grid: Grid, spacing: float) -> tuple[torch.Tenso
 
 
 # Voxels read to report a pointwise loss on a large level (see :meth:`Level.report_index`).
-REPORT_VOXELS = 1 << 17
+REPORT_VOXELS = 1 << 15
 
 # Features are computed at this many times the level's resolution, then averaged down.
 OVERSAMPLE = 2
@@ -226,7 +226,8 @@ class Level:
         if budget is None or self.voxels <= budget:
             return None
         index = torch.randint(self.voxels, (budget,), generator=generator)
-        return index.to(self.points.device)
+        # in memory order: the gathers that follow then read nearby rows (about 2x faster)
+        return index.sort().values.to(self.points.device)
 
     def report_index(self, budget: int | None) -> torch.Tensor | None:
         """The voxels on which losses are *reported* (before and after an optimisation, the

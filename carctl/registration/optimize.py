@@ -182,7 +182,7 @@ def optimise_level(
         u = field()
         rows, weights, start = neighbours, fractions, base
         if index is not None:
-            rows, weights = rows.index_select(0, index), weights.index_select(0, index)
+            rows, weights = rows.index_select(1, index), weights.index_select(1, index)
             start = start.index_select(0, index)
         shift = interpolate_at(u, rows, weights)
         if offset is not None:
