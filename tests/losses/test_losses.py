@@ -158,6 +158,21 @@ def test_mind_descriptor_shapes_and_range():
     assert torch.equal(constant, torch.ones_like(constant))
 
 
+def test_mind_in_place_path_equals_differentiable_path():
+    """Without gradients MIND-SSC is computed in place (fast on whole brains); with them,
+    out of place. Both give the same descriptors, and gradients flow."""
+    image = torch.rand(
+        1, 1, 6, 7, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
+    with torch.no_grad():
+        fast = sim.mind_ssc(image)
+    source = image.clone().requires_grad_(True)
+    slow = sim.mind_ssc(source)
+    torch.testing.assert_close(fast, slow.detach(), rtol=1e-12, atol=1e-12)
+    slow.sum().backward()
+    assert source.grad is not None and torch.isfinite(source.grad).all()
+
+
 @pytest.mark.parametrize("dilation", [1, 2])
 def test_mind_matches_hand_computed_descriptor(dilation):
     """At an interior voxel with no patch filtering (radius 0): ``exp(-(D - min D) / mean)``
