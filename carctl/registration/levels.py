@@ -221,13 +221,16 @@ class Level:
         return torch.cat(parts).T.contiguous()
 
     def sample_index(self, budget: int | None, generator: torch.Generator) -> torch.Tensor | None:
-        """Random voxel indices (with replacement) for one stochastic step, or None (all)
-        when the level has no more than ``budget`` voxels."""
+        """Random voxel indices for one stochastic step, or None (all) when the level has no
+        more than ``budget`` voxels: stratified, one voxel drawn from each of ``budget``
+        equal runs of the flattened grid. Every part of the image is read at every step
+        (less gradient noise than independent draws), and the indices come sorted, so the
+        gathers that follow read memory in order."""
         if budget is None or self.voxels <= budget:
             return None
-        index = torch.randint(self.voxels, (budget,), generator=generator)
-        # in memory order: the gathers that follow then read nearby rows (about 2x faster)
-        return index.sort().values.to(self.points.device)
+        where = torch.rand(budget, generator=generator, dtype=torch.float64)
+        where.add_(torch.arange(budget, dtype=torch.float64)).mul_(self.voxels / budget)
+        return where.long().clamp_(max=self.voxels - 1).to(self.points.device)
 
     def report_index(self, budget: int | None) -> torch.Tensor | None:
         """The voxels on which losses are *reported* (before and after an optimisation, the

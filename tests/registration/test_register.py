@@ -97,6 +97,23 @@ def test_interpolate_at_precomputed_corners_equals_interpolate():
         corners((5, 6, 7), index[:, :2])
 
 
+def test_step_samples_are_stratified_sorted_and_reproducible():
+    """One voxel from each of ``budget`` equal runs of the flattened grid: sorted, inside
+    the grid, the same for the same generator state; None when all voxels fit."""
+    from types import SimpleNamespace
+
+    level = SimpleNamespace(voxels=1000, points=torch.zeros(1))
+    draw = levels.Level.sample_index
+    index = draw(level, 300, torch.Generator().manual_seed(3))
+    assert index.shape == (300,) and index.dtype == torch.long
+    assert (index.diff() >= 0).all() and index.min() >= 0 and index.max() < 1000
+    runs = torch.arange(300) * 1000 / 300  # each run [k s, (k + 1) s) holds its sample
+    assert ((index >= runs.floor()) & (index < runs + 1000 / 300)).all()
+    assert torch.equal(index, draw(level, 300, torch.Generator().manual_seed(3)))
+    assert not torch.equal(index, draw(level, 300, torch.Generator().manual_seed(4)))
+    assert draw(level, 1000, torch.Generator()) is None and draw(level, None, None) is None
+
+
 def test_level_grids_keep_geometry(phantom):
     grid = phantom.grid
     box = (np.zeros(3), np.asarray(grid.size, float) - 1)
