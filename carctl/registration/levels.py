@@ -98,11 +98,15 @@ def _resampled_grid(
     spacing: np.ndarray,
 ) -> Grid:
     """Grid of ``direction`` covering the box ``[low, high]`` (coordinates along the
-    direction's columns, mm) with about ``spacing`` per axis, centred on the box."""
+    direction's columns, mm) with ``spacing`` per axis, its first voxel on ``low``.
+
+    Anchored, not centred: when ``low`` is a voxel of an image with that direction and
+    spacing (a box of whole voxels, the finest level), the grid's voxels are the image's own
+    and resampling it interpolates nothing. A grid shifted by a fraction of a voxel blurs
+    one image and not the other, and MIND then prefers a slightly shrunk alignment."""
     extent = np.maximum(high - low, 0.0)
     size = np.maximum(1, np.ceil(extent / spacing - 1e-6).astype(int) + 1)
-    centre = (low + high) / 2
-    origin = direction @ (centre - spacing * (size - 1) / 2)
+    origin = direction @ low
     return Grid(
         tuple(int(s) for s in size),
         tuple(float(s) for s in spacing),
