@@ -95,11 +95,11 @@ def _patch_distances(image: torch.Tensor, radius: int, dilation: int) -> torch.T
     # `dilation + radius` voxels they repeat the border's value instead).
     upper = [(a, b) for a, b in pairs if a % 2 == 1]
     shifted = {n: _shifted(image, neighbours[n]) for n in sorted({n for p in upper for n in p})}
-    n, _, *spatial = image.shape
+    batch, _, *spatial = image.shape
     if image.requires_grad and torch.is_grad_enabled():
         filtered = torch.cat([(shifted[a] - shifted[b]).square() for a, b in upper], dim=1)
     else:  # written in place (fresh arrays of a brain's size cost more than the arithmetic)
-        filtered = image.new_empty(n, len(upper), *spatial)
+        filtered = image.new_empty(batch, len(upper), *spatial)
         for i, (a, b) in enumerate(upper):
             torch.sub(shifted[a], shifted[b], out=filtered[:, i : i + 1])
         filtered.square_()
