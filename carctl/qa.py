@@ -45,7 +45,7 @@ from carctl.registration.levels import (
     resample_band_limited,
     widened,
 )
-from carctl.registration.optimize import field_on_grid, voxel_indices
+from carctl.registration.optimize import control_grid, field_on_grid, voxel_indices
 from carctl.spatial.grid import Grid
 from carctl.spatial.points import interpolate
 from carctl.spatial.sample import warp
@@ -201,19 +201,7 @@ def correction(pair: Pair, check: Check = CHECK) -> torch.Tensor:
     grid, d = pair.grid, pair.grid.ndim
     extent = max((n - 1) * s for n, s in zip(grid.size, grid.spacing, strict=True))
     control_mm = min(check.control_mm, extent / check.controls_across)
-    counts = [
-        max(2, int(np.ceil((n - 1) * s / control_mm - 1e-6)) + 1)
-        for n, s in zip(grid.size, grid.spacing, strict=True)
-    ]
-    # control points from the working grid's first voxel to its last, along its axes
-    control = Grid(
-        tuple(counts),
-        tuple(
-            (n - 1) * s / (c - 1) for n, s, c in zip(grid.size, grid.spacing, counts, strict=True)
-        ),
-        grid.origin,
-        grid.direction,
-    )
+    control = control_grid(grid, control_mm / np.asarray(grid.spacing))
     field = torch.zeros((1, d, *control.shape), device=pair.reference.device, requires_grad=True)
     for level_mm, across in zip(check.levels_mm, check.levels_across, strict=True):
         level_mm = min(level_mm, extent / across)

@@ -12,7 +12,7 @@ fresh random subset of the working grid's voxels (for losses that compare voxel 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -29,12 +29,14 @@ SQUARINGS = 6
 CONTROL_FACTOR = 2.0
 
 
-def control_grid(grid: Grid, factor: float = CONTROL_FACTOR) -> Grid:
-    """``grid``'s box and direction with ``factor`` times its spacing (at least 2 points)."""
+def control_grid(grid: Grid, factor: float | Sequence[float] = CONTROL_FACTOR) -> Grid:
+    """``grid``'s box and direction with about ``factor`` times its spacing (one factor per
+    axis when a sequence): points on its first and last voxels, at least 2 along every
+    axis longer than one voxel."""
     size = np.asarray(grid.size)
     spacing = np.asarray(grid.spacing)
     extent = (size - 1) * spacing
-    n = np.maximum(2, np.ceil(extent / (spacing * factor) - 1e-6).astype(int) + 1)
+    n = np.maximum(2, np.ceil(extent / (spacing * np.asarray(factor)) - 1e-6).astype(int) + 1)
     n = np.where(size == 1, 1, n)
     step = np.where(n > 1, extent / np.maximum(n - 1, 1), spacing)
     return Grid(

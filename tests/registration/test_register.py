@@ -97,6 +97,25 @@ def test_interpolate_at_precomputed_corners_equals_interpolate():
         corners((5, 6, 7), index[:, :2])
 
 
+def test_control_grid_spans_the_grid_with_one_factor_or_one_per_axis():
+    """Control points on the grid's first and last voxels, about ``factor`` voxels apart
+    (per axis when given per axis; ``carctl qa`` asks for a spacing in mm), a single point
+    along an axis of one voxel."""
+    grid = Grid(
+        (21, 11, 1), (1.0, 2.0, 3.0), (5.0, -3.0, 2.0), tuple(rotation(0.3, 0.1, -0.2).ravel())
+    )
+    for factor, size, spacing in (
+        (2.0, (11, 6, 1), (2.0, 4.0, 3.0)),
+        ([20.0, 2.5, 1.0], (2, 5, 1), (20.0, 5.0, 3.0)),
+    ):
+        control = optimize.control_grid(grid, factor)
+        assert control.size == size and np.allclose(control.spacing, spacing)
+        assert control.origin == grid.origin and control.direction == grid.direction
+        last = np.append(np.asarray(control.size) - 1.0, 1.0) @ control.index_to_physical.T
+        far = np.append(np.asarray(grid.size) - 1.0, 1.0) @ grid.index_to_physical.T
+        assert np.allclose(last, far)
+
+
 def test_step_samples_are_stratified_sorted_and_reproducible():
     """One voxel from each of ``budget`` equal runs of the flattened grid: sorted, inside
     the grid, the same for the same generator state; None when all voxels fit."""
