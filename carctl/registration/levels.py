@@ -370,7 +370,28 @@ def resample_band_limited(
     t, source = reduce(t.to(device), source, float(np.min(target.spacing)))
     sigma = smoothing_sigma(source.spacing, float(np.min(target.spacing)))
     t, source = _crop_to_target(t, source, target, transforms, math.ceil(3 * max(sigma)) + 2)
-    return warp(gaussian_blur(t, sigma), source, target, transforms)
+    t = gaussian_blur(t, sigma)
+    lattice = None if transforms else _sublattice(source, target)
+    return t[lattice].contiguous() if lattice is not None else warp(t, source, target, transforms)
+
+
+def _sublattice(source: Grid, target: Grid) -> tuple[slice, ...] | None:
+    """Slices of a ``(N, C, *source.shape)`` tensor that give ``target`` when every voxel of
+    ``target`` is a voxel of ``source`` (same axes, whole-voxel steps and offset, inside it),
+    else None. Resampling there interpolates nothing: slicing gives the same values (up to
+    rounding) without computing a coordinate per voxel."""
+    d = source.ndim
+    matrix = source.physical_to_index @ target.index_to_physical  # target -> source index
+    scale, shift = matrix[:d, :d], matrix[:d, d]
+    step = np.rint(np.diag(scale))
+    if np.abs(scale - np.diag(step)).max() > 1e-6 or np.abs(shift - np.rint(shift)).max() > 1e-4:
+        return None
+    first = np.rint(shift).astype(int)
+    last = first + step.astype(int) * (np.asarray(target.size) - 1)
+    if np.any(step < 1) or np.any(first < 0) or np.any(last > np.asarray(source.size) - 1):
+        return None
+    axes = [slice(int(a), int(b) + 1, int(k)) for a, b, k in zip(first, last, step, strict=True)]
+    return (slice(None), slice(None), *reversed(axes))
 
 
 def _crop_to_target(
@@ -426,9 +447,12 @@ def inside(image: Grid, grid: Grid) -> torch.Tensor:
 
 
 def widened(box: tuple[np.ndarray, np.ndarray], grid: Grid) -> tuple[np.ndarray, np.ndarray]:
-    """An index ``box`` of ``grid`` widened by the margin (mm or fraction), kept inside."""
+    """An index ``box`` of ``grid`` widened by the margin (mm or fraction) to whole voxels,
+    kept inside."""
     low, high = (np.asarray(b, float) for b in box)
     spacing = np.asarray(grid.spacing)
     margin = np.maximum(_MARGIN_MM / spacing, _MARGIN_FRACTION * (high - low))
     upper = np.asarray(grid.size, float) - 1
-    return np.clip(low - margin, 0, upper), np.clip(high + margin, 0, upper)
+    # whole voxels: at the image's own spacing a working grid anchored on the box's first
+    # voxel is then a part of the image itself (see _resampled_grid)
+    return np.clip(np.floor(low - margin), 0, upper), np.clip(np.ceil(high + margin), 0, upper)

@@ -12,6 +12,7 @@ fresh random subset of the working grid's voxels (for losses that compare voxel 
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -22,11 +23,14 @@ from carctl.registration.adam import Adam
 from carctl.registration.levels import Level
 from carctl.spatial.grid import Grid, apply_homogeneous
 from carctl.spatial.points import corners, interpolate, interpolate_at
+from carctl.spatial.transform import determinant
 
 # Scaling and squaring steps of the velocity integration.
 SQUARINGS = 6
 # Control grid spacing in units of the level's spacing.
 CONTROL_FACTOR = 2.0
+# :func:`unfold`: smallest Jacobian determinant left in a control cell, and most passes.
+UNFOLD_BELOW, UNFOLD_PASSES = 0.05, 200
 
 
 def control_grid(grid: Grid, factor: float | Sequence[float] = CONTROL_FACTOR) -> Grid:
@@ -171,7 +175,9 @@ def optimise_level(
     control_index = control.to_index(points)
     upper = torch.as_tensor([n - 1 for n in control.size]).to(points)
     control_index = control_index.clamp(torch.zeros_like(upper), upper)
-    # the voxels do not move in the control grid: their neighbours and weights, once
+    # the voxels do not move in the control grid: their neighbours and weights, once for
+    # every voxel; a step's sample recomputes its own (gathering (2^D, voxels) tables at
+    # the sample took twice as long)
     neighbours, fractions = corners(control.shape, control_index)
     parameter = initial.detach().clone().requires_grad_(True)
     optimiser = Adam([parameter], [step])
@@ -184,7 +190,7 @@ def optimise_level(
         u = field()
         rows, weights, start = neighbours, fractions, base
         if index is not None:
-            rows, weights = rows.index_select(1, index), weights.index_select(1, index)
+            rows, weights = corners(control.shape, control_index.index_select(0, index))
             start = start.index_select(0, index)
         shift = interpolate_at(u, rows, weights)
         if offset is not None:
@@ -206,3 +212,74 @@ def optimise_level(
     with torch.no_grad():
         last = float(objective(report))
     return parameter.detach(), first, last
+
+
+def cell_determinants(u: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """The smallest Jacobian determinant of ``x -> x + u(x)`` (``u`` ``(*grid.shape, D)``
+    mm, channels last) in every cell of ``grid`` ``(*cells)``: at each of a cell's ``2^D``
+    corners, from the differences along the cell's edges that meet there (where linear
+    interpolation between the grid's points folds, one of them is negative). An axis of one
+    point has one cell and no derivative."""
+    d = grid.ndim
+    field = u.movedim(-1, 0)  # (D, *shape): index axis c is tensor dimension d - c
+    to_index = np.linalg.inv(grid.direction_matrix * np.asarray(grid.spacing))  # d index / d x
+    cells = [max(n - 1, 1) for n in grid.size]
+
+    def crop(t: torch.Tensor, start: Sequence[int]) -> torch.Tensor:
+        for axis in range(d):
+            dim = d - axis
+            t = t.narrow(dim, min(start[axis], t.shape[dim] - cells[axis]), cells[axis])
+        return t
+
+    edges = []
+    for c in range(d):
+        dim, n = d - c, field.shape[d - c]
+        edges.append(field.narrow(dim, 1, n - 1) - field.narrow(dim, 0, n - 1) if n > 1 else None)
+    worst = None
+    for corner in itertools.product((0, 1), repeat=d):
+        # derivative of u along index axis c at this corner: (D, *cells)
+        slopes = [
+            None if e is None else crop(e, corner[:c] + (0,) + corner[c + 1 :])
+            for c, e in enumerate(edges)
+        ]
+        jacobian = [
+            [
+                sum(
+                    (s[a] * float(to_index[c, b]) for c, s in enumerate(slopes) if s is not None),
+                    torch.zeros(cells[::-1], dtype=u.dtype, device=u.device),
+                )
+                + (1.0 if a == b else 0.0)
+                for b in range(d)
+            ]
+            for a in range(d)
+        ]
+        value = determinant(jacobian)
+        worst = value if worst is None else torch.minimum(worst, value)
+    return worst
+
+
+def unfold(
+    u: torch.Tensor, grid: Grid, below: float = UNFOLD_BELOW, passes: int = UNFOLD_PASSES
+) -> tuple[torch.Tensor, int]:
+    """``u`` (``(*grid.shape, D)`` mm) smoothed where it folds: while a cell's
+    :func:`cell_determinants` is under ``below``, its corner points take the mean of their
+    neighbours (3 per axis, the border repeated), at most ``passes`` times. Elsewhere ``u``
+    is unchanged. Returns the field and the number of cells that folded at first."""
+    d = grid.ndim
+    one = [n == 1 for n in reversed(grid.size)]  # tensor order
+    pad = [p for o in reversed(one) for p in ((0, 0) if o else (1, 1))]  # F.pad: last dim first
+    max_pool = F.max_pool3d if d == 3 else F.max_pool2d
+    avg_pool = F.avg_pool3d if d == 3 else F.avg_pool2d
+    reach = tuple(1 if o else 2 for o in one)  # the cells around a point
+    neighbours = tuple(1 if o else 3 for o in one)  # a point and its neighbours
+    folded = int((cell_determinants(u, grid) < below).sum())
+    for _ in range(passes if folded else 0):
+        bad = cell_determinants(u, grid) < below
+        if not bool(bad.any()):
+            break
+        touching = F.pad(bad[None, None].to(u.dtype), pad)
+        points = max_pool(touching, reach, stride=1)[0, 0] > 0
+        edges = F.pad(u.movedim(-1, 0)[None], pad, mode="replicate")
+        mean = avg_pool(edges, neighbours, stride=1)[0].movedim(0, -1)
+        u = torch.where(points[..., None], mean, u)
+    return u, folded

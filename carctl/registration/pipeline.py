@@ -389,6 +389,9 @@ def _stage_deformable(state: _State, progress: Progress) -> StageReport:
     if offset is not None:
         source, field = offset
         u = u + optimize.field_on_grid(field.to(state.device), source, grid).movedim(0, -1)
+    # where the optimised field folds (rare, mostly where one image shows nothing), smooth it
+    # until it no longer does
+    u, detail["folded_cells"] = optimize.unfold(u, grid)
     state.displacement = (grid, u.movedim(-1, 0)[None])
     before = _similarity(state, spacings[-1], state.affine, network)
     after = _similarity(state, spacings[-1], state.affine, state.displacement)

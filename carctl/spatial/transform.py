@@ -205,11 +205,11 @@ def jacobian_determinant(field: DisplacementField) -> torch.Tensor:
             ]
             for a in range(d)
         ]
-        out[start:stop] = _determinant(jacobian)
+        out[start:stop] = determinant(jacobian)
     return out
 
 
-def _determinant(m: list[list[torch.Tensor]]) -> torch.Tensor:
+def determinant(m: list[list[torch.Tensor]]) -> torch.Tensor:
     """Closed-form determinant of a 1x1, 2x2 or 3x3 matrix of tensors."""
     if len(m) == 1:
         return m[0][0]

@@ -221,6 +221,34 @@ def test_band_limited_resampling_crops_without_changing_values(monkeypatch, move
     torch.testing.assert_close(cropped, whole, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("spacing", "shift", "sliced"),
+    [(1.0, (3.0, 2.0, 1.0), True), (2.0, (3.0, 2.0, 1.0), True), (1.0, (3.5, 2.0, 1.0), False)],
+)
+def test_band_limited_resampling_slices_a_sublattice(monkeypatch, spacing, shift, sliced):
+    """A target whose voxels are voxels of the source (whole-voxel offset and steps) is cut
+    out of the blurred source; the values are those of interpolating it there."""
+    direction = rotation(0.3, 0.1, -0.2)
+    source = Grid((20, 18, 12), (1.0, 1.0, 1.0), (5.0, -3.0, 2.0), tuple(direction.ravel()))
+    origin = np.asarray(source.origin) + direction @ np.asarray(shift)
+    target = Grid((6, 5, 4), (spacing,) * 3, tuple(origin), source.direction)
+    assert (levels._sublattice(source, target) is not None) == sliced
+    array = np.random.default_rng(1).random((12, 18, 20)).astype(np.float32)
+    fast = levels.resample_band_limited(array, source, target)
+    monkeypatch.setattr(levels, "_sublattice", lambda *_: None)
+    interpolated = levels.resample_band_limited(array, source, target)
+    assert fast.shape == (1, 1, *target.shape)
+    torch.testing.assert_close(fast, interpolated, rtol=0, atol=1e-5)
+
+
+def test_widened_boxes_are_whole_voxels_inside_the_image():
+    grid = Grid((50, 40, 30), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+    low, high = levels.widened((np.array([10.0, 12.0, 3.0]), np.array([33.0, 25.0, 27.0])), grid)
+    assert np.array_equal(low, np.floor(low)) and np.array_equal(high, np.ceil(high))
+    assert np.all(low <= [2.0, 4.0, 0.0]) and np.all(low >= 0)
+    assert np.all(high >= [35.0, 27.0, 29.0]) and np.all(high <= [49, 39, 29])
+
+
 def _small_affine() -> np.ndarray:
     matrix = np.eye(4)
     matrix[:3, :3] = rotation(0.1, 0.05, -0.1) * 1.05
@@ -241,6 +269,36 @@ def test_rotation_vector_matches_euler_rotations_about_one_axis():
         affine_stage.rotation_matrix(angle, 2).numpy(),
         initialise.euler_matrix((float(np.degrees(0.3)),)),
     )
+
+
+def test_cell_determinants_are_exact_for_an_affine_field_on_an_oblique_grid():
+    direction = rotation(0.3, -0.2, 0.1)
+    grid = Grid((9, 7, 6), (2.0, 1.5, 3.0), (4.0, -2.0, 1.0), tuple(direction.ravel()))
+    matrix = np.array([[0.1, 0.2, 0.0], [0.0, -0.3, 0.1], [0.05, 0.0, 0.2]])
+    u = grid.points(dtype=torch.float64) @ torch.as_tensor(matrix).T
+    cells = optimize.cell_determinants(u, grid)
+    assert cells.shape == (5, 6, 8)
+    torch.testing.assert_close(cells, torch.full_like(cells, np.linalg.det(np.eye(3) + matrix)))
+
+
+@pytest.mark.parametrize("size", [(12, 10, 8), (12, 10, 1), (14, 11), (12, 2, 9)])
+def test_unfold_removes_folds_and_leaves_a_smooth_field_alone(size):
+    d = len(size)
+    grid = Grid(size, (2.0,) * d, (0.0,) * d, tuple(np.eye(d).ravel()))
+    generator = torch.Generator().manual_seed(0)
+    smooth = 0.5 * torch.sin(grid.points(dtype=torch.float32) / 7.0)
+    same, folded = optimize.unfold(smooth, grid)
+    assert folded == 0 and torch.equal(same, smooth)
+    # a fold in a small region: two neighbours pushed past each other
+    rough = smooth.clone()
+    centre = tuple(n // 2 for n in reversed(size))
+    rough[centre] += 6.0 * torch.randn(d, generator=generator) - 6.0
+    assert float(optimize.cell_determinants(rough, grid).min()) < 0
+    fixed, folded = optimize.unfold(rough, grid)
+    assert folded > 0
+    assert float(optimize.cell_determinants(fixed, grid).min()) >= optimize.UNFOLD_BELOW
+    changed = (fixed != rough).any(dim=-1)
+    assert 0 < int(changed.sum()) < changed.numel() // 4  # only around the fold
 
 
 def test_integrate_zero_and_small_velocity():
@@ -280,12 +338,10 @@ def test_rigid_recovers_translation_and_rotation(phantom, loss):
     assert after < 0.6, (loss, after)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 3 open: 20 deg / 20 mm start not recovered to < 2 mm",
-)
 def test_initialisation_recovers_large_offsets(phantom):
-    """20 degrees and 20 mm: the rotation search and the centres find the basin."""
+    """20 degrees and 20 mm: the rotation search and the centres find the basin (1.4-1.7 mm
+    over three phantoms and three offsets since the working boxes are whole voxels; 1.9-2.1
+    before, an xfail)."""
     truth = initialise.about(
         rotation(0.0, 0.0, np.radians(20)), centre(phantom), np.array([12.0, -16.0, 0.0])
     )
@@ -325,11 +381,9 @@ def test_deformable_recovers_known_deformation(phantom):
     assert float((jacobian_determinant(full.field) <= 0).float().mean()) < 1e-3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect (issue 3 open): the velocity field with no regularisation still folds",
-)
 def test_diffeomorphic_field_does_not_fold(phantom):
+    """With no regularisation the integrated velocity folded (an xfail until the deformable
+    stage smoothed the fields where they fold, :func:`optimize.unfold`)."""
     pair = known_pair(contrast(phantom), phantom, phantom.array > 0, rms_mm=3.0, seed=4)
     result = register(
         pair.moving,
