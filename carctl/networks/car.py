@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from carctl.spatial.sample import grid_sample
+
 # The encoder halves the grid this many times (1/16 of the input).
 DEPTH = 4
 
@@ -224,7 +226,7 @@ def warp_normalised(image: torch.Tensor, displacement: torch.Tensor) -> torch.Te
     """``image`` read at ``identity + displacement`` (normalised units, ``(N, D, *spatial)``,
     same spatial size), border values outside."""
     where = _identity(image.shape[2:], displacement) + displacement.movedim(1, -1)
-    return F.grid_sample(image, where, align_corners=True, padding_mode="border")
+    return grid_sample(image, where, align_corners=True, padding_mode="border")
 
 
 def warp(image: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:

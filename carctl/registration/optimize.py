@@ -23,6 +23,7 @@ from carctl.registration.adam import Adam
 from carctl.registration.levels import Level
 from carctl.spatial.grid import Grid, apply_homogeneous
 from carctl.spatial.points import corners, interpolate, interpolate_at
+from carctl.spatial.sample import grid_sample
 from carctl.spatial.transform import determinant
 
 # Scaling and squaring steps of the velocity integration.
@@ -58,7 +59,7 @@ def sample_field(field: torch.Tensor, source: Grid, index: torch.Tensor) -> torc
     """A displacement field ``(1, D, *source.shape)`` at continuous indices of ``source``
     ``(..., D)`` -> ``(D, ...)`` (linear; the border value continues beyond the grid)."""
     d = source.ndim
-    values = F.grid_sample(
+    values = grid_sample(
         field,
         source.index_to_normalised(index).reshape(1, -1, *([1] * (d - 1)), d),
         mode="bilinear",

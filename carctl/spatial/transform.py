@@ -193,20 +193,46 @@ def jacobian_determinant(field: DisplacementField) -> torch.Tensor:
         for axis in range(d):
             dim = d - axis  # tensor dimension of index axis `axis` (after the channel)
             if part.shape[dim] > 1:
-                derivative.append(torch.gradient(part, dim=dim)[0][:, keep])
+                derivative.append(_central_difference(part, dim)[:, keep])
             else:
                 derivative.append(torch.zeros_like(part[:, keep]))
         # jacobian[a][b] = delta_ab + sum_c du_a/d index_c * to_physical[c, b]
+        # (terms with a zero factor skipped: on an axis-aligned grid two of every three)
         jacobian = [
             [
-                sum(derivative[c][a] * float(to_physical[c, b]) for c in range(d))
-                + (1.0 if a == b else 0.0)
+                _entry([derivative[c][a] for c in range(d)], to_physical[:, b], float(a == b))
                 for b in range(d)
             ]
             for a in range(d)
         ]
         out[start:stop] = determinant(jacobian)
     return out
+
+
+def _central_difference(part: torch.Tensor, dim: int) -> torch.Tensor:
+    """``torch.gradient(part, dim=dim)`` (central inside, one-sided on the two borders; the
+    dimension has at least two entries) without its temporaries: a third of the time."""
+    n = part.shape[dim]
+    out = torch.empty_like(part)
+    if n > 2:
+        inside = out.narrow(dim, 1, n - 2)
+        torch.sub(part.narrow(dim, 2, n - 2), part.narrow(dim, 0, n - 2), out=inside)
+        inside.mul_(0.5)
+    torch.sub(part.narrow(dim, 1, 1), part.narrow(dim, 0, 1), out=out.narrow(dim, 0, 1))
+    torch.sub(part.narrow(dim, n - 1, 1), part.narrow(dim, n - 2, 1), out=out.narrow(dim, n - 1, 1))
+    return out
+
+
+def _entry(parts: list[torch.Tensor], factors: np.ndarray, diagonal: float) -> torch.Tensor:
+    """``diagonal + sum(part * factor)`` over the non-zero factors (a new tensor)."""
+    out = None
+    for part, factor in zip(parts, factors, strict=True):
+        if factor == 0:
+            continue
+        out = part * float(factor) if out is None else out.add_(part, alpha=float(factor))
+    if out is None:
+        return torch.full_like(parts[0], diagonal)
+    return out.add_(diagonal) if diagonal else out
 
 
 def determinant(m: list[list[torch.Tensor]]) -> torch.Tensor:

@@ -231,3 +231,24 @@ def test_warp_on_cuda_matches_cpu(mode):
     assert on_gpu.device.type == "cuda"
     atol = 0 if mode in ("nearest", "label") else 1e-4
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_grid_sample_over_threads_equals_one_call(monkeypatch, ndim):
+    """Splitting one image's points into one batch entry per thread changes no value."""
+    from carctl.spatial import sample
+
+    monkeypatch.setattr(sample, "_THREADED_POINTS", 16)
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 3, *([9] * ndim), generator=generator)
+    coords = torch.rand(1, *([7] * (ndim - 1)), 101, ndim, generator=generator) * 2.4 - 1.2
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        got = sample.grid_sample(image, coords, align_corners=True, padding_mode="border")
+    finally:
+        torch.set_num_threads(threads)
+    expected = torch.nn.functional.grid_sample(
+        image, coords, align_corners=True, padding_mode="border"
+    )
+    assert torch.equal(got, expected)

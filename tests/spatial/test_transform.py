@@ -144,3 +144,12 @@ def test_jacobian_determinant_by_slabs_matches_the_dense_determinant():
     ours = jacobian_determinant(DisplacementField(grid, data))
     assert ours.dtype == torch.float32
     torch.testing.assert_close(ours.double(), dense, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 6, 7), (3, 2, 4, 3)])
+def test_central_difference_equals_torch_gradient(shape):
+    from carctl.spatial.transform import _central_difference
+
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for dim in (1, 2, 3):
+        torch.testing.assert_close(_central_difference(x, dim), torch.gradient(x, dim=dim)[0])
