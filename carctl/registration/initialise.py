@@ -45,14 +45,22 @@ def grid_centre(grid: Grid) -> np.ndarray:
 
 def centre_of_mass(image: np.ndarray, grid: Grid) -> np.ndarray:
     """Intensity-weighted centre (physical) of a normalised image; the grid centre if empty."""
-    weights = image.astype(np.float64)
-    total = weights.sum()
+    # two passes over the image, summed in float64 on every thread: the fastest axis'
+    # profile, and the sums along it, from which the other profiles come
+    weights = torch.from_numpy(np.ascontiguousarray(image))
+    n = weights.shape[-1]
+    fastest = weights.reshape(-1, n).sum(0, dtype=torch.float64).numpy()
+    rest = weights.sum(dim=-1, dtype=torch.float64).numpy()
+    total = float(rest.sum())
     if total <= 0:
         return grid_centre(grid)
     index = []
     for axis in range(grid.ndim):
         dim = grid.ndim - 1 - axis
-        profile = weights.sum(axis=tuple(a for a in range(grid.ndim) if a != dim))
+        if dim == grid.ndim - 1:
+            profile = fastest
+        else:
+            profile = rest.sum(axis=tuple(a for a in range(rest.ndim) if a != dim))
         index.append(float((profile * np.arange(profile.size)).sum() / total))
     return (grid.index_to_physical @ np.append(index, 1.0))[:-1]
 

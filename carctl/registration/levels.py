@@ -58,8 +58,10 @@ def normalise(array: np.ndarray, select: np.ndarray | None = None) -> np.ndarray
     if bounds is None:
         return np.zeros(array.shape, np.float32)
     low, high = bounds
-    out = (np.nan_to_num(array.astype(np.float32)) - low) / (high - low)
-    return np.clip(out, 0.0, 1.0, out=out)
+    # in torch, in place: the same float32 arithmetic on every CPU thread (numpy's passes ran
+    # on one; 0.2 -> 0.05 s for a 1 mm brain)
+    out = torch.from_numpy(np.array(array, dtype=np.float32, order="C"))
+    return out.nan_to_num_(0.0).sub_(low).div_(high - low).clamp_(0.0, 1.0).numpy()
 
 
 def gaussian_blur(image: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
@@ -292,10 +294,12 @@ def foreground_box(image: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarr
     shape = np.asarray(image.shape[::-1])
     if not select.any():
         return np.zeros(len(shape)), shape - 1.0
-    where = np.nonzero(select)
-    low = np.array([w.min() for w in where[::-1]], float)
-    high = np.array([w.max() for w in where[::-1]], float)
-    return low, high
+    low, high = [], []
+    for dim in reversed(range(select.ndim)):  # index axis i, j, k: array dimension D-1, ...
+        where = np.flatnonzero(select.any(axis=tuple(a for a in range(select.ndim) if a != dim)))
+        low.append(float(where[0]))
+        high.append(float(where[-1]))
+    return np.array(low), np.array(high)
 
 
 def build_level(

@@ -166,6 +166,29 @@ def test_level_grids_keep_geometry(phantom):
     assert covering.direction == tuple(np.eye(3).ravel())
 
 
+def test_normalise_box_and_centre_of_mass_match_plain_numpy():
+    rng = np.random.default_rng(0)
+    array = (rng.random((9, 11, 13)) * 300 - 20).astype(np.float64)
+    array[2:5, 3:8, 4:9] += 500
+    array[0, 0, 0] = np.nan
+    kept = array.copy()
+    low, high = levels.intensity_range(array)
+    expected = np.clip((np.nan_to_num(array.astype(np.float32)) - low) / (high - low), 0, 1)
+    normalised = levels.normalise(array)
+    assert np.array_equal(normalised, expected) and np.array_equal(array, kept, equal_nan=True)
+    where = np.nonzero(normalised > levels._FOREGROUND)
+    box = levels.foreground_box(normalised, None)
+    assert np.array_equal(box[0], [w.min() for w in where[::-1]])
+    assert np.array_equal(box[1], [w.max() for w in where[::-1]])
+    grid = Grid(
+        (13, 11, 9), (1.0, 2.0, 0.5), (3.0, -1.0, 2.0), tuple(rotation(0.1, 0.2, 0).ravel())
+    )
+    weights = normalised.astype(np.float64)
+    index = [(weights * np.indices(weights.shape)[2 - a]).sum() / weights.sum() for a in range(3)]
+    centre = (grid.index_to_physical @ np.append(index, 1.0))[:3]
+    assert np.allclose(initialise.centre_of_mass(normalised, grid), centre, atol=1e-9)
+
+
 def test_pool_keeps_block_centres():
     grid = Grid((8, 6, 4), (1.0, 2.0, 3.0), (10.0, 0.0, -5.0), tuple(np.eye(3).ravel()))
     image = torch.arange(8 * 6 * 4, dtype=torch.float32).reshape(1, 1, 4, 6, 8)
