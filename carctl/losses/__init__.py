@@ -29,6 +29,8 @@ class LossSpec:
     pointwise: bool = True
     # the loss the rigid and affine stages use instead (None: this one)
     linear: str | None = None
+    # how many voxels beyond a voxel its features read (MIND-SSC: neighbour plus patch)
+    reach: int = 0
 
 
 LOSSES: dict[str, LossSpec] = {
@@ -40,6 +42,7 @@ LOSSES: dict[str, LossSpec] = {
             similarity.mind_loss,
             "MIND-SSC descriptors, squared difference (any contrast or modality)",
             fills_outside=True,
+            reach=2,
         ),
         LossSpec(
             "mi",

@@ -316,6 +316,7 @@ def build_level(
     device: torch.device | str = "cpu",
     moving_box: tuple[np.ndarray, np.ndarray] | None = None,
     oversample: int = OVERSAMPLE,
+    reach: int = 0,
 ) -> Level:
     """Resample both (normalised) images to ``spacing / oversample`` mm (never finer than
     their own voxels), compute their ``features`` there and average them down to ``spacing``:
@@ -323,7 +324,9 @@ def build_level(
 
     The fixed working grid covers ``box`` and the moving one ``moving_box`` (index corners,
     the whole moving image when None), each widened by a margin; beyond them the moving
-    image counts as absent."""
+    image counts as absent. Unless the loss ``fills_outside``, the moving image's support
+    also excludes the voxels within ``reach`` voxels (of the features' grid) of its edge or
+    of its working grid's: their features read beyond it."""
     fine = fixed_level_grid(fixed_grid, spacing / oversample, widened(box, fixed_grid))
     m_box = None if moving_box is None else widened(moving_box, moving_grid)
     direction = fixed_grid.direction_matrix
@@ -339,7 +342,10 @@ def build_level(
     f_features, grid = pool(features(band_limited(fixed, fixed_grid, fine)), fine, f_factors)
     m_features = features(band_limited(moving, moving_grid, m_fine))
     m_features, m_grid = pool(m_features, m_fine, m_factors)
-    support = inside(moving_grid, m_grid).to(device)
+    if reach and not fills_outside:
+        support, _ = pool(eroded(inside(moving_grid, m_fine).to(device), reach), m_fine, m_factors)
+    else:
+        support = inside(moving_grid, m_grid).to(device)
     if moving_mask is not None:
         mask, _ = pool(band_limited(moving_mask > 0, moving_grid, m_fine), m_fine, m_factors)
         support = support * mask
@@ -359,6 +365,17 @@ def build_level(
         fill=fill,
         points=grid.points(dtype=torch.float32, device=device),
     )
+
+
+def eroded(weight: torch.Tensor, reach: int) -> torch.Tensor:
+    """``weight`` ``(1, 1, *spatial)`` eroded by ``reach`` voxels: the minimum over each
+    voxel's ``2 reach + 1`` neighbourhood, zero beyond the grid. Axes of at most ``4 reach``
+    voxels (thin stacks) are not eroded: that would leave little or nothing."""
+    d = weight.dim() - 2
+    steps = [reach if n > 4 * reach else 0 for n in weight.shape[2:]]  # tensor order
+    padded = F.pad(weight, [p for r in reversed(steps) for p in (r, r)])
+    max_pool = F.max_pool3d if d == 3 else F.max_pool2d
+    return -max_pool(-padded, tuple(2 * r + 1 for r in steps), stride=1)
 
 
 def resample_band_limited(

@@ -398,8 +398,11 @@ def test_deformable_recovers_known_deformation(phantom):
     full = register(pair.moving, pair.fixed, RegistrationOptions(method="io"))
     after_affine = end_point_error(affine.field, pair.truth, pair.mask)
     after = end_point_error(full.field, pair.truth, pair.mask)
-    assert after < 0.8 * after_affine < before, (before, after_affine, after)
-    # under half a 2.5 mm voxel; measured 1.02-1.13 mm over seeds 3, 5, 7 and 11 (1.02 here)
+    # affine -> deformable over seeds 3, 5, 7 and 11: 1.09 -> 0.91, 2.67 -> 1.18, 1.61 -> 1.05,
+    # 1.99 -> 1.18 mm (seed 3's affine was 1.50 mm while the linear stages compared MIND with
+    # a constant outside the moving image)
+    assert after < 0.9 * after_affine < before, (before, after_affine, after)
+    # under half a 2.5 mm voxel (0.91 here)
     assert after < 1.1, (before, after_affine, after)
     assert float((jacobian_determinant(full.field) <= 0).float().mean()) < 1e-3
 
@@ -610,6 +613,58 @@ def test_inputs_refused_by_the_pipeline_for_api_and_cli(tmp_path, cli, phantom):
         lines = result.err.strip().splitlines()  # the images' geometry, then the error
         assert result.code == 1 and lines[-1].startswith("carctl: error: "), result.err
         assert sum("error" in line for line in lines) == 1 and "Traceback" not in result.err
+
+
+def test_tilted_thick_slice_stacks_are_not_turned_onto_each_other():
+    """Two 5 mm stacks of one phantom at 15 degrees, each cutting the anatomy: the linear
+    stages compare MIND only where the moving stack is present. When they compared it with a
+    constant outside, the stack's edge was a feature and the rigid stage ended 2.7 mm from
+    the truth (2.95 mm through the headers); 0.86-0.90 mm over three phantoms now."""
+    phantom = blobs(size=(48, 48, 48), spacing=1.5)
+    middle = centre(phantom)
+
+    def stack(image: Image, tilt: float) -> Image:
+        turn = rotation(np.radians(tilt), 0.0, 0.0)
+        size, spacing = (48, 48, 9), (1.5, 1.5, 5.0)
+        origin = middle - turn @ ((np.array(size) - 1) * np.array(spacing) / 2)
+        grid = Grid(size, spacing, tuple(origin), tuple(turn.ravel()))
+        array = levels.resample_band_limited(image.array, image.grid, grid)[0, 0].numpy()
+        return Image(array, grid)
+
+    truth = initialise.about(rotation(0.05, -0.04, 0.03), middle, np.array([2.0, -1.5, 1.0]))
+    fixed = stack(moved(contrast(phantom), truth), 0.0)
+    result = register(stack(phantom, 15.0), fixed, RegistrationOptions(method="rigid"))
+    assert mean_error(result.field, truth, levels.normalise(fixed.array) > 0.05) < 1.2
+
+
+def test_eroded_weights_spare_thin_axes():
+    weight = torch.ones(1, 1, 3, 12, 10)
+    out = levels.eroded(weight, 2)
+    assert out.shape == weight.shape
+    assert torch.equal(out[0, 0, :, 2:10, 2:8], torch.ones(3, 8, 6))  # 3 slices: not eroded
+    assert float(out[0, 0, :, :2].max()) == 0 and float(out[0, 0, :, :, 8:].max()) == 0
+
+
+def test_clinical_stacks_at_other_angles_register_consistently(shared_data):
+    """One patient's FLAIR (tilted 17 degrees) and T1c (axial), 5.5 mm slices, the headers
+    about 10 degrees and 13 mm apart: registering either to the other rigidly gives inverse
+    transforms (ANTs' rigid registration, with MI, lands within 0.8 degrees and 1.3 mm of
+    carctl's at the corners of a 12 cm box). While the
+    linear stages compared MIND with a constant outside the moving stack, the two directions
+    disagreed by 3 degrees and 8 mm."""
+
+    def degrees(matrix: np.ndarray) -> float:  # rotation angle of a rigid matrix
+        return float(np.degrees(np.arccos(np.clip((np.trace(matrix[:3, :3]) - 1) / 2, -1, 1))))
+
+    folder = shared_data / "tcga-fg-6692-native"
+    flair = read_image(next(folder.glob("MRHR_FLAIR*.nii.gz")))
+    t1c = read_image(next(folder.glob("MRHR_T1_AX*.nii.gz")))
+    there = register(flair, t1c, RegistrationOptions(method="rigid")).affine.homogeneous
+    back = register(t1c, flair, RegistrationOptions(method="rigid")).affine.homogeneous
+    loop = there @ back
+    assert degrees(loop) < 1.0
+    assert np.linalg.norm(loop[:3, 3]) < 1.0
+    assert degrees(there) > 8.0  # not the header
 
 
 @pytest.mark.slow
