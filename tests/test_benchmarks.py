@@ -53,3 +53,17 @@ def test_chest_ct_pair_is_a_known_deformation_of_the_ct(bench, shared_data, tmp_
     assert pair.mask.shape == fixed.array.shape and 0.2 < pair.mask.mean() < 0.7
     moved = pair.truth.data.square().sum(dim=0).sqrt().numpy()[pair.mask]
     assert 4.0 < moved.mean() < 20.0  # 8 mm RMS plus the rigid part: it does move
+
+
+def test_inverse_consistency_is_small_for_a_pair_registered_both_ways():
+    from carctl.io import Image
+    from tests.registration.test_register import blobs, contrast
+
+    path = BENCHMARK.parent / "bench_consistency.py"
+    spec = importlib.util.spec_from_file_location("bench_consistency", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    phantom = blobs()
+    shifted = Image(np.roll(contrast(phantom).array, 1, axis=2), phantom.grid)  # 2.5 mm in x
+    row = module.consistency(phantom, shifted, "rigid")
+    assert row["mean_mm"] < 0.5 and row["p95_mm"] < 1.0 and len(row["seconds"]) == 2
