@@ -649,9 +649,8 @@ def test_clinical_stacks_at_other_angles_register_consistently(shared_data):
     """One patient's FLAIR (tilted 17 degrees) and T1c (axial), 5.5 mm slices, the headers
     about 10 degrees and 13 mm apart: registering either to the other rigidly gives inverse
     transforms (ANTs' rigid registration, with MI, lands within 0.8 degrees and 1.3 mm of
-    carctl's at the corners of a 12 cm box). While the
-    linear stages compared MIND with a constant outside the moving stack, the two directions
-    disagreed by 3 degrees and 8 mm."""
+    carctl's at the corners of a 12 cm box). While the linear stages compared MIND with a
+    constant outside the moving stack, the two directions disagreed by 3 degrees and 8 mm."""
 
     def degrees(matrix: np.ndarray) -> float:  # rotation angle of a rigid matrix
         return float(np.degrees(np.arccos(np.clip((np.trace(matrix[:3, :3]) - 1) / 2, -1, 1))))
