@@ -24,7 +24,7 @@ from carctl.registration.levels import Level
 from carctl.spatial.grid import Grid, apply_homogeneous
 from carctl.spatial.points import corners, interpolate, interpolate_at
 from carctl.spatial.sample import grid_sample
-from carctl.spatial.transform import determinant
+from carctl.spatial.transform import determinant_from_derivatives
 
 # Scaling and squaring steps of the velocity integration.
 SQUARINGS = 6
@@ -176,10 +176,18 @@ def optimise_level(
     control_index = control.to_index(points)
     upper = torch.as_tensor([n - 1 for n in control.size]).to(points)
     control_index = control_index.clamp(torch.zeros_like(upper), upper)
-    # the voxels do not move in the control grid: their neighbours and weights, once for
-    # every voxel; a step's sample recomputes its own (gathering (2^D, voxels) tables at
-    # the sample took twice as long)
-    neighbours, fractions = corners(control.shape, control_index)
+    # the voxels do not move in the control grid: a step's sample computes its neighbours
+    # and weights (gathering them from tables of every voxel took twice as long); those of
+    # every voxel are built once, when a step reads every voxel
+    everywhere: list = []
+
+    def neighbours(index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if index is not None:
+            return corners(control.shape, control_index.index_select(0, index))
+        if not everywhere:
+            everywhere.extend(corners(control.shape, control_index))
+        return everywhere[0], everywhere[1]
+
     parameter = initial.detach().clone().requires_grad_(True)
     optimiser = Adam([parameter], [step])
     spacing = control.spacing
@@ -189,10 +197,8 @@ def optimise_level(
 
     def objective(index: torch.Tensor | None) -> torch.Tensor:
         u = field()
-        rows, weights, start = neighbours, fractions, base
-        if index is not None:
-            rows, weights = corners(control.shape, control_index.index_select(0, index))
-            start = start.index_select(0, index)
+        rows, weights = neighbours(index)
+        start = base if index is None else base.index_select(0, index)
         shift = interpolate_at(u, rows, weights)
         if offset is not None:
             shift = shift + (offset if index is None else offset.index_select(0, index))
@@ -243,18 +249,9 @@ def cell_determinants(u: torch.Tensor, grid: Grid) -> torch.Tensor:
             None if e is None else crop(e, corner[:c] + (0,) + corner[c + 1 :])
             for c, e in enumerate(edges)
         ]
-        jacobian = [
-            [
-                sum(
-                    (s[a] * float(to_index[c, b]) for c, s in enumerate(slopes) if s is not None),
-                    torch.zeros(cells[::-1], dtype=u.dtype, device=u.device),
-                )
-                + (1.0 if a == b else 0.0)
-                for b in range(d)
-            ]
-            for a in range(d)
-        ]
-        value = determinant(jacobian)
+        value = determinant_from_derivatives(slopes, to_index)
+        if not torch.is_tensor(value):  # no axis with a derivative: the identity
+            value = torch.full(cells[::-1], value, dtype=u.dtype, device=u.device)
         worst = value if worst is None else torch.minimum(worst, value)
     return worst
 

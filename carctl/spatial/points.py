@@ -132,9 +132,8 @@ def interpolate(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def corners(shape: tuple[int, ...], index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Neighbours and weights of fixed points ``(P, D)`` in a table of ``shape`` (without
-    its channels): flat offsets and weights ``(2^D, P)``, for :func:`interpolate_at`. An
-    optimiser that reads a changing table at points that do not move computes them once
-    (their columns for a subset of points are then a gather)."""
+    its channels): flat offsets and weights ``(2^D, P)``, for :func:`interpolate_at` (an
+    optimiser that reads a changing table at points that do not move)."""
     flat, weight, _ = _corners(index, _check(shape, index), False)
     return flat, weight
 

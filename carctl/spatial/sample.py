@@ -168,9 +168,8 @@ def grid_sample(image: torch.Tensor, coords: torch.Tensor, **options) -> torch.T
     threads = torch.get_num_threads()
     shape = coords.shape[1:-1]
     points = shape.numel()
-    if image.shape[0] != 1 or image.device.type != "cpu" or threads < 2:
-        return F.grid_sample(image, coords, **options)
-    if points < _THREADED_POINTS:
+    single = image.shape[0] == 1 and image.device.type == "cpu"
+    if not single or threads < 2 or points < _THREADED_POINTS:
         return F.grid_sample(image, coords, **options)
     d, c = coords.shape[-1], image.shape[1]
     per = -(-points // threads)

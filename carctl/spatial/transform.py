@@ -195,18 +195,31 @@ def jacobian_determinant(field: DisplacementField) -> torch.Tensor:
             if part.shape[dim] > 1:
                 derivative.append(_central_difference(part, dim)[:, keep])
             else:
-                derivative.append(torch.zeros_like(part[:, keep]))
-        # jacobian[a][b] = delta_ab + sum_c du_a/d index_c * to_physical[c, b]
-        # (terms with a zero factor skipped: on an axis-aligned grid two of every three)
-        jacobian = [
-            [
-                _entry([derivative[c][a] for c in range(d)], to_physical[:, b], float(a == b))
-                for b in range(d)
-            ]
-            for a in range(d)
-        ]
-        out[start:stop] = determinant(jacobian)
+                derivative.append(None)
+        out[start:stop] = determinant_from_derivatives(derivative, to_physical)
     return out
+
+
+def determinant_from_derivatives(
+    derivative: list[torch.Tensor | None], to_index: np.ndarray
+) -> torch.Tensor:
+    """``det(I + du/dx)`` from the derivatives of a displacement (mm) along each index
+    axis ``c`` (``(D, *spatial)`` each, None for zero) and ``to_index`` ``[c, b]`` = d index
+    ``c`` / d physical ``b``: ``J[a][b] = delta_ab + sum_c du_a/d index_c to_index[c, b]``
+    (terms with a zero factor skipped: on an axis-aligned grid two of every three)."""
+    d = len(derivative)
+    known = [(c, g) for c, g in enumerate(derivative) if g is not None]
+    like = known[0][1][0] if known else None
+    jacobian = [
+        [
+            _entry(
+                [g[a] for _, g in known], [to_index[c, b] for c, _ in known], float(a == b), like
+            )
+            for b in range(d)
+        ]
+        for a in range(d)
+    ]
+    return determinant(jacobian)
 
 
 def _central_difference(part: torch.Tensor, dim: int) -> torch.Tensor:
@@ -223,15 +236,18 @@ def _central_difference(part: torch.Tensor, dim: int) -> torch.Tensor:
     return out
 
 
-def _entry(parts: list[torch.Tensor], factors: np.ndarray, diagonal: float) -> torch.Tensor:
-    """``diagonal + sum(part * factor)`` over the non-zero factors (a new tensor)."""
+def _entry(
+    parts: list[torch.Tensor], factors: list[float], diagonal: float, like: torch.Tensor | None
+) -> torch.Tensor | float:
+    """``diagonal + sum(part * factor)`` over the non-zero factors (a new tensor), or the
+    number ``diagonal`` when no factor is non-zero (``like``: None, no tensor at all)."""
     out = None
     for part, factor in zip(parts, factors, strict=True):
         if factor == 0:
             continue
         out = part * float(factor) if out is None else out.add_(part, alpha=float(factor))
     if out is None:
-        return torch.full_like(parts[0], diagonal)
+        return diagonal if like is None else torch.full_like(like, diagonal)
     return out.add_(diagonal) if diagonal else out
 
 
