@@ -19,6 +19,9 @@ convention) and scored by this script with carctl's metrics:
 * known deformations (``brats-*``, ``spm-*``, ``oasis-t1``, see ``carctl.synthetic.known_pair``):
   mean end-point error inside the mask (mm); for ``oasis-t1`` also the mean Dice of its 45
   labels (moving labels warped by the method, fixed labels warped by the truth).
+* ``brain-atlas``: inter-subject, SPM's MNI T1 template (brain only) with the
+  Neuromorphometrics atlas onto the OASIS subject: mean Dice of the 29 structures both
+  label (see :func:`atlas_pair`).
 * ``ct-chest``: the chest CT against a copy of itself under a known deformation of 8 mm RMS
   (see :func:`chest_ct_pair`): mean end-point error inside the thorax (mm).
 * ``prostate-*`` (MR -> ultrasound): Dice of the gland and mean Dice of the landmark blobs.
@@ -34,10 +37,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gzip
 import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -118,7 +123,14 @@ def run_ants(case: dict, out: Path, threads: int) -> Clock:
     transforms = result["fwdtransforms"]  # [warp, affine]: a point goes through the warp first
     # antsApplyTransforms -o [file, 1]: the chain composed into one field on the fixed grid
     composed = ants.apply_transforms(fixed, moving, transforms, compose=f"{out}/composed_")
-    os.replace(composed, out / FIELD)
+    with open(composed, "rb") as written:
+        packed = written.read(2) == b"\x1f\x8b"  # antspyx 0.6 gzips it whatever the name
+    if packed:  # ITK reads a gzipped NIfTI only under a .gz name
+        with gzip.open(composed, "rb") as source, open(out / FIELD, "wb") as target:
+            shutil.copyfileobj(source, target)
+        os.remove(composed)
+    else:
+        os.replace(composed, out / FIELD)
     ants.image_write(result["warpedmovout"], str(out / WARPED))
     for name, path in case["labels"].items():
         labels = ants.image_read(path)
@@ -396,11 +408,89 @@ def chest_ct_pair(data: Path, seed: int, index: int) -> PairSpec:
     return PairSpec("ct-chest", build)
 
 
+# FreeSurfer aseg labels (the OASIS subject's) and the Neuromorphometrics labels (SPM's MNI
+# atlas) of the same structures: (FreeSurfer, Neuromorphometrics), left then right. Cortex is
+# every Neuromorphometrics cortical parcel (index >= 100: odd left, even right).
+ATLAS_STRUCTURES = {
+    "cerebral white matter": ((2, 45), (41, 44)),
+    "lateral ventricle": ((4, 52), (43, 51)),
+    "cerebellum white matter": ((7, 41), (46, 40)),
+    "cerebellum cortex": ((8, 39), (47, 38)),
+    "thalamus": ((10, 60), (49, 59)),
+    "caudate": ((11, 37), (50, 36)),
+    "putamen": ((12, 58), (51, 57)),
+    "pallidum": ((13, 56), (52, 55)),
+    "hippocampus": ((17, 48), (53, 47)),
+    "amygdala": ((18, 32), (54, 31)),
+    "accumbens": ((26, 30), (58, 23)),
+    "ventral DC": ((28, 62), (60, 61)),
+    "3rd ventricle": ((14, 4),),
+    "4th ventricle": ((15, 11),),
+    "brain stem": ((16, 35),),
+}
+CORTEX = (3, 42)  # FreeSurfer left, right cerebral cortex
+
+
+def oasis_oriented(data: Path, path: Path):
+    """The OASIS subject (``t1.nii.gz`` or ``labels.nii.gz``) with its anatomy's directions in
+    the header: the shared copy has an identity direction, but its index axes run towards
+    the left, inferior and anterior (read off its FreeSurfer labels and slices); centred on
+    the physical origin."""
+    from carctl.io import Image, read_image
+    from carctl.spatial.grid import Grid
+
+    image = read_image(path)
+    direction = np.array([[1.0, 0, 0], [0, 0, -1], [0, -1, 0]])
+    centre = direction @ ((np.asarray(image.grid.size) - 1) / 2.0)
+    grid = Grid(image.grid.size, image.grid.spacing, tuple(-centre), tuple(direction.ravel()))
+    return Image(image.array, grid)
+
+
+def atlas_pair(data: Path) -> PairSpec:
+    """Inter-subject, atlas to subject: SPM's MNI T1 template (``avg152T1``, 2 mm, brain only:
+    its tissue maps' sum above 0.5) with the Neuromorphometrics labels (1.5 mm) onto the
+    OASIS subject (1 mm) with its FreeSurfer labels; mean Dice of the 29 structures both
+    label (:data:`ATLAS_STRUCTURES` and the cerebral cortex), on the subject's grid."""
+    spm = data / "brain-templates-2mm"
+
+    def build(work: Path) -> Pair:
+        from carctl.io import Image, read_image, write_image
+
+        template = read_image(spm / "avg152T1.nii")
+        brain = sum(read_image(spm / f"{t}.nii").array for t in ("grey", "white", "csf")) > 0.5
+        write_image(Image(template.array * brain, template.grid), work / "moving.nii.gz")
+        atlas = read_image(spm / "labels_Neuromorphometrics.nii")
+        values = np.rint(atlas.array).astype(np.int64)
+        common = np.zeros(values.shape, np.uint16)
+        common[(values >= 100) & (values % 2 == 1)] = CORTEX[0]
+        common[(values >= 100) & (values % 2 == 0)] = CORTEX[1]
+        subject = oasis_oriented(data, data / "oasis-t1-a" / "labels.nii.gz")
+        aseg = np.rint(subject.array).astype(np.int64)
+        kept = np.zeros(aseg.shape, np.int64)
+        kept[np.isin(aseg, CORTEX)] = aseg[np.isin(aseg, CORTEX)]
+        for sides in ATLAS_STRUCTURES.values():
+            for freesurfer, neuro in sides:
+                common[values == neuro] = freesurfer
+                kept[aseg == freesurfer] = freesurfer
+        write_image(Image(common, atlas.grid), work / "moving_labels.nii.gz")
+        write_image(oasis_oriented(data, data / "oasis-t1-a" / "t1.nii.gz"), work / "fixed.nii.gz")
+        return Pair(
+            "brain-atlas",
+            work / "moving.nii.gz",
+            work / "fixed.nii.gz",
+            {MAIN: work / "moving_labels.nii.gz"},
+            {MAIN: kept},
+        )
+
+    return PairSpec("brain-atlas", build)
+
+
 def all_pairs(data: Path, seed: int) -> list[PairSpec]:
     known = known_pairs(data, seed)
     return [
         spine_pair(data),
         *known,
+        atlas_pair(data),
         chest_ct_pair(data, seed, len(known)),
         *prostate_pairs(data),
     ]

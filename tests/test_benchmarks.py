@@ -55,6 +55,34 @@ def test_chest_ct_pair_is_a_known_deformation_of_the_ct(bench, shared_data, tmp_
     assert 4.0 < moved.mean() < 20.0  # 8 mm RMS plus the rigid part: it does move
 
 
+def test_brain_atlas_pair_maps_both_label_sets_to_the_same_structures(bench, shared_data, tmp_path):
+    from carctl.io import read_image
+
+    pair = bench.atlas_pair(shared_data).build(tmp_path)
+    fixed, atlas = read_image(pair.fixed), read_image(pair.moving_labels[bench.MAIN])
+    wanted = {bench.CORTEX[0], bench.CORTEX[1]}
+    wanted |= {fs for sides in bench.ATLAS_STRUCTURES.values() for fs, _ in sides}
+    assert len(wanted) == 29
+    assert set(np.unique(pair.fixed_labels[bench.MAIN])) - {0} == wanted
+    assert set(np.unique(atlas.array).astype(int)) - {0} == wanted
+    # the subject's header now says where its anatomy is: each left structure lies on the
+    # left (+x in LPS) of its right twin, in the subject as in the atlas, and the brain stem
+    # below the thalami (+z superior)
+    for image, labels in ((fixed, pair.fixed_labels[bench.MAIN]), (atlas, atlas.array)):
+
+        def centre(label, image=image, labels=labels):
+            index = np.argwhere(np.rint(labels) == label).mean(axis=0)[::-1]
+            return (
+                image.grid.index_to_physical[:3, :3] @ index + image.grid.index_to_physical[:3, 3]
+            )
+
+        assert centre(2)[0] > centre(41)[0] + 20  # cerebral white matter
+        assert centre(17)[0] > centre(53)[0] + 20  # hippocampus
+        assert centre(16)[2] < centre(10)[2] - 10  # brain stem below the left thalamus
+    moving = read_image(pair.moving)
+    assert moving.array[0, 0, 0] == 0 and moving.array.max() > 0  # the template, brain only
+
+
 def test_inverse_consistency_is_small_for_a_pair_registered_both_ways():
     from carctl.io import Image
     from tests.registration.test_register import blobs, contrast
