@@ -320,8 +320,10 @@ def prostate_pairs(data: Path) -> list[PairSpec]:
     return [spec(case) for case in cases]
 
 
-def known_pairs(data: Path, seed: int) -> list[PairSpec]:
-    """Pairs with a known deformation: fixed = contrast ``a`` warped, moving = contrast ``b``."""
+def known_pairs(data: Path, seed: int, scale: float = 1.0) -> list[PairSpec]:
+    """Pairs with a known deformation: fixed = contrast ``a`` warped, moving = contrast ``b``;
+    ``scale`` multiplies the deformation's size (0: the contrasts as the dataset aligns them,
+    so the end-point error is how far a method moves away from that alignment)."""
     brats = data / "brats-gli-00001"
     spm = data / "brain-templates-2mm"
     oasis = data / "oasis-t1-a"
@@ -357,7 +359,15 @@ def known_pairs(data: Path, seed: int) -> list[PairSpec]:
             from carctl.synthetic import known_pair
 
             a_image = read_image(a)
-            made = known_pair(a_image, read_image(b), mask(a_image), seed=seed + index)
+            made = known_pair(
+                a_image,
+                read_image(b),
+                mask(a_image),
+                rms_mm=5.0 * scale,
+                degrees=4.0 * scale,
+                translation_mm=4.0 * scale,
+                seed=seed + index,
+            )
             write_image(made.fixed, work / "fixed.nii.gz")
             moving_labels, fixed_labels = {}, {}
             if labels is not None:
@@ -485,8 +495,8 @@ def atlas_pair(data: Path) -> PairSpec:
     return PairSpec("brain-atlas", build)
 
 
-def all_pairs(data: Path, seed: int) -> list[PairSpec]:
-    known = known_pairs(data, seed)
+def all_pairs(data: Path, seed: int, scale: float = 1.0) -> list[PairSpec]:
+    known = known_pairs(data, seed, scale)
     return [
         spine_pair(data),
         *known,
@@ -749,6 +759,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--carctl-loss", default="mind", help="carctl's --loss (default mind)")
     parser.add_argument("--seed", type=int, default=0, help="of the known deformations")
+    parser.add_argument(
+        "--deformation-scale",
+        type=float,
+        default=1.0,
+        help="size of the known deformations (0: the contrasts as the dataset aligns them)",
+    )
     parser.add_argument("--timeout", type=float, default=3600.0, help="per method and pair (s)")
     parser.add_argument("--json", type=Path, help="also write every number to this file")
     parser.add_argument("--keep", type=Path, help="keep pairs and outputs in this new folder")
@@ -759,7 +775,7 @@ def main() -> None:
         method, case_file, out = args.one
         worker(method, Path(case_file), Path(out), args.threads)
         return
-    specs = all_pairs(args.data, args.seed)
+    specs = all_pairs(args.data, args.seed, args.deformation_scale)
     if args.list:
         print("\n".join(s.name for s in specs))
         return
