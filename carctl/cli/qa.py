@@ -56,9 +56,9 @@ def command(
 
     Assesses the alignment through the scanner headers (before) and, with --field/--affine
     or --warped, the registered one (after). The score estimates the remaining misalignment
-    in mm (how far a quick independent re-registration would still move the image, averaged
-    over the anatomy; lower is better). Writes that map (NIfTI, on a working grid over the
-    fixed image's anatomy) and a PNG overlay.
+    in mm (how far two quick independent re-registrations agree they would still move the
+    image, averaged over the anatomy; lower is better). Writes that map (NIfTI, on a working
+    grid over the fixed image's anatomy) and a PNG overlay.
     """
     from carctl.cli.console import emit_json, key_value_table, stdout
     from carctl.errors import UsageError
