@@ -441,7 +441,7 @@ ATLAS_STRUCTURES = {
 CORTEX = (3, 42)  # FreeSurfer left, right cerebral cortex
 
 
-def oasis_oriented(data: Path, path: Path):
+def oasis_oriented(path: Path):
     """The OASIS subject (``t1.nii.gz`` or ``labels.nii.gz``) with its anatomy's directions in
     the header: the shared copy has an identity direction, but its index axes run towards
     the left, inferior and anterior (read off its FreeSurfer labels and slices); centred on
@@ -474,7 +474,7 @@ def atlas_pair(data: Path) -> PairSpec:
         common = np.zeros(values.shape, np.uint16)
         common[(values >= 100) & (values % 2 == 1)] = CORTEX[0]
         common[(values >= 100) & (values % 2 == 0)] = CORTEX[1]
-        subject = oasis_oriented(data, data / "oasis-t1-a" / "labels.nii.gz")
+        subject = oasis_oriented(data / "oasis-t1-a" / "labels.nii.gz")
         aseg = np.rint(subject.array).astype(np.int64)
         kept = np.zeros(aseg.shape, np.int64)
         kept[np.isin(aseg, CORTEX)] = aseg[np.isin(aseg, CORTEX)]
@@ -483,7 +483,7 @@ def atlas_pair(data: Path) -> PairSpec:
                 common[values == neuro] = freesurfer
                 kept[aseg == freesurfer] = freesurfer
         write_image(Image(common, atlas.grid), work / "moving_labels.nii.gz")
-        write_image(oasis_oriented(data, data / "oasis-t1-a" / "t1.nii.gz"), work / "fixed.nii.gz")
+        write_image(oasis_oriented(data / "oasis-t1-a" / "t1.nii.gz"), work / "fixed.nii.gz")
         return Pair(
             "brain-atlas",
             work / "moving.nii.gz",

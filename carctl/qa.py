@@ -214,11 +214,10 @@ def correction(pair: Pair, check: Check = CHECK, dilation: int = 1) -> torch.Ten
     At each level of ``check.levels_mm`` (finer on a small field of view, see :class:`Check`)
     both images are average-pooled to about that voxel size (per axis, never finer than the
     grid, at least five voxels across) and described by MIND-SSC (neighbours ``dilation``
-    voxels away); one displacement on a
-    control grid ``check.control_mm`` apart (or finer) spanning the working grid (linear
-    interpolation) is optimised by Adam for the squared MIND difference over the pair's mask
-    plus ``check.regularization`` x the diffusion energy, coarse level first. Deterministic;
-    no gradients leave it."""
+    voxels away); one displacement on a control grid ``check.control_mm`` apart (or finer)
+    spanning the working grid (linear interpolation) is optimised by Adam for the squared
+    MIND difference over the pair's mask plus ``check.regularization`` x the diffusion
+    energy, coarse level first. Deterministic; no gradients leave it."""
     grid, d = pair.grid, pair.grid.ndim
     extent = max((n - 1) * s for n, s in zip(grid.size, grid.spacing, strict=True))
     control_mm = min(check.control_mm, extent / check.controls_across)

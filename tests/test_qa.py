@@ -1,5 +1,5 @@
-"""The QA score (:mod:`carctl.qa`): a quick re-registration's correction, in mm, on synthetic
-pairs with known shifts and on the shared real data."""
+"""The QA score (:mod:`carctl.qa`): what two quick re-registrations agree they would still
+correct, in mm, on synthetic pairs with known shifts and on the shared real data."""
 
 from __future__ import annotations
 
