@@ -102,7 +102,9 @@ def run_carctl(case: dict, out: Path, threads: int, method: str = "auto") -> Clo
     set_threads(threads)
     moving, fixed = read_image(case["moving"]), read_image(case["fixed"])
     with Clock() as clock:
-        options = RegistrationOptions(method=method, loss=case["carctl_loss"])
+        options = RegistrationOptions(
+            method=method, loss=case["carctl_loss"], regularization=case["carctl_regularization"]
+        )
         result = register(moving, fixed, options)
     write_field(result.field, out / FIELD)
     write_image(resample_image(moving, fixed.grid, [result.field]), out / WARPED)
@@ -398,7 +400,7 @@ def thorax(ct: np.ndarray) -> np.ndarray:
     return body | enclosed
 
 
-def chest_ct_pair(data: Path, seed: int, index: int) -> PairSpec:
+def chest_ct_pair(data: Path, seed: int, index: int, scale: float = 1.0) -> PairSpec:
     """The chest CT (40 slices of 0.98 x 0.98 x 2 mm) against a copy of itself deformed by a
     known mapping (as :func:`known_pairs`'s, 8 mm RMS inside the thorax: breathing moves the
     lungs further than the brain pairs' 5 mm); end-point error inside the thorax."""
@@ -409,7 +411,7 @@ def chest_ct_pair(data: Path, seed: int, index: int) -> PairSpec:
 
         ct = read_image(data / "dicom" / "ct-chest-40")
         write_image(ct, work / "moving.nii.gz")  # every tool reads the same NIfTI file
-        made = known_pair(ct, ct, thorax(ct.array), rms_mm=8.0, seed=seed + index)
+        made = known_pair(ct, ct, thorax(ct.array), rms_mm=8.0 * scale, seed=seed + index)
         write_image(made.fixed, work / "fixed.nii.gz")
         return Pair(
             "ct-chest", work / "moving.nii.gz", work / "fixed.nii.gz", {}, {}, made.truth, made.mask
@@ -501,7 +503,7 @@ def all_pairs(data: Path, seed: int, scale: float = 1.0) -> list[PairSpec]:
         spine_pair(data),
         *known,
         atlas_pair(data),
-        chest_ct_pair(data, seed, len(known)),
+        chest_ct_pair(data, seed, len(known), scale),
         *prostate_pairs(data),
     ]
 
@@ -758,12 +760,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="spine and one prostate case only")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--carctl-loss", default="mind", help="carctl's --loss (default mind)")
+    parser.add_argument(
+        "--carctl-regularization", type=float, help="carctl's --regularization (default: its own)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="of the known deformations")
     parser.add_argument(
         "--deformation-scale",
         type=float,
         default=1.0,
-        help="size of the known deformations (0: the contrasts as the dataset aligns them)",
+        help="size of the known deformations, chest CT's included (0: the contrasts as the "
+        "dataset aligns them)",
     )
     parser.add_argument("--timeout", type=float, default=3600.0, help="per method and pair (s)")
     parser.add_argument("--json", type=Path, help="also write every number to this file")
@@ -795,6 +801,7 @@ def main() -> None:
             labels = {name: str(path) for name, path in pair.moving_labels.items()}
             case = {"moving": str(pair.moving), "fixed": str(pair.fixed), "labels": labels}
             case["carctl_loss"] = args.carctl_loss
+            case["carctl_regularization"] = args.carctl_regularization
             case_file.write_text(json.dumps(case, indent=1))
             rows = [score_header(pair)]
             print(table_row(rows[0]), flush=True)
