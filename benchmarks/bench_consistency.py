@@ -66,11 +66,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write every number to this file")
     args = parser.parse_args()
 
-    import torch
-
     from carctl.io import read_image
+    from carctl.runtime import set_threads
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     folder = args.data / "tcga-fg-6692-native"
     images = {name: read_image(next(folder.glob(pattern))) for name, pattern in SERIES.items()}
     rows = []

@@ -478,8 +478,7 @@ def atlas_pair(data: Path) -> PairSpec:
         common[(values >= 100) & (values % 2 == 0)] = CORTEX[1]
         subject = oasis_oriented(data / "oasis-t1-a" / "labels.nii.gz")
         aseg = np.rint(subject.array).astype(np.int64)
-        kept = np.zeros(aseg.shape, np.int64)
-        kept[np.isin(aseg, CORTEX)] = aseg[np.isin(aseg, CORTEX)]
+        kept = np.where(np.isin(aseg, CORTEX), aseg, 0)
         for sides in ATLAS_STRUCTURES.values():
             for freesurfer, neuro in sides:
                 common[values == neuro] = freesurfer

@@ -270,9 +270,9 @@ def unfold(
     avg_pool = F.avg_pool3d if d == 3 else F.avg_pool2d
     reach = tuple(1 if o else 2 for o in one)  # the cells around a point
     neighbours = tuple(1 if o else 3 for o in one)  # a point and its neighbours
-    folded = int((cell_determinants(u, grid) < below).sum())
-    for _ in range(passes if folded else 0):
-        bad = cell_determinants(u, grid) < below
+    bad = cell_determinants(u, grid) < below
+    folded = int(bad.sum())
+    for _ in range(passes):
         if not bool(bad.any()):
             break
         touching = F.pad(bad[None, None].to(u.dtype), pad)
@@ -280,4 +280,5 @@ def unfold(
         edges = F.pad(u.movedim(-1, 0)[None], pad, mode="replicate")
         mean = avg_pool(edges, neighbours, stride=1)[0].movedim(0, -1)
         u = torch.where(points[..., None], mean, u)
+        bad = cell_determinants(u, grid) < below
     return u, folded

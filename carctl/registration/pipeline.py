@@ -61,17 +61,16 @@ INIT_ITERATIONS, RIGID_ITERATIONS, AFFINE_ITERATIONS = 20, 60, 60
 # (oversampling them, as the deformable stage's are, cost 3-5 s on a 1 mm brain and changed
 # the network's end-point error by less than 0.02 mm on BraTS and SPM pairs).
 LINEAR_OVERSAMPLE = 1
-# Whether the initialisation and the linear stages compare MIND descriptors with a constant
-# where the moving image is absent, as the deformable stage does (LossSpec.fills_outside).
-# They do not: they compare where both images are present, away from the edges of the moving
-# image and of its working grid by the descriptors' reach (LossSpec.reach). The constant
-# made the moving image's field of view a feature: where it cuts the anatomy (thick-slice
-# clinical stacks at another angle) the rigid stage turned the stack to line it up with the
-# fixed one: 8.6 mm off (7.1 mm before it) for a 15 degree tilt between two 5 mm stacks of
-# one brain, 0.24 mm now. The deformable stage keeps the constant: comparing only the
-# overlap there too cost the chest CT pair 1.2 mm (2.26 mm against 1.07) and the prostate
-# pairs' landmarks (landmark Dice 0.078 against 0.127).
-LINEAR_FILLS_OUTSIDE = False
+# The initialisation and the linear stages never compare MIND descriptors with a constant
+# where the moving image is absent, as the deformable stage does (LossSpec.fills_outside):
+# they compare where both images are present, away from the edges of the moving image and
+# of its working grid by the descriptors' reach (LossSpec.reach). The constant made the
+# moving image's field of view a feature: where it cuts the anatomy (thick-slice clinical
+# stacks at another angle) the rigid stage turned the stack to line it up with the fixed
+# one: 8.6 mm off (7.1 mm before it) for a 15 degree tilt between two 5 mm stacks of one
+# brain, 0.24 mm now. The deformable stage keeps the constant: comparing only the overlap
+# there too cost the chest CT pair 1.2 mm (2.26 mm against 1.07) and the prostate pairs'
+# landmarks (landmark Dice 0.078 against 0.127).
 # Under ``auto`` the network's field is kept as the deformable stage's start only when it
 # lowers the linear stages' similarity loss by at least this fraction; otherwise the stage
 # runs its whole pyramid from the affine, as ``io`` does. Measured (MIND): 13-60 % on the
@@ -171,7 +170,7 @@ class _State:
         cached): the deformable stage's, its features computed at ``spacing / OVERSAMPLE``,
         or with ``linear`` the initialisation's and the linear stages', computed at
         ``spacing / LINEAR_OVERSAMPLE`` and compared only where both images are present
-        (see :data:`LINEAR_FILLS_OUTSIDE`)."""
+        (see the note after :data:`LINEAR_OVERSAMPLE`)."""
         spec = loss_spec(loss) if loss else self.spec
         oversample = LINEAR_OVERSAMPLE if linear else OVERSAMPLE
         key = (round(spacing, 6), spec.name, linear)
@@ -186,7 +185,7 @@ class _State:
                 self.box,
                 self.fixed_mask,
                 self.moving_mask,
-                spec.fills_outside and (LINEAR_FILLS_OUTSIDE or not linear),
+                spec.fills_outside and not linear,
                 self.device,
                 self.moving_box,
                 oversample,
