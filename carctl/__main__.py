@@ -1,3 +1,3 @@
-from carctl.cli import main
+from carctl.cli import entry
 
-main()
+entry()

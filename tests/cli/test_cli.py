@@ -45,6 +45,21 @@ def test_module_entry_point_and_version():
     assert result.stdout.strip() == f"carctl {carctl.__version__}"
 
 
+def test_program_exit_after_torch_keeps_output_and_status(tmp_path):
+    """``python -m carctl`` leaves without the interpreter's teardown once torch is loaded:
+    what was printed still arrives, outputs are complete, and errors keep their exit code."""
+    reference = write(make_image((10, 9, 8)), tmp_path / "reference.nii.gz")
+    moving = write(make_image((10, 9, 8), spacing=(1.5, 1.5, 1.5)), tmp_path / "moving.nii.gz")
+    output = tmp_path / "out.nii.gz"
+    command = [sys.executable, "-m", "carctl", "apply", moving, "-r", reference, "-o", output]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "wrote" in done.stderr
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(output))).shape == (8, 9, 10)
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert again.returncode != 0 and again.stderr.startswith("carctl: error:")
+
+
 def test_every_command_is_listed(cli):
     result = cli("--help")
     assert result.code == 0

@@ -226,6 +226,25 @@ def test_field_round_trip_keeps_grid_and_data(tmp_path, extension, ndim):
     assert torch.equal(back.data, field.data)
 
 
+@pytest.mark.parametrize("ndim", [2, 3])
+@pytest.mark.parametrize("reflected", [False, True])
+def test_nii_field_is_the_file_simpleitk_writes(tmp_path, ndim, reflected):
+    """An uncompressed NIfTI field is written without SimpleITK's copy of the vectors, and is
+    byte for byte the file SimpleITK writes for it (header and data), oblique and reflected
+    directions included."""
+    _, fixed = oblique_pair(ndim)
+    if reflected:
+        direction = np.asarray(fixed.GetDirection()).reshape(ndim, ndim)
+        direction[:, -1] *= -1
+        fixed.SetDirection(tuple(direction.ravel()))
+    field = smooth_field(Grid.from_sitk(fixed))
+    ours = write_field(field, tmp_path / "warp.nii").read_bytes()
+    vectors = field.data.movedim(0, -1).contiguous().numpy()
+    reference = tmp_path / "reference.nii"
+    sitk.WriteImage(field.grid.copy_to(sitk.GetImageFromArray(vectors, isVector=True)), reference)
+    assert ours == reference.read_bytes()
+
+
 def test_field_round_trip_of_a_simpleitk_field(tmp_path):
     """A float64 field written by SimpleITK reads as the same vectors (to float32) and grid;
     the components stay in physical (x, y, z) order in the channel dimension."""
