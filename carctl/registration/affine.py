@@ -70,13 +70,14 @@ def mapped(
     level: Level, homogeneous: torch.Tensor, index: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Continuous indices in the moving level grid of the working grid's voxels (all, or the
-    flattened ``index``) under an affine (physical ``(D+1, D+1)`` matrix)."""
+    flattened ``index``) under an affine (physical ``(D+1, D+1)`` matrix, or ``(K, D+1, D+1)``
+    for K of them: ``(K, P, D)``)."""
     to_index = torch.as_tensor(level.moving_grid.physical_to_index, device=homogeneous.device)
     total = (to_index @ homogeneous).to(level.points.dtype)
     d = level.ndim
     points = level.points.reshape(-1, d)
     points = points if index is None else points.index_select(0, index)
-    return points @ total[:d, :d].T + total[:d, d]
+    return points @ total[..., :d, :d].mT + total[..., None, :d, d]
 
 
 def level_loss(
@@ -85,43 +86,60 @@ def level_loss(
     function: Callable[..., torch.Tensor],
     index: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return level.loss(function, mapped(level, homogeneous, index), index)
+    """The loss under one affine ``(D+1, D+1)``, or under each of ``(K, D+1, D+1)``: ``(K,)``."""
+    moving_index = mapped(level, homogeneous, index)
+    if homogeneous.dim() == 2:
+        return level.loss(function, moving_index, index)
+    return level.losses(function, moving_index, index)
 
 
 def optimise(
     level: Level,
-    params: AffineParameters,
+    params: AffineParameters | list[AffineParameters],
     function: Callable[..., torch.Tensor],
     iterations: int,
     radius: float,
     progress: Progress | None = None,
     budget: int | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[float, float]:
+) -> tuple[float, float] | list[tuple[float, float]]:
     """Adam on ``params`` at one level; returns the loss before and after.
 
     Step sizes follow the level: translations move about a fifth of a voxel per step, and
     rotations and linear terms move points at ``radius`` mm from the centre as much. Above
-    ``budget`` voxels, each step reads a fresh random subset of that many.
+    ``budget`` voxels, each step reads a fresh random subset of that many. A list of
+    parameters (starts to refine) is optimised side by side, each on its own loss, every
+    step reading the same voxels for all; the losses come back as a list.
     """
+    many = isinstance(params, list)
+    members = params if many else [params]
     generator = generator or torch.Generator().manual_seed(0)
     step = 0.2 * float(np.mean(level.spacing))
-    groups = [(params.translation, step), (params.rotation, step / radius)]
-    if params.affine:
-        groups.append((params.linear, 0.5 * step / radius))
+    groups = []
+    for p in members:
+        groups += [(p.translation, step), (p.rotation, step / radius)]
+        if p.affine:
+            groups.append((p.linear, 0.5 * step / radius))
     optimiser = Adam([p for p, _ in groups], [lr for _, lr in groups])
+
+    def loss(index: torch.Tensor | None) -> torch.Tensor:
+        if not many:
+            return level_loss(level, params.homogeneous(), function, index)
+        return level_loss(level, torch.stack([p.homogeneous() for p in members]), function, index)
+
     report = level.report_index(budget)
     with torch.no_grad():
-        first = float(level_loss(level, params.homogeneous(), function, report))
+        first = loss(report).tolist()
     for i in range(iterations):
         decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / max(iterations, 1)))
         optimiser.zero_grad()
         index = level.sample_index(budget, generator)
-        loss = level_loss(level, params.homogeneous(), function, index)
-        loss.backward()
+        loss(index).sum().backward()  # the members' losses share no parameter
         optimiser.step(decay)
         if progress is not None:
-            progress(1)
+            progress(len(members))
     with torch.no_grad():
-        last = float(level_loss(level, params.homogeneous(), function, report))
+        last = loss(report).tolist()
+    if many:
+        return list(zip(first, last, strict=True))
     return first, last

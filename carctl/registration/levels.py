@@ -262,21 +262,46 @@ class Level:
         The weight of a voxel is the fixed mask times the moving support, or the fixed mask
         alone when the loss compares absent moving voxels with :attr:`fill`.
         """
-        c = self.fixed.shape[1]
         values = interpolate(self.moving, moving_index.reshape(-1, self.ndim))
+        return self._compare(function, values, self._reference(index))
+
+    def losses(
+        self,
+        function: Callable[..., torch.Tensor],
+        moving_index: torch.Tensor,
+        index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """:meth:`loss` of several mappings at once: ``moving_index`` ``(K, P, D)`` -> ``(K,)``.
+        The moving features of all K are read in one call (a small step's cost is mostly
+        per call: 4 rigid starts read together took half the time of 4 reads)."""
+        k = moving_index.shape[0]
+        values = interpolate(self.moving, moving_index.reshape(-1, self.ndim))
+        reference = self._reference(index)
+        return torch.stack([self._compare(function, v, reference) for v in values.chunk(k)])
+
+    def _reference(self, index: torch.Tensor | None) -> tuple:
+        """The fixed features and weight at ``index`` (None: as images)."""
+        if index is None:
+            return self.fixed, self.weight, True
+        c = self.fixed.shape[1]
+        rows = self._rows.index_select(0, index).T[None]
+        return rows[:, :c], None if self.weight is None else rows[:, c:], False
+
+    def _compare(
+        self, function: Callable[..., torch.Tensor], values: torch.Tensor, reference: tuple
+    ) -> torch.Tensor:
+        fixed, weight, images = reference
+        c = fixed.shape[1]
         features, support = values[:, :-1], values[:, -1:]
         if self.fill is not None:
             features = features + (1.0 - support) * self.fill
-        if index is None:  # back to images, for losses that look at neighbourhoods
+        if images:  # back to images, for losses that look at neighbourhoods
             shape = self.grid.shape
             features = features.T.reshape(1, c, *shape)
             support = support.T.reshape(1, 1, *shape)
-            fixed, weight = self.fixed, self.weight
         else:
             features = features.T[None]
             support = support.T[None]
-            rows = self._rows.index_select(0, index).T[None]
-            fixed, weight = rows[:, :c], None if self.weight is None else rows[:, c:]
         if self.fill is None:
             weight = support if weight is None else support * weight
         return function(fixed, features, weight)

@@ -279,6 +279,45 @@ def _small_affine() -> np.ndarray:
     return matrix
 
 
+def test_starts_optimised_side_by_side_end_as_each_alone():
+    """Starts scored and refined together (one read of the moving features for all) get the
+    losses and parameters each gets alone with the same random voxels."""
+    from carctl.losses import similarity
+
+    image = blobs()
+    box = levels.foreground_box(levels.normalise(image.array), None)
+    level = levels.build_level(
+        image.array, image.grid, contrast(image).array, image.grid, 5.0, similarity.mind_ssc, box
+    )
+    center = centre(image)
+    matrices = [np.eye(4), _small_affine(), np.linalg.inv(_small_affine())]
+    together = affine_stage.level_loss(
+        level, torch.as_tensor(np.stack(matrices)), similarity.mind_loss
+    )
+    alone = [
+        affine_stage.level_loss(level, torch.as_tensor(m), similarity.mind_loss) for m in matrices
+    ]
+    torch.testing.assert_close(together, torch.stack(alone), rtol=1e-6, atol=0)
+
+    def params():
+        return [affine_stage.AffineParameters(m, center, affine=False) for m in matrices]
+
+    def seeded():
+        return torch.Generator().manual_seed(3)
+
+    side_by_side = params()
+    losses = affine_stage.optimise(
+        level, side_by_side, similarity.mind_loss, 5, 20.0, budget=200, generator=seeded()
+    )
+    for p, (first, last) in zip(side_by_side, losses, strict=True):
+        single = affine_stage.AffineParameters(p.start.numpy(), center, affine=False)
+        expected = affine_stage.optimise(
+            level, single, similarity.mind_loss, 5, 20.0, budget=200, generator=seeded()
+        )
+        assert (first, last) == pytest.approx(expected, rel=1e-5)
+        torch.testing.assert_close(p.homogeneous(), single.homogeneous(), rtol=0, atol=1e-4)
+
+
 def test_rotation_vector_matches_euler_rotations_about_one_axis():
     for axis in range(3):
         vector = torch.zeros(3, dtype=torch.float64)
