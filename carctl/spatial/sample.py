@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from carctl.spatial.grid import Grid
 
 if TYPE_CHECKING:
-    from carctl.spatial.transform import Transform
+    from carctl.spatial.transform import DisplacementField, Transform
 
 # Points are processed in chunks of this many by the samplers that gather voxels explicitly,
 # so that memory stays bounded on large grids.
@@ -134,14 +134,69 @@ def warp(
     linear = mode == "linear" and prepared.dtype == torch.float32
     dtype = torch.float32 if linear else torch.float64
     chain = [transform.to(image.device) for transform in transforms]  # once, not per slab
+    direct = linear and (not chain or _one_field_on(chain, fixed_grid))
     depth = fixed_grid.size[-1]
     rows = max(1, slab_voxels // int(np.prod(fixed_grid.size[:-1])))
     slabs = []
     for start in range(0, depth, rows):
         planes = (start, min(start + rows, depth))
+        if direct:
+            field = chain[0] if chain else None
+            slabs.append(_linear_direct(prepared, moving_grid, fixed_grid, field, planes, fill))
+            continue
         points = map_grid(fixed_grid, chain, dtype=dtype, device=image.device, planes=planes)
         slabs.append(_read(prepared, moving_grid, points, interpolator.read, fill))
     return interpolator.finish(torch.cat(slabs, dim=2), image)
+
+
+def _one_field_on(chain: Sequence[Transform], grid: Grid) -> bool:
+    from carctl.spatial.transform import DisplacementField
+
+    return (
+        len(chain) == 1
+        and isinstance(chain[0], DisplacementField)
+        and chain[0].data.dtype == torch.float32
+        and chain[0].grid.same_as(grid)
+    )
+
+
+def _linear_direct(
+    image: torch.Tensor,
+    moving_grid: Grid,
+    fixed_grid: Grid,
+    field: DisplacementField | None,
+    planes: tuple[int, int],
+    fill: float,
+) -> torch.Tensor:
+    """:func:`warp`'s linear case through the headers alone or one float32 displacement field
+    on the fixed grid, for the index planes ``planes``: the same values (to float32 rounding),
+    with ``grid_sample``'s coordinates made in two steps instead of four (the fixed voxels'
+    own coordinates in one broadcast sum of rows, the field's vectors through one D x N
+    matrix product) and the inside test done on them (a 1 mm brain: 0.43 -> 0.31 s). A zero
+    field reads exactly what the headers alone read."""
+    d = moving_grid.ndim
+    start, stop = planes
+    slab = fixed_grid.slab(start, stop)
+    scale = np.array([2.0 / max(n - 1, 1) for n in moving_grid.size])
+    to_normalised = np.diag([*scale, 1.0])
+    to_normalised[:d, d] = -1.0
+    to_normalised = to_normalised @ moving_grid.physical_to_index  # physical -> grid_sample's
+    coords = slab.map_indices(to_normalised @ slab.index_to_physical, torch.float32, image.device)
+    if field is not None:
+        vectors = field.data[:, start:stop].reshape(d, -1)
+        linear = torch.as_tensor(to_normalised[:d, :d], dtype=torch.float32, device=image.device)
+        coords.view(-1, d).add_((linear @ vectors).T)
+    # ITK's rule (see the module doc) in grid_sample's units: -0.5 <= index < size - 0.5
+    size = np.asarray(moving_grid.size, dtype=np.float64)
+    low = torch.as_tensor(-0.5 * scale - 1.0, dtype=torch.float32, device=image.device)
+    high = torch.as_tensor((size - 0.5) * scale - 1.0, dtype=torch.float32, device=image.device)
+    inside = ((coords >= low) & (coords < high)).all(dim=-1).reshape(-1)
+    n, c = image.shape[:2]
+    view = (1,) * (d - 1) + (-1, d)
+    coords = coords.reshape(1, *view).expand(n, *view)
+    values = grid_sample(image, coords, mode="bilinear", padding_mode="border", align_corners=True)
+    fill_value = torch.tensor(fill, dtype=values.dtype, device=values.device)
+    return torch.where(inside, values.reshape(n, c, -1), fill_value).reshape(n, c, *slab.shape)
 
 
 # --- interpolations: prepare(image) once, then read(prepared, grid, index (P, D)) -> (N, C, P)
