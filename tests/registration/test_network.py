@@ -169,6 +169,7 @@ def test_auto_checks_a_kept_network_field_at_the_coarsest_level(monkeypatch, car
     assert detail["network_correction_mm"] >= 0
     if far_off:
         assert detail["network_start"] == "corrected through every level"
+        assert detail["regularization_after_check"] == detail["regularization"]  # a small motion
         assert detail["levels_mm"] == levels
         assert detail["iterations"] == list(pipeline.DEFAULT_ITERATIONS[-len(levels) :])
         # the 2 mm shift the "network" wrongly added is corrected away (identical anatomy)
@@ -177,6 +178,32 @@ def test_auto_checks_a_kept_network_field_at_the_coarsest_level(monkeypatch, car
     else:
         assert detail["network_start"] == "finest level only"
         assert detail["levels_mm"] == levels[-1:]
+
+
+@pytest.mark.parametrize("given", [None, 0.3])
+def test_a_large_motion_found_by_the_check_scales_the_default_weight(
+    monkeypatch, car_weights, given
+):
+    """When the check after a kept network field finds a correction larger than
+    MOTION_SCALE_MM, the default regularisation weight of the levels that follow is scaled by
+    MOTION_SCALE_MM / correction; a weight given with --regularization is kept."""
+    image = blobs()
+    grid = image.grid
+    shift = torch.zeros(1, 3, *grid.shape)
+    shift[0, 0] = 2.0
+    monkeypatch.setattr(network, "predict", lambda *args, **kwargs: (grid, shift))
+    monkeypatch.setattr(pipeline, "NETWORK_MIN_GAIN", -np.inf)
+    monkeypatch.setattr(pipeline, "NETWORK_MAX_CORRECTION_MM", -1.0)
+    monkeypatch.setattr(pipeline, "MOTION_SCALE_MM", 0.5)  # the 2 mm shift counts as large
+    result = register(image, contrast(image), RegistrationOptions(regularization=given))
+    detail = next(s for s in result.stages if s.name == "deformable").detail
+    correction = detail["network_correction_mm"]
+    assert correction > 0.5
+    if given is None:
+        expected = pipeline.DEFAULT_REGULARIZATION["mind"] * 0.5 / correction
+        assert detail["regularization_after_check"] == pytest.approx(expected)
+    else:
+        assert detail["regularization_after_check"] == given
 
 
 def test_a_correction_on_top_of_an_offset_moves_points_like_the_sum():
