@@ -88,14 +88,16 @@ NETWORK_MIN_GAIN = 0.1
 # brain sent through the pyramid lost 0.05-0.15 mm of end-point error, the CT pair sent
 # to the finest level alone lost 1 mm (1.14 -> 2.18).
 NETWORK_MAX_CORRECTION_MM = 4.0
-# On that path (a motion larger than the network handles) the default regularisation weight
-# of the levels that follow is scaled by MOTION_SCALE_MM / correction when the correction is
-# larger: the diffusion penalty of a field grows with the square of its size and its pull
-# with the size, so a fixed weight holds large motion back (chest CT with a 12 / 16 mm RMS
-# deformation: 2.85 / 6.48 mm left with the fixed weight, 2.39 / 5.22 mm scaled; the 8 mm
-# pair 1.07 -> 1.02; brains deformed twice the benchmark's size: 0.01-0.18 mm better on all
-# six pairs; the benchmark's own brain, spine and prostate pairs never take this path). An
-# explicit --regularization is kept as given.
+# The default regularisation weight follows the motion: once the coarsest deformable level
+# has found how far the moving image must move (the mean length of its field: from nothing,
+# or the correction on top of a kept network field, see above), the levels that follow run
+# with the weight scaled by MOTION_SCALE_MM / that length when it is larger. The diffusion
+# penalty of a field grows with the square of its size and its pull with the size, so one
+# weight for every size held large motion back. Measured (chest CT with a known 8 / 12 / 16 mm
+# RMS deformation, mm left): `auto` 1.07 / 2.85 / 6.48 -> 1.02 / 2.39 / 5.22, `io` 1.07 / 2.79
+# / 6.50 -> 0.92 / 2.10 / 4.84; brains deformed twice the benchmark's size 0.01-0.41 mm better
+# on all six pairs with either; the benchmark's own brain pairs under `auto` never take it, under
+# `io` SPM 1.43 / 1.66 -> 1.44 / 1.68. An explicit --regularization is kept as given.
 MOTION_SCALE_MM = 4.0
 # Voxels read per stochastic step (losses that compare voxel by voxel).
 INIT_VOXELS, LINEAR_VOXELS, DEFORMABLE_VOXELS = 1 << 13, 1 << 13, 1 << 15
@@ -322,18 +324,20 @@ def _optimise_levels(
     start: tuple[Grid, torch.Tensor] | None = None,
     offset: tuple[Grid, torch.Tensor] | None = None,
     weight: float | None = None,
-) -> tuple[Grid | None, torch.Tensor | None, list[float], list[list[float]]]:
+) -> tuple[Grid | None, torch.Tensor | None, list[float], list[list[float]], list[float]]:
     """The deformable optimisation over ``spacings`` (coarse to fine; a level with no
     iterations is skipped unless it is the last), each level starting from the previous one
     (the first from ``start``, a displacement ``(grid, (1, D, *shape))``, or zero). With
     ``offset`` (same form) the optimised field is a correction added to it, which stays as it
-    is. ``weight``: the regularisation weight (default :func:`_regularization`). Returns the
-    last control grid and field ``(*shape, D)`` (the correction alone, with ``offset``), the
-    levels run and their losses before and after."""
+    is. ``weight``: the regularisation weight (default :func:`_regularization`; from zero with
+    the default weight, it follows the first level's motion, see :data:`MOTION_SCALE_MM`).
+    Returns the last control grid and field ``(*shape, D)`` (the correction alone, with
+    ``offset``), the levels run, their losses before and after, and their weights."""
     options = state.options
+    follows = weight is None and start is None and offset is None
     weight = _regularization(state) if weight is None else weight
     u, grid = None, None
-    losses, ran = [], []
+    losses, ran, weights = [], [], []
     for spacing, iterations in zip(spacings, counts, strict=True):
         if iterations == 0 and spacing != spacings[-1]:
             continue
@@ -370,7 +374,18 @@ def _optimise_levels(
         )
         grid = control
         losses.append([before, after])
-    return grid, u, ran, losses
+        weights.append(weight)
+        if follows and len(ran) == 1:
+            weight = _following(state, weight, float(u.norm(dim=-1).mean()))
+    return grid, u, ran, losses, weights
+
+
+def _following(state: _State, weight: float, motion_mm: float) -> float:
+    """The weight for the levels after one that found ``motion_mm`` (see
+    :data:`MOTION_SCALE_MM`); a weight given as an option stays."""
+    if state.options.regularization is not None or motion_mm <= MOTION_SCALE_MM:
+        return weight
+    return weight * MOTION_SCALE_MM / motion_mm
 
 
 def _stage_deformable(state: _State, progress: Progress) -> StageReport:
@@ -386,7 +401,7 @@ def _stage_deformable(state: _State, progress: Progress) -> StageReport:
         if network is not None and options.iterations is None:
             counts = after_network(counts)
         progress.start("deformable", sum(counts))
-        grid, u, ran, losses = _optimise_levels(state, spacings, counts, progress, network)
+        grid, u, ran, losses, weights = _optimise_levels(state, spacings, counts, progress, network)
         used, offset = counts, None
     else:
         # check the network's field with a correction at the coarsest level (see
@@ -394,24 +409,24 @@ def _stage_deformable(state: _State, progress: Progress) -> StageReport:
         # run the finest level alone from it
         short = counts if options.iterations is not None else after_network(counts)
         progress.start("deformable", counts[0] + sum(short))
-        grid, u, ran, losses = _optimise_levels(
+        grid, u, ran, losses, weights = _optimise_levels(
             state, spacings[:1], counts[:1], progress, offset=network
         )
         correction = float(u.norm(dim=-1).mean())
         detail["network_correction_mm"] = correction
         if correction > NETWORK_MAX_CORRECTION_MM:
             start = (grid, u.movedim(-1, 0)[None])
-            weight = _regularization(state)
-            if options.regularization is None:  # the default: scaled to the motion found
-                weight *= min(1.0, MOTION_SCALE_MM / correction)
-            detail["regularization_after_check"] = weight
-            grid, u, more, more_losses = _optimise_levels(
+            weight = _following(state, weights[0], correction)
+            grid, u, more, more_losses, more_weights = _optimise_levels(
                 state, spacings[1:], counts[1:], progress, start, offset=network, weight=weight
             )
             ran, losses, used, offset = ran + more, losses + more_losses, counts, network
+            weights += more_weights
             detail["network_start"] = "corrected through every level"
         else:
-            grid, u, ran, losses = _optimise_levels(state, spacings, short, progress, network)
+            grid, u, ran, losses, weights = _optimise_levels(
+                state, spacings, short, progress, network
+            )
             used, offset = short, None
             detail["network_start"] = "finest level only"
     if options.diffeomorphic:
@@ -434,6 +449,7 @@ def _stage_deformable(state: _State, progress: Progress) -> StageReport:
             "levels_mm": ran,
             "iterations": [c for s, c in zip(spacings, used, strict=True) if s in ran],
             "regularization": _regularization(state),
+            "level_regularization": weights,
             "level_losses": losses,
             **detail,
         },

@@ -169,7 +169,8 @@ def test_auto_checks_a_kept_network_field_at_the_coarsest_level(monkeypatch, car
     assert detail["network_correction_mm"] >= 0
     if far_off:
         assert detail["network_start"] == "corrected through every level"
-        assert detail["regularization_after_check"] == detail["regularization"]  # a small motion
+        # a small motion: every level at the default weight
+        assert detail["level_regularization"] == [detail["regularization"]] * len(levels)
         assert detail["levels_mm"] == levels
         assert detail["iterations"] == list(pipeline.DEFAULT_ITERATIONS[-len(levels) :])
         # the 2 mm shift the "network" wrongly added is corrected away (identical anatomy)
@@ -199,11 +200,38 @@ def test_a_large_motion_found_by_the_check_scales_the_default_weight(
     detail = next(s for s in result.stages if s.name == "deformable").detail
     correction = detail["network_correction_mm"]
     assert correction > 0.5
+    first, *rest = detail["level_regularization"]
+    assert rest
     if given is None:
-        expected = pipeline.DEFAULT_REGULARIZATION["mind"] * 0.5 / correction
-        assert detail["regularization_after_check"] == pytest.approx(expected)
+        assert first == pipeline.DEFAULT_REGULARIZATION["mind"]
+        assert rest == pytest.approx([first * 0.5 / correction] * len(rest))
     else:
-        assert detail["regularization_after_check"] == given
+        assert [first, *rest] == [given] * (len(rest) + 1)
+
+
+@pytest.mark.parametrize("given", [None, 0.3])
+def test_a_large_motion_found_by_the_first_level_scales_the_default_weight(monkeypatch, given):
+    """From nothing (``io``), the levels after the first run with the default weight scaled
+    by MOTION_SCALE_MM / the first level's mean motion when that is larger; a weight given
+    with --regularization is kept, and a motion under the scale changes nothing."""
+    image = blobs()
+    options = RegistrationOptions(method="io", regularization=given)
+    monkeypatch.setattr(pipeline, "MOTION_SCALE_MM", 1e-6)  # every motion counts as large
+    detail = next(
+        s for s in register(image, contrast(image), options).stages if s.name == "deformable"
+    ).detail
+    first, *rest = detail["level_regularization"]
+    assert rest
+    if given is None:
+        assert first == pipeline.DEFAULT_REGULARIZATION["mind"]
+        assert all(w < first for w in rest) and len(set(rest)) == 1
+    else:
+        assert [first, *rest] == [given] * (len(rest) + 1)
+    monkeypatch.setattr(pipeline, "MOTION_SCALE_MM", 1e6)  # no motion counts as large
+    detail = next(
+        s for s in register(image, contrast(image), options).stages if s.name == "deformable"
+    ).detail
+    assert len(set(detail["level_regularization"])) == 1
 
 
 def test_a_correction_on_top_of_an_offset_moves_points_like_the_sum():
