@@ -81,23 +81,22 @@ NETWORK_MIN_GAIN = 0.1
 # A kept network field is checked at the coarsest deformable level: a correction optimised on
 # top of it (the field itself untouched). When that correction moves the fixed grid's points
 # by more than this (mm, mean over the control grid), the network was far off (its training
-# saw displacements of a few mm) and the whole pyramid runs on top of it; otherwise the
-# correction is dropped and only the finest level runs from the network's field. Measured
-# (MIND): 2.1-3.8 mm on BraTS, SPM and OASIS pairs, 4.9-6.5 mm on the 8 mm RMS chest CT pair
-# (the estimate moves with the linear stages' random samples). The threshold leans low: a
-# brain sent through the pyramid lost 0.05-0.15 mm of end-point error, the CT pair sent
-# to the finest level alone lost 1 mm (1.14 -> 2.18).
+# saw displacements of a few mm): its field is discarded and io's whole pyramid runs from the
+# affine; otherwise the correction is dropped and only the finest level runs from the
+# network's field. Measured (MIND): 2.1-3.8 mm on BraTS, SPM and OASIS pairs, 4.9-6.5 mm on
+# the 8 mm RMS chest CT pair. Far off, starting over beat correcting the network's field
+# through the pyramid on every pair tried: chest CT 8 / 12 / 16 mm RMS 1.02 / 2.39 / 5.22 ->
+# 0.92 / 2.11 / 4.70 mm, brains deformed twice the benchmark's size 0.01-0.54 mm on all six.
 NETWORK_MAX_CORRECTION_MM = 4.0
-# The default regularisation weight follows the motion: once the coarsest deformable level
-# has found how far the moving image must move (the mean length of its field: from nothing,
-# or the correction on top of a kept network field, see above), the levels that follow run
-# with the weight scaled by MOTION_SCALE_MM / that length when it is larger. The diffusion
-# penalty of a field grows with the square of its size and its pull with the size, so one
-# weight for every size held large motion back. Measured (chest CT with a known 8 / 12 / 16 mm
-# RMS deformation, mm left): `auto` 1.07 / 2.85 / 6.48 -> 1.02 / 2.39 / 5.22, `io` 1.07 / 2.79
-# / 6.50 -> 0.92 / 2.10 / 4.84; brains deformed twice the benchmark's size 0.01-0.41 mm better
-# on all six pairs with either; the benchmark's own brain pairs under `auto` never take it, under
-# `io` SPM 1.43 / 1.66 -> 1.44 / 1.68. An explicit --regularization is kept as given.
+# The default regularisation weight follows the motion: when the coarsest level of a pyramid
+# run from the affine finds that the moving image must move more than MOTION_SCALE_MM on
+# average (the mean length of its field), the levels that follow run with the weight scaled
+# by MOTION_SCALE_MM / that length. The diffusion penalty of a field grows with the square of
+# its size and its pull with the size, so one weight for every size held large motion back.
+# Measured with `io` (chest CT with a known 8 / 12 / 16 mm RMS deformation, mm left): 1.07 /
+# 2.79 / 6.50 -> 0.92 / 2.10 / 4.84; brains deformed twice the benchmark's size 0.07-0.41 mm
+# better on all six pairs; the benchmark's own pairs: SPM 1.43 / 1.66 -> 1.44 / 1.68, others
+# unchanged. An explicit --regularization is kept as given.
 MOTION_SCALE_MM = 4.0
 # Voxels read per stochastic step (losses that compare voxel by voxel).
 INIT_VOXELS, LINEAR_VOXELS, DEFORMABLE_VOXELS = 1 << 13, 1 << 13, 1 << 15
@@ -323,19 +322,18 @@ def _optimise_levels(
     progress: Progress,
     start: tuple[Grid, torch.Tensor] | None = None,
     offset: tuple[Grid, torch.Tensor] | None = None,
-    weight: float | None = None,
 ) -> tuple[Grid | None, torch.Tensor | None, list[float], list[list[float]], list[float]]:
     """The deformable optimisation over ``spacings`` (coarse to fine; a level with no
     iterations is skipped unless it is the last), each level starting from the previous one
     (the first from ``start``, a displacement ``(grid, (1, D, *shape))``, or zero). With
     ``offset`` (same form) the optimised field is a correction added to it, which stays as it
-    is. ``weight``: the regularisation weight (default :func:`_regularization`; from zero with
-    the default weight, it follows the first level's motion, see :data:`MOTION_SCALE_MM`).
+    is. The regularisation weight is :func:`_regularization`'s; from the affine alone (no
+    ``start``, no ``offset``) it follows the first level's motion (:data:`MOTION_SCALE_MM`).
     Returns the last control grid and field ``(*shape, D)`` (the correction alone, with
     ``offset``), the levels run, their losses before and after, and their weights."""
     options = state.options
-    follows = weight is None and start is None and offset is None
-    weight = _regularization(state) if weight is None else weight
+    follows = start is None and offset is None
+    weight = _regularization(state)
     u, grid = None, None
     losses, ran, weights = [], [], []
     for spacing, iterations in zip(spacings, counts, strict=True):
@@ -402,11 +400,11 @@ def _stage_deformable(state: _State, progress: Progress) -> StageReport:
             counts = after_network(counts)
         progress.start("deformable", sum(counts))
         grid, u, ran, losses, weights = _optimise_levels(state, spacings, counts, progress, network)
-        used, offset = counts, None
+        used = counts
     else:
         # check the network's field with a correction at the coarsest level (see
-        # NETWORK_MAX_CORRECTION_MM), then either go on correcting it through the pyramid or
-        # run the finest level alone from it
+        # NETWORK_MAX_CORRECTION_MM), then either start over without it or run the finest
+        # level alone from it
         short = counts if options.iterations is not None else after_network(counts)
         progress.start("deformable", counts[0] + sum(short))
         grid, u, ran, losses, weights = _optimise_levels(
@@ -414,26 +412,19 @@ def _stage_deformable(state: _State, progress: Progress) -> StageReport:
         )
         correction = float(u.norm(dim=-1).mean())
         detail["network_correction_mm"] = correction
-        if correction > NETWORK_MAX_CORRECTION_MM:
-            start = (grid, u.movedim(-1, 0)[None])
-            weight = _following(state, weights[0], correction)
-            grid, u, more, more_losses, more_weights = _optimise_levels(
-                state, spacings[1:], counts[1:], progress, start, offset=network, weight=weight
-            )
-            ran, losses, used, offset = ran + more, losses + more_losses, counts, network
-            weights += more_weights
-            detail["network_start"] = "corrected through every level"
+        if correction > NETWORK_MAX_CORRECTION_MM:  # far off: io's whole pyramid instead
+            progress.start("deformable", sum(counts))
+            grid, u, ran, losses, weights = _optimise_levels(state, spacings, counts, progress)
+            used = counts
+            detail["network_start"] = "discarded: far off (the whole pyramid ran from the affine)"
         else:
             grid, u, ran, losses, weights = _optimise_levels(
                 state, spacings, short, progress, network
             )
-            used, offset = short, None
+            used = short
             detail["network_start"] = "finest level only"
     if options.diffeomorphic:
         u = optimize.integrate(u, grid)
-    if offset is not None:
-        source, field = offset
-        u = u + optimize.field_on_grid(field.to(state.device), source, grid).movedim(0, -1)
     # where the optimised field folds (rare, mostly where one image shows nothing), smooth it
     # until it no longer does
     u, detail["folded_cells"] = optimize.unfold(u, grid)
