@@ -87,10 +87,7 @@ def level_loss(
     index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The loss under one affine ``(D+1, D+1)``, or under each of ``(K, D+1, D+1)``: ``(K,)``."""
-    moving_index = mapped(level, homogeneous, index)
-    if homogeneous.dim() == 2:
-        return level.loss(function, moving_index, index)
-    return level.losses(function, moving_index, index)
+    return level.loss(function, mapped(level, homogeneous, index), index)
 
 
 def optimise(

@@ -257,27 +257,19 @@ class Level:
         """``function(fixed, moving, weight)`` with the moving features read at continuous
         indices of the moving level grid: ``moving_index`` is ``(voxels, D)`` for every voxel
         of the working grid (``index`` None) or ``(P, D)`` for the voxels ``index`` of the
-        flattened working grid.
+        flattened working grid; ``(K, voxels | P, D)`` for K mappings at once gives ``(K,)``
+        losses, their moving features read in one call (a small step's cost is mostly per
+        call: 4 rigid starts read together took half the time of 4 reads).
 
         The weight of a voxel is the fixed mask times the moving support, or the fixed mask
         alone when the loss compares absent moving voxels with :attr:`fill`.
         """
         values = interpolate(self.moving, moving_index.reshape(-1, self.ndim))
-        return self._compare(function, values, self._reference(index))
-
-    def losses(
-        self,
-        function: Callable[..., torch.Tensor],
-        moving_index: torch.Tensor,
-        index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """:meth:`loss` of several mappings at once: ``moving_index`` ``(K, P, D)`` -> ``(K,)``.
-        The moving features of all K are read in one call (a small step's cost is mostly
-        per call: 4 rigid starts read together took half the time of 4 reads)."""
-        k = moving_index.shape[0]
-        values = interpolate(self.moving, moving_index.reshape(-1, self.ndim))
         reference = self._reference(index)
-        return torch.stack([self._compare(function, v, reference) for v in values.chunk(k)])
+        if moving_index.dim() == 2:
+            return self._compare(function, values, reference)
+        parts = values.chunk(moving_index.shape[0])
+        return torch.stack([self._compare(function, v, reference) for v in parts])
 
     def _reference(self, index: torch.Tensor | None) -> tuple:
         """The fixed features and weight at ``index`` (None: as images)."""

@@ -89,10 +89,8 @@ def _write_nifti_field(
     sitk = load_sitk()
     grid, d = field.grid, field.grid.ndim
     data = np.ascontiguousarray(field.data.detach().to(torch.float32).numpy())
-    proxy = sitk.Image([2] * d, sitk.sitkVectorFloat32, d)
-    proxy.SetOrigin(grid.origin)
-    proxy.SetSpacing(grid.spacing)
-    proxy.SetDirection(grid.direction)
+    two = Grid((2,) * d, grid.spacing, grid.origin, grid.direction)
+    proxy = two.copy_to(sitk.Image([2] * d, sitk.sitkVectorFloat32, d))
     with atomic_output(path, force=force, inputs=inputs, extensions=FIELD_EXTENSIONS) as tmp:
         try:
             sitk.WriteImage(proxy, os.fspath(tmp), useCompression=False)

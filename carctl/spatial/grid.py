@@ -203,6 +203,20 @@ class Grid:
         """Physical points ``(..., D)`` to continuous index ``(..., D)``."""
         return apply_homogeneous(self.physical_to_index, points)
 
+    @cached_property
+    def _normalising_scale(self) -> np.ndarray:
+        # an axis of size one has no extent: its only voxel maps to -1 (read with border
+        # padding)
+        return np.array([2.0 / max(n - 1, 1) for n in self.size])
+
+    @cached_property
+    def index_to_normalised_matrix(self) -> np.ndarray:
+        """Homogeneous ``(D+1) x (D+1)`` matrix of :meth:`index_to_normalised`."""
+        d = self.ndim
+        m = np.diag([*self._normalising_scale, 1.0])
+        m[:d, d] = -1.0
+        return m
+
     def index_to_normalised(self, index: torch.Tensor) -> torch.Tensor:
         """Continuous index ``(..., D)`` to ``grid_sample`` coordinates (``align_corners=True``).
 
@@ -211,9 +225,7 @@ class Grid:
         """
         import torch
 
-        scale = torch.tensor(
-            [2.0 / max(n - 1, 1) for n in self.size], dtype=index.dtype, device=index.device
-        )
+        scale = torch.tensor(self._normalising_scale, dtype=index.dtype, device=index.device)
         return (index * scale).sub_(1.0)
 
     def contains_index(self, index: torch.Tensor) -> torch.Tensor:
@@ -222,6 +234,17 @@ class Grid:
 
         upper = torch.tensor(self.size, dtype=index.dtype, device=index.device) - 0.5
         return ((index >= -0.5) & (index < upper)).all(dim=-1)
+
+    def contains_normalised(self, coords: torch.Tensor) -> torch.Tensor:
+        """:meth:`contains_index` for ``grid_sample`` coordinates ``(..., D)`` (the same rule;
+        points on the half-voxel border may round either way)."""
+        import torch
+
+        scale = self._normalising_scale
+        as_tensor = {"dtype": coords.dtype, "device": coords.device}
+        low = torch.as_tensor(-0.5 * scale - 1.0, **as_tensor)
+        high = torch.as_tensor((np.asarray(self.size) - 0.5) * scale - 1.0, **as_tensor)
+        return ((coords >= low) & (coords < high)).all(dim=-1)
 
 
 def apply_homogeneous(matrix: np.ndarray, points: torch.Tensor) -> torch.Tensor:

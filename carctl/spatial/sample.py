@@ -177,26 +177,18 @@ def _linear_direct(
     d = moving_grid.ndim
     start, stop = planes
     slab = fixed_grid.slab(start, stop)
-    scale = np.array([2.0 / max(n - 1, 1) for n in moving_grid.size])
-    to_normalised = np.diag([*scale, 1.0])
-    to_normalised[:d, d] = -1.0
-    to_normalised = to_normalised @ moving_grid.physical_to_index  # physical -> grid_sample's
+    # physical -> grid_sample's coordinates of the moving grid
+    to_normalised = moving_grid.index_to_normalised_matrix @ moving_grid.physical_to_index
     coords = slab.map_indices(to_normalised @ slab.index_to_physical, torch.float32, image.device)
+    coords = coords.reshape(-1, d)
     if field is not None:
         vectors = field.data[:, start:stop].reshape(d, -1)
         linear = torch.as_tensor(to_normalised[:d, :d], dtype=torch.float32, device=image.device)
-        coords.view(-1, d).add_((linear @ vectors).T)
-    # ITK's rule (see the module doc) in grid_sample's units: -0.5 <= index < size - 0.5
-    size = np.asarray(moving_grid.size, dtype=np.float64)
-    low = torch.as_tensor(-0.5 * scale - 1.0, dtype=torch.float32, device=image.device)
-    high = torch.as_tensor((size - 0.5) * scale - 1.0, dtype=torch.float32, device=image.device)
-    inside = ((coords >= low) & (coords < high)).all(dim=-1).reshape(-1)
-    n, c = image.shape[:2]
-    view = (1,) * (d - 1) + (-1, d)
-    coords = coords.reshape(1, *view).expand(n, *view)
-    values = grid_sample(image, coords, mode="bilinear", padding_mode="border", align_corners=True)
+        coords.add_((linear @ vectors).T)
+    inside = moving_grid.contains_normalised(coords)
+    values = _at_normalised(image, coords)
     fill_value = torch.tensor(fill, dtype=values.dtype, device=values.device)
-    return torch.where(inside, values.reshape(n, c, -1), fill_value).reshape(n, c, *slab.shape)
+    return torch.where(inside, values, fill_value).reshape(*image.shape[:2], *slab.shape)
 
 
 # --- interpolations: prepare(image) once, then read(prepared, grid, index (P, D)) -> (N, C, P)
@@ -236,9 +228,15 @@ def grid_sample(image: torch.Tensor, coords: torch.Tensor, **options) -> torch.T
 
 
 def _sample_linear(image: torch.Tensor, grid: Grid, index: torch.Tensor) -> torch.Tensor:
-    coords = grid.index_to_normalised(index.to(image.dtype))
+    return _at_normalised(image, grid.index_to_normalised(index.to(image.dtype)))
+
+
+def _at_normalised(image: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """``image`` ``(N, C, *shape)`` linearly interpolated at ``grid_sample`` coordinates
+    ``(P, D)``, the border repeated: ``(N, C, P)``."""
     n, c = image.shape[:2]
-    view = (1,) * (grid.ndim - 1) + (-1, grid.ndim)
+    d = coords.shape[-1]
+    view = (1,) * (d - 1) + (-1, d)
     coords = coords.reshape(1, *view).expand(n, *view)
     out = grid_sample(image, coords, mode="bilinear", padding_mode="border", align_corners=True)
     return out.reshape(n, c, -1)
