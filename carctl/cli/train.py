@@ -137,7 +137,11 @@ def _run(
         if kind in sys.argv
         else f"carctl train {kind}"
     ).strip()
-    commands = _earlier_commands(out / f"{name}.json") if resume else []
+    init = getattr(settings, "init", None)
+    if resume and (out / f"{name}.json").exists():
+        commands = _earlier_commands(out / f"{name}.json")
+    else:  # a fine-tuning run's recipe starts with its starting weights'
+        commands = _earlier_commands(Path(init).with_suffix(".json")) if init else []
     if not commands or commands[-1] != command:
         commands.append(command)
     card = pretrained.write(
@@ -286,6 +290,14 @@ def car(
             "--same-contrast", help="Fraction of views whose two images share one contrast."
         ),
     ] = 0.5,
+    init: Annotated[
+        Path | None,
+        typer.Option(
+            "--init",
+            help="Start from these weights (a .safetensors of 'train car' with the same "
+            "--width; its card beside it is checked and its commands head the new card's).",
+        ),
+    ] = None,
     validate_every: ValidateEvery = 250,
     seed: Seed = 0,
     name: Name = "car",
@@ -332,6 +344,7 @@ def car(
         supervision=supervision,
         same_contrast=same_contrast,
         network=CarConfig(ndim=3, width=width),
+        init=str(init) if init else None,
     )
 
     def shown(metrics: dict) -> str:

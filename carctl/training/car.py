@@ -29,6 +29,7 @@ Resumable through :mod:`carctl.training.loop`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,7 @@ class CarTraining:
     supervision: float = 0.05  # end-point-error weight (not in the paper)
     same_contrast: float = 0.5  # fraction of views whose two images share one contrast
     network: CarConfig = field(default_factory=CarConfig)
+    init: str | None = None  # weights (.safetensors) to start from instead of random ones
 
 
 def _points_field(points: torch.Tensor) -> torch.Tensor:
@@ -169,6 +171,26 @@ def validate(model: CarNet, pairs: list[dict[str, torch.Tensor]]) -> dict[str, f
     }
 
 
+def start_from(model: CarNet, path: Path) -> None:
+    """Load the weights at ``path`` (a safetensors file; when its model card lies beside it,
+    its sha256 is checked) into ``model``, whose architecture must match them."""
+    from safetensors.torch import load_file
+
+    from carctl import pretrained
+    from carctl.errors import InputError
+
+    if not path.is_file():
+        raise InputError(f"--init {path}: no such file")
+    card = path.with_suffix(pretrained.CARD_SUFFIX)
+    if card.is_file():
+        pretrained.verify(pretrained.Card(card.stem, card, json.loads(card.read_text())))
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except (RuntimeError, OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0]
+        raise InputError(f"--init {path}: not weights of this network ({first})") from None
+
+
 def train(
     settings: CarTraining,
     volumes: list[data.Volume],
@@ -182,7 +204,10 @@ def train(
     """Train (or resume) in ``folder`` up to ``settings.steps`` (or until step ``stop``,
     keeping the schedule of the whole run); returns the model and its last validation."""
     torch.manual_seed(settings.seed)
-    model = CarNet(settings.network).to(device)
+    model = CarNet(settings.network)
+    if settings.init and not (resume and (folder / "state.json").exists()):
+        start_from(model, Path(settings.init))
+    model = model.to(device)
     checks = [loop.on(pair, device) for pair in validation_pairs(validation or volumes, settings)]
 
     def loss_of(generator: torch.Generator) -> tuple[torch.Tensor, dict]:

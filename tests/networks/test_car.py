@@ -200,6 +200,48 @@ def test_train_car_cli_smoke(cli, tmp_path, monkeypatch):
     assert bad.code != 0 and "multiple of 16" in bad.err
 
 
+def test_train_car_init_fine_tunes_from_weights(cli, tmp_path, monkeypatch):
+    """``--init`` starts from earlier weights (their card checked): after a step at a zero
+    learning rate the weights written are those weights; the card's recipe starts with
+    theirs. Weights of another width, a missing file and a corrupted one are refused in one
+    line."""
+    import sys
+
+    from safetensors.torch import load_file
+
+    from tests.conftest import make_image, write
+
+    data = tmp_path / "data" / "oasis-t1-a"
+    data.mkdir(parents=True)
+    write(make_image((40, 40, 40), seed=5), data / "t1.nii.gz")
+    common = ["train", "car", "--data", str(tmp_path / "data"), "--patch", "16", "-q"]
+    first = [*common, "--width", "4", "--out", str(tmp_path / "a"), "--steps", "2"]
+    monkeypatch.setattr(sys, "argv", ["carctl", *first])
+    assert cli(*first).code == 0
+    start = tmp_path / "a" / "car.safetensors"
+
+    again = [*common, "--width", "4", "--out", str(tmp_path / "b"), "--init", str(start)]
+    again += ["--steps", "1", "--lr", "0"]
+    monkeypatch.setattr(sys, "argv", ["carctl", *again])
+    result = cli(*again)
+    assert result.code == 0, result.err
+    before, after = load_file(str(start)), load_file(str(tmp_path / "b" / "car.safetensors"))
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    commands = json.loads((tmp_path / "b" / "car.json").read_text())["training"]["commands"]
+    assert len(commands) == 2 and "--init" in commands[1] and "--init" not in commands[0]
+
+    out = ["--out", str(tmp_path / "c"), "--steps", "1"]
+    wider = cli(*common, *out, "--width", "8", "--init", str(start))
+    assert wider.code != 0 and "not weights of this network" in wider.err
+    assert "Traceback" not in wider.err
+    missing = cli(*common, *out, "--width", "4", "--init", str(tmp_path / "none.safetensors"))
+    assert missing.code != 0 and "no such file" in missing.err
+    start.write_bytes(start.read_bytes()[:-4] + b"\0\0\0\0")
+    corrupted = cli(*common, *out, "--width", "4", "--init", str(start))
+    assert corrupted.code != 0 and "corrupted" in corrupted.err
+
+
 def test_torchrun_trains_with_two_processes(tmp_path):
     """``torchrun --nproc_per_node 2`` (Gloo on CPU): both processes step together and
     process 0 writes the checkpoint and the weights."""
