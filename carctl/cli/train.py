@@ -55,6 +55,16 @@ def _earlier_commands(card: Path) -> list[str]:
         return []
 
 
+def _steps_before(card: Path) -> int:
+    """Steps that produced the weights a fine-tuning run starts from (0 without a card)."""
+    import json
+
+    try:
+        return int(json.loads(card.read_text())["training"]["steps_done"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
 def _run(
     kind: str,
     module,
@@ -155,7 +165,9 @@ def _run(
                 "command": " && ".join(commands),
                 "commands": commands,
                 "settings": loop.settings_dict(settings),
-                "steps_done": metrics["step"],
+                # a fine-tuning run counts the steps of the weights it started from
+                "steps_done": metrics["step"]
+                + (_steps_before(Path(init).with_suffix(".json")) if init else 0),
                 "data": sorted({v.name.split("@")[0] for v in volumes}),
                 "validation_data": sorted({v.name.split("@")[0] for v in validation}),
                 "device": device,

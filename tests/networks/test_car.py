@@ -228,8 +228,10 @@ def test_train_car_init_fine_tunes_from_weights(cli, tmp_path, monkeypatch):
     before, after = load_file(str(start)), load_file(str(tmp_path / "b" / "car.safetensors"))
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    commands = json.loads((tmp_path / "b" / "car.json").read_text())["training"]["commands"]
+    training = json.loads((tmp_path / "b" / "car.json").read_text())["training"]
+    commands = training["commands"]
     assert len(commands) == 2 and "--init" in commands[1] and "--init" not in commands[0]
+    assert training["steps_done"] == 2 + 1
 
     out = ["--out", str(tmp_path / "c"), "--steps", "1"]
     wider = cli(*common, *out, "--width", "8", "--init", str(start))
