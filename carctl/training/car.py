@@ -183,7 +183,11 @@ def start_from(model: CarNet, path: Path) -> None:
         raise InputError(f"--init {path}: no such file")
     card = path.with_suffix(pretrained.CARD_SUFFIX)
     if card.is_file():
-        pretrained.verify(pretrained.Card(card.stem, card, json.loads(card.read_text())))
+        try:
+            data = json.loads(card.read_text())
+        except (OSError, ValueError) as error:
+            raise InputError(f"--init: cannot read the card {card} ({error})") from None
+        pretrained.verify(pretrained.Card(card.stem, card, data))
     try:
         model.load_state_dict(load_file(str(path)))
     except (RuntimeError, OSError, ValueError) as error:
