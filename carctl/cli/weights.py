@@ -24,7 +24,10 @@ def list_() -> None:
         table.add_column(column)
     for card in pretrained.cards():
         data = card.data
-        steps = data.get("training", {}).get("settings", {}).get("steps", "")
+        training = data.get("training", {})
+        # steps done in all (a fine-tuned card counts its starting weights'), not the last
+        # run's setting
+        steps = training.get("steps_done", training.get("settings", {}).get("steps", ""))
         validation = ", ".join(
             f"{k} {v:.4g}"
             for k, v in data.get("validation", {}).items()

@@ -99,9 +99,18 @@ def test_qa_with_corrupted_weights_is_a_one_line_error(cli, tiny_weights, images
 
 
 def test_weights_list_and_verify(cli, tiny_weights):
+    """``list`` shows the steps done in all (a fine-tuned card's, not its last run's
+    ``--steps``); ``verify`` refuses a corrupted file."""
+    import json
+
     result = cli("weights", "verify")
     assert result.code == 0 and "imse: ok" in result.out
-    assert "imse-evaluator" in cli("weights", "list").out
+    card = tiny_weights / "imse.json"
+    data = json.loads(card.read_text())
+    data["training"].update(steps_done=31234, settings={"steps": 6000})
+    card.write_text(json.dumps(data))
+    listed = cli("weights", "list").out
+    assert "imse-evaluator" in listed and "31234" in listed and "6000" not in listed
     (tiny_weights / "imse.safetensors").write_bytes(b"x")
     assert cli("weights", "verify").code == 1
 
