@@ -52,17 +52,24 @@ class Card:
         return self.data["architecture"]["kind"]
 
 
+def read_card(path: Path) -> Card | None:
+    """The model card at ``path``; None when it is missing, unreadable or not a card."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(data, dict) and {"file", "sha256", "architecture"} <= data.keys():
+        return Card(path.stem, path, data)
+    return None
+
+
 def cards() -> list[Card]:
     """Every model card found, first folder of :func:`search_path` winning per name."""
     found: dict[str, Card] = {}
     for folder in search_path():
         for path in sorted(folder.glob(f"*{CARD_SUFFIX}")) if folder.is_dir() else []:
-            try:
-                data = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
-            if isinstance(data, dict) and {"file", "sha256", "architecture"} <= data.keys():
-                found.setdefault(path.stem, Card(path.stem, path, data))
+            if (c := read_card(path)) is not None:
+                found.setdefault(c.name, c)
     return list(found.values())
 
 
@@ -110,20 +117,24 @@ def build(architecture: dict):
 
 def load(name: str, device: str = "cpu"):
     """The network ``name``, checked against its card, in eval mode; returns (model, card)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     c = card(name)
     verify(c)
     model = build(c.data["architecture"])
+    load_weights(model, c.weights, f"{c.name}: weights do not fit the card's architecture", device)
+    return model.to(device).eval(), c
+
+
+def load_weights(model, path: Path, refusal: str, device: str = "cpu") -> None:
+    """The safetensors file at ``path`` into ``model``; :class:`WeightsError` ``refusal
+    (reason)`` when it is not a weights file or does not fit the model."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     try:
-        model.load_state_dict(load_file(str(c.weights), device=device))
+        model.load_state_dict(load_file(str(path), device=device))
     except (SafetensorError, RuntimeError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise WeightsError(
-            f"{c.name}: weights do not fit the card's architecture ({reason})"
-        ) from None
-    return model.to(device).eval(), c
+        raise WeightsError(f"{refusal} ({reason})") from None
 
 
 def save_tensors(tensors: dict, path: Path) -> None:

@@ -43,26 +43,18 @@ def _common(data_dir: Path | None, steps: int, threads: int | None, device: str)
     return root, resolve_device(device)
 
 
-def _earlier_commands(card: Path) -> list[str]:
-    """The commands that produced the checkpoint a resumed run continues (from the card
-    the earlier run wrote), so the new card records the whole recipe in order."""
+def _recipe(card: Path) -> tuple[list[str], int]:
+    """The commands and steps that produced the weights of ``card`` (a resumed run's, or a
+    fine-tuning run's starting weights'), so the new card records the whole recipe in
+    order; none without a readable card."""
     import json
 
     try:
         training = json.loads(card.read_text())["training"]
-        return list(training.get("commands") or [training["command"]])
+        commands = training.get("commands") or [training["command"]]
+        return list(commands), int(training.get("steps_done", 0))
     except (OSError, ValueError, KeyError, TypeError):
-        return []
-
-
-def _steps_before(card: Path) -> int:
-    """Steps that produced the weights a fine-tuning run starts from (0 without a card)."""
-    import json
-
-    try:
-        return int(json.loads(card.read_text())["training"]["steps_done"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
+        return [], 0
 
 
 def _run(
@@ -148,10 +140,10 @@ def _run(
         else f"carctl train {kind}"
     ).strip()
     init = getattr(settings, "init", None)
+    # a fine-tuning run's recipe and steps start with its starting weights'
+    commands, before = _recipe(Path(init).with_suffix(".json")) if init else ([], 0)
     if resume and (out / f"{name}.json").exists():
-        commands = _earlier_commands(out / f"{name}.json")
-    else:  # a fine-tuning run's recipe starts with its starting weights'
-        commands = _earlier_commands(Path(init).with_suffix(".json")) if init else []
+        commands = _recipe(out / f"{name}.json")[0]  # already headed by them
     if not commands or commands[-1] != command:
         commands.append(command)
     card = pretrained.write(
@@ -165,9 +157,7 @@ def _run(
                 "command": " && ".join(commands),
                 "commands": commands,
                 "settings": loop.settings_dict(settings),
-                # a fine-tuning run counts the steps of the weights it started from
-                "steps_done": metrics["step"]
-                + (_steps_before(Path(init).with_suffix(".json")) if init else 0),
+                "steps_done": metrics["step"] + before,
                 "data": sorted({v.name.split("@")[0] for v in volumes}),
                 "validation_data": sorted({v.name.split("@")[0] for v in validation}),
                 "device": device,

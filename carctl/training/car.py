@@ -29,7 +29,6 @@ Resumable through :mod:`carctl.training.loop`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,8 +173,6 @@ def validate(model: CarNet, pairs: list[dict[str, torch.Tensor]]) -> dict[str, f
 def start_from(model: CarNet, path: Path) -> None:
     """Load the weights at ``path`` (a safetensors file; when its model card lies beside it,
     its sha256 is checked) into ``model``, whose architecture must match them."""
-    from safetensors.torch import load_file
-
     from carctl import pretrained
     from carctl.errors import InputError
 
@@ -183,16 +180,10 @@ def start_from(model: CarNet, path: Path) -> None:
         raise InputError(f"--init {path}: no such file")
     card = path.with_suffix(pretrained.CARD_SUFFIX)
     if card.is_file():
-        try:
-            data = json.loads(card.read_text())
-        except (OSError, ValueError) as error:
-            raise InputError(f"--init: cannot read the card {card} ({error})") from None
-        pretrained.verify(pretrained.Card(card.stem, card, data))
-    try:
-        model.load_state_dict(load_file(str(path)))
-    except (RuntimeError, OSError, ValueError) as error:
-        first = str(error).strip().splitlines()[0]
-        raise InputError(f"--init {path}: not weights of this network ({first})") from None
+        if (c := pretrained.read_card(card)) is None:
+            raise InputError(f"--init: {card} is not a readable model card")
+        pretrained.verify(c)
+    pretrained.load_weights(model, path, f"--init {path}: not weights of this network")
 
 
 def train(
@@ -209,7 +200,7 @@ def train(
     keeping the schedule of the whole run); returns the model and its last validation."""
     torch.manual_seed(settings.seed)
     model = CarNet(settings.network)
-    if settings.init and not (resume and (folder / "state.json").exists()):
+    if settings.init and not loop.resumes(folder, resume):  # a checkpoint wins
         start_from(model, Path(settings.init))
     model = model.to(device)
     checks = [loop.on(pair, device) for pair in validation_pairs(validation or volumes, settings)]

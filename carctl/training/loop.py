@@ -73,6 +73,11 @@ def save_checkpoint(
     tmp.replace(folder / "state.json")
 
 
+def resumes(folder: Path, resume: bool) -> bool:
+    """Whether a run asked to ``resume`` in ``folder`` continues a checkpoint there."""
+    return resume and (folder / "state.json").exists()
+
+
 def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer) -> tuple[int, list]:
     from safetensors.torch import load_file
 
@@ -142,7 +147,7 @@ def fit(
     rank, world = distributed()
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
     step, log = 0, []
-    if resume and (folder / "state.json").exists():
+    if resumes(folder, resume):
         step, log = load_checkpoint(folder, model, optimizer)
     metrics = log[-1] if log else {}
     started = time.perf_counter()
