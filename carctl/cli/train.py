@@ -47,14 +47,14 @@ def _recipe(card: Path) -> tuple[list[str], int]:
     """The commands and steps that produced the weights of ``card`` (a resumed run's, or a
     fine-tuning run's starting weights'), so the new card records the whole recipe in
     order; none without a readable card."""
-    import json
+    from carctl import pretrained
 
-    try:
-        training = json.loads(card.read_text())["training"]
-        commands = training.get("commands") or [training["command"]]
-        return list(commands), int(training.get("steps_done", 0))
-    except (OSError, ValueError, KeyError, TypeError):
+    c = pretrained.read_card(card)
+    training = c.data.get("training") if c is not None else None
+    if not isinstance(training, dict):
         return [], 0
+    commands = training.get("commands") or ([training["command"]] if "command" in training else [])
+    return list(commands), int(training.get("steps_done", 0))
 
 
 def _run(
@@ -141,9 +141,9 @@ def _run(
     ).strip()
     init = getattr(settings, "init", None)
     # a fine-tuning run's recipe and steps start with its starting weights'
-    commands, before = _recipe(Path(init).with_suffix(".json")) if init else ([], 0)
-    if resume and (out / f"{name}.json").exists():
-        commands = _recipe(out / f"{name}.json")[0]  # already headed by them
+    commands, before = _recipe(Path(init).with_suffix(pretrained.CARD_SUFFIX)) if init else ([], 0)
+    if resume and (out / f"{name}{pretrained.CARD_SUFFIX}").exists():
+        commands = _recipe(out / f"{name}{pretrained.CARD_SUFFIX}")[0]  # already headed by them
     if not commands or commands[-1] != command:
         commands.append(command)
     card = pretrained.write(

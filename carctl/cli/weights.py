@@ -27,7 +27,7 @@ def list_() -> None:
         training = data.get("training", {})
         # steps done in all (a fine-tuned card counts its starting weights'), not the last
         # run's setting
-        steps = training.get("steps_done", training.get("settings", {}).get("steps", ""))
+        steps = training.get("steps_done", "")
         validation = ", ".join(
             f"{k} {v:.4g}"
             for k, v in data.get("validation", {}).items()
