@@ -33,6 +33,7 @@ def command(
 
     from carctl import pretrained, qa
     from carctl.io import Image, check_output, output_stem, read_image, write_image
+    from carctl.registration.levels import require_contrast
     from carctl.runtime import resolve_device, set_threads
 
     out = out or f"{output_stem(image, 'image')}_translated.nii.gz"
@@ -40,8 +41,11 @@ def command(
     set_threads(threads)
     device = resolve_device(device)
     model, _ = pretrained.load(qa.WEIGHTS, device=device)
-    ref = qa.reference_of(read_image(reference), device=device)
-    pair = qa.pair_with(ref, read_image(image), device=device)
+    source, target = read_image(image), read_image(reference)
+    require_contrast("reference", target.array)
+    require_contrast("input", source.array)
+    ref = qa.reference_of(target, device=device)
+    pair = qa.pair_with(ref, source, device=device)
     with torch.no_grad():
         translated = (pair.reference - model(pair.reference, pair.other)).clamp(-1, 1)
     low, high = ref.range  # back to the reference's intensities

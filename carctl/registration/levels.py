@@ -64,6 +64,26 @@ def normalise(array: np.ndarray, select: np.ndarray | None = None) -> np.ndarray
     return out.nan_to_num_(0.0).sub_(low).div_(high - low).clamp_(0.0, 1.0).numpy()
 
 
+def require_contrast(name: str, array: np.ndarray, normalised: np.ndarray | None = None) -> None:
+    """Refuse (:class:`~carctl.errors.InputError`) an image that shows nothing to align:
+    :func:`normalise` (``normalised``, when already computed) leaves it one value everywhere.
+    Every loss is flat or undefined on such an image, and an optimiser would wander."""
+    from carctl.errors import InputError
+
+    normalised = normalise(array) if normalised is None else normalised
+    if normalised.size and normalised.max() > normalised.min():
+        return
+    finite = array[np.isfinite(array)]
+    if finite.size == 0:
+        raise InputError(f"the {name} image has no finite voxel (all NaN or infinite)")
+    low, high = float(finite.min()), float(finite.max())
+    if low == high:
+        what = f"every finite voxel {low:g}"
+    else:
+        what = f"nearly every voxel alike in {low:g}..{high:g}"
+    raise InputError(f"the {name} image is constant ({what}): there is nothing to align")
+
+
 def gaussian_blur(image: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
     """Separable Gaussian blur of ``(N, C, *spatial)``; ``sigma`` in voxels, index order;
     borders repeated. Each axis is a weighted sum of shifted views (a kernel of a few taps:

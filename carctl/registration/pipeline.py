@@ -33,6 +33,7 @@ from carctl.registration.levels import (
     foreground,
     foreground_box,
     normalise,
+    require_contrast,
 )
 from carctl.runtime import resolve_device
 from carctl.spatial.grid import Grid, apply_homogeneous
@@ -569,6 +570,8 @@ def _register(
 
     fixed_norm = normalise(fixed.array)
     moving_norm = normalise(moving.array)
+    for name, image, norm in (("moving", moving, moving_norm), ("fixed", fixed, fixed_norm)):
+        require_contrast(name, image.array, norm)
     f_mask = mask_on(fixed_mask, fixed.grid, "fixed")
     m_mask = mask_on(moving_mask, moving.grid, "moving")
     box = foreground_box(fixed_norm, f_mask)

@@ -185,3 +185,22 @@ def test_register_with_the_imse_loss(cli, tiny_weights, images, tmp_path, loss):
     assert np.isfinite(deformable["loss_after"])
     # the rigid and affine stages compare MIND features (IMSE is for the deformable stage)
     assert all(level["loss"] == "mind" for level in summary["levels"][:1])
+
+
+def test_qa_and_translate_refuse_a_constant_image(cli, tiny_weights, images, tmp_path):
+    """A constant fixed image validates nothing: qa read such a pair as `ok`."""
+    moving, fixed = images
+    flat = sitk.ReadImage(str(fixed)) * 0
+    flat_path = write(flat, tmp_path / "flat.nii.gz")
+    for args, name in (
+        (("qa", moving, flat_path, "-o", tmp_path / "qa"), "fixed"),
+        (("qa", flat_path, fixed, "-o", tmp_path / "qa"), "moving"),
+        (("translate", moving, "-r", flat_path, "-o", tmp_path / "t.nii.gz"), "reference"),
+    ):
+        result = cli(*args)
+        assert result.code == 1, result.err
+        assert result.err.strip().splitlines()[-1] == (
+            f"carctl: error: the {name} image is constant (every finite voxel 0): "
+            "there is nothing to align"
+        )
+    assert not (tmp_path / "t.nii.gz").exists()

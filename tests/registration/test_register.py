@@ -654,6 +654,26 @@ def test_inputs_refused_by_the_pipeline_for_api_and_cli(tmp_path, cli, phantom):
         assert sum("error" in line for line in lines) == 1 and "Traceback" not in result.err
 
 
+def test_a_constant_image_is_refused_before_any_stage(tmp_path, cli, phantom):
+    """An image with one value everywhere has nothing to align to: every loss is flat there,
+    and the stages used to run anyway and write a deformed result without a word."""
+    from carctl.errors import InputError
+
+    flat = Image(np.full_like(phantom.array, 7.0), phantom.grid)
+    with pytest.raises(InputError, match="fixed image is constant"):
+        register(phantom, flat)
+    with pytest.raises(InputError, match="moving image is constant"):
+        register(flat, phantom)
+    flat_path = write(flat.to_sitk(), tmp_path / "flat.nii.gz")
+    phantom_path = write(phantom.to_sitk(), tmp_path / "phantom.nii.gz")
+    result = cli("register", phantom_path, flat_path, "-o", tmp_path / "out")
+    assert result.code == 1 and result.err.strip().splitlines()[-1] == (
+        "carctl: error: the fixed image is constant (every finite voxel 7): there is nothing "
+        "to align"
+    )
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def test_tilted_thick_slice_stacks_are_not_turned_onto_each_other():
     """Two 5 mm stacks of one phantom at 15 degrees, each cutting the anatomy: the linear
     stages compare MIND only where the moving stack is present. When they compared it with a
