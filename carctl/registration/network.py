@@ -26,6 +26,14 @@ WEIGHTS = "car"
 # Passes of the network: each one registers the moving image warped by the previous passes
 # (a cascade; the fields compose).
 PASSES = 1
+# Index axes along which the network also reads the pair mirrored when its field is the
+# answer (``--method net``): test-time augmentation (training mirrored samples at random, so a
+# mirrored pair is as valid an input); each adds one forward pass (0.3-0.4 s on a 1 mm brain),
+# and the answers are averaged. Measured on the five known contrast pairs: the end-point error
+# 0.08-0.15 mm lower with the third index axis mirrored, 0.02-0.08 mm lower again with all
+# three; as the start of ``auto``'s deformable stage it changed nothing (within 0.006 mm), so
+# ``auto`` runs the network once.
+MIRRORS: tuple[int, ...] = (2,)
 
 
 def working_grid(fixed: Grid, box: tuple[np.ndarray, np.ndarray]) -> Grid:
@@ -87,18 +95,36 @@ def predict(
     box: tuple[np.ndarray, np.ndarray],
     device: torch.device | str = "cpu",
     passes: int = PASSES,
+    mirrors: tuple[int, ...] = MIRRORS,
 ) -> tuple[Grid, torch.Tensor]:
     """The network's deformable part ``u`` for the mapping ``A(x + u(x))``: its grid and
     ``(1, D, *grid.shape)`` mm (normalised images in, see :func:`inputs`).
 
     Each pass registers the moving image warped by the field so far; with ``du`` the new
-    pass's field, the whole is ``u(x) = du(x) + u_before(x + du(x))`` (voxels)."""
+    pass's field, the whole is ``u(x) = du(x) + u_before(x + du(x))`` (voxels). Each pass
+    averages the answers for the pair as it is and mirrored (:func:`averaged`)."""
     from carctl.networks.car import warp
 
     grid = working_grid(fixed_grid, box)
     f, m = inputs(fixed, fixed_grid, moving, moving_grid, affine, grid, device)
-    u = model(m, f).float()
+    u = averaged(model, m, f, mirrors)
     for _ in range(passes - 1):
-        du = model(warp(m, u), f).float()
+        du = averaged(model, warp(m, u), f, mirrors)
         u = du + warp(u, du)
     return grid, to_physical(u, grid)
+
+
+def averaged(
+    model, moving: torch.Tensor, fixed: torch.Tensor, mirrors: tuple[int, ...] = MIRRORS
+) -> torch.Tensor:
+    """The network's displacement ``(1, D, *spatial)`` (voxels) for the pair as it is and
+    mirrored along each index axis in ``mirrors`` (mirrored back: the axis's component
+    changes sign), averaged."""
+    ndim = fixed.dim() - 2
+    u = model(moving, fixed).float()
+    for axis in mirrors:
+        dim = 2 + ndim - 1 - axis  # tensor dimension of index axis `axis`
+        mirrored = model(moving.flip(dim), fixed.flip(dim)).float().flip(dim)
+        mirrored[:, axis] = -mirrored[:, axis]
+        u = u + mirrored
+    return u / (1 + len(mirrors))

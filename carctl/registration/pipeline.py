@@ -466,6 +466,8 @@ def _stage_network(state: _State, progress: Progress) -> StageReport:
         return StageReport("network", 0.0, detail={"skipped": str(error)})
     progress.start("network", 1)
     last = state.schedule["affine"][-1]  # a level the affine stage has built
+    # mirrored passes improve the network's answer but not the deformable stage's from it
+    mirrors = () if "deformable" in METHODS[state.options.method] else network.MIRRORS
     before = _similarity(state, last, state.affine, linear=True)
     grid, u = network.predict(
         model,
@@ -477,6 +479,7 @@ def _stage_network(state: _State, progress: Progress) -> StageReport:
         state.box,
         state.device,
         network.PASSES,
+        mirrors,
     )
     state.displacement = (grid, u)
     progress.advance()
@@ -496,6 +499,7 @@ def _stage_network(state: _State, progress: Progress) -> StageReport:
         "grid_size": list(grid.size),
         "spacing_mm": grid.spacing[0],
         "passes": network.PASSES,
+        "mirrors": list(mirrors),
     }
     return StageReport("network", 0.0, before, after, detail)
 

@@ -81,6 +81,22 @@ def test_forward_pass_on_odd_sizes(shape):
     assert float(u.abs().max()) < 0.05  # the velocity layer starts near zero
 
 
+def test_one_encoder_pass_for_both_images_is_two_passes():
+    """The forward pass encodes moving and fixed as one batch (shared weights): the same as
+    encoding each alone, for a batch of pairs too."""
+    from carctl.networks.car import DEPTH, integrate, pad_to
+
+    torch.manual_seed(0)
+    net = CarNet(CarConfig(width=4)).eval()
+    moving, fixed = torch.rand((2, 1, 17, 20, 18)), torch.rand((2, 1, 17, 20, 18))
+    with torch.no_grad():
+        u = net(moving, fixed)
+        padded_m, padded_f = pad_to(moving, 2**DEPTH), pad_to(fixed, 2**DEPTH)
+        velocity = net.decode(net.features(padded_m), net.features(padded_f))
+        alone = integrate(velocity, padded_f.shape[2:], net.config.squarings)[..., :17, :20, :18]
+    torch.testing.assert_close(u, alone, atol=1e-5, rtol=1e-4)
+
+
 def test_correlation_peaks_at_the_offset_between_the_features():
     """Moving features equal to the fixed ones shifted by (z, y, x) = (1, 0, -2) voxels: the
     cost volume is highest at that offset."""

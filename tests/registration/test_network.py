@@ -102,6 +102,56 @@ def test_methods_run_their_stages(car_weights):
     assert "network" not in names["io"]
 
 
+class CentreShift(torch.nn.Module):
+    """A stand-in network that mirroring cannot fool: the offset between the two images'
+    centres of mass (voxels, x first), the same everywhere."""
+
+    def forward(self, moving, fixed):
+        ndim = fixed.dim() - 2
+
+        def centre(image):
+            axes = [torch.arange(n, dtype=torch.float32) for n in image.shape[2:]]
+            grids = torch.meshgrid(*axes, indexing="ij")[::-1]  # x first
+            return torch.stack([(g * image[0, 0]).sum() / image.sum() for g in grids])
+
+        shift = centre(fixed) - centre(moving)
+        return shift.view(1, ndim, *([1] * ndim)).expand(1, ndim, *fixed.shape[2:]).clone()
+
+
+def test_mirrored_passes_are_mapped_back_before_averaging():
+    """A pass on the mirrored pair is flipped back and its mirrored component negated: a
+    network that answers consistently under mirroring gives the same field either way, while
+    one that ignores the images' content (a fixed shift) sees that component cancel."""
+    z, y, x = torch.meshgrid(
+        *(torch.arange(n, dtype=torch.float32) for n in (9, 11, 13)), indexing="ij"
+    )
+
+    def blob(cz, cy, cx):
+        return torch.exp(-((z - cz) ** 2 + (y - cy) ** 2 + (x - cx) ** 2) / 8)[None, None]
+
+    fixed, moving = blob(4.0, 5.0, 6.0), blob(3.0, 6.5, 4.0)
+    plain = network.averaged(CentreShift(), moving, fixed, mirrors=())
+    assert plain[0, :, 0, 0, 0].abs().min() > 0.1  # every component moves
+    for mirrors in ((0,), (2,), (0, 1, 2)):
+        both = network.averaged(CentreShift(), moving, fixed, mirrors=mirrors)
+        torch.testing.assert_close(both, plain, atol=1e-5, rtol=0)
+    blind = network.averaged(Shift([1.0, 2.0, 3.0]), moving, fixed, mirrors=(2,))
+    assert blind[0, :, 0, 0, 0].tolist() == [1.0, 2.0, 0.0]  # component z cancels
+
+
+def test_net_mirrors_the_pair_and_auto_does_not(car_weights):
+    """``--method net`` averages the plain and mirrored passes (its answer); ``auto`` runs the
+    network once (the deformable stage decides its result either way)."""
+    image = blobs()
+    other = contrast(image)
+    mirrors = {}
+    for method in ("net", "auto"):
+        result = register(image, other, RegistrationOptions(method=method, iterations=2))
+        stage = next(s for s in result.stages if s.name == "network")
+        mirrors[method] = stage.detail["mirrors"]
+    assert mirrors == {"net": list(network.MIRRORS), "auto": []} and network.MIRRORS
+
+
 @pytest.mark.parametrize("kept", [False, True])
 def test_auto_uses_the_network_field_only_when_it_helps(monkeypatch, car_weights, kept):
     """A field that lowers the similarity loss clearly (here: the true local deformation) is
