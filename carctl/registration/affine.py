@@ -73,7 +73,8 @@ def mapped(
     flattened ``index``) under an affine (physical ``(D+1, D+1)`` matrix, or ``(K, D+1, D+1)``
     for K of them: ``(K, P, D)``)."""
     to_index = torch.as_tensor(level.moving_grid.physical_to_index, device=homogeneous.device)
-    total = (to_index @ homogeneous).to(level.points.dtype)
+    # the parameters live on the CPU (float64), the level on its device (a GPU's, or the CPU)
+    total = (to_index @ homogeneous).to(level.points)
     d = level.ndim
     points = level.points.reshape(-1, d)
     points = points if index is None else points.index_select(0, index)
