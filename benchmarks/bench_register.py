@@ -412,12 +412,38 @@ def chest_ct_pair(data: Path, seed: int, index: int, scale: float = 1.0) -> Pair
         ct = read_image(data / "dicom" / "ct-chest-40")
         write_image(ct, work / "moving.nii.gz")  # every tool reads the same NIfTI file
         made = known_pair(ct, ct, thorax(ct.array), rms_mm=8.0 * scale, seed=seed + index)
-        write_image(made.fixed, work / "fixed.nii.gz")
+        write_image(continued_beyond(made, ct), work / "fixed.nii.gz")
         return Pair(
             "ct-chest", work / "moving.nii.gz", work / "fixed.nii.gz", {}, {}, made.truth, made.mask
         )
 
     return PairSpec("ct-chest", build)
+
+
+def continued_beyond(made, moving):
+    """The fixed image of a known pair of ``moving`` onto itself, with what the truth maps
+    beyond ``moving``'s field of view read at its nearest edge voxel instead of zero. Warping
+    filled that part with zeros: a block whose edge marks the moving image's field of view
+    where the truth puts it, which no real pair shows (each scan is cut by its own field of
+    view) and which a method could align instead of the anatomy (the end-point error is
+    measured where the truth maps inside only, as before)."""
+    import torch
+
+    from carctl.io import Image
+    from carctl.spatial.sample import grid_sample
+
+    grid = made.truth.grid
+    points = grid.points() + made.truth.data.to(torch.float64).movedim(0, -1)
+    where = moving.grid.index_to_normalised(moving.grid.to_index(points))
+    image = torch.from_numpy(np.ascontiguousarray(moving.array, dtype=np.float32))[None, None]
+    values = grid_sample(
+        image,
+        where.to(torch.float32)[None],
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=True,
+    )
+    return Image(values[0, 0].numpy(), grid)
 
 
 # FreeSurfer aseg labels (the OASIS subject's) and the Neuromorphometrics labels (SPM's MNI

@@ -53,6 +53,11 @@ def test_chest_ct_pair_is_a_known_deformation_of_the_ct(bench, shared_data, tmp_
     assert pair.mask.shape == fixed.array.shape and 0.2 < pair.mask.mean() < 0.7
     moved = pair.truth.data.square().sum(dim=0).sqrt().numpy()[pair.mask]
     assert 4.0 < moved.mean() < 20.0  # 8 mm RMS plus the rigid part: it does move
+    # where the truth maps beyond the moving CT's slices, the fixed image continues its edge
+    # (it was a block of zeros, an edge that marked where the moving field of view lies)
+    index = moving.grid.to_index(fixed.grid.points() + pair.truth.data.movedim(0, -1))
+    beyond = ((index[..., 2] < -0.5) | (index[..., 2] > 39.5)).numpy()
+    assert beyond.mean() > 0.01 and (fixed.array[beyond] == 0).mean() < 0.01
 
 
 def test_brain_atlas_pair_maps_both_label_sets_to_the_same_structures(bench, shared_data, tmp_path):

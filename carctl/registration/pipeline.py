@@ -69,9 +69,20 @@ LINEAR_OVERSAMPLE = 1
 # moving image's field of view a feature: where it cuts the anatomy (thick-slice clinical
 # stacks at another angle) the rigid stage turned the stack to line it up with the fixed
 # one: 8.6 mm off (7.1 mm before it) for a 15 degree tilt between two 5 mm stacks of one
-# brain, 0.24 mm now. The deformable stage keeps the constant: comparing only the overlap
-# there too cost the chest CT pair 1.2 mm (2.26 mm against 1.07) and the prostate pairs'
-# landmarks (landmark Dice 0.078 against 0.127).
+# brain, 0.24 mm now. The deformable stage keeps the constant, away from the edges by the
+# same reach, but below its coarsest level the constant pulls nothing (Level.loss): comparing
+# the overlap only cost the prostate pairs' landmarks (landmark Dice 0.078 against 0.127),
+# and a constant that pulled made the edge of the moving field of view a feature there too
+# (see EDGE_PULL_LEVELS and docs/benchmarks.md).
+# The deformable stage's coarsest level (this many coarsest levels) lets the constant pull:
+# where its points read beyond the moving image, MIND is compared with the constant with a
+# gradient, and the moving support is not eroded. There, on a short volume, the band along
+# the field of view's edge is a large part of the image and what pulls the large motion in
+# (chest CT, 80 mm tall, with a known 8 / 12 / 16 mm RMS deformation: 0.87 / 1.93 / 4.24 mm
+# with every level pulling, 1.00 / 2.55 / 5.05 with none, 0.91 / 2.06 / 4.34 with the
+# coarsest only; the network's check, which runs on that level, keeps its calibration). On
+# the finer levels the pull only dragged the edge of a moving stack over the fixed image.
+EDGE_PULL_LEVELS = 1
 # Under ``auto`` the network's field is kept as the deformable stage's start only when it
 # lowers the linear stages' similarity loss by at least this fraction; otherwise the stage
 # runs its whole pyramid from the affine, as ``io`` does. Measured (MIND): 13-60 % on the
@@ -185,6 +196,9 @@ class _State:
         spec = loss_spec(loss) if loss else self.spec
         oversample = LINEAR_OVERSAMPLE if linear else OVERSAMPLE
         key = (round(spacing, 6), spec.name, linear)
+        # the deformable pyramid's coarsest level lets the fill pull (see EDGE_PULL_LEVELS)
+        coarsest = self.schedule["deformable"][:EDGE_PULL_LEVELS]
+        pulls = not linear and any(abs(spacing - s) < 1e-6 for s in coarsest)
         if key not in self._levels:
             self._levels[key] = build_level(
                 self.fixed_norm,
@@ -201,6 +215,7 @@ class _State:
                 self.moving_box,
                 oversample,
                 spec.reach,
+                pulls,
             )
         return self._levels[key]
 

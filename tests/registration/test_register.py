@@ -12,7 +12,7 @@ import torch
 from carctl.config import RegistrationOptions
 from carctl.io import Image, read_image
 from carctl.registration import affine as affine_stage
-from carctl.registration import initialise, levels, optimize
+from carctl.registration import initialise, levels, optimize, pipeline
 from carctl.registration.pipeline import compose, register
 from carctl.resample import resample_image
 from carctl.spatial.files import read_affine, read_field
@@ -277,6 +277,63 @@ def _small_affine() -> np.ndarray:
     matrix[:3, :3] = rotation(0.1, 0.05, -0.1) * 1.05
     matrix[:3, 3] = [3.0, -2.0, 1.5]
     return matrix
+
+
+@pytest.mark.parametrize("fill_pulls", [False, True])
+def test_points_beyond_the_moving_image_pull_only_on_a_pulling_level(fill_pulls):
+    """A deformable level compares MIND with a constant where its points read beyond the
+    moving image. On the levels that do not let it pull, those points add to the loss but get
+    no gradient (the edge of the moving field of view is no feature there), and the moving
+    support is eroded by the descriptors' reach; on a pulling level (the pyramid's coarsest)
+    they move as before."""
+    from carctl.losses import similarity
+
+    image = blobs()
+    norm = levels.normalise(image.array)
+    box = levels.foreground_box(norm, None)
+    level = levels.build_level(
+        norm,
+        image.grid,
+        norm,
+        image.grid,
+        5.0,
+        similarity.mind_ssc,
+        box,
+        fills_outside=True,
+        reach=2,
+        fill_pulls=fill_pulls,
+    )
+    assert level.fill_pulls == fill_pulls
+    support = level.moving[..., -1]
+    edge = support[0, 0, 0]  # a corner of the moving level grid: on the image's edge
+    assert (float(edge) < 1.0) != fill_pulls  # eroded unless the level pulls
+    d = level.ndim
+    # on the edge and within the descriptors' reach of it (moving level indices, x first)
+    beyond = torch.tensor([[-0.5, 5.0, 5.0], [0.5, 5.0, 5.0], [0.75, 6.0, 4.5]], requires_grad=True)
+    within = torch.tensor([[4.0, 5.0, 5.0]], requires_grad=True)
+    for points, pulled in ((beyond, fill_pulls), (within, True)):
+        index = torch.arange(points.shape[0])  # any fixed voxels: the moving side matters
+        loss = level.loss(similarity.mind_loss, points.reshape(-1, d), index)
+        (gradient,) = torch.autograd.grad(loss, points)
+        assert torch.isfinite(loss) and float(loss.detach()) > 0
+        assert (float(gradient.abs().sum()) > 0) == pulled, (points, gradient)
+
+
+def test_only_the_coarsest_deformable_level_lets_the_fill_pull(monkeypatch, phantom):
+    built = {}
+    real = pipeline.build_level
+
+    def recording(*args, **options):
+        level = real(*args, **options)
+        built.setdefault(level.fill is not None, []).append((args[4], level.fill_pulls))
+        return level
+
+    monkeypatch.setattr(pipeline, "build_level", recording)
+    register(phantom, contrast(phantom), RegistrationOptions(method="io", iterations=2))
+    deformable = sorted(built[True], reverse=True)  # coarse to fine: (spacing, pulls)
+    assert len(deformable) >= 2
+    assert [pulls for _, pulls in deformable] == [True] + [False] * (len(deformable) - 1)
+    assert not any(pulls for _, pulls in built[False])  # the linear stages never fill
 
 
 def test_starts_optimised_side_by_side_end_as_each_alone():
