@@ -406,8 +406,14 @@ def build_level(
         mask, _ = pool(band_limited(moving_mask > 0, moving_grid, m_fine), m_fine, m_factors)
         support = support * mask
     weight = None
+    if reach:
+        # the fixed image's own edge: its descriptors there read beyond it too
+        interior = eroded(inside(fixed_grid, fine).to(device), reach, beyond=1.0)
+        if float(interior.min()) < 1.0:
+            weight, _ = pool(interior, fine, f_factors)
     if fixed_mask is not None:
-        weight, _ = pool(band_limited(fixed_mask > 0, fixed_grid, fine), fine, f_factors)
+        mask, _ = pool(band_limited(fixed_mask > 0, fixed_grid, fine), fine, f_factors)
+        weight = mask if weight is None else weight * mask
     fill = None
     if fills_outside:
         fill = m_features.mean(dim=tuple(range(2, m_features.dim())))[0]
@@ -424,13 +430,14 @@ def build_level(
     )
 
 
-def eroded(weight: torch.Tensor, reach: int) -> torch.Tensor:
+def eroded(weight: torch.Tensor, reach: int, beyond: float = 0.0) -> torch.Tensor:
     """``weight`` ``(1, 1, *spatial)`` eroded by ``reach`` voxels: the minimum over each
-    voxel's ``2 reach + 1`` neighbourhood, zero beyond the grid. Axes of at most ``4 reach``
-    voxels (thin stacks) are not eroded: that would leave little or nothing."""
+    voxel's ``2 reach + 1`` neighbourhood, ``beyond`` beyond the grid (0: the grid's own
+    edge erodes too). Axes of at most ``4 reach`` voxels (thin stacks) are not eroded: that
+    would leave little or nothing."""
     d = weight.dim() - 2
     steps = [reach if n > 4 * reach else 0 for n in weight.shape[2:]]  # tensor order
-    padded = F.pad(weight, [p for r in reversed(steps) for p in (r, r)])
+    padded = F.pad(weight, [p for r in reversed(steps) for p in (r, r)], value=beyond)
     max_pool = F.max_pool3d if d == 3 else F.max_pool2d
     return -max_pool(-padded, tuple(2 * r + 1 for r in steps), stride=1)
 
