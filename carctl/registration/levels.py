@@ -286,12 +286,13 @@ class Level:
         call: 4 rigid starts read together took half the time of 4 reads).
 
         The weight of a voxel is the fixed mask times the moving support, or the fixed mask
-        alone when the loss compares absent moving voxels with :attr:`fill`. Then a voxel
-        whose moving support is not whole compares the support-weighted mix of its features
-        and the fill, detached: it adds to the loss but pulls no point. The edge of the
-        moving field of view is no feature, and stretching it over the fixed image lowers
-        nothing (it did: thick clinical stacks registered both ways disagreed by 1.2-3.8 mm
-        on average, 1.1-1.3 mm since; see docs/benchmarks.md).
+        alone when the loss compares absent moving voxels with :attr:`fill`. Then, unless
+        :attr:`fill_pulls` (the deformable pyramid's coarsest level), a voxel whose moving
+        support is not whole compares the support-weighted mix of its features and the fill,
+        detached: it adds to the loss but pulls no point. The edge of the moving field of
+        view is no feature, and stretching it over the fixed image lowers nothing (it did:
+        thick clinical stacks registered both ways disagreed by 1.2-3.8 mm on average,
+        1.1-1.5 mm since; see docs/benchmarks.md).
         """
         values = interpolate(self.moving, moving_index.reshape(-1, self.ndim))
         reference = self._reference(index)
