@@ -103,19 +103,23 @@ def command(
 def run(moving, fixed, field, affine, warped, outputs, device, threads, force, inputs) -> dict:
     from carctl import pretrained, qa
     from carctl.io import atomic_output, read_image, write_image
+    from carctl.registration.levels import require_contrast
     from carctl.resample import load_chain
     from carctl.runtime import resolve_device, set_threads
 
     set_threads(threads)
     device = resolve_device(device)
     model, card = pretrained.load(qa.WEIGHTS, device=device)
-    moving_image = read_image(moving)
+    moving_image, fixed_image = read_image(moving), read_image(fixed)
+    # a constant image validates nothing (register refuses it before any stage)
+    require_contrast("moving", moving_image.array)
+    require_contrast("fixed", fixed_image.array)
     alignments = [(moving_image, [])]  # through the headers
     if field or affine:
         alignments.append((moving_image, load_chain(field, affine)))
     elif warped:
         alignments.append((read_image(warped), []))
-    assessments = qa.assess_alignments(model, read_image(fixed), alignments, device)
+    assessments = qa.assess_alignments(model, fixed_image, alignments, device)
     before, last = assessments[0], assessments[-1]
     write_image(qa.misalignment_image(last), outputs["error_map"], force=force, inputs=inputs)
     with atomic_output(outputs["png"], force=force, inputs=inputs, extensions=(".png",)) as tmp:

@@ -400,7 +400,7 @@ def build_level(
     m_features, m_grid = pool(m_features, m_fine, m_factors)
     fill_pulls = fills_outside and fill_pulls
     if reach and not fill_pulls:
-        support, _ = pool(eroded(inside(moving_grid, m_fine).to(device), reach), m_fine, m_factors)
+        support, _ = pool(interior(moving_grid, m_fine, reach).to(device), m_fine, m_factors)
     else:
         support = inside(moving_grid, m_grid).to(device)
     if moving_mask is not None:
@@ -409,9 +409,9 @@ def build_level(
     weight = None
     if reach:
         # the fixed image's own edge: its descriptors there read beyond it too
-        interior = eroded(inside(fixed_grid, fine).to(device), reach, beyond=1.0)
-        if float(interior.min()) < 1.0:
-            weight, _ = pool(interior, fine, f_factors)
+        edge = interior(fixed_grid, fine, reach, beyond=1.0)
+        if float(edge.min()) < 1.0:
+            weight, _ = pool(edge.to(device), fine, f_factors)
     if fixed_mask is not None:
         mask, _ = pool(band_limited(fixed_mask > 0, fixed_grid, fine), fine, f_factors)
         weight = mask if weight is None else weight * mask
@@ -439,7 +439,7 @@ def eroded(weight: torch.Tensor, reach: int, beyond: float = 0.0) -> torch.Tenso
     d = weight.dim() - 2
     steps = [reach if n > 4 * reach else 0 for n in weight.shape[2:]]  # tensor order
     padded = F.pad(weight, [p for r in reversed(steps) for p in (r, r)], value=beyond)
-    max_pool = F.max_pool3d if d == 3 else F.max_pool2d
+    max_pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[d - 1]
     return -max_pool(-padded, tuple(2 * r + 1 for r in steps), stride=1)
 
 
@@ -526,10 +526,54 @@ def inside(image: Grid, grid: Grid) -> torch.Tensor:
     """How much of each voxel of ``grid`` lies in ``image`` ``(1, 1, *grid.shape)``: 1 inside,
     falling linearly to 0 one voxel beyond the edge (what linear interpolation of ones with
     zeros outside gives)."""
+    profiles = _inside_profiles(image, grid)
+    if profiles is not None:
+        return _outer(profiles)
     index = image.to_index(grid.points(dtype=torch.float64))
     upper = torch.as_tensor([n - 1 for n in image.size], dtype=index.dtype)
     beyond = torch.maximum(-index, index - upper).clamp_min(0.0)
     return (1.0 - beyond).clamp_min(0.0).prod(dim=-1).float()[None, None]
+
+
+def interior(image: Grid, grid: Grid, reach: int, beyond: float = 0.0) -> torch.Tensor:
+    """``eroded(inside(image, grid), reach, beyond)``: with ``beyond`` 0 ``grid``'s own edge
+    erodes too, with 1 only ``image``'s (see :func:`eroded`)."""
+    profiles = _inside_profiles(image, grid)
+    if profiles is None:
+        return eroded(inside(image, grid), reach, beyond)
+    # a product of non-negative factors, one per axis: its minimum over a box is the
+    # product of theirs, so each axis erodes alone (a 1 mm brain's grid: 0.6 s -> 1 ms)
+    return _outer([eroded(p.view(1, 1, -1), reach, beyond).view(-1) for p in profiles])
+
+
+def _inside_profiles(image: Grid, grid: Grid) -> list[torch.Tensor] | None:
+    """:func:`inside`'s factor along each index axis of ``grid`` (``(size,)`` float64) when
+    ``grid``'s axes are ``image``'s (an index of one maps to the other along the same axis,
+    as for working grids cut from an image), else None. Building ``inside`` from them
+    avoids a point per voxel (a 1 mm brain's grid: 0.5 s)."""
+    d = grid.ndim
+    matrix = image.physical_to_index @ grid.index_to_physical
+    linear = matrix[:d, :d]
+    if np.abs(linear - np.diag(np.diag(linear))).max() > 1e-9 * np.abs(linear).max():
+        return None
+    profiles = []
+    for axis in range(d):
+        index = torch.arange(grid.size[axis], dtype=torch.float64) * linear[axis, axis]
+        index = index + matrix[axis, d]
+        beyond = torch.maximum(-index, index - (image.size[axis] - 1)).clamp_min(0.0)
+        profiles.append((1.0 - beyond).clamp_min(0.0))
+    return profiles
+
+
+def _outer(profiles: list[torch.Tensor]) -> torch.Tensor:
+    """The product of per-axis factors (index order) as ``(1, 1, *shape)`` float32."""
+    d = len(profiles)
+    out = torch.ones((1,) * d, dtype=torch.float64)
+    for axis, p in enumerate(profiles):
+        view = [1] * d
+        view[d - 1 - axis] = -1  # index axis i, j, k is tensor dimension D-1, ...
+        out = out * p.view(view)
+    return out.float()[None, None]
 
 
 def widened(box: tuple[np.ndarray, np.ndarray], grid: Grid) -> tuple[np.ndarray, np.ndarray]:

@@ -196,10 +196,10 @@ class _State:
         spec = loss_spec(loss) if loss else self.spec
         oversample = LINEAR_OVERSAMPLE if linear else OVERSAMPLE
         key = (round(spacing, 6), spec.name, linear)
-        # the deformable pyramid's coarsest level lets the fill pull (see EDGE_PULL_LEVELS)
-        coarsest = self.schedule["deformable"][:EDGE_PULL_LEVELS]
-        pulls = not linear and any(abs(spacing - s) < 1e-6 for s in coarsest)
         if key not in self._levels:
+            # the deformable pyramid's coarsest level lets the fill pull (EDGE_PULL_LEVELS)
+            coarsest = self.schedule["deformable"][:EDGE_PULL_LEVELS]
+            pulls = not linear and any(abs(spacing - s) < 1e-6 for s in coarsest)
             self._levels[key] = build_level(
                 self.fixed_norm,
                 self.fixed.grid,

@@ -940,3 +940,26 @@ def test_rigid_stage_refines_only_when_it_is_the_last_linear_stage():
     assert plans["rigid"]["rigid"] == [4.0, 2.0]
     for method in ("affine", "auto"):
         assert plans[method]["rigid"] == [4.0] and plans[method]["affine"] == [4.0, 2.0]
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_inside_and_interior_match_the_point_by_point_answer(parallel):
+    """Along parallel axes ``inside`` is built from one profile per axis and ``interior``
+    erodes each alone (a product of non-negative factors): the same as a point per voxel."""
+    image = Grid((30, 20, 12), (1.0, 1.2, 2.5), (-3.0, 4.0, 1.0), tuple(np.eye(3).ravel()))
+    direction = np.eye(3) if parallel else rotation(0.1, 0.0, 0.05)[:3, :3]
+    grid = Grid((24, 26, 16), (1.5, 1.1, 2.0), (-8.0, 2.0, -4.0), tuple(direction.ravel()))
+    index = image.to_index(grid.points(dtype=torch.float64))
+    upper = torch.as_tensor([n - 1 for n in image.size], dtype=index.dtype)
+    beyond = torch.maximum(-index, index - upper).clamp_min(0.0)
+    expected = (1.0 - beyond).clamp_min(0.0).prod(dim=-1).float()[None, None]
+    torch.testing.assert_close(levels.inside(image, grid), expected, rtol=0, atol=1e-7)
+    for beyond in (0.0, 1.0):
+        eroded = levels.eroded(expected, 2, beyond=beyond)
+        assert float(eroded.min()) < 1.0  # the grid reaches past the image's edge
+        torch.testing.assert_close(
+            levels.interior(image, grid, 2, beyond), eroded, rtol=0, atol=1e-7
+        )
+    within = Grid((5, 5, 3), (1.0, 1.0, 2.0), (5.0, 10.0, 7.0), tuple(np.eye(3).ravel()))
+    assert float(levels.interior(image, within, 1, beyond=1.0).min()) == 1.0
+    assert float(levels.interior(image, within, 1).min()) == 0.0  # the grid's own edge
