@@ -66,6 +66,14 @@ def command(
     moving_mask: Annotated[
         str | None, typer.Option("--moving-mask", help="Only voxels inside count (moving space).")
     ] = None,
+    initial_affine: Annotated[
+        str | None,
+        typer.Option(
+            "--initial-affine",
+            help="Start from this affine (ITK .mat/.tfm, fixed -> moving, as --affine writes "
+            "and ANTs reads) instead of searching for a start.",
+        ),
+    ] = None,
     method: Annotated[
         str,
         typer.Option(
@@ -148,7 +156,7 @@ def command(
     )
     if json_out == "-":
         quiet = True
-    inputs = [i for i in (moving, fixed, labels, fixed_mask, moving_mask) if i]
+    inputs = [i for i in (moving, fixed, labels, fixed_mask, moving_mask, initial_affine) if i]
     if json_out not in (None, "-"):  # refused now rather than after the work
         from carctl.io import check_output
 
@@ -162,6 +170,7 @@ def command(
         labels=labels,
         fixed_mask=fixed_mask,
         moving_mask=moving_mask,
+        initial_affine=initial_affine,
         threads=threads,
         quiet=quiet,
         force=force,
@@ -189,6 +198,7 @@ def run(
     from carctl.spatial.files import (
         AFFINE_EXTENSIONS,
         FIELD_EXTENSIONS,
+        read_affine,
         write_affine,
         write_field,
     )
@@ -209,13 +219,17 @@ def run(
     fixed_mask = read_image(options["fixed_mask"]) if options["fixed_mask"] else None
     moving_mask = read_image(options["moving_mask"]) if options["moving_mask"] else None
     labels = read_image(options["labels"]) if options["labels"] else None
+    initial = options.get("initial_affine")
+    initial = read_affine(initial).homogeneous if initial else None
     console = stderr()
     quiet = options["quiet"]
     if not quiet:
         console.print(f"moving  {moving_image.grid.describe()}   ({moving})")
         console.print(f"fixed   {fixed_image.grid.describe()}   ({fixed})")
     with _progress(console, quiet) as progress:
-        result = register(moving_image, fixed_image, settings, fixed_mask, moving_mask, progress)
+        result = register(
+            moving_image, fixed_image, settings, fixed_mask, moving_mask, progress, initial
+        )
 
     written_start = time.perf_counter()
     warped = resample_image(moving_image, fixed_image.grid, [result.field])
@@ -240,6 +254,7 @@ def run(
         "initialisation": next(
             (s.detail.get("start") for s in result.stages if s.name == "initialise"), None
         ),
+        "initial_affine": options.get("initial_affine"),
         "stages": [
             {
                 "name": s.name,

@@ -407,6 +407,7 @@ def build_level(
     oversample: int = OVERSAMPLE,
     reach: int = 0,
     fill_pulls: bool = False,
+    frame: np.ndarray | None = None,
 ) -> Level:
     """Resample both (normalised) images to ``spacing / oversample`` mm (never finer than
     their own voxels), compute their ``features`` there and average them down to ``spacing``:
@@ -418,12 +419,19 @@ def build_level(
     ``reach`` voxels (of the features' grid) of its edge or of its working grid's: their
     features read beyond it. Where the support is incomplete, a loss that ``fills_outside``
     compares the constant :attr:`Level.fill` without a gradient (see :meth:`Level.loss`);
-    the others compare only where it is whole."""
+    the others compare only where it is whole.
+
+    The moving working grid's axes are the fixed grid's, turned by the rotation ``frame``
+    (physical, fixed -> moving) when given: MIND-SSC compares neighbours along the grid's
+    axes, so where the moving image shows the anatomy turned (by the affine's rotation),
+    its descriptors must be taken along the turned axes to mean what the fixed image's do."""
     f_box = widened(box, fixed_grid)
     m_box = None if moving_box is None else widened(moving_box, moving_grid)
     steps = axis_spacing(spacing, fixed_grid, f_box, moving_grid, m_box)
     fine = fixed_level_grid(fixed_grid, steps / oversample, f_box)
     direction = fixed_grid.direction_matrix
+    if frame is not None:  # the fixed axes as the moving image shows them (see the docstring)
+        direction = frame @ direction
     m_fine = moving_level_grid(moving_grid, direction, np.asarray(fine.spacing), m_box)
 
     def band_limited(array: np.ndarray, source: Grid, target: Grid) -> torch.Tensor:
