@@ -243,9 +243,14 @@ def rotation_frame(affine: np.ndarray) -> np.ndarray | None:
     rotation = u @ vt
     if np.linalg.det(rotation) < 0:
         return None  # a mirror: no rotation takes one frame to the other
+    return rotation if degrees(rotation) >= FRAME_DEGREES else None
+
+
+def degrees(rotation: np.ndarray) -> float:
+    """The angle (degrees) a rotation matrix turns by."""
+    d = rotation.shape[0]
     cosine = (np.trace(rotation) - 1) / 2 if d == 3 else rotation[0, 0]
-    angle = float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
-    return rotation if angle >= FRAME_DEGREES else None
+    return float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
 
 
 def _schedule(fixed: Grid, options: RegistrationOptions) -> dict:
@@ -307,9 +312,7 @@ def _turn_frame(state: _State, detail: dict) -> None:
     state.frame = rotation_frame(state.affine)
     if state.frame is not None:
         state._levels.clear()
-        d = state.frame.shape[0]
-        cosine = (np.trace(state.frame) - 1) / 2 if d == 3 else state.frame[0, 0]
-        detail["frame_degrees"] = float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
+        detail["frame_degrees"] = degrees(state.frame)
 
 
 def _linear_stage(name: str, affine: bool) -> Callable[[_State, Progress], StageReport]:

@@ -476,8 +476,8 @@ def test_mind_holds_the_truth_of_a_turned_image(phantom, degrees):
     """MIND-SSC compares neighbours along the grid's axes: where the moving image shows the
     anatomy turned, its descriptors taken along the fixed axes no longer matched the fixed
     image's at the right alignment, and the rigid stage left the truth it started from by
-    4.5 mm (40 degrees) and 7.5 mm (60). The moving features now follow the affine's
-    rotation: 0.10 and 0.14 mm."""
+    4.5 mm (40 degrees) and 7.5 mm (60). The moving features now follow the start's
+    rotation (from 25 degrees): 0.10 and 0.14 mm."""
     from carctl.registration.pipeline import rotation_frame
 
     truth = initialise.about(
