@@ -219,8 +219,8 @@ def run(
     fixed_mask = read_image(options["fixed_mask"]) if options["fixed_mask"] else None
     moving_mask = read_image(options["moving_mask"]) if options["moving_mask"] else None
     labels = read_image(options["labels"]) if options["labels"] else None
-    initial = options.get("initial_affine")
-    initial = read_affine(initial).homogeneous if initial else None
+    given = options.get("initial_affine")
+    initial = read_affine(given).homogeneous if given else None
     console = stderr()
     quiet = options["quiet"]
     if not quiet:
@@ -254,7 +254,7 @@ def run(
         "initialisation": next(
             (s.detail.get("start") for s in result.stages if s.name == "initialise"), None
         ),
-        "initial_affine": options.get("initial_affine"),
+        "initial_affine": given,
         "stages": [
             {
                 "name": s.name,

@@ -165,13 +165,22 @@ def moving_level_grid(
     """A grid of ``direction`` covering ``moving`` (or only its index ``box``, inclusive
     corners), with voxels of about ``spacing`` (per axis of ``direction``, never finer than
     the moving image's own along that axis)."""
-    low, high = box if box is not None else (np.zeros(moving.ndim), np.asarray(moving.size) - 1)
-    along = _corners(moving, low, high) @ direction  # coordinates along direction columns
+    low, high = _along(moving, box, direction)
     # the moving axis closest to each axis of `direction` sets the finest useful spacing
     cosines = np.abs(direction.T @ moving.direction_matrix)
     own = np.asarray(moving.spacing)[cosines.argmax(axis=1)]
     step = np.maximum(spacing, own)
-    return _resampled_grid(direction, along.min(axis=0), along.max(axis=0), step)
+    return _resampled_grid(direction, low, high, step)
+
+
+def _along(
+    grid: Grid, box: tuple[np.ndarray, np.ndarray] | None, direction: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The lowest and highest coordinates along ``direction``'s columns (mm) of ``grid``'s
+    index ``box`` (inclusive corners; the whole grid when None)."""
+    low, high = box if box is not None else (np.zeros(grid.ndim), np.asarray(grid.size) - 1.0)
+    along = _corners(grid, np.asarray(low, float), np.asarray(high, float)) @ direction
+    return along.min(axis=0), along.max(axis=0)
 
 
 def axis_spacing(
@@ -191,11 +200,8 @@ def axis_spacing(
     registration to its whole CT ended 2-60 mm off."""
     own = np.asarray(fixed.spacing)
     extent = (np.asarray(box[1], float) - np.asarray(box[0], float)) * own
-    if moving_box is None:
-        moving_box = (np.zeros(moving.ndim), np.asarray(moving.size) - 1.0)
-    low, high = (np.asarray(b, float) for b in moving_box)
-    along = _corners(moving, low, high) @ fixed.direction_matrix
-    extent = np.minimum(extent, along.max(axis=0) - along.min(axis=0))
+    low, high = _along(moving, moving_box, fixed.direction_matrix)
+    extent = np.minimum(extent, high - low)
     return np.minimum(spacing, np.maximum(extent / ACROSS, own))
 
 
