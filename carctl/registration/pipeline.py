@@ -109,7 +109,17 @@ NETWORK_MAX_CORRECTION_MM = 4.0
 # 2.79 / 6.50 -> 0.92 / 2.10 / 4.84; brains deformed twice the benchmark's size 0.07-0.41 mm
 # better on all six pairs; the benchmark's own pairs: SPM 1.43 / 1.66 -> 1.44 / 1.68, others
 # unchanged. An explicit --regularization is kept as given.
+# Beyond that motion the network's field is not the start either: when the field and the
+# check's correction (above) together move the coarsest control grid's points by more than
+# NETWORK_MAX_MOTION_MM on average, io's whole pyramid runs from the affine, even where the
+# correction was small. The finest level alone cannot finish a large motion: the chest CT
+# pair with other random deformations of the same size (seeds 2 and 3: motion 7.1 and 6.8 mm,
+# corrections 3.7 mm, under NETWORK_MAX_CORRECTION_MM) ended 1.86 / 2.02 mm from the finest
+# level, 1.43 / 1.15 from the pyramid; brains moved 1.25-1.5 times the benchmark's size
+# (motion 4.0-4.7 mm) 0.06-0.35 mm better on four of six pairs. The price: the blurry 2 mm
+# SPM templates (motion 4.8-7.6 mm) end 0.01-0.09 mm worse on seven of eight pairs tried.
 MOTION_SCALE_MM = 4.0
+NETWORK_MAX_MOTION_MM = MOTION_SCALE_MM
 # Once the initialisation has chosen (or been given) a start turned by this many degrees or
 # more, the moving image's features are computed along the fixed image's axes turned by that
 # rotation (see levels.build_level): MIND-SSC's neighbours then mean the same in both images.
@@ -466,20 +476,26 @@ def _stage_deformable(state: _State, progress: Progress) -> StageReport:
         used = counts
     else:
         # check the network's field with a correction at the coarsest level (see
-        # NETWORK_MAX_CORRECTION_MM), then either start over without it or run the finest
-        # level alone from it
+        # NETWORK_MAX_CORRECTION_MM and NETWORK_MAX_MOTION_MM), then either start over
+        # without it or run the finest level alone from it
         short = counts if options.iterations is not None else after_network(counts)
         progress.start("deformable", counts[0] + sum(short))
         grid, u, ran, losses, weights = _optimise_levels(
             state, spacings[:1], counts[:1], progress, offset=network
         )
         correction = float(u.norm(dim=-1).mean())
+        # the motion found: the network's field and the correction together
+        network_field = optimize.field_on_grid(network[1].to(u), network[0], grid)
+        motion = float((network_field.movedim(0, -1) + u).norm(dim=-1).mean())
         detail["network_correction_mm"] = correction
-        if correction > NETWORK_MAX_CORRECTION_MM:  # far off: io's whole pyramid instead
+        detail["network_motion_mm"] = motion
+        far_off = correction > NETWORK_MAX_CORRECTION_MM
+        if far_off or motion > NETWORK_MAX_MOTION_MM:  # io's whole pyramid instead
             progress.start("deformable", sum(counts))
             grid, u, ran, losses, weights = _optimise_levels(state, spacings, counts, progress)
             used = counts
-            detail["network_start"] = "discarded: far off (the whole pyramid ran from the affine)"
+            why = "far off" if far_off else "a large motion"
+            detail["network_start"] = f"discarded: {why} (the whole pyramid ran from the affine)"
         else:
             grid, u, ran, losses, weights = _optimise_levels(
                 state, spacings, short, progress, network

@@ -217,6 +217,9 @@ def test_auto_checks_a_kept_network_field_at_the_coarsest_level(monkeypatch, car
     detail = next(s for s in result.stages if s.name == "deformable").detail
     levels = pipeline._schedule(image.grid, options)["deformable"]  # io's levels
     assert detail["network_correction_mm"] >= 0
+    # the motion is the field and the correction together: where the (wrong) 2 mm shift is
+    # corrected back, little motion is left
+    assert detail["network_motion_mm"] < detail["network_correction_mm"]
     if far_off:
         assert detail["network_start"].startswith("discarded")
         # a small motion: every level at the default weight
@@ -339,3 +342,32 @@ def test_shipped_network_cuts_the_error_after_affine(shared_data):
     before = end_point_error(affine.field, pair.truth, pair.mask)
     after = end_point_error(net.field, pair.truth, pair.mask)
     assert after < 0.75 * before, (before, after)
+
+
+@pytest.mark.parametrize("limit", [-1.0, 1e9])
+def test_auto_runs_the_whole_pyramid_when_the_network_finds_a_large_motion(
+    monkeypatch, car_weights, limit
+):
+    """A field the check barely corrects still gives way to io's whole pyramid when the
+    motion it describes (field + correction) exceeds NETWORK_MAX_MOTION_MM: the finest level
+    alone cannot finish a large motion."""
+    image = blobs()
+    grid = image.grid
+    fixed = contrast(image)
+    monkeypatch.setattr(network, "predict", lambda *a, **k: (grid, torch.zeros(1, 3, *grid.shape)))
+    monkeypatch.setattr(pipeline, "NETWORK_MIN_GAIN", -np.inf)
+    monkeypatch.setattr(pipeline, "NETWORK_MAX_CORRECTION_MM", 1e9)  # never far off
+    monkeypatch.setattr(pipeline, "NETWORK_MAX_MOTION_MM", limit)
+    options = RegistrationOptions(method="auto")
+    result = register(image, fixed, options)
+    detail = next(s for s in result.stages if s.name == "deformable").detail
+    levels = pipeline._schedule(image.grid, options)["deformable"]
+    assert detail["network_motion_mm"] >= 0
+    if limit < 0:
+        assert detail["network_start"] == (
+            "discarded: a large motion (the whole pyramid ran from the affine)"
+        )
+        assert detail["levels_mm"] == levels
+    else:
+        assert detail["network_start"] == "finest level only"
+        assert detail["levels_mm"] == levels[-1:]
