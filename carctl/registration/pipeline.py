@@ -447,8 +447,14 @@ def _optimise_levels(
         losses.append([before, after])
         weights.append(weight)
         if follows and len(ran) == 1:
-            weight = _following(state, weight, float(u.norm(dim=-1).mean()))
+            weight = _following(state, weight, _mean_length(u))
     return grid, u, ran, losses, weights
+
+
+def _mean_length(u: torch.Tensor) -> float:
+    """The motion a field ``(*shape, D)`` (mm, on a control grid) describes: the mean length
+    of its vectors (what MOTION_SCALE_MM and the network's check compare)."""
+    return float(u.norm(dim=-1).mean())
 
 
 def _following(state: _State, weight: float, motion_mm: float) -> float:
@@ -483,10 +489,10 @@ def _stage_deformable(state: _State, progress: Progress) -> StageReport:
         grid, u, ran, losses, weights = _optimise_levels(
             state, spacings[:1], counts[:1], progress, offset=network
         )
-        correction = float(u.norm(dim=-1).mean())
+        correction = _mean_length(u)
         # the motion found: the network's field and the correction together
         network_field = optimize.field_on_grid(network[1].to(u), network[0], grid)
-        motion = float((network_field.movedim(0, -1) + u).norm(dim=-1).mean())
+        motion = _mean_length(network_field.movedim(0, -1) + u)
         detail["network_correction_mm"] = correction
         detail["network_motion_mm"] = motion
         far_off = correction > NETWORK_MAX_CORRECTION_MM
