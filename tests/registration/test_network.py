@@ -217,6 +217,9 @@ def test_auto_checks_a_kept_network_field_at_the_coarsest_level(monkeypatch, car
     detail = next(s for s in result.stages if s.name == "deformable").detail
     levels = pipeline._schedule(image.grid, options)["deformable"]  # io's levels
     assert detail["network_correction_mm"] >= 0
+    # the check decides in half the coarsest level's iterations
+    first = pipeline.DEFAULT_ITERATIONS[-len(levels)]
+    assert detail["network_check_iterations"] == min(pipeline.NETWORK_CHECK_ITERATIONS, first)
     # the motion is the field and the correction together: where the (wrong) 2 mm shift is
     # corrected back, little motion is left
     assert detail["network_motion_mm"] < detail["network_correction_mm"]
