@@ -37,8 +37,7 @@ def evaluate(
         report.update(_label_report(fixed_labels, warped_labels))
     chain = load_chain(field, affine)
     if field is not None:
-        jacobian = jacobian_determinant(chain[0]).numpy()
-        report["field"] = metrics.jacobian_summary(jacobian)
+        report["field"] = metrics.jacobian_summary(jacobian_determinant(chain[0]))
     if fixed_points is not None and moving_points is not None:
         report["landmarks"] = _landmark_report(
             fixed_points, moving_points, chain, fixed_image, moving_image

@@ -166,15 +166,21 @@ def label_scores(fixed: np.ndarray, warped: np.ndarray, grid: Grid) -> list[Labe
     return scores
 
 
-def jacobian_summary(jacobian: np.ndarray) -> dict[str, float]:
-    """Folding (% of voxels with det J <= 0), spread of log det J, and the det J range."""
-    jacobian = np.asarray(jacobian, dtype=np.float64)
-    log_j = np.log(np.clip(jacobian, *_LOG_JACOBIAN_CLIP))
+def jacobian_summary(jacobian) -> dict[str, float]:
+    """Folding (% of voxels with det J <= 0), spread (population standard deviation) of log
+    det J, and the det J range, of an array or tensor. Computed in float64 with torch, over
+    the threads :func:`carctl.runtime.set_threads` allows: on a 1 mm brain's 8.9 million
+    voxels, NumPy's one thread took 0.3-0.4 s of a command's run, mostly faulting in its
+    float64 temporaries."""
+    import torch
+
+    j = torch.as_tensor(jacobian).to(torch.float64)
+    log_j = j.clamp(*_LOG_JACOBIAN_CLIP).log()
     return {
-        "folding_percent": float(100.0 * np.mean(jacobian <= 0)),
-        "log_jacobian_std": float(np.std(log_j)),
-        "jacobian_min": float(jacobian.min()),
-        "jacobian_max": float(jacobian.max()),
+        "folding_percent": 100.0 * (int((j <= 0).sum()) / j.numel()),
+        "log_jacobian_std": float(log_j.std(correction=0)),
+        "jacobian_min": float(j.min()),
+        "jacobian_max": float(j.max()),
     }
 
 

@@ -242,7 +242,7 @@ def run(
     if "inverse_field" in outputs:
         inverse = result.inverse(moving_image.grid)
         write_field(inverse, outputs["inverse_field"], force=force, inputs=inputs)
-    jacobian = jacobian_summary(jacobian_determinant(result.field).numpy())
+    jacobian = jacobian_summary(jacobian_determinant(result.field))
     summary = {
         "moving": moving,
         "fixed": fixed,
