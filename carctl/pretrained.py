@@ -107,7 +107,8 @@ def build(architecture: dict):
     if kind == "imse-evaluator":
         from carctl.networks.evaluator import Evaluator, EvaluatorConfig
 
-        return Evaluator(EvaluatorConfig(**architecture["config"]))
+        # cards written before ``direct`` existed describe networks without it
+        return Evaluator(EvaluatorConfig(**{"direct": False, **architecture["config"]}))
     if kind == "car-registration":
         from carctl.networks.car import CarConfig, CarNet
 

@@ -22,6 +22,10 @@ class EvaluatorConfig:
     ndim: int = 3
     width: int = 8  # channels at full resolution; x2 and x4 below
     blocks: int = 4  # residual blocks at 1/4 resolution
+    # the last layer gives the error map itself, starting at zero (False: it gives the other
+    # image in the reference's contrast, and the error is the reference minus it; cards
+    # written before this option existed describe such networks)
+    direct: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -67,10 +71,18 @@ class _Residual(nn.Module):
 class Evaluator(nn.Module):
     """``forward(reference, other) -> error`` with inputs and output ``(N, 1, *spatial)``.
 
-    The network predicts ``other'``, the other image's content in the reference's contrast,
-    and returns ``reference - other'``. The contrast mapping it must invert is global (one
-    intensity remapping for the whole image), so the bottleneck's spatial mean modulates
-    the decoder (feature-wise scale and shift), and the raw ``other`` reaches the last layers.
+    With :attr:`EvaluatorConfig.direct` the last layer gives the error map ``reference -
+    other'`` (``other'``: the other image's content in the reference's contrast) and starts
+    at zero, the right answer for aligned images; otherwise it gives ``other'`` and the
+    network returns the reference minus it. That older form must rebuild the reference
+    through the whole network before it can say "no error": trained for 10 000 steps it
+    predicted about 0.02 everywhere, whatever the misalignment, and its validation L1
+    (0.0425) was worse than predicting zero (0.0342). The direct form reached that zero
+    answer in 1000 steps but, after 4000, did not yet rank misalignments (docs/benchmarks.md,
+    "Why the shipped evaluator learnt nothing"). The contrast mapping the network
+    must see through is global (one intensity remapping for the whole image), so the
+    bottleneck's spatial mean modulates the decoder (feature-wise scale and shift), and the
+    raw ``other`` reaches the last layers.
     """
 
     def __init__(self, config: EvaluatorConfig = EvaluatorConfig()) -> None:
@@ -87,6 +99,9 @@ class Evaluator(nn.Module):
         self.dec0 = conv(w, w, 3, padding=1)
         self.head = conv(w + 1, w, 1)
         self.out = conv(w, 1, 1)
+        if config.direct:  # no error until the network has learnt to see one
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
 
     def forward(self, reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         mode = "trilinear" if self.config.ndim == 3 else "bilinear"
@@ -104,5 +119,5 @@ class Evaluator(nn.Module):
         up = F.interpolate(y1, size=x0.shape[2:], mode=mode, align_corners=False)
         y0 = act(self.fuse0(torch.cat([up, x0, other], dim=1)))
         y0 = act(self.dec0(y0) * (1 + s0) + b0)
-        translated = self.out(act(self.head(torch.cat([y0, other], dim=1))))
-        return reference - translated
+        out = self.out(act(self.head(torch.cat([y0, other], dim=1))))
+        return out if self.config.direct else reference - out

@@ -86,6 +86,24 @@ def test_evaluator_modulation_is_bounded():
     assert net(x, x).abs().max() < 1e3
 
 
+def test_direct_evaluator_starts_at_no_error_and_old_cards_load_the_older_form():
+    """The error-predicting form starts at zero (the answer for aligned images, and L1's
+    best constant); a card without ``direct`` builds the older form, as it was trained."""
+    from carctl import pretrained
+
+    torch.manual_seed(0)
+    x, y = torch.rand(2, 1, 12, 11, 10).unbind(0)
+    assert torch.equal(
+        Evaluator(EvaluatorConfig(width=4, blocks=1))(x[None], y[None]),
+        torch.zeros(1, 1, 12, 11, 10),
+    )
+    old = pretrained.build(
+        {"kind": "imse-evaluator", "config": {"ndim": 3, "width": 4, "blocks": 1}}
+    )
+    assert not old.config.direct
+    assert not torch.equal(old(x[None], y[None]), torch.zeros(1, 1, 12, 11, 10))
+
+
 def test_evaluator_2d():
     net = Evaluator(EvaluatorConfig(ndim=2, width=4, blocks=1))
     x = torch.rand(2, 1, 31, 18)
@@ -204,7 +222,8 @@ def test_a_few_training_steps_reduce_the_loss(tmp_path):
         patch=16,
         validate_every=20,
         learning_rate=3e-3,
-        network=EvaluatorConfig(width=4, blocks=1),
+        # the older form, which starts far from the answer: the loop must bring it closer
+        network=EvaluatorConfig(width=4, blocks=1, direct=False),
     )
     volumes = _tiny_volumes()
     checks = imse.validation_batches(volumes, settings, count=4)
