@@ -107,8 +107,10 @@ def build(architecture: dict):
     if kind == "imse-evaluator":
         from carctl.networks.evaluator import Evaluator, EvaluatorConfig
 
-        # cards written before ``direct`` existed describe networks without it
-        return Evaluator(EvaluatorConfig(**{"direct": False, **architecture["config"]}))
+        # cards written before ``direct`` and ``normalised`` existed describe networks without
+        return Evaluator(
+            EvaluatorConfig(**{"direct": False, "normalised": False, **architecture["config"]})
+        )
     if kind == "car-registration":
         from carctl.networks.car import CarConfig, CarNet
 

@@ -26,6 +26,10 @@ class EvaluatorConfig:
     # image in the reference's contrast, and the error is the reference minus it; cards
     # written before this option existed describe such networks)
     direct: bool = True
+    # instance normalisation after every convolution but the last ones, residual branches
+    # starting at zero, and both raw inputs at the last layers, without the modulation
+    # (False: the older design, which trains badly; see :class:`Evaluator`)
+    normalised: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,47 +61,68 @@ def _conv(ndim: int):
     return nn.Conv3d if ndim == 3 else nn.Conv2d
 
 
+def _norm(ndim: int, channels: int, normalised: bool) -> nn.Module:
+    if not normalised:
+        return nn.Identity()
+    return (nn.InstanceNorm3d if ndim == 3 else nn.InstanceNorm2d)(channels, affine=True)
+
+
 class _Residual(nn.Module):
-    def __init__(self, ndim: int, channels: int) -> None:
+    def __init__(self, ndim: int, channels: int, normalised: bool) -> None:
         super().__init__()
         conv = _conv(ndim)
         self.a = conv(channels, channels, 3, padding=1)
+        self.norm = _norm(ndim, channels, normalised)
         self.b = conv(channels, channels, 3, padding=1)
+        if normalised:  # each block starts as the identity
+            nn.init.zeros_(self.b.weight)
+            nn.init.zeros_(self.b.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.b(F.leaky_relu(self.a(x), 0.2))
+        return x + self.b(F.leaky_relu(self.norm(self.a(x)), 0.2))
 
 
 class Evaluator(nn.Module):
     """``forward(reference, other) -> error`` with inputs and output ``(N, 1, *spatial)``.
 
-    With :attr:`EvaluatorConfig.direct` the last layer gives the error map ``reference -
-    other'`` (``other'``: the other image's content in the reference's contrast) and starts
-    at zero, the right answer for aligned images; otherwise it gives ``other'`` and the
-    network returns the reference minus it. That older form must rebuild the reference
-    through the whole network before it can say "no error": trained for 10 000 steps it
-    predicted about 0.02 everywhere, whatever the misalignment, and its validation L1
-    (0.0425) was worse than predicting zero (0.0342). The direct form reached that zero
-    answer in 1000 steps but, after 4000, did not yet rank misalignments (docs/benchmarks.md,
-    "Why the shipped evaluator learnt nothing"). The contrast mapping the network
-    must see through is global (one intensity remapping for the whole image), so the
-    bottleneck's spatial mean modulates the decoder (feature-wise scale and shift), and the
-    raw ``other`` reaches the last layers.
+    Encoder (full, 1/2, 1/4 resolution), residual blocks at 1/4, decoder with skip
+    connections; the raw inputs reach the last layers. With :attr:`EvaluatorConfig.direct`
+    the last layer gives the error map ``reference - other'`` (``other'``: the other image's
+    content in the reference's contrast) and starts at zero, the right answer for aligned
+    images; otherwise it gives ``other'`` and the network returns the reference minus it.
+
+    With :attr:`EvaluatorConfig.normalised` every convolution but the last two is followed by
+    instance normalisation (its statistics over the whole image also carry the image's
+    global contrast, which Shuffle Remap changes) and every residual block starts as the
+    identity. The older design had neither, and the bottleneck's spatial mean modulated the
+    decoder instead (feature-wise scale and shift). It trains badly: at the learning rate
+    that keeps it stable (5e-4; at 3e-3 its activations ran away within 60 steps) it did not
+    even learn the plain difference of two images of one contrast in 600 steps, where the
+    normalised design predicts 0.6 of it in 300 (docs/benchmarks.md, "Why the shipped
+    evaluator learnt nothing"). The shipped weights still have the older design (their card
+    says so).
     """
 
     def __init__(self, config: EvaluatorConfig = EvaluatorConfig()) -> None:
         super().__init__()
         self.config = config
-        conv, w = _conv(config.ndim), config.width
+        conv, w, d, on = _conv(config.ndim), config.width, config.ndim, config.normalised
+        raw = 2 if on else 1  # the raw inputs (both, or the other image) at the last layers
         self.enc0 = conv(2, w, 3, padding=1)
+        self.norm0 = _norm(d, w, on)
         self.enc1 = conv(w, 2 * w, 3, stride=2, padding=1)
+        self.norm1 = _norm(d, 2 * w, on)
         self.enc2 = conv(2 * w, 4 * w, 3, stride=2, padding=1)
-        self.blocks = nn.Sequential(*(_Residual(config.ndim, 4 * w) for _ in range(config.blocks)))
-        self.context = nn.Linear(4 * w, 2 * (2 * w + w))  # scale and shift for dec1, dec0
+        self.norm2 = _norm(d, 4 * w, on)
+        self.blocks = nn.Sequential(*(_Residual(d, 4 * w, on) for _ in range(config.blocks)))
+        # scale and shift for dec1, dec0 (the older design)
+        self.context = None if on else nn.Linear(4 * w, 2 * (2 * w + w))
         self.dec1 = conv(6 * w, 2 * w, 3, padding=1)
-        self.fuse0 = conv(3 * w + 1, w, 1)
+        self.norm_dec1 = _norm(d, 2 * w, on)
+        self.fuse0 = conv(3 * w + raw, w, 1)
         self.dec0 = conv(w, w, 3, padding=1)
-        self.head = conv(w + 1, w, 1)
+        self.norm_dec0 = _norm(d, w, on)
+        self.head = conv(w + raw, w, 1)
         self.out = conv(w, 1, 1)
         if config.direct:  # no error until the network has learnt to see one
             nn.init.zeros_(self.out.weight)
@@ -107,17 +132,22 @@ class Evaluator(nn.Module):
         mode = "trilinear" if self.config.ndim == 3 else "bilinear"
         act = lambda x: F.leaky_relu(x, 0.2)  # noqa: E731
         w = self.config.width
-        x0 = act(self.enc0(torch.cat([reference, other], dim=1)))
-        x1 = act(self.enc1(x0))
-        x2 = self.blocks(act(self.enc2(x1)))
-        film = self.context(x2.flatten(2).mean(dim=2))  # (N, 6w)
-        shape = (*film.shape, *([1] * self.config.ndim))
-        # bounded scales keep the modulation from running away
-        s1, b1, s0, b0 = torch.split(torch.tanh(film).view(shape), [2 * w, 2 * w, w, w], dim=1)
+        both = torch.cat([reference, other], dim=1)
+        raw = both if self.config.normalised else other
+        x0 = act(self.norm0(self.enc0(both)))
+        x1 = act(self.norm1(self.enc1(x0)))
+        x2 = self.blocks(act(self.norm2(self.enc2(x1))))
+        s1 = b1 = s0 = b0 = 0.0
+        if self.context is not None:
+            film = self.context(x2.flatten(2).mean(dim=2))  # (N, 6w)
+            shape = (*film.shape, *([1] * self.config.ndim))
+            # bounded scales keep the modulation from running away
+            split = torch.split(torch.tanh(film).view(shape), [2 * w, 2 * w, w, w], dim=1)
+            s1, b1, s0, b0 = split
         up = F.interpolate(x2, size=x1.shape[2:], mode=mode, align_corners=False)
-        y1 = act(self.dec1(torch.cat([up, x1], dim=1)) * (1 + s1) + b1)
+        y1 = act(self.norm_dec1(self.dec1(torch.cat([up, x1], dim=1))) * (1 + s1) + b1)
         up = F.interpolate(y1, size=x0.shape[2:], mode=mode, align_corners=False)
-        y0 = act(self.fuse0(torch.cat([up, x0, other], dim=1)))
-        y0 = act(self.dec0(y0) * (1 + s0) + b0)
-        out = self.out(act(self.head(torch.cat([y0, other], dim=1))))
+        y0 = act(self.fuse0(torch.cat([up, x0, raw], dim=1)))
+        y0 = act(self.norm_dec0(self.dec0(y0)) * (1 + s0) + b0)
+        out = self.out(act(self.head(torch.cat([y0, raw], dim=1))))
         return out if self.config.direct else reference - out
