@@ -107,10 +107,9 @@ def build(architecture: dict):
     if kind == "imse-evaluator":
         from carctl.networks.evaluator import Evaluator, EvaluatorConfig
 
-        # cards written before ``direct`` and ``normalised`` existed describe networks without
-        return Evaluator(
-            EvaluatorConfig(**{"direct": False, "normalised": False, **architecture["config"]})
-        )
+        # cards written before these options existed describe networks without them
+        older = {"direct": False, "normalised": False, "lookup": 0}
+        return Evaluator(EvaluatorConfig(**{**older, **architecture["config"]}))
     if kind == "car-registration":
         from carctl.networks.car import CarConfig, CarNet
 

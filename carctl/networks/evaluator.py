@@ -30,6 +30,9 @@ class EvaluatorConfig:
     # starting at zero, and both raw inputs at the last layers, without the modulation
     # (False: the older design, which trains badly; see :class:`Evaluator`)
     normalised: bool = True
+    # the other image translated into the reference's contrast by a rank lookup over this
+    # many groups (:func:`rank_lookup`) as a third input; 0: none (the older designs)
+    lookup: int = 1024
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,6 +58,52 @@ def anatomy(image: torch.Tensor) -> torch.Tensor:
     """Where a ``[-1, 1]`` image ``(N, 1, *spatial)`` holds anatomy, dilated by one voxel."""
     pool = F.max_pool3d if image.dim() == 5 else F.max_pool2d
     return pool((image > ANATOMY).float(), 3, 1, 1) > 0
+
+
+# Largest slope (reference intensity per other intensity) of the lookup's gradient.
+LOOKUP_SLOPE = 10.0
+
+
+def rank_lookup(reference: torch.Tensor, other: torch.Tensor, groups: int) -> torch.Tensor:
+    """``other`` in ``reference``'s contrast, read off the images themselves: the voxels of
+    each image ``(N, 1, *spatial)`` are ranked by their ``other`` intensity and cut into
+    ``groups`` groups of equal count, and every voxel gets its group's mean ``reference``
+    intensity.
+
+    Shuffle Remap (and a real change of contrast) is one intensity mapping for the whole
+    image, and a convolutional network cannot look it up: it would have to learn, from each
+    image anew, which reference intensity every other intensity stands for. Equal counts
+    rather than equal widths follow the ranges a remap squeezes.
+
+    The value is piecewise constant in ``other``; its gradient (when ``other`` needs one, as
+    in ``--loss imse``) is the slope of the lookup between neighbouring groups' mean
+    intensities, bounded by :data:`LOOKUP_SLOPE`, with the groups held fixed."""
+    n = other.shape[0]
+    values = other.detach().reshape(n, -1)
+    count = values.shape[1]
+    size = max(count // groups, 1)
+    total = count // size
+    order = values.argsort(dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(count, device=order.device).expand(n, count))
+    group = (ranks // size).clamp_max(total - 1)
+    sizes = torch.bincount(group[0], minlength=total).to(values.dtype)
+
+    def means(image: torch.Tensor) -> torch.Tensor:  # (n, total) group means of ``image``
+        sums = torch.zeros(n, total, dtype=values.dtype, device=values.device)
+        return sums.scatter_add_(1, group, image.detach().reshape(n, -1).to(values)) / sizes
+
+    looked_up = means(reference)
+    result = looked_up.gather(1, group)
+    if other.requires_grad and total > 1:
+        centres = means(other)  # non-decreasing along the groups
+        upper = torch.searchsorted(centres, values).clamp(1, total - 1)
+        rise = looked_up.gather(1, upper) - looked_up.gather(1, upper - 1)
+        run = centres.gather(1, upper) - centres.gather(1, upper - 1)
+        slope = (rise / run.clamp_min(1e-6)).clamp(-LOOKUP_SLOPE, LOOKUP_SLOPE)
+        flat = other.reshape(n, -1)
+        result = result + slope * (flat - flat.detach())
+    return result.view_as(other).to(reference.dtype)
 
 
 def _conv(ndim: int):
@@ -107,8 +156,9 @@ class Evaluator(nn.Module):
         super().__init__()
         self.config = config
         conv, w, d, on = _conv(config.ndim), config.width, config.ndim, config.normalised
-        raw = 2 if on else 1  # the raw inputs (both, or the other image) at the last layers
-        self.enc0 = conv(2, w, 3, padding=1)
+        inputs = 3 if config.lookup else 2  # reference, other (and other looked up)
+        raw = inputs if on else 1  # the raw inputs (all, or the other image) at the last layers
+        self.enc0 = conv(inputs, w, 3, padding=1)
         self.norm0 = _norm(d, w, on)
         self.enc1 = conv(w, 2 * w, 3, stride=2, padding=1)
         self.norm1 = _norm(d, 2 * w, on)
@@ -132,9 +182,12 @@ class Evaluator(nn.Module):
         mode = "trilinear" if self.config.ndim == 3 else "bilinear"
         act = lambda x: F.leaky_relu(x, 0.2)  # noqa: E731
         w = self.config.width
-        both = torch.cat([reference, other], dim=1)
-        raw = both if self.config.normalised else other
-        x0 = act(self.norm0(self.enc0(both)))
+        inputs = [reference, other]
+        if self.config.lookup:
+            inputs.append(rank_lookup(reference, other, self.config.lookup))
+        inputs = torch.cat(inputs, dim=1)
+        raw = inputs if self.config.normalised else other
+        x0 = act(self.norm0(self.enc0(inputs)))
         x1 = act(self.norm1(self.enc1(x0)))
         x2 = self.blocks(act(self.norm2(self.enc2(x1))))
         s1 = b1 = s0 = b0 = 0.0

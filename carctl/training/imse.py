@@ -77,12 +77,9 @@ def make_batch(
         if float(torch.rand((), generator=generator)) < 0.2:  # another resolution
             sigma = 0.5 + float(torch.rand((), generator=generator))
             other[i : i + 1] = gaussian_blur(other[i : i + 1], [sigma] * 3)
+        # nothing after the remap: it squeezes some intensity ranges many times over, and
+        # noise added there would wipe out what they hold (see docs/benchmarks.md)
         other[i] = ShuffleRemap.random(generator)(other[i])
-        other[i] += (
-            0.03
-            * float(torch.rand((), generator=generator))
-            * torch.randn(other[i].shape, generator=generator)
-        )
     flips = [2 + k for k in range(3) if float(torch.rand((), generator=generator)) < 0.5]
     if flips:
         x1, x2, other, d = (t.flip(flips) for t in (x1, x2, other, d))

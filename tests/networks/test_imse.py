@@ -100,8 +100,44 @@ def test_direct_evaluator_starts_at_no_error_and_old_cards_load_the_older_form()
     old = pretrained.build(
         {"kind": "imse-evaluator", "config": {"ndim": 3, "width": 4, "blocks": 1}}
     )
-    assert not old.config.direct and not old.config.normalised
+    assert not old.config.direct and not old.config.normalised and old.config.lookup == 0
     assert not torch.equal(old(x[None], y[None]), torch.zeros(1, 1, 12, 11, 10))
+
+
+def test_rank_lookup_undoes_a_shuffle_remap_of_an_aligned_image():
+    """The lookup reads the remap off the pair: the other image back in the reference's
+    contrast, to within the spread of a group; misaligned, it cannot (what the evaluator
+    sees)."""
+    from carctl.networks.evaluator import LOOKUP_SLOPE, rank_lookup
+
+    generator = torch.Generator().manual_seed(3)
+    image = torch.nn.functional.interpolate(
+        torch.rand(1, 1, 8, 8, 8, generator=generator), size=(32, 32, 32), mode="trilinear"
+    )
+    image = image * 2 - 1
+    remap = ShuffleRemap.random(generator, (20, 20))
+    other = remap(image)
+    assert (other - image).abs().mean() > 0.2  # a different contrast
+    back = rank_lookup(image, other, 1024)
+    assert back.shape == image.shape
+    assert (back - image).abs().mean() < 0.01
+    shifted = rank_lookup(image, remap(image.roll(3, dims=2)), 1024)
+    assert (shifted - image).abs().mean() > 10 * (back - image).abs().mean()
+    # deterministic; with a gradient (for --loss imse) the same value, and the gradient is
+    # the lookup's slope: the inverse remap's, bounded
+    moving = other.clone().requires_grad_(True)
+    looked_up = rank_lookup(image, moving, 1024)
+    assert torch.equal(looked_up.detach(), back)
+    looked_up.sum().backward()
+    slopes = moving.grad
+    assert slopes.abs().max() <= LOOKUP_SLOPE
+    # the segment that holds the most voxels, where it went, and its inverse slope
+    counts = torch.bucketize(image.flatten(), remap.edges[1:-1], right=True).bincount()
+    a = int(counts.argmax())
+    b = int(remap.order[a])
+    inverse = (remap.edges[a + 1] - remap.edges[a]) / (remap.edges[b + 1] - remap.edges[b])
+    inside = torch.bucketize(image, remap.edges[1:-1], right=True) == a
+    assert float(slopes[inside].median()) == pytest.approx(float(inverse), rel=0.2)
 
 
 def _views(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
