@@ -204,7 +204,13 @@ def imse(
     patch: Annotated[int, typer.Option("--patch", help="Crop edge in voxels.")] = 48,
     width: Annotated[int, typer.Option("--width", help="Channels at full resolution.")] = 8,
     blocks: Annotated[int, typer.Option("--blocks", help="Residual blocks at 1/4.")] = 4,
-    learning_rate: LearningRate = 5e-4,
+    lookup: Annotated[
+        int,
+        typer.Option(
+            "--lookup", help="Groups of the rank lookup given as a third input (0: none)."
+        ),
+    ] = 1024,
+    learning_rate: LearningRate = 2e-3,
     validate_every: ValidateEvery = 500,
     seed: Seed = 0,
     name: Name = "imse",
@@ -227,6 +233,8 @@ def imse(
     for option, value in (("--batch", batch), ("--width", width)):
         if value < 1:
             raise UsageError(f"{option} must be at least 1")
+    if lookup < 0:
+        raise UsageError("--lookup must be at least 0")
     if patch < 16 or patch % 4:
         raise UsageError("--patch must be a multiple of 4, at least 16")
     settings = training.ImseTraining(
@@ -236,7 +244,7 @@ def imse(
         learning_rate=learning_rate,
         seed=seed,
         validate_every=validate_every,
-        network=EvaluatorConfig(ndim=3, width=width, blocks=blocks),
+        network=EvaluatorConfig(ndim=3, width=width, blocks=blocks, lookup=lookup),
     )
 
     def shown(metrics: dict) -> str:

@@ -4,7 +4,8 @@ image and another image of any contrast, the error map ``reference - other'`` wh
 "absolute single-modal" error). Both inputs are on one grid, intensities in ``[-1, 1]``.
 
 Encoder (full, 1/2, 1/4 resolution), residual blocks at 1/4, decoder with skip connections;
-3-D or 2-D by ``ndim``. Any input size: the decoder resizes to the skip's shape.
+3-D or 2-D by ``ndim``; the other image looked up in the reference's contrast is a third
+input. Any input size: the decoder resizes to the skip's shape.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def rank_lookup(reference: torch.Tensor, other: torch.Tensor, groups: int) -> to
     result = looked_up.gather(1, group)
     if other.requires_grad and total > 1:
         centres = means(other)  # non-decreasing along the groups
-        upper = torch.searchsorted(centres, values).clamp(1, total - 1)
+        upper = torch.searchsorted(centres, values.contiguous()).clamp(1, total - 1)
         rise = looked_up.gather(1, upper) - looked_up.gather(1, upper - 1)
         run = centres.gather(1, upper) - centres.gather(1, upper - 1)
         slope = (rise / run.clamp_min(1e-6)).clamp(-LOOKUP_SLOPE, LOOKUP_SLOPE)
@@ -147,9 +148,9 @@ class Evaluator(nn.Module):
     decoder instead (feature-wise scale and shift). It trains badly: at the learning rate
     that keeps it stable (5e-4; at 3e-3 its activations ran away within 60 steps) it did not
     even learn the plain difference of two images of one contrast in 600 steps, where the
-    normalised design predicts 0.6 of it in 300 (docs/benchmarks.md, "Why the shipped
-    evaluator learnt nothing"). The shipped weights still have the older design (their card
-    says so).
+    normalised design predicts 0.6 of it in 300 (docs/benchmarks.md, "An evaluator that
+    learns"). With :attr:`EvaluatorConfig.lookup` the inputs include :func:`rank_lookup`:
+    without it no design did better than predicting no error across contrasts.
     """
 
     def __init__(self, config: EvaluatorConfig = EvaluatorConfig()) -> None:

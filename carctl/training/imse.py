@@ -29,7 +29,7 @@ class ImseTraining:
     steps: int = 20000
     batch: int = 2
     patch: int = 48
-    learning_rate: float = 5e-4
+    learning_rate: float = 2e-3
     seed: int = 0
     validate_every: int = 500
     max_displacement: float = 8.0  # voxels, largest elastic misalignment drawn

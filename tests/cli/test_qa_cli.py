@@ -166,6 +166,9 @@ def test_train_imse_smoke(cli, tmp_path):
     assert card["training"]["settings"]["steps"] == 4
     assert card["training"]["data"] == ["oasis-t1-a/t1.nii.gz"]
     assert card["architecture"]["config"]["width"] == 4
+    assert card["architecture"]["config"]["lookup"] == 1024
+    refused = cli(*args, "--lookup", "-1", "-q")
+    assert refused.code == 2 and "--lookup" in refused.err
     resumed = cli(*args, "--steps", "8", "--resume", "--stop-at", "6", "-q")
     assert resumed.code == 0, resumed.err
     assert json.loads((out / "state.json").read_text())["step"] == 6

@@ -323,20 +323,12 @@ def test_training_resumes_where_it_stopped(tmp_path):
 # --- the shipped evaluator on real images ----------------------------------------------------
 
 
-UNDERTRAINED = (
-    "the shipped evaluator is undertrained (10k steps, 52 min on 2 CPU cores): it does not "
-    "yet track misalignment across contrasts (bench_qa: its mean predicted error against the "
-    "true misalignment, pooled Spearman -0.04)"
-)
-
-
 def _shifted(mm: float):
     from carctl.spatial.transform import Affine
 
     return [Affine(np.eye(3), np.array([mm, -mm / 2, mm / 3]))]
 
 
-@pytest.mark.xfail(strict=True, reason=UNDERTRAINED)
 def test_shipped_evaluator_error_grows_with_a_shift_of_the_same_image():
     """On the bundled T2 (one of the training volumes, on its own), the evaluator's mean
     predicted error of the image against itself grows with a shift."""
@@ -354,7 +346,6 @@ def test_shipped_evaluator_error_grows_with_a_shift_of_the_same_image():
     assert errors[0] < errors[1] < errors[2]
 
 
-@pytest.mark.xfail(strict=True, reason=UNDERTRAINED)
 def test_shipped_evaluator_predicts_little_error_between_an_image_and_itself():
     from carctl import qa
     from carctl.demo import demo_files
@@ -366,7 +357,6 @@ def test_shipped_evaluator_predicts_little_error_between_an_image_and_itself():
     assert same.mean_error < 0.05  # intensities span [-1, 1]
 
 
-@pytest.mark.xfail(strict=True, reason=UNDERTRAINED)
 def test_shipped_evaluator_flags_a_different_contrast_shift():
     """T1 against the T2 of the same volunteer (never a training pair): a 5 mm shift scores
     worse than the headers."""
