@@ -27,8 +27,9 @@ class EvaluatorConfig:
     # image in the reference's contrast, and the error is the reference minus it; cards
     # written before this option existed describe such networks)
     direct: bool = True
-    # instance normalisation after every convolution but the last ones, residual branches
-    # starting at zero, and both raw inputs at the last layers, without the modulation
+    # instance normalisation after the encoder's and decoder's 3x3 convolutions (and the
+    # first of each residual block), residual branches starting at zero, and all the raw
+    # inputs at the last layers, without the modulation
     # (False: the older design, which trains badly; see :class:`Evaluator`)
     normalised: bool = True
     # the other image translated into the reference's contrast by a rank lookup over this
@@ -141,11 +142,12 @@ class Evaluator(nn.Module):
     content in the reference's contrast) and starts at zero, the right answer for aligned
     images; otherwise it gives ``other'`` and the network returns the reference minus it.
 
-    With :attr:`EvaluatorConfig.normalised` every convolution but the last two is followed by
-    instance normalisation (its statistics over the whole image also carry the image's
-    global contrast, which Shuffle Remap changes) and every residual block starts as the
-    identity. The older design had neither, and the bottleneck's spatial mean modulated the
-    decoder instead (feature-wise scale and shift). It trains badly: at the learning rate
+    With :attr:`EvaluatorConfig.normalised` the encoder's and decoder's 3x3 convolutions (and
+    the first of each residual block) are followed by instance normalisation (its statistics
+    over the whole image also carry the image's global contrast, which Shuffle Remap
+    changes) and every residual block starts as the identity. The older design had neither,
+    and the bottleneck's spatial mean modulated the decoder instead (feature-wise scale and
+    shift). It trains badly: at the learning rate
     that keeps it stable (5e-4; at 3e-3 its activations ran away within 60 steps) it did not
     even learn the plain difference of two images of one contrast in 600 steps, where the
     normalised design predicts 0.6 of it in 300 (docs/benchmarks.md, "An evaluator that
