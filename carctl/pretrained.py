@@ -107,9 +107,13 @@ def build(architecture: dict):
     if kind == "imse-evaluator":
         from carctl.networks.evaluator import Evaluator, EvaluatorConfig
 
-        # cards written before these options existed describe networks without them
-        older = {"direct": False, "normalised": False, "lookup": 0}
-        return Evaluator(EvaluatorConfig(**{**older, **architecture["config"]}))
+        config = architecture["config"]
+        if "lookup" not in config:  # every card since the design of 2026-12-06 says it
+            raise WeightsError(
+                "these IMSE weights have the evaluator design of before 2026-12-06, which "
+                "carctl no longer builds: train new ones with 'carctl train imse'"
+            )
+        return Evaluator(EvaluatorConfig(**config))
     if kind == "car-registration":
         from carctl.networks.car import CarConfig, CarNet
 

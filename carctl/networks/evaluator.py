@@ -23,17 +23,8 @@ class EvaluatorConfig:
     ndim: int = 3
     width: int = 8  # channels at full resolution; x2 and x4 below
     blocks: int = 4  # residual blocks at 1/4 resolution
-    # the last layer gives the error map itself, starting at zero (False: it gives the other
-    # image in the reference's contrast, and the error is the reference minus it; cards
-    # written before this option existed describe such networks)
-    direct: bool = True
-    # instance normalisation after the encoder's and decoder's 3x3 convolutions (and the
-    # first of each residual block), residual branches starting at zero, and all the raw
-    # inputs at the last layers, without the modulation
-    # (False: the older design, which trains badly; see :class:`Evaluator`)
-    normalised: bool = True
     # the other image translated into the reference's contrast by a rank lookup over this
-    # many groups (:func:`rank_lookup`) as a third input; 0: none (the older designs)
+    # many groups (:func:`rank_lookup`) as a third input; 0: none
     lookup: int = 1024
 
     def to_dict(self) -> dict:
@@ -112,22 +103,21 @@ def _conv(ndim: int):
     return nn.Conv3d if ndim == 3 else nn.Conv2d
 
 
-def _norm(ndim: int, channels: int, normalised: bool) -> nn.Module:
-    if not normalised:
-        return nn.Identity()
+def _norm(ndim: int, channels: int) -> nn.Module:
     return (nn.InstanceNorm3d if ndim == 3 else nn.InstanceNorm2d)(channels, affine=True)
 
 
 class _Residual(nn.Module):
-    def __init__(self, ndim: int, channels: int, normalised: bool) -> None:
+    """``x + b(act(norm(a(x))))``, starting as the identity (``b`` is zero)."""
+
+    def __init__(self, ndim: int, channels: int) -> None:
         super().__init__()
         conv = _conv(ndim)
         self.a = conv(channels, channels, 3, padding=1)
-        self.norm = _norm(ndim, channels, normalised)
+        self.norm = _norm(ndim, channels)
         self.b = conv(channels, channels, 3, padding=1)
-        if normalised:  # each block starts as the identity
-            nn.init.zeros_(self.b.weight)
-            nn.init.zeros_(self.b.bias)
+        nn.init.zeros_(self.b.weight)
+        nn.init.zeros_(self.b.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.b(F.leaky_relu(self.norm(self.a(x)), 0.2))
@@ -137,73 +127,57 @@ class Evaluator(nn.Module):
     """``forward(reference, other) -> error`` with inputs and output ``(N, 1, *spatial)``.
 
     Encoder (full, 1/2, 1/4 resolution), residual blocks at 1/4, decoder with skip
-    connections; the raw inputs reach the last layers. With :attr:`EvaluatorConfig.direct`
-    the last layer gives the error map ``reference - other'`` (``other'``: the other image's
+    connections; the inputs (with :attr:`EvaluatorConfig.lookup`, the other image looked up
+    in the reference's contrast by :func:`rank_lookup` too) also reach the last layers. The
+    last layer gives the error map ``reference - other'`` (``other'``: the other image's
     content in the reference's contrast) and starts at zero, the right answer for aligned
-    images; otherwise it gives ``other'`` and the network returns the reference minus it.
+    images. The encoder's and decoder's 3x3 convolutions (and the first of each residual
+    block) are followed by instance normalisation, whose statistics over the whole image also
+    carry its global contrast, and every residual block starts as the identity.
 
-    With :attr:`EvaluatorConfig.normalised` the encoder's and decoder's 3x3 convolutions (and
-    the first of each residual block) are followed by instance normalisation (its statistics
-    over the whole image also carry the image's global contrast, which Shuffle Remap
-    changes) and every residual block starts as the identity. The older design had neither,
-    and the bottleneck's spatial mean modulated the decoder instead (feature-wise scale and
-    shift). It trains badly: at the learning rate
-    that keeps it stable (5e-4; at 3e-3 its activations ran away within 60 steps) it did not
-    even learn the plain difference of two images of one contrast in 600 steps, where the
-    normalised design predicts 0.6 of it in 300 (docs/benchmarks.md, "An evaluator that
-    learns"). With :attr:`EvaluatorConfig.lookup` the inputs include :func:`rank_lookup`:
-    without it no design did better than predicting no error across contrasts.
+    The design before 2026-12-06 had no normalisation, no lookup, and gave ``other'`` for the
+    network to subtract: at learning rate 3e-3 its activations ran away within 60 steps, at
+    5e-4 it did not learn the plain difference of two images of one contrast in 600, and
+    across contrasts it never did better than predicting no error (docs/benchmarks.md, "An
+    evaluator that learns"). Cards of that design are refused (:mod:`carctl.pretrained`).
     """
 
     def __init__(self, config: EvaluatorConfig = EvaluatorConfig()) -> None:
         super().__init__()
         self.config = config
-        conv, w, d, on = _conv(config.ndim), config.width, config.ndim, config.normalised
+        conv, w, d = _conv(config.ndim), config.width, config.ndim
         inputs = 3 if config.lookup else 2  # reference, other (and other looked up)
-        raw = inputs if on else 1  # the raw inputs (all, or the other image) at the last layers
         self.enc0 = conv(inputs, w, 3, padding=1)
-        self.norm0 = _norm(d, w, on)
+        self.norm0 = _norm(d, w)
         self.enc1 = conv(w, 2 * w, 3, stride=2, padding=1)
-        self.norm1 = _norm(d, 2 * w, on)
+        self.norm1 = _norm(d, 2 * w)
         self.enc2 = conv(2 * w, 4 * w, 3, stride=2, padding=1)
-        self.norm2 = _norm(d, 4 * w, on)
-        self.blocks = nn.Sequential(*(_Residual(d, 4 * w, on) for _ in range(config.blocks)))
-        # scale and shift for dec1, dec0 (the older design)
-        self.context = None if on else nn.Linear(4 * w, 2 * (2 * w + w))
+        self.norm2 = _norm(d, 4 * w)
+        self.blocks = nn.Sequential(*(_Residual(d, 4 * w) for _ in range(config.blocks)))
         self.dec1 = conv(6 * w, 2 * w, 3, padding=1)
-        self.norm_dec1 = _norm(d, 2 * w, on)
-        self.fuse0 = conv(3 * w + raw, w, 1)
+        self.norm_dec1 = _norm(d, 2 * w)
+        self.fuse0 = conv(3 * w + inputs, w, 1)
         self.dec0 = conv(w, w, 3, padding=1)
-        self.norm_dec0 = _norm(d, w, on)
-        self.head = conv(w + raw, w, 1)
+        self.norm_dec0 = _norm(d, w)
+        self.head = conv(w + inputs, w, 1)
         self.out = conv(w, 1, 1)
-        if config.direct:  # no error until the network has learnt to see one
-            nn.init.zeros_(self.out.weight)
-            nn.init.zeros_(self.out.bias)
+        # no error until the network has learnt to see one
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
 
     def forward(self, reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         mode = "trilinear" if self.config.ndim == 3 else "bilinear"
         act = lambda x: F.leaky_relu(x, 0.2)  # noqa: E731
-        w = self.config.width
         inputs = [reference, other]
         if self.config.lookup:
             inputs.append(rank_lookup(reference, other, self.config.lookup))
         inputs = torch.cat(inputs, dim=1)
-        raw = inputs if self.config.normalised else other
         x0 = act(self.norm0(self.enc0(inputs)))
         x1 = act(self.norm1(self.enc1(x0)))
         x2 = self.blocks(act(self.norm2(self.enc2(x1))))
-        s1 = b1 = s0 = b0 = 0.0
-        if self.context is not None:
-            film = self.context(x2.flatten(2).mean(dim=2))  # (N, 6w)
-            shape = (*film.shape, *([1] * self.config.ndim))
-            # bounded scales keep the modulation from running away
-            split = torch.split(torch.tanh(film).view(shape), [2 * w, 2 * w, w, w], dim=1)
-            s1, b1, s0, b0 = split
         up = F.interpolate(x2, size=x1.shape[2:], mode=mode, align_corners=False)
-        y1 = act(self.norm_dec1(self.dec1(torch.cat([up, x1], dim=1))) * (1 + s1) + b1)
+        y1 = act(self.norm_dec1(self.dec1(torch.cat([up, x1], dim=1))))
         up = F.interpolate(y1, size=x0.shape[2:], mode=mode, align_corners=False)
-        y0 = act(self.fuse0(torch.cat([up, x0, raw], dim=1)))
-        y0 = act(self.norm_dec0(self.dec0(y0)) * (1 + s0) + b0)
-        out = self.out(act(self.head(torch.cat([y0, raw], dim=1))))
-        return out if self.config.direct else reference - out
+        y0 = act(self.fuse0(torch.cat([up, x0, inputs], dim=1)))
+        y0 = act(self.norm_dec0(self.dec0(y0)))
+        return self.out(act(self.head(torch.cat([y0, inputs], dim=1))))
