@@ -88,8 +88,9 @@ def _run(
     quiet = quiet or rank != 0
     console = stdout()
     began = time.perf_counter()
-    volumes = data.load_volumes(root, data.TRAINING_IMAGES)
-    volumes += data.load_volumes(root, data.TRAINING_LABELS, labels=True)
+    scales = getattr(settings, "scales", data.SCALES)
+    volumes = data.load_volumes(root, data.TRAINING_IMAGES, scales=scales)
+    volumes += data.load_volumes(root, data.TRAINING_LABELS, labels=True, scales=scales)
     validation = data.load_volumes(root, data.VALIDATION_IMAGES)
     if not volumes:
         raise InputError(f"no training volumes found under {root}")
@@ -308,6 +309,14 @@ def car(
             "--width; its card beside it is checked and its commands head the new card's).",
         ),
     ] = None,
+    scales: Annotated[
+        str,
+        typer.Option(
+            "--scales",
+            help="Spacings of the training views, comma-separated, in units of each "
+            "volume's working spacing (about 2 mm on a brain).",
+        ),
+    ] = "1,1.5",
     validate_every: ValidateEvery = 250,
     seed: Seed = 0,
     name: Name = "car",
@@ -342,6 +351,14 @@ def car(
             raise UsageError(f"{option} must be at least 0")
     if not 0 <= same_contrast <= 1:
         raise UsageError("--same-contrast must be between 0 and 1")
+    try:
+        factors = tuple(float(f) for f in scales.split(","))
+    except ValueError:
+        factors = ()
+    if not factors or not all(0.25 <= f <= 4 for f in factors):
+        raise UsageError(
+            f"--scales must be numbers between 0.25 and 4, comma-separated: {scales!r}"
+        )
     settings = training.CarTraining(
         steps=steps,
         patch=patch,
@@ -355,6 +372,7 @@ def car(
         same_contrast=same_contrast,
         network=CarConfig(ndim=3, width=width),
         init=str(init) if init else None,
+        scales=factors,
     )
 
     def shown(metrics: dict) -> str:

@@ -35,12 +35,12 @@ class EvaluatorConfig:
 WORKING_VOXELS = 1 << 20
 
 
-def working_spacing(spacing, size) -> float:
+def working_spacing(spacing, size, voxels: int | None = None) -> float:
     """Isotropic spacing (mm) of the grid the evaluator works on, in training and inference:
     the image's finest ``spacing``, coarsened until ``size`` voxels of it (the field of
-    view) fit in :data:`WORKING_VOXELS`."""
+    view) fit in ``voxels`` (default :data:`WORKING_VOXELS`)."""
     extent = float(np.prod(np.asarray(size) * np.asarray(spacing)))
-    return max(min(spacing), (extent / WORKING_VOXELS) ** (1 / 3))
+    return max(min(spacing), (extent / (voxels or WORKING_VOXELS)) ** (1 / 3))
 
 
 # Intensity (in [-1, 1]) above which a voxel counts as anatomy: a tenth of the range.

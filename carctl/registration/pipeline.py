@@ -559,8 +559,10 @@ def _stage_network(state: _State, progress: Progress) -> StageReport:
         return StageReport("network", 0.0, detail={"skipped": str(error)})
     progress.start("network", 1)
     last = state.schedule["affine"][-1]  # a level the affine stage has built
-    # mirrored passes improve the network's answer but not the deformable stage's from it
-    mirrors = () if "deformable" in METHODS[state.options.method] else network.MIRRORS
+    # a finer grid and mirrored passes improve the network's answer but not the deformable
+    # stage's from it
+    answer = "deformable" not in METHODS[state.options.method]
+    mirrors = network.MIRRORS if answer else ()
     before = _similarity(state, last, state.affine, linear=True)
     grid, u = network.predict(
         model,
@@ -573,6 +575,7 @@ def _stage_network(state: _State, progress: Progress) -> StageReport:
         state.device,
         network.PASSES,
         mirrors,
+        network.ANSWER_VOXELS if answer else None,
     )
     state.displacement = (grid, u)
     progress.advance()

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from carctl.augment import RandomConvolution
 from carctl.losses.regularisers import diffusion
 from carctl.losses.similarity import lncc_loss
+from carctl.networks import channels_last
 from carctl.networks.car import CarConfig, CarNet, warp
 from carctl.networks.evaluator import anatomy
 from carctl.training import data, loop
@@ -58,6 +59,8 @@ class CarTraining:
     same_contrast: float = 0.5  # fraction of views whose two images share one contrast
     network: CarConfig = field(default_factory=CarConfig)
     init: str | None = None  # weights (.safetensors) to start from instead of random ones
+    # spacings of the training views, in units of each volume's working spacing
+    scales: tuple[float, ...] = data.SCALES
 
 
 def _points_field(points: torch.Tensor) -> torch.Tensor:
@@ -202,7 +205,7 @@ def train(
     model = CarNet(settings.network)
     if settings.init and not loop.resumes(folder, resume):  # a checkpoint wins
         start_from(model, Path(settings.init))
-    model = model.to(device)
+    model = channels_last(model.to(device))
     checks = [loop.on(pair, device) for pair in validation_pairs(validation or volumes, settings)]
 
     def loss_of(generator: torch.Generator) -> tuple[torch.Tensor, dict]:

@@ -97,16 +97,25 @@ def _paths(root: Path, patterns) -> list[Path]:
     return out
 
 
-def load_volumes(root: str | Path, patterns, labels: bool = False) -> list[Volume]:
+# Spacings of the training views of each volume, in units of its working spacing.
+SCALES = (1.0, 1.5)
+
+
+def load_volumes(
+    root: str | Path, patterns, labels: bool = False, scales: tuple[float, ...] = SCALES
+) -> list[Volume]:
     """Every file matching ``patterns`` under ``root`` (missing ones are skipped), each at
-    its working spacing and at 1.5 times that."""
+    its working spacing times each of ``scales``; views finer than the image's own finest
+    spacing (that would only interpolate it) are left out."""
     out = []
     for path in _paths(Path(root), patterns):
         image = read_image(path)
         if image.grid.ndim != 3:
             continue
         base = working_spacing(image.grid.spacing, image.grid.size)
-        for factor in (1.0, 1.5):
+        for factor in scales:
+            if base * factor < min(image.grid.spacing) * (1 - 1e-6):
+                continue
             array = isotropic(image, base * factor, label=labels)
             if min(array.shape) < 4:
                 continue

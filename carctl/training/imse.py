@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from carctl.augment import ShuffleRemap
+from carctl.networks import channels_last
 from carctl.networks.evaluator import Evaluator, EvaluatorConfig, anatomy
 from carctl.registration.levels import gaussian_blur
 from carctl.training import data, loop
@@ -136,7 +137,7 @@ def train(
     """Train (or resume) in ``folder`` up to ``settings.steps`` (or until step ``stop``,
     keeping the schedule of the whole run); returns the model and its last validation."""
     torch.manual_seed(settings.seed)
-    model = Evaluator(settings.network).to(device)
+    model = channels_last(Evaluator(settings.network).to(device))
     checks = [loop.on(b, device) for b in validation_batches(validation or volumes, settings)]
 
     def loss_of(generator: torch.Generator) -> tuple[torch.Tensor, dict]:

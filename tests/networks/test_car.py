@@ -97,6 +97,28 @@ def test_one_encoder_pass_for_both_images_is_two_passes():
     torch.testing.assert_close(u, alone, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("ndim", [3, 2])
+def test_channels_last_weights_give_the_same_displacement(ndim):
+    """The faster layout the shipped networks load in (3-D) changes no answer; a 2-D network
+    is left as it is."""
+    from carctl.networks import channels_last
+
+    torch.manual_seed(0)
+    plain = CarNet(CarConfig(ndim=ndim, width=4)).eval()
+    torch.nn.init.normal_(plain.velocity.weight, std=0.05)  # a field worth comparing
+    fast = CarNet(plain.config).eval()
+    fast.load_state_dict(plain.state_dict())
+    fast = channels_last(fast)
+    shape = (1, 1, 19, 23, 17)[: 2 + ndim]
+    moving, fixed = torch.rand(shape), torch.rand(shape)
+    with torch.no_grad():
+        expected, got = plain(moving, fixed), fast(moving, fixed)
+    assert float(expected.abs().max()) > 0.1
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+    layout = fast.velocity.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert layout == (ndim == 3)
+
+
 def test_correlation_peaks_at_the_offset_between_the_features():
     """Moving features equal to the fixed ones shifted by (z, y, x) = (1, 0, -2) voxels: the
     cost volume is highest at that offset."""
@@ -214,6 +236,46 @@ def test_train_car_cli_smoke(cli, tmp_path, monkeypatch):
     assert training["command"] == " && ".join(training["commands"])
     bad = cli("train", "car", "--data", tmp_path / "data", "--patch", "20", "-q")
     assert bad.code != 0 and "multiple of 16" in bad.err
+    for scales in ("1,x", "0.1", ""):
+        bad = cli("train", "car", "--data", tmp_path / "data", "--scales", scales, "-q")
+        assert bad.code == 2 and "--scales" in bad.err and "Traceback" not in bad.err
+
+
+def test_train_car_views_at_the_scales_asked(cli, tmp_path, monkeypatch):
+    """``--scales``: the training views' spacings (units of each volume's working spacing),
+    recorded in the card, none finer than the image's own; by default the volume and a 1.5
+    times coarser view."""
+    import sys
+
+    from carctl.networks import evaluator
+    from carctl.training import data as training_data
+    from tests.conftest import make_image, write
+
+    # working spacing 2 mm for the 40 mm cube (1 mm voxels): 1.6 and 2 mm views, not 0.5 mm
+    monkeypatch.setattr(evaluator, "WORKING_VOXELS", 8000)
+
+    folder = tmp_path / "data" / "oasis-t1-a"
+    folder.mkdir(parents=True)
+    write(make_image((40, 40, 40), seed=5), folder / "t1.nii.gz")
+    seen = []
+    load = training_data.load_volumes
+
+    def spy(*args, **kwargs):
+        volumes = load(*args, **kwargs)
+        seen.extend(v.name for v in volumes)
+        return volumes
+
+    monkeypatch.setattr(training_data, "load_volumes", spy)
+    args = ["train", "car", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run")]
+    args += ["--patch", "16", "--width", "4", "--steps", "1", "--scales", "0.25,0.8,1", "-q"]
+    monkeypatch.setattr(sys, "argv", ["carctl", *args])
+    result = cli(*args)
+    assert result.code == 0, result.err
+    card = json.loads((tmp_path / "run" / "car.json").read_text())
+    assert card["training"]["settings"]["scales"] == [0.25, 0.8, 1.0]
+    names = {n for n in seen if n.startswith("oasis-t1-a/t1.nii.gz@")}
+    assert names == {"oasis-t1-a/t1.nii.gz@1.60mm", "oasis-t1-a/t1.nii.gz@2.00mm"}
+    assert training_data.SCALES == (1.0, 1.5)
 
 
 def test_train_car_init_fine_tunes_from_weights(cli, tmp_path, monkeypatch):

@@ -139,17 +139,27 @@ def test_mirrored_passes_are_mapped_back_before_averaging():
     assert blind[0, :, 0, 0, 0].tolist() == [1.0, 2.0, 0.0]  # component z cancels
 
 
-def test_net_mirrors_the_pair_and_auto_does_not(car_weights):
-    """``--method net`` averages the plain and mirrored passes (its answer); ``auto`` runs the
-    network once (the deformable stage decides its result either way)."""
+def test_net_mirrors_the_pair_on_a_finer_grid_and_auto_does_not(car_weights, monkeypatch):
+    """``--method net`` averages the plain and mirrored passes (its answer) on a grid of
+    :data:`network.ANSWER_VOXELS`; ``auto`` runs the network once on the training's grid (the
+    deformable stage decides its result either way)."""
+    from carctl.networks import evaluator
+
+    # the phantom's field of view fits 1/8 of these budgets at its own 2.5 mm: coarser grids
+    monkeypatch.setattr(evaluator, "WORKING_VOXELS", 1000)
+    monkeypatch.setattr(network, "ANSWER_VOXELS", 3000)
     image = blobs()
     other = contrast(image)
-    mirrors = {}
+    mirrors, spacing = {}, {}
     for method in ("net", "auto"):
         result = register(image, other, RegistrationOptions(method=method, iterations=2))
         stage = next(s for s in result.stages if s.name == "network")
         mirrors[method] = stage.detail["mirrors"]
+        spacing[method] = stage.detail["spacing_mm"]
     assert mirrors == {"net": list(network.MIRRORS), "auto": []} and network.MIRRORS
+    extent = np.prod(np.asarray(image.grid.size) * np.asarray(image.grid.spacing))
+    assert spacing["net"] == pytest.approx((extent / 3000) ** (1 / 3))
+    assert spacing["auto"] == pytest.approx((extent / 1000) ** (1 / 3))
 
 
 @pytest.mark.parametrize("kept", [False, True])
