@@ -35,8 +35,8 @@ PASSES = 1
 # ``auto`` runs the network once.
 MIRRORS: tuple[int, ...] = (2,)
 # Voxels in the image's field of view on the network's grid when its field is the answer
-# (with the mirrored passes): finer than the training's (:data:`WORKING_VOXELS`, 2.07 mm on a
-# 240 x 240 x 155 mm brain, 1.82 mm with this). Measured on the known brain pairs, the finer
+# (with the mirrored passes): finer than the training's (:data:`WORKING_VOXELS`, 2.04 mm on a
+# 240 x 240 x 155 mm brain, 1.81 mm with this). Measured on the known brain pairs, the finer
 # the grid the lower the error on most of them (every one of the three BraTS pairs, OASIS,
 # the atlas pair and the chest CT at 1.5 M), at the cost of the voxels; the deformable stage
 # starts as well from the training's grid, so ``auto`` keeps that.
