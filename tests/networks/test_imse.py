@@ -203,6 +203,10 @@ def test_weights_round_trip_through_the_card(weights_dir):
     x = torch.rand(1, 1, 8, 8, 8)
     assert model(x, x).shape == (1, weights_dir.channels, 8, 8, 8)
     assert not model.training
+    # loaded in the layout oneDNN's convolutions run fastest (carctl.networks.channels_last)
+    convolutions = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convolutions
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last_3d) for m in convolutions)
 
 
 @pytest.mark.parametrize("where", [-3, 0.5], ids=["end", "middle"])
