@@ -145,7 +145,8 @@ def test_net_mirrors_the_pair_on_a_finer_grid_and_auto_does_not(car_weights, mon
     deformable stage decides its result either way)."""
     from carctl.networks import evaluator
 
-    # the phantom's field of view fits 1/8 of these budgets at its own 2.5 mm: coarser grids
+    # budgets small enough that both grids are coarser than the phantom's own voxels (a
+    # network grid is never finer than the image's)
     monkeypatch.setattr(evaluator, "WORKING_VOXELS", 1000)
     monkeypatch.setattr(network, "ANSWER_VOXELS", 3000)
     image = blobs()
