@@ -358,13 +358,14 @@ def test_shipped_network_cuts_the_error_after_affine(shared_data):
     assert after < 0.75 * before, (before, after)
 
 
-@pytest.mark.parametrize("limit", [-1.0, 1e9])
+@pytest.mark.parametrize("limit", [0.0, 1e9])
 def test_auto_runs_the_whole_pyramid_when_the_network_finds_a_large_motion(
     monkeypatch, car_weights, limit
 ):
     """A field the check barely corrects still gives way to io's whole pyramid when the
     motion it describes (field + correction) exceeds NETWORK_MAX_MOTION_MM: the finest level
-    alone cannot finish a large motion."""
+    alone cannot finish a large motion. (A zero field is not over a limit of zero, so the
+    check runs.)"""
     image = blobs()
     grid = image.grid
     fixed = contrast(image)
@@ -377,7 +378,7 @@ def test_auto_runs_the_whole_pyramid_when_the_network_finds_a_large_motion(
     detail = next(s for s in result.stages if s.name == "deformable").detail
     levels = pipeline._schedule(image.grid, options)["deformable"]
     assert detail["network_motion_mm"] >= 0
-    if limit < 0:
+    if limit == 0:
         assert detail["network_start"] == (
             "discarded: a large motion (the whole pyramid ran from the affine)"
         )
@@ -385,3 +386,34 @@ def test_auto_runs_the_whole_pyramid_when_the_network_finds_a_large_motion(
     else:
         assert detail["network_start"] == "finest level only"
         assert detail["levels_mm"] == levels[-1:]
+
+
+def test_a_network_field_with_a_large_motion_of_its_own_skips_the_check(monkeypatch, car_weights):
+    """When the network's field alone moves the coarsest control points by more than
+    NETWORK_MAX_MOTION_MM on average, io's whole pyramid runs at once, without the check (the
+    check's correction could only confirm the pyramid on the pairs measured)."""
+    image = blobs()
+    grid = image.grid
+    fixed = contrast(image)
+    shift = torch.zeros(1, 3, *grid.shape)
+    shift[:, 0] = 5.0  # mm, along x everywhere
+    monkeypatch.setattr(network, "predict", lambda *a, **k: (grid, shift.clone()))
+    monkeypatch.setattr(pipeline, "NETWORK_MIN_GAIN", -np.inf)
+    checks = []
+    optimise = pipeline._optimise_levels
+
+    def spy(state, spacings, counts, progress, start=None, offset=None):
+        checks.append(offset is not None)
+        return optimise(state, spacings, counts, progress, start, offset)
+
+    monkeypatch.setattr(pipeline, "_optimise_levels", spy)
+    options = RegistrationOptions(method="auto")
+    result = register(image, fixed, options)
+    detail = next(s for s in result.stages if s.name == "deformable").detail
+    assert detail["network_motion_mm"] == pytest.approx(5.0, rel=1e-4)
+    assert detail["network_start"] == (
+        "discarded: a large motion in the network's own field (the whole pyramid ran from the "
+        "affine)"
+    )
+    assert "network_check_iterations" not in detail and checks == [False]
+    assert detail["levels_mm"] == pipeline._schedule(grid, options)["deformable"]
