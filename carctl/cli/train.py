@@ -71,8 +71,10 @@ def _run(
     device: str,
     quiet: bool,
     shown: Callable[[dict], str],
+    scales: tuple[float, ...] | None = None,
 ) -> None:
-    """Load the data, train with a progress bar, write the weights and their card."""
+    """Load the data (each volume at ``scales``, default :data:`carctl.training.data.SCALES`),
+    train with a progress bar, write the weights and their card."""
     import shlex
     import sys
     import time
@@ -88,7 +90,7 @@ def _run(
     quiet = quiet or rank != 0
     console = stdout()
     began = time.perf_counter()
-    scales = getattr(settings, "scales", data.SCALES)
+    scales = scales or data.SCALES
     volumes = data.load_volumes(root, data.TRAINING_IMAGES, scales=scales)
     volumes += data.load_volumes(root, data.TRAINING_LABELS, labels=True, scales=scales)
     validation = data.load_volumes(root, data.VALIDATION_IMAGES)
@@ -396,4 +398,5 @@ def car(
         device,
         quiet,
         shown,
+        settings.scales,
     )

@@ -206,16 +206,22 @@ def test_a_few_training_steps_reduce_the_loss(tmp_path):
     assert (tmp_path / "model.safetensors").exists()
 
 
+def _tiny_data(tmp_path: Path) -> Path:
+    """A data folder holding one small T1-like volume where training looks for OASIS."""
+    from tests.conftest import make_image, write
+
+    folder = tmp_path / "data" / "oasis-t1-a"
+    folder.mkdir(parents=True)
+    write(make_image((40, 40, 40), seed=5), folder / "t1.nii.gz")
+    return tmp_path / "data"
+
+
 def test_train_car_cli_smoke(cli, tmp_path, monkeypatch):
     """``carctl train car`` on a tiny data folder writes weights whose card loads; a run
     resumed with more steps records both commands (the recipe of its weights)."""
     import sys
 
-    from tests.conftest import make_image, write
-
-    data = tmp_path / "data" / "oasis-t1-a"
-    data.mkdir(parents=True)
-    write(make_image((40, 40, 40), seed=5), data / "t1.nii.gz")
+    _tiny_data(tmp_path)
     out = tmp_path / "run"
     args = ["train", "car", "--data", str(tmp_path / "data"), "--out", str(out)]
     args += ["--patch", "16", "--width", "4", "--validate-every", "3", "-q"]
@@ -249,14 +255,11 @@ def test_train_car_views_at_the_scales_asked(cli, tmp_path, monkeypatch):
 
     from carctl.networks import evaluator
     from carctl.training import data as training_data
-    from tests.conftest import make_image, write
 
     # working spacing 2 mm for the 40 mm cube (1 mm voxels): 1.6 and 2 mm views, not 0.5 mm
     monkeypatch.setattr(evaluator, "WORKING_VOXELS", 8000)
 
-    folder = tmp_path / "data" / "oasis-t1-a"
-    folder.mkdir(parents=True)
-    write(make_image((40, 40, 40), seed=5), folder / "t1.nii.gz")
+    _tiny_data(tmp_path)
     seen = []
     load = training_data.load_volumes
 
@@ -287,11 +290,7 @@ def test_train_car_init_fine_tunes_from_weights(cli, tmp_path, monkeypatch):
 
     from safetensors.torch import load_file
 
-    from tests.conftest import make_image, write
-
-    data = tmp_path / "data" / "oasis-t1-a"
-    data.mkdir(parents=True)
-    write(make_image((40, 40, 40), seed=5), data / "t1.nii.gz")
+    _tiny_data(tmp_path)
     common = ["train", "car", "--data", str(tmp_path / "data"), "--patch", "16", "-q"]
     first = [*common, "--width", "4", "--out", str(tmp_path / "a"), "--steps", "2"]
     monkeypatch.setattr(sys, "argv", ["carctl", *first])
@@ -329,14 +328,10 @@ def test_torchrun_trains_with_two_processes(tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import make_image, write
-
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     if not Path(torchrun).exists():
         pytest.skip("torchrun not installed")
-    data = tmp_path / "data" / "oasis-t1-a"
-    data.mkdir(parents=True)
-    write(make_image((40, 40, 40), seed=5), data / "t1.nii.gz")
+    _tiny_data(tmp_path)
     out = tmp_path / "run"
     command = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "carctl", "train", "car"]
     command += ["--data", str(tmp_path / "data"), "--out", str(out), "--steps", "2"]
