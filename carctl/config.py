@@ -9,6 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEVICES = ("auto", "cpu", "cuda")
+# The names the options accept, here without their tables (which load torch) so that a bad
+# value is refused at once: carctl.registration.pipeline.METHODS, carctl.losses.LOSSES and
+# carctl.losses.REGULARISERS hold the same names in the same order (a test checks).
+METHODS = ("auto", "net", "io", "affine", "rigid")
+LOSSES = ("mind", "mi", "lncc", "ncc", "mse", "imse", "mind+imse")
+REGULARISERS = ("diffusion", "bending")
 
 
 @dataclass(frozen=True)
@@ -27,8 +33,6 @@ class RegistrationOptions:
 
     def __post_init__(self) -> None:
         from carctl.errors import UsageError
-        from carctl.losses import LOSSES, REGULARISERS
-        from carctl.registration.pipeline import METHODS
 
         for option, value, choices in (
             ("--method", self.method, METHODS),

@@ -38,6 +38,10 @@ if TYPE_CHECKING:
 
 #: Extensions carctl writes images to; a ``.hdr`` header is written with its ``.img``.
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".hdr")
+# Transform files (read and written by carctl.spatial.files; here so that commands check
+# their outputs' names before loading torch).
+AFFINE_EXTENSIONS = (".mat", ".tfm", ".txt")
+FIELD_EXTENSIONS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
 # Files that an image format writes next to its header.
 _COMPANIONS = {".mhd": (".raw", ".zraw"), ".hdr": (".img", ".img.gz"), ".nhdr": (".raw.gz",)}
 _VOLUME_SUFFIX = re.compile(r"^(?P<path>.+):(?P<volume>\d+)$")

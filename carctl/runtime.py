@@ -5,17 +5,31 @@ from __future__ import annotations
 import os
 
 
-def set_threads(threads: int | None) -> None:
-    """Use ``threads`` CPU threads in torch and SimpleITK (their defaults when None)."""
+def check_threads(threads: int | None) -> int | None:
+    """The thread count to use: ``threads``, else ``$CARCTL_THREADS``, else None (the
+    libraries' defaults); refuses fewer than one. Loads nothing."""
+    from carctl.errors import UsageError
+
+    option = "--threads"
     if threads is None:
-        env = os.environ.get("CARCTL_THREADS")
-        threads = int(env) if env else None
+        env = os.environ.get("CARCTL_THREADS", "").strip()
+        if not env:
+            return None
+        option = "CARCTL_THREADS"
+        try:
+            threads = int(env)
+        except ValueError:
+            raise UsageError(f"CARCTL_THREADS must be a whole number, not '{env}'") from None
+    if threads < 1:
+        raise UsageError(f"{option} must be at least 1, not {threads}")
+    return threads
+
+
+def set_threads(threads: int | None) -> None:
+    """Use ``threads`` CPU threads in torch and SimpleITK (see :func:`check_threads`)."""
+    threads = check_threads(threads)
     if threads is None:
         return
-    if threads < 1:
-        from carctl.errors import UsageError
-
-        raise UsageError(f"--threads must be at least 1, not {threads}")
     import SimpleITK as sitk
     import torch
 

@@ -20,6 +20,8 @@ import torch
 
 from carctl.errors import InputError, OutputError
 from carctl.io import (
+    AFFINE_EXTENSIONS,
+    FIELD_EXTENSIONS,
     IMAGE_EXTENSIONS,
     atomic_output,
     image_suffix,
@@ -31,9 +33,6 @@ from carctl.io import (
 )
 from carctl.spatial.grid import Grid
 from carctl.spatial.transform import Affine, DisplacementField, Transform
-
-AFFINE_EXTENSIONS = (".mat", ".tfm", ".txt")
-FIELD_EXTENSIONS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
 
 
 def read_field(path: str | os.PathLike) -> DisplacementField:

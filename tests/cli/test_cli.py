@@ -37,6 +37,42 @@ def test_help_and_version_do_not_import_torch():
     assert "Usage: carctl" in result.stdout
 
 
+def test_register_refuses_bad_input_before_loading_torch(tmp_path):
+    """A missing or unreadable image and a bad option value are refused before torch loads
+    (about a second): clinic pipelines that check many inputs hear at once."""
+    image = write(make_image((10, 9, 8)), tmp_path / "image.nii.gz")
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    cases = [
+        [str(tmp_path / "missing.nii.gz"), str(image)],
+        [str(image), str(text)],
+        [str(image), str(image), "--method", "bogus"],
+        [str(image), str(image), "--loss", "bogus"],
+        [str(image), str(image), "--threads", "0"],
+    ]
+    probe = (
+        "import sys\n"
+        "from carctl.cli import main\n"
+        f"for args in {cases!r}:\n"
+        f"    args = ['register', *args, '-o', {str(tmp_path / 'out')!r}]\n"
+        "    try:\n"
+        "        main(args)\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code in (1, 2), (args, e.code)\n"
+        "    else:\n"
+        "        raise AssertionError(args)\n"
+        "print('torch loaded:', 'torch' in sys.modules)\n"
+    )
+    result = _python(probe)
+    assert result.returncode == 0, result.stderr
+    assert "torch loaded: False" in result.stdout
+    errors = result.stderr.strip().splitlines()
+    assert len(errors) == len(cases) and all(e.startswith("carctl: error: ") for e in errors)
+    assert "no such file" in errors[0] and "cannot read image" in errors[1]
+    assert "unknown --method 'bogus'" in errors[2] and "unknown --loss 'bogus'" in errors[3]
+    assert "--threads must be at least 1" in errors[4]
+
+
 def test_module_entry_point_and_version():
     result = subprocess.run(
         [sys.executable, "-m", "carctl", "--version"], capture_output=True, text=True, timeout=60

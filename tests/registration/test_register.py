@@ -960,6 +960,42 @@ def test_settings_refuse_bad_values(settings, option):
         RegistrationOptions(**settings)
 
 
+def test_option_names_match_their_tables():
+    """The settings check names without loading the tables (torch): the names must be the
+    tables' own, in their order (it is the order error messages list them in)."""
+    from carctl import config
+    from carctl.losses import LOSSES, REGULARISERS
+    from carctl.registration.pipeline import METHODS
+
+    assert tuple(METHODS) == config.METHODS
+    assert tuple(LOSSES) == config.LOSSES
+    assert tuple(REGULARISERS) == config.REGULARISERS
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("", None),
+        ("3", 3),
+        ("x", "CARCTL_THREADS must be a whole number, not 'x'"),
+        ("0", "CARCTL_THREADS must be at least 1, not 0"),
+    ],
+)
+def test_thread_count_from_the_environment(monkeypatch, value, message):
+    from carctl.errors import UsageError
+    from carctl.runtime import check_threads
+
+    monkeypatch.setenv("CARCTL_THREADS", value)
+    assert check_threads(2) == 2  # the option wins
+    if message is None or isinstance(message, int):
+        assert check_threads(None) == message
+    else:
+        with pytest.raises(UsageError, match=message):
+            check_threads(None)
+    with pytest.raises(UsageError, match="--threads must be at least 1, not 0"):
+        check_threads(0)
+
+
 def test_default_output_names_follow_the_moving_image():
     from carctl.cli.register import _default_names
 
