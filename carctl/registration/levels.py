@@ -156,6 +156,26 @@ def fixed_level_grid(
     return _resampled_grid(grid.direction_matrix, base + low, base + high, step)
 
 
+def own_if_near(spacing: np.ndarray, grid: Grid) -> np.ndarray:
+    """``spacing`` (per axis of ``grid``), or ``grid``'s own spacing along the axes where that
+    is at most :data:`NEAR_OWN` finer: a features' grid on the image's own voxels is a part
+    of the image (:func:`_sublattice`: nothing interpolated), not a resampled copy of it. A
+    chest CT of 0.98 mm voxels, its 2 mm level's features at 1 mm: 1.6-1.9 s to build ->
+    1.1-1.2 s on its own voxels (a 1.95 mm level; the known pair's end-point error 0.874 ->
+    0.863 mm)."""
+    own = np.asarray(grid.spacing)
+    spacing = np.array(np.broadcast_to(np.asarray(spacing, float), own.shape))
+    near = (spacing >= own) & (spacing <= own * (1 + NEAR_OWN))
+    return np.where(near, own, spacing)
+
+
+def own_along(grid: Grid, direction: np.ndarray) -> np.ndarray:
+    """``grid``'s own spacing along each axis of ``direction`` (that of its axis closest to
+    it)."""
+    cosines = np.abs(direction.T @ grid.direction_matrix)
+    return np.asarray(grid.spacing)[cosines.argmax(axis=1)]
+
+
 def moving_level_grid(
     moving: Grid,
     direction: np.ndarray,
@@ -167,9 +187,7 @@ def moving_level_grid(
     the moving image's own along that axis)."""
     low, high = _along(moving, box, direction)
     # the moving axis closest to each axis of `direction` sets the finest useful spacing
-    cosines = np.abs(direction.T @ moving.direction_matrix)
-    own = np.asarray(moving.spacing)[cosines.argmax(axis=1)]
-    step = np.maximum(spacing, own)
+    step = np.maximum(spacing, own_along(moving, direction))
     return _resampled_grid(direction, low, high, step)
 
 
@@ -239,6 +257,9 @@ REPORT_VOXELS = 1 << 15
 
 # Features are computed at this many times the level's resolution, then averaged down.
 OVERSAMPLE = 2
+# ... on the images' own voxels instead where those are at most this fraction finer, when
+# both images have the same spacing (to this fraction) along that axis (see own_if_near).
+NEAR_OWN, _SAME_SPACING = 0.05, 0.01
 
 
 def pool(image: torch.Tensor, grid: Grid, factors: Sequence[int]) -> tuple[torch.Tensor, Grid]:
@@ -434,10 +455,14 @@ def build_level(
     f_box = widened(box, fixed_grid)
     m_box = None if moving_box is None else widened(moving_box, moving_grid)
     steps = axis_spacing(spacing, fixed_grid, f_box, moving_grid, m_box)
-    fine = fixed_level_grid(fixed_grid, steps / oversample, f_box)
     direction = fixed_grid.direction_matrix
     if frame is not None:  # the fixed axes as the moving image shows them (see the docstring)
         direction = frame @ direction
+    # on both images' own voxels where those are near (see own_if_near) and the same in both
+    # (otherwise both are resampled, and their descriptors compare neighbours as far apart)
+    want = steps / oversample
+    same = np.isclose(fixed_grid.spacing, own_along(moving_grid, direction), rtol=_SAME_SPACING)
+    fine = fixed_level_grid(fixed_grid, np.where(same, own_if_near(want, fixed_grid), want), f_box)
     m_fine = moving_level_grid(moving_grid, direction, np.asarray(fine.spacing), m_box)
 
     def band_limited(array: np.ndarray, source: Grid, target: Grid) -> torch.Tensor:
