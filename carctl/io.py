@@ -228,6 +228,13 @@ def read_sitk(
     return _select_volume(image, path, volume)
 
 
+def require_file(path: str | os.PathLike | None) -> None:
+    """Refuse a missing file (``None``: nothing given) in the words :func:`read_file` uses:
+    commands check their transform files before loading what reads them."""
+    if path is not None and not Path(path).is_file():
+        raise InputError(f"no such file: '{path}'")
+
+
 def read_file(path: str | os.PathLike, what: str = "image") -> sitk.Image:
     """Read one image file as SimpleITK does, refusing in one line what it should not accept.
 
@@ -237,8 +244,7 @@ def read_file(path: str | os.PathLike, what: str = "image") -> sitk.Image:
     """
     sitk = load_sitk()
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"no such file: '{path}'")
+    require_file(path)
     if path.stat().st_size == 0:
         raise InputError(f"cannot read {what} '{path}': the file is empty")
     try:

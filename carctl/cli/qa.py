@@ -101,8 +101,17 @@ def command(
 
 
 def run(moving, fixed, field, affine, warped, outputs, device, threads, force, inputs) -> dict:
+    from carctl.io import atomic_output, read_image, require_file, write_image
+    from carctl.runtime import check_threads
+
+    # inputs before torch: a missing or unreadable one is refused at once
+    check_threads(threads)
+    moving_image, fixed_image = read_image(moving), read_image(fixed)
+    warped_image = read_image(warped) if warped else None
+    require_file(field)
+    require_file(affine)
+
     from carctl import pretrained, qa
-    from carctl.io import atomic_output, read_image, write_image
     from carctl.registration.levels import require_contrast
     from carctl.resample import load_chain
     from carctl.runtime import resolve_device, set_threads
@@ -110,15 +119,14 @@ def run(moving, fixed, field, affine, warped, outputs, device, threads, force, i
     set_threads(threads)
     device = resolve_device(device)
     model, card = pretrained.load(qa.WEIGHTS, device=device)
-    moving_image, fixed_image = read_image(moving), read_image(fixed)
     # a constant image validates nothing (register refuses it before any stage)
     require_contrast("moving", moving_image.array)
     require_contrast("fixed", fixed_image.array)
     alignments = [(moving_image, [])]  # through the headers
     if field or affine:
         alignments.append((moving_image, load_chain(field, affine)))
-    elif warped:
-        alignments.append((read_image(warped), []))
+    elif warped_image is not None:
+        alignments.append((warped_image, []))
     assessments = qa.assess_alignments(model, fixed_image, alignments, device)
     before, last = assessments[0], assessments[-1]
     write_image(qa.misalignment_image(last), outputs["error_map"], force=force, inputs=inputs)

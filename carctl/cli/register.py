@@ -196,6 +196,7 @@ def run(
         IMAGE_EXTENSIONS,
         check_output,
         read_image,
+        require_file,
         write_image,
     )
     from carctl.runtime import check_threads
@@ -215,6 +216,7 @@ def run(
     fixed_mask = read_image(options["fixed_mask"]) if options["fixed_mask"] else None
     moving_mask = read_image(options["moving_mask"]) if options["moving_mask"] else None
     labels = read_image(options["labels"]) if options["labels"] else None
+    require_file(options.get("initial_affine"))
 
     from carctl.metrics import jacobian_summary
     from carctl.registration.pipeline import register

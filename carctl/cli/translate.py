@@ -29,19 +29,24 @@ def command(
     result is on the reference's working grid (isotropic, cropped to its anatomy).
     """
     import numpy as np
-    import torch
 
-    from carctl import pretrained, qa
     from carctl.io import Image, check_output, output_stem, read_image, write_image
-    from carctl.registration.levels import require_contrast
-    from carctl.runtime import resolve_device, set_threads
+    from carctl.runtime import check_threads
 
     out = out or f"{output_stem(image, 'image')}_translated.nii.gz"
     check_output(out, force=force, inputs=[image, reference])
+    check_threads(threads)
+    source, target = read_image(image), read_image(reference)  # refused before torch loads
+
+    import torch
+
+    from carctl import pretrained, qa
+    from carctl.registration.levels import require_contrast
+    from carctl.runtime import resolve_device, set_threads
+
     set_threads(threads)
     device = resolve_device(device)
     model, _ = pretrained.load(qa.WEIGHTS, device=device)
-    source, target = read_image(image), read_image(reference)
     require_contrast("reference", target.array)
     require_contrast("input", source.array)
     ref = qa.reference_of(target, device=device)

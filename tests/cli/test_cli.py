@@ -37,24 +37,31 @@ def test_help_and_version_do_not_import_torch():
     assert "Usage: carctl" in result.stdout
 
 
-def test_register_refuses_bad_input_before_loading_torch(tmp_path):
-    """A missing or unreadable image and a bad option value are refused before torch loads
-    (about a second): clinic pipelines that check many inputs hear at once."""
-    image = write(make_image((10, 9, 8)), tmp_path / "image.nii.gz")
+def test_bad_input_is_refused_before_loading_torch(tmp_path):
+    """A missing or unreadable image or transform file and a bad option value are refused
+    before torch loads (about a second): clinic pipelines that check many inputs hear at
+    once. ``register``, ``qa`` and ``translate``."""
+    image = str(write(make_image((10, 9, 8)), tmp_path / "image.nii.gz"))
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
+    missing = str(tmp_path / "missing.nii.gz")
+    out = ["-o", str(tmp_path / "out")]
     cases = [
-        [str(tmp_path / "missing.nii.gz"), str(image)],
-        [str(image), str(text)],
-        [str(image), str(image), "--method", "bogus"],
-        [str(image), str(image), "--loss", "bogus"],
-        [str(image), str(image), "--threads", "0"],
+        (["register", missing, image, *out], "no such file"),
+        (["register", image, str(text), *out], "cannot read image"),
+        (["register", image, image, "--method", "bogus", *out], "unknown --method 'bogus'"),
+        (["register", image, image, "--loss", "bogus", *out], "unknown --loss 'bogus'"),
+        (["register", image, image, "--threads", "0", *out], "--threads must be at least 1"),
+        (["register", image, image, "--initial-affine", "a.mat", *out], "no such file: 'a.mat'"),
+        (["qa", missing, image, *out], "no such file"),
+        (["qa", image, image, "--field", "u.nii", *out], "no such file: 'u.nii'"),
+        (["qa", image, image, "--affine", "a.mat", *out], "no such file: 'a.mat'"),
+        (["translate", missing, "-r", image, "-o", str(tmp_path / "t.nii.gz")], "no such file"),
     ]
     probe = (
         "import sys\n"
         "from carctl.cli import main\n"
-        f"for args in {cases!r}:\n"
-        f"    args = ['register', *args, '-o', {str(tmp_path / 'out')!r}]\n"
+        f"for args in {[c for c, _ in cases]!r}:\n"
         "    try:\n"
         "        main(args)\n"
         "    except SystemExit as e:\n"
@@ -67,10 +74,9 @@ def test_register_refuses_bad_input_before_loading_torch(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "torch loaded: False" in result.stdout
     errors = result.stderr.strip().splitlines()
-    assert len(errors) == len(cases) and all(e.startswith("carctl: error: ") for e in errors)
-    assert "no such file" in errors[0] and "cannot read image" in errors[1]
-    assert "unknown --method 'bogus'" in errors[2] and "unknown --loss 'bogus'" in errors[3]
-    assert "--threads must be at least 1" in errors[4]
+    assert len(errors) == len(cases), result.stderr
+    for error, (args, fragment) in zip(errors, cases, strict=True):
+        assert error.startswith("carctl: error: ") and fragment in error, (args, error)
 
 
 def test_module_entry_point_and_version():
