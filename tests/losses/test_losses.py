@@ -473,3 +473,26 @@ def test_learned_loss_refuses_2d_images():
     fixed = torch.rand(1, 1, 10, 12)
     with pytest.raises(InputError, match="3-D"):
         LOSSES["imse"].function(fixed, fixed, None)
+
+
+@pytest.mark.parametrize("shape", [(5, 6, 7), (1, 6, 5), (4, 5), (1, 1, 1)])
+def test_diffusion_gradient_is_autograds(shape):
+    """The diffusion penalty's written-out gradient equals autograd's of the same sums (and
+    torch's numerical check), on a channels-last field seen channels-first, as the
+    deformable stage passes it."""
+    from carctl.losses.regularisers import _difference
+
+    d = len(shape)
+    generator = torch.Generator().manual_seed(1)
+    table = torch.randn(*reversed(shape), d, dtype=torch.float64, generator=generator)
+    table.requires_grad_()
+    spacing = (0.9, 2.0, 1.3)[:d]
+    field = table.movedim(-1, 0)[None]
+    reference = sum(_difference(field, a, s).square().mean() for a, s in enumerate(spacing))
+    value = diffusion(field, spacing)
+    assert value.item() == pytest.approx(float(torch.as_tensor(reference).detach()), rel=1e-12)
+    if torch.is_tensor(reference) and reference.requires_grad:
+        (expected,) = torch.autograd.grad(reference, table)
+        (got,) = torch.autograd.grad(value, table)
+        assert torch.allclose(got, expected, rtol=1e-10, atol=1e-15)
+    assert torch.autograd.gradcheck(lambda t: diffusion(t.movedim(-1, 0)[None], spacing), table)
