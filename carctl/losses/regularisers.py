@@ -27,8 +27,8 @@ def diffusion(field: torch.Tensor, spacing: Sequence[float]) -> torch.Tensor:
 
 class _Diffusion(torch.autograd.Function):
     """:func:`diffusion` with its gradient written out: with ``d_a`` the forward differences
-    along axis ``a`` (per mm), the gradient at a point is ``2 / (|d_a| s_a)`` times the
-    difference ending there minus the one starting there. Autograd's version of the same
+    along axis ``a`` (per mm, ``n_a`` of them), the gradient at a point is ``2 / (n_a s_a)``
+    times the difference ending there minus the one starting there. Autograd's version of the same
     sums cost twice as much, and the deformable stage pays it at every step on its whole
     control grid (a chest CT's finest one, 350 000 points: 14 -> 7.6 ms a step, Adam
     included)."""

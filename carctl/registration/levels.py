@@ -257,8 +257,8 @@ REPORT_VOXELS = 1 << 15
 
 # Features are computed at this many times the level's resolution, then averaged down.
 OVERSAMPLE = 2
-# ... on the images' own voxels instead where those are at most this fraction finer, when
-# both images have the same spacing (to this fraction) along that axis (see own_if_near).
+# ... but on the images' own voxels where those are at most NEAR_OWN finer than that and
+# both images' spacings along the axis agree within _SAME_SPACING (see own_if_near).
 NEAR_OWN, _SAME_SPACING = 0.05, 0.01
 
 
