@@ -509,8 +509,7 @@ def read_points(path: str | os.PathLike, ndim: int = 3, grid: Grid | None = None
     need the ``grid`` they index.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"no such file: '{path}'")
+    require_file(path)
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as error:

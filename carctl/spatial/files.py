@@ -29,6 +29,7 @@ from carctl.io import (
     native_output_silenced,
     one_line_reason,
     read_file,
+    require_file,
     write_sitk,
 )
 from carctl.spatial.grid import Grid
@@ -109,8 +110,7 @@ def _write_nifti_field(
 def read_affine(path: str | os.PathLike) -> Affine:
     sitk = load_sitk()
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"no such file: '{path}'")
+    require_file(path)
     try:
         with native_output_silenced():
             transform = sitk.ReadTransform(os.fspath(path))

@@ -19,21 +19,37 @@ def _python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
 
 
-def test_help_and_version_do_not_import_torch():
+def _main_in_fresh_python(runs: list[list[str]]):
+    """``carctl`` (``carctl.cli.main``) with each argument list of ``runs`` in turn, in one
+    fresh interpreter: its completed process, each run's exit code ("none" when it did not
+    exit) and which of torch, SimpleITK and numpy were loaded at the end."""
     probe = (
-        "import sys\n"
+        "import json, sys\n"
         "from carctl.cli import main\n"
-        "commands = ['apply', 'evaluate', 'info', 'demo']\n"
-        "for args in [['--help'], ['--version']] + [[c, '--help'] for c in commands]:\n"
+        "codes = []\n"
+        f"for args in {runs!r}:\n"
         "    try:\n"
         "        main(args)\n"
+        "        codes.append('none')\n"
         "    except SystemExit as e:\n"
-        "        assert e.code in (0, None), (args, e.code)\n"
-        "print('heavy:', sorted(m for m in ('torch', 'SimpleITK', 'numpy') if m in sys.modules))\n"
+        "        codes.append(e.code)\n"
+        "heavy = sorted(m for m in ('torch', 'SimpleITK', 'numpy') if m in sys.modules)\n"
+        "print('probe:', json.dumps([codes, heavy]))\n"
     )
     result = _python(probe)
+    line = next((x for x in result.stdout.splitlines() if x.startswith("probe: ")), None)
+    assert line is not None, (result.stdout, result.stderr)
+    codes, heavy = json.loads(line[len("probe: ") :])
+    return result, codes, heavy
+
+
+def test_help_and_version_do_not_import_torch():
+    commands = ["apply", "evaluate", "info", "demo"]
+    runs = [["--help"], ["--version"]] + [[c, "--help"] for c in commands]
+    result, codes, heavy = _main_in_fresh_python(runs)
     assert result.returncode == 0, result.stderr
-    assert "heavy: []" in result.stdout
+    assert all(code in (0, None) for code in codes), codes
+    assert heavy == []
     assert "Usage: carctl" in result.stdout
 
 
@@ -58,21 +74,10 @@ def test_bad_input_is_refused_before_loading_torch(tmp_path):
         (["qa", image, image, "--affine", "a.mat", *out], "no such file: 'a.mat'"),
         (["translate", missing, "-r", image, "-o", str(tmp_path / "t.nii.gz")], "no such file"),
     ]
-    probe = (
-        "import sys\n"
-        "from carctl.cli import main\n"
-        f"for args in {[c for c, _ in cases]!r}:\n"
-        "    try:\n"
-        "        main(args)\n"
-        "    except SystemExit as e:\n"
-        "        assert e.code in (1, 2), (args, e.code)\n"
-        "    else:\n"
-        "        raise AssertionError(args)\n"
-        "print('torch loaded:', 'torch' in sys.modules)\n"
-    )
-    result = _python(probe)
+    result, codes, heavy = _main_in_fresh_python([args for args, _ in cases])
     assert result.returncode == 0, result.stderr
-    assert "torch loaded: False" in result.stdout
+    assert all(code in (1, 2) for code in codes), codes  # every one exited, as an error
+    assert "torch" not in heavy
     errors = result.stderr.strip().splitlines()
     assert len(errors) == len(cases), result.stderr
     for error, (args, fragment) in zip(errors, cases, strict=True):
