@@ -13,7 +13,18 @@ from typing import Annotated
 import typer
 
 from carctl import __version__
-from carctl.cli import apply, demo, evaluate, info, qa, register, train, translate, weights
+from carctl.cli import (
+    apply,
+    batch,
+    demo,
+    evaluate,
+    info,
+    qa,
+    register,
+    train,
+    translate,
+    weights,
+)
 from carctl.cli.console import run_guarded, set_debug
 from carctl.runtime import keep_freed_memory
 
@@ -48,7 +59,7 @@ def _root(
         set_debug(True)
 
 
-for module in (register, apply, evaluate, qa, translate, info, demo):
+for module in (register, batch, apply, evaluate, qa, translate, info, demo):
     app.command(name=module.NAME, help=module.command.__doc__)(module.command)
 app.add_typer(train.app)
 app.add_typer(weights.app)

@@ -44,7 +44,7 @@ def _main_in_fresh_python(runs: list[list[str]]):
 
 
 def test_help_and_version_do_not_import_torch():
-    commands = ["apply", "evaluate", "info", "demo"]
+    commands = ["apply", "batch", "evaluate", "info", "demo"]
     runs = [["--help"], ["--version"]] + [[c, "--help"] for c in commands]
     result, codes, heavy = _main_in_fresh_python(runs)
     assert result.returncode == 0, result.stderr
@@ -56,11 +56,13 @@ def test_help_and_version_do_not_import_torch():
 def test_bad_input_is_refused_before_loading_torch(tmp_path):
     """A missing or unreadable image or transform file and a bad option value are refused
     before torch loads (about a second): clinic pipelines that check many inputs hear at
-    once. ``register``, ``qa`` and ``translate``."""
+    once. ``register``, ``qa``, ``translate`` and ``batch`` (its list and every input in it)."""
     image = str(write(make_image((10, 9, 8)), tmp_path / "image.nii.gz"))
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
     missing = str(tmp_path / "missing.nii.gz")
+    listing = tmp_path / "listing.csv"
+    listing.write_text(f"moving,fixed\n{image},{missing}\n")
     out = ["-o", str(tmp_path / "out")]
     cases = [
         (["register", missing, image, *out], "no such file"),
@@ -73,6 +75,8 @@ def test_bad_input_is_refused_before_loading_torch(tmp_path):
         (["qa", image, image, "--field", "u.nii", *out], "no such file: 'u.nii'"),
         (["qa", image, image, "--affine", "a.mat", *out], "no such file: 'a.mat'"),
         (["translate", missing, "-r", image, "-o", str(tmp_path / "t.nii.gz")], "no such file"),
+        (["batch", str(tmp_path / "pairs.csv"), *out], "no such pair list"),
+        (["batch", str(listing), *out], "no such fixed: '"),
     ]
     result, codes, heavy = _main_in_fresh_python([args for args, _ in cases])
     assert result.returncode == 0, result.stderr
@@ -110,7 +114,7 @@ def test_program_exit_after_torch_keeps_output_and_status(tmp_path):
 def test_every_command_is_listed(cli):
     result = cli("--help")
     assert result.code == 0
-    for command in ("info", "apply", "evaluate", "demo"):
+    for command in ("info", "apply", "evaluate", "demo", "register", "batch"):
         assert command in result.out
 
 

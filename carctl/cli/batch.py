@@ -1,0 +1,268 @@
+"""``carctl batch``: register every pair of a list in one process (clinic pipelines)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+if TYPE_CHECKING:
+    from carctl.batch import Pair
+    from carctl.config import RegistrationOptions
+
+NAME = "batch"
+SUMMARY = "summary.json"  # in each pair's folder, written last: the pair is done
+RECORD = "batch.csv"  # in the output folder, rewritten after every pair
+RECORD_COLUMNS = (
+    "name",
+    "status",
+    "seconds",
+    "folding_percent",
+    "jacobian_min",
+    "jacobian_max",
+    "qa_before",
+    "qa_after",
+    "qa_verdict",
+    "folder",
+    "moving",
+    "fixed",
+    "error",
+)
+
+
+def command(
+    pairs: Annotated[
+        str,
+        typer.Argument(
+            help="CSV (or .tsv) list with a header row: moving, fixed, and optionally name, "
+            "labels, fixed_mask, moving_mask, initial_affine. Paths relative to the list."
+        ),
+    ],
+    out_dir: Annotated[
+        Path, typer.Option("--out-dir", "-o", help="Folder for the pairs' folders and batch.csv.")
+    ] = Path("."),
+    method: Annotated[
+        str, typer.Option("--method", help="As for register: auto | net | io | affine | rigid.")
+    ] = "auto",
+    loss: Annotated[
+        str, typer.Option("--loss", help="As for register: mind | mi | lncc | ncc | mse | imse.")
+    ] = "mind",
+    diffeomorphic: Annotated[
+        bool,
+        typer.Option("--diffeomorphic", help="Stationary velocity field (scaling and squaring)."),
+    ] = False,
+    regularization: Annotated[
+        float | None, typer.Option("--regularization", help="Smoothness weight (default per loss).")
+    ] = None,
+    iterations: Annotated[
+        int | None, typer.Option("--iterations", help="Deformable iterations per level.")
+    ] = None,
+    resolution: Annotated[
+        float | None, typer.Option("--resolution", help="Finest deformable spacing, mm.")
+    ] = None,
+    inverse: Annotated[
+        bool, typer.Option("--inverse", help="Also write each inverse field (moving grid).")
+    ] = False,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")] = "auto",
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same result).")] = 0,
+    qa: Annotated[
+        bool,
+        typer.Option("--qa/--no-qa", help="Score each alignment before and after (as register)."),
+    ] = False,
+    stop_on_error: Annotated[
+        bool,
+        typer.Option("--stop-on-error", help="Stop at the first pair that fails (default: go on)."),
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Redo pairs already done (default: skip them).")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No line per pair.")] = False,
+) -> None:
+    """Register every pair of a list in one process: the list and every input are checked
+    first, then each pair gets a folder of outputs (as register writes them, and its summary
+    as summary.json); batch.csv records every pair's status, time and folding.
+
+    Pairs done before (their summary.json exists) are skipped, so an interrupted batch goes
+    on where it stopped. A pair that fails is recorded and the batch goes on; the exit status
+    is 1 when any pair failed.
+    """
+    from carctl.batch import read_pairs
+    from carctl.config import RegistrationOptions
+    from carctl.errors import OutputError
+    from carctl.io import check_output
+    from carctl.runtime import check_threads
+
+    started = time.perf_counter()
+    settings = RegistrationOptions(  # checks every value before the list is read
+        method=method,
+        loss=loss,
+        diffeomorphic=diffeomorphic,
+        regularization=regularization,
+        iterations=iterations,
+        resolution=resolution,
+        device=device,
+        seed=seed,
+    )
+    check_threads(threads)
+    listed = read_pairs(pairs)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"cannot write into '{out_dir}': it is a file")
+    everything = [pairs] + [path for pair in listed for path in pair.inputs()]
+    check_output(out_dir / RECORD, force=True, inputs=everything, extensions=(".csv",))
+    options = {"threads": threads, "qa": qa, "inverse": inverse, "force": force}
+    options["list"] = pairs  # never written over, as no input is
+    counts = _run_all(listed, out_dir, settings, options, stop_on_error, quiet)
+    if not quiet:
+        from carctl.cli.console import stderr
+
+        done, skipped, failed = (counts[k] for k in ("done", "skipped", "failed"))
+        stderr().print(
+            f"batch: {done} registered, {skipped} skipped, {failed} failed in "
+            f"{time.perf_counter() - started:.1f} s; record: {out_dir / RECORD}"
+        )
+    if counts["failed"]:
+        raise typer.Exit(1)
+
+
+def _run_all(
+    listed: list[Pair],
+    out_dir: Path,
+    settings: RegistrationOptions,
+    options: dict,
+    stop_on_error: bool,
+    quiet: bool,
+) -> dict[str, int]:
+    """Each pair in turn (:func:`_one`), the record rewritten after each; the counts of
+    pairs done, skipped and failed."""
+    from carctl.cli.console import stderr
+
+    console = None if quiet else stderr()
+    rows: list[dict] = []
+    counts = {"done": 0, "skipped": 0, "failed": 0}
+    try:
+        for number, pair in enumerate(listed, start=1):
+            row = _one(pair, out_dir, settings, options)
+            rows.append(row)
+            counts[row["status"]] += 1
+            if console is not None:
+                console.print(f"[{number}/{len(listed)}] {pair.name}  {_said(row)}")
+            _write_record(rows, out_dir, options["list"])
+            if row["status"] == "failed" and stop_on_error:
+                break
+    finally:  # an interrupted batch still leaves the record of what it did
+        if rows:
+            _write_record(rows, out_dir, options["list"])
+    return counts
+
+
+def _one(pair: Pair, out_dir: Path, settings: RegistrationOptions, options: dict) -> dict:
+    """Register one pair into its folder (or skip it when done before); its record row."""
+    import json
+
+    from carctl.cli.console import emit_json, is_debug
+    from carctl.cli.register import _default_names, run
+    from carctl.errors import CarctlError
+
+    folder = out_dir / pair.name
+    summary_path = folder / SUMMARY
+    row = {"name": pair.name, "folder": str(folder), "moving": pair.moving, "fixed": pair.fixed}
+    if summary_path.is_file() and not options["force"]:
+        try:
+            return row | {"status": "skipped"} | _measures(json.loads(summary_path.read_text()))
+        except (OSError, ValueError):
+            pass  # an unreadable summary: the pair is done again
+    names = _default_names(pair.moving)
+    outputs = {key: str(folder / names[key]) for key in ("warped", "field", "affine")}
+    if pair.labels:
+        outputs["warped_labels"] = str(folder / names["warped_labels"])
+    if options["inverse"]:
+        outputs["inverse_field"] = str(folder / f"{Path(names['field']).stem}_inverse.nii")
+    started = time.perf_counter()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        summary = run(
+            pair.moving,
+            pair.fixed,
+            outputs,
+            settings,
+            inputs=pair.inputs(),
+            labels=pair.labels,
+            fixed_mask=pair.fixed_mask,
+            moving_mask=pair.moving_mask,
+            initial_affine=pair.initial_affine,
+            threads=options["threads"],
+            quiet=True,
+            force=True,  # the pair's own folder: what an interrupted run left is redone
+            started=started,
+            qa=options["qa"],
+        )
+        summary["name"] = pair.name
+        emit_json(summary, str(summary_path), force=True, inputs=pair.inputs())
+    except (CarctlError, OSError, MemoryError) as error:
+        return row | {"status": "failed", "error": " ".join(str(error).split())}
+    except Exception as error:  # a bug: recorded in one line like the rest (--debug: traced)
+        if is_debug():
+            import traceback
+
+            traceback.print_exc()
+        message = " ".join(str(error).split())
+        return row | {
+            "status": "failed",
+            "error": f"internal error: {type(error).__name__}: {message}",
+        }
+    return row | {"status": "done"} | _measures(summary)
+
+
+def _measures(summary: dict) -> dict:
+    """The record's numbers from a pair's summary."""
+    out = {key: summary.get(key) for key in ("folding_percent", "jacobian_min", "jacobian_max")}
+    out["seconds"] = summary.get("total_seconds")
+    quality = summary.get("qa") or {}
+    if "after" in quality:
+        out |= {
+            "qa_before": quality["before"]["score"],
+            "qa_after": quality["after"]["score"],
+            "qa_verdict": quality["after"]["verdict"],
+        }
+    return out
+
+
+def _said(row: dict) -> str:
+    """One line on a pair's outcome."""
+    if row["status"] == "failed":
+        return f"failed: {row['error']}"
+    words = "done" if row["status"] == "done" else "skipped (done before)"
+    if row.get("seconds") is not None:
+        words += f"  {row['seconds']:.1f} s"
+    if row.get("folding_percent") is not None:
+        words += f", folding {row['folding_percent']:.3f} %"
+    if row.get("qa_verdict"):
+        words += f", quality {row['qa_after']:.2f} ({row['qa_verdict']})"
+    return words
+
+
+def _write_record(rows: list[dict], out_dir: Path, listing: str) -> None:
+    import csv
+    import io
+
+    from carctl.io import write_text
+
+    text = io.StringIO()
+    writer = csv.DictWriter(text, RECORD_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: _cell(row.get(key)) for key in RECORD_COLUMNS})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = out_dir / RECORD
+    write_text(text.getvalue(), record, force=True, inputs=[listing], extensions=(".csv",))
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)

@@ -1,0 +1,212 @@
+"""``carctl batch``: the pair list, and a batch as a clinic pipeline runs it."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from conftest import make_image, write
+
+from carctl.batch import read_pairs
+from carctl.errors import InputError
+
+
+def _images(folder: Path, *names: str) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    return [write(make_image((6, 5, 4), seed=i), folder / n) for i, n in enumerate(names)]
+
+
+def test_list_columns_comments_and_relative_paths(tmp_path):
+    _images(tmp_path / "sub-01", "t1.nii.gz", "t2.nii.gz", "seg.nii.gz")
+    _images(tmp_path / "sub-02", "t1.nii.gz", "t2.nii.gz")
+    listing = tmp_path / "pairs.csv"
+    listing.write_text(
+        "\ufeffName, Moving ,fixed,labels,Fixed-Mask\n"  # a spreadsheet's BOM, any case, -/_
+        "# first subject\n"
+        "a,sub-01/t1.nii.gz,sub-01/t2.nii.gz,sub-01/seg.nii.gz,\n"
+        "\n"
+        "b,sub-02/t1.nii.gz,sub-02/t2.nii.gz,,sub-02/t2.nii.gz\n"
+    )
+    first, second = read_pairs(listing)
+    assert (first.line, first.name, second.line, second.name) == (3, "a", 5, "b")
+    assert first.moving == str(tmp_path / "sub-01" / "t1.nii.gz")  # relative to the list
+    assert first.labels == str(tmp_path / "sub-01" / "seg.nii.gz") and first.fixed_mask is None
+    assert second.labels is None and second.fixed_mask == str(tmp_path / "sub-02" / "t2.nii.gz")
+    assert second.inputs() == [second.moving, second.fixed, second.fixed_mask]
+
+
+def test_list_as_tsv_named_by_the_moving_stem(tmp_path):
+    moving, fixed = _images(tmp_path, "sub-01_T1w.nii.gz", "sub-01_T2w.nii")
+    listing = tmp_path / "pairs.tsv"
+    listing.write_text(f"moving\tfixed\n{moving}\t{fixed.name}\n")  # absolute and relative
+    (pair,) = read_pairs(listing)
+    assert (pair.name, pair.moving, pair.fixed) == ("sub-01_T1w", str(moving), str(fixed))
+
+
+def test_list_volume_of_a_4d_file(tmp_path):
+    series = sitk.JoinSeries([make_image((6, 5, 4), seed=s) for s in range(3)])
+    write(series, tmp_path / "bold.nii.gz")
+    (fixed,) = _images(tmp_path, "t1.nii.gz")
+    listing = tmp_path / "pairs.csv"
+    listing.write_text("moving,fixed\nbold.nii.gz:2,t1.nii.gz\n")
+    (pair,) = read_pairs(listing)
+    assert pair.moving == f"{tmp_path / 'bold.nii.gz'}:2" and pair.name == "bold"
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("", "is empty"),
+        ("# only a comment\n", "is empty"),
+        ("moving,fixed\n", "names no pair"),
+        ("moving,fixd\nm.nii.gz,f.nii.gz\n", "pairs.csv:1: unknown column 'fixd'"),
+        ("moving,name\nm.nii.gz,x\n", "pairs.csv:1: no 'fixed' column"),
+        ("moving,fixed,moving\nm.nii.gz,f.nii.gz,m.nii.gz\n", "named twice"),
+        ("moving,fixed\nm.nii.gz\n", "pairs.csv:2: 1 cells for 2 columns"),
+        ("moving,fixed\n,f.nii.gz\n", "pairs.csv:2: the 'moving' cell is empty"),
+        ("moving,fixed\nm.nii.gz,absent.nii.gz\n", "pairs.csv:2: no such fixed: '"),
+        ("moving,fixed,labels\nm.nii.gz,f.nii.gz,l.nii.gz\n", "no such labels"),
+        ("name,moving,fixed\n..,m.nii.gz,f.nii.gz\n", "name '..' must be a plain folder name"),
+        ("name,moving,fixed\na/b,m.nii.gz,f.nii.gz\n", "must be a plain folder name"),
+        ("moving,fixed\nm.nii.gz,f.nii.gz\n\nm.nii.gz,f.nii.gz\n", "as those of line 2"),
+    ],
+)
+def test_list_refusals_name_the_line(tmp_path, text, words):
+    _images(tmp_path, "m.nii.gz", "f.nii.gz")
+    listing = tmp_path / "pairs.csv"
+    listing.write_text(text)
+    with pytest.raises(InputError, match="^[^\n]*$") as refused:  # one line
+        read_pairs(listing)
+    assert words in str(refused.value)
+
+
+def test_missing_list(tmp_path):
+    with pytest.raises(InputError, match="no such pair list"):
+        read_pairs(tmp_path / "pairs.csv")
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+
+def _phantom(seed: int) -> sitk.Image:
+    """A small head-like ellipsoid with texture (as the registration tests use)."""
+    image = make_image((20, 20, 20), spacing=(3.0, 3.0, 3.0), seed=seed)
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, 20)] * 3, indexing="ij")
+    inside = (x / 0.8) ** 2 + (y / 0.7) ** 2 + (z / 0.75) ** 2 < 1
+    array = np.where(inside, 20 + sitk.GetArrayFromImage(image), 0).astype(np.float32)
+    out = sitk.GetImageFromArray(array)
+    out.CopyInformation(image)
+    return out
+
+
+@pytest.fixture
+def listing(tmp_path) -> Path:
+    """Two good pairs and, between them, one whose moving image is not an image."""
+    data = tmp_path / "data"
+    data.mkdir()
+    fixed = write(_phantom(0), data / "fixed.nii.gz")
+    shifted = sitk.Resample(_phantom(0), sitk.TranslationTransform(3, (2.0, -1.5, 1.0)))
+    write(shifted, data / "moving.nii.gz")
+    write(_phantom(0) > 25, data / "labels.nii.gz")
+    (data / "broken.nii.gz").write_bytes(b"not an image")
+    path = data / "pairs.csv"
+    path.write_text(
+        "name,moving,fixed,labels\n"
+        "one,moving.nii.gz,fixed.nii.gz,labels.nii.gz\n"
+        "broken,broken.nii.gz,fixed.nii.gz,\n"
+        f"two,fixed.nii.gz,{fixed},\n"
+    )
+    return path
+
+
+def _record(folder: Path) -> dict[str, dict]:
+    with open(folder / "batch.csv", newline="") as f:
+        return {row["name"]: row for row in csv.DictReader(f)}
+
+
+def test_batch_registers_records_and_resumes(cli, listing, tmp_path):
+    out = tmp_path / "out"
+    options = ["-o", out, "--method", "rigid", "--threads", "1"]
+    first = cli("batch", listing, *options)
+    assert first.code == 1, first.err  # one pair failed: the batch says so, after the rest
+    lines = first.err.strip().splitlines()
+    assert lines[0].startswith("[1/3] one  done") and lines[2].startswith("[3/3] two  done")
+    assert "[2/3] broken  failed: cannot read image" in lines[1]
+    assert "2 registered, 0 skipped, 1 failed" in lines[-1] and "Traceback" not in first.err
+    record = _record(out)
+    assert [record[n]["status"] for n in ("one", "broken", "two")] == ["done", "failed", "done"]
+    assert "cannot read image" in record["broken"]["error"]
+    assert float(record["one"]["folding_percent"]) == 0.0 and float(record["one"]["seconds"]) > 0
+    assert sorted(p.name for p in (out / "one").iterdir()) == [
+        "moving_affine.mat",
+        "moving_field.nii",
+        "moving_warped.nii.gz",
+        "moving_warped_labels.nii.gz",
+        "summary.json",
+    ]
+    summary = json.loads((out / "one" / "summary.json").read_text())
+    assert summary["name"] == "one" and summary["method"] == "rigid"
+    # what register writes for the same pair and options, to the voxel
+    alone = cli(
+        "register",
+        listing.parent / "moving.nii.gz",
+        listing.parent / "fixed.nii.gz",
+        "-o",
+        tmp_path / "alone",
+        "--method",
+        "rigid",
+        "--threads",
+        "1",
+        "--quiet",
+    )
+    assert alone.code == 0, alone.err
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(sitk.ReadImage(str(out / "one" / "moving_warped.nii.gz"))),
+        sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "alone" / "moving_warped.nii.gz"))),
+    )
+    # run again: the pairs done are skipped (their numbers kept), the failed one tried again
+    stamp = (out / "one" / "moving_field.nii").stat().st_mtime_ns
+    again = cli("batch", listing, *options)
+    assert again.code == 1 and "0 registered, 2 skipped, 1 failed" in again.err
+    assert (out / "one" / "moving_field.nii").stat().st_mtime_ns == stamp
+    assert _record(out)["one"]["status"] == "skipped"
+    assert _record(out)["one"]["folding_percent"] == record["one"]["folding_percent"]
+    # --force redoes them
+    redo = cli("batch", listing, *options, "--force", "--quiet", "--inverse")
+    assert redo.code == 1 and redo.err == ""
+    assert _record(out)["two"]["status"] == "done"
+    assert (out / "two" / "fixed_field_inverse.nii").is_file()
+
+
+def test_batch_stops_on_error_when_asked(cli, listing, tmp_path):
+    out = tmp_path / "out"
+    result = cli("batch", listing, "-o", out, "--method", "rigid", "--stop-on-error", "-q")
+    assert result.code == 1
+    assert list(_record(out)) == ["one", "broken"] and not (out / "two").exists()
+
+
+def test_batch_refuses_a_bad_list_or_option_before_any_work(cli, listing, tmp_path):
+    out = tmp_path / "out"
+    for args, code, words in (
+        ([tmp_path / "absent.csv"], 1, "no such pair list"),
+        ([listing, "--method", "bogus"], 2, "unknown --method 'bogus'"),
+        ([listing, "--threads", "0"], 2, "--threads must be at least 1"),
+    ):
+        result = cli("batch", *args, "-o", out)
+        assert result.code == code, result.err
+        assert result.err.startswith("carctl: error: ") and words in result.err
+        assert len(result.err.strip().splitlines()) == 1
+    assert not out.exists()
+    (tmp_path / "file").write_text("")
+    result = cli("batch", listing, "-o", tmp_path / "file")
+    assert result.code == 1 and "it is a file" in result.err
+    # a list kept where the record goes is not written over
+    kept = listing.parent / "batch.csv"
+    kept.write_text(listing.read_text())
+    result = cli("batch", kept, "-o", listing.parent, "--method", "rigid", "-q")
+    assert result.code == 1 and "it is one of the inputs" in result.err
+    assert kept.read_text() == listing.read_text() and not (listing.parent / "one").exists()
