@@ -85,9 +85,9 @@ def command(
     first, then each pair gets a folder of outputs (as register writes them, and its summary
     as summary.json); batch.csv records every pair's status, time and folding.
 
-    Pairs done before (their summary.json exists) are skipped, so an interrupted batch goes
-    on where it stopped. A pair that fails is recorded and the batch goes on; the exit status
-    is 1 when any pair failed.
+    Pairs done before with the same options (their summary.json says so) are skipped, so an
+    interrupted batch goes on where it stopped. A pair that fails is recorded and the batch
+    goes on; the exit status is 1 when any pair failed.
     """
     from carctl.batch import read_pairs
     from carctl.config import RegistrationOptions
@@ -112,8 +112,8 @@ def command(
         raise OutputError(f"cannot write into '{out_dir}': it is a file")
     everything = [pairs] + [path for pair in listed for path in pair.inputs()]
     check_output(out_dir / RECORD, force=True, inputs=everything, extensions=(".csv",))
-    options = {"threads": threads, "qa": qa, "inverse": inverse, "force": force}
-    options["list"] = pairs  # never written over, as no input is
+    # the list is never written over, as no input is
+    options = {"threads": threads, "qa": qa, "inverse": inverse, "force": force, "list": pairs}
     counts = _run_all(listed, out_dir, settings, options, stop_on_error, quiet)
     if not quiet:
         from carctl.cli.console import stderr
@@ -142,20 +142,25 @@ def _run_all(
     console = None if quiet else stderr()
     rows: list[dict] = []
     counts = {"done": 0, "skipped": 0, "failed": 0}
-    try:
-        for number, pair in enumerate(listed, start=1):
-            row = _one(pair, out_dir, settings, options)
-            rows.append(row)
-            counts[row["status"]] += 1
-            if console is not None:
-                console.print(f"[{number}/{len(listed)}] {pair.name}  {_said(row)}")
-            _write_record(rows, out_dir, options["list"])
-            if row["status"] == "failed" and stop_on_error:
-                break
-    finally:  # an interrupted batch still leaves the record of what it did
-        if rows:
-            _write_record(rows, out_dir, options["list"])
+    for number, pair in enumerate(listed, start=1):
+        row = _one(pair, out_dir, settings, options)
+        rows.append(row)
+        counts[row["status"]] += 1
+        if console is not None:
+            console.print(f"[{number}/{len(listed)}] {pair.name}  {_said(row)}")
+        # after every pair: an interrupted batch leaves the record of what it did
+        _write_record(rows, out_dir, options["list"])
+        if row["status"] == "failed" and stop_on_error:
+            break
     return counts
+
+
+def _chosen(settings: RegistrationOptions) -> dict:
+    """The options that make a pair's result what it is (summary.json keeps them; a pair
+    done before is skipped only when they are the same)."""
+    import dataclasses
+
+    return {k: v for k, v in dataclasses.asdict(settings).items() if k != "device"}
 
 
 def _one(pair: Pair, out_dir: Path, settings: RegistrationOptions, options: dict) -> dict:
@@ -171,9 +176,14 @@ def _one(pair: Pair, out_dir: Path, settings: RegistrationOptions, options: dict
     row = {"name": pair.name, "folder": str(folder), "moving": pair.moving, "fixed": pair.fixed}
     if summary_path.is_file() and not options["force"]:
         try:
-            return row | {"status": "skipped"} | _measures(json.loads(summary_path.read_text()))
+            before = json.loads(summary_path.read_text())
         except (OSError, ValueError):
-            pass  # an unreadable summary: the pair is done again
+            before = None  # an unreadable summary: the pair is done again
+        if before is not None and before.get("options") == _chosen(settings):
+            return row | {"status": "skipped"} | _measures(before)
+        if before is not None:  # never overwrite results of other options unasked
+            error = f"done before with other options ({folder / SUMMARY}); --force redoes it"
+            return row | {"status": "failed", "error": error}
     names = _default_names(pair.moving)
     outputs = {key: str(folder / names[key]) for key in ("warped", "field", "affine")}
     if pair.labels:
@@ -199,7 +209,7 @@ def _one(pair: Pair, out_dir: Path, settings: RegistrationOptions, options: dict
             started=started,
             qa=options["qa"],
         )
-        summary["name"] = pair.name
+        summary["name"], summary["options"] = pair.name, _chosen(settings)
         emit_json(summary, str(summary_path), force=True, inputs=pair.inputs())
     except (CarctlError, OSError, MemoryError) as error:
         return row | {"status": "failed", "error": " ".join(str(error).split())}

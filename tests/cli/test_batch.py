@@ -150,6 +150,7 @@ def test_batch_registers_records_and_resumes(cli, listing, tmp_path):
     ]
     summary = json.loads((out / "one" / "summary.json").read_text())
     assert summary["name"] == "one" and summary["method"] == "rigid"
+    assert summary["options"]["method"] == "rigid" and summary["options"]["seed"] == 0
     # what register writes for the same pair and options, to the voxel
     alone = cli(
         "register",
@@ -175,6 +176,11 @@ def test_batch_registers_records_and_resumes(cli, listing, tmp_path):
     assert (out / "one" / "moving_field.nii").stat().st_mtime_ns == stamp
     assert _record(out)["one"]["status"] == "skipped"
     assert _record(out)["one"]["folding_percent"] == record["one"]["folding_percent"]
+    # other options: the pairs done are not redone over their results unless forced
+    other = cli("batch", listing, *options, "--seed", "1", "-q")
+    assert other.code == 1 and _record(out)["one"]["status"] == "failed"
+    assert "done before with other options" in _record(out)["one"]["error"]
+    assert (out / "one" / "moving_field.nii").stat().st_mtime_ns == stamp
     # --force redoes them
     redo = cli("batch", listing, *options, "--force", "--quiet", "--inverse")
     assert redo.code == 1 and redo.err == ""
