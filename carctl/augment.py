@@ -114,3 +114,41 @@ class RandomConvolution:
         low, high = x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
         x = (x - low) / (high - low).clamp_min(1e-12)
         return x.movedim(-1, 1).reshape(image.shape)
+
+
+def _smooth_scalar(image: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """A smooth random map ``(N, 1, *spatial)`` with values in ``[-1, 1]`` (each sample's
+    largest magnitude 1): noise on a lattice of 3-6 points per axis, linearly interpolated."""
+    n, spatial = image.shape[0], image.shape[2:]
+    coarse = int(torch.randint(3, 7, (), generator=generator))
+    noise = torch.randn(n, 1, *(coarse,) * len(spatial), generator=generator)
+    mode = "trilinear" if len(spatial) == 3 else "bilinear"
+    field = F.interpolate(noise, size=tuple(spatial), mode=mode, align_corners=True).to(image)
+    peak = field.abs().flatten(1).amax(dim=1).clamp_min(1e-6)
+    return field / peak.view(-1, *[1] * (field.dim() - 1))
+
+
+def bias_field(
+    image: torch.Tensor, strength: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``image`` ``(N, 1, *spatial)`` in ``[0, 1]`` times a smooth random field
+    ``exp(a s)`` (``s`` smooth in ``[-1, 1]``, ``a`` drawn from ``U(0, strength)``), as an
+    MR receive coil's inhomogeneity shades an image; rescaled to ``[0, 1]`` again."""
+    if strength <= 0:
+        return image
+    a = float(torch.rand((), generator=generator)) * strength
+    out = image * torch.exp(a * _smooth_scalar(image, generator))
+    high = out.flatten(1).amax(dim=1).clamp_min(1e-12)
+    return out / high.view(-1, *[1] * (out.dim() - 1))
+
+
+def unpaired_blobs(image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``image`` ``(N, 1, *spatial)`` in ``[0, 1]`` with smooth random regions (where a
+    smooth random map exceeds a random level: a few blobs over 5-30 % of the crop) painted a
+    random intensity, partly transparent: structure that the other image of a pair does not
+    show, as a lesion bright on FLAIR and faint on T1 is."""
+    level = 0.3 + 0.4 * float(torch.rand((), generator=generator))
+    opacity = 0.5 + 0.5 * float(torch.rand((), generator=generator))
+    value = float(torch.rand((), generator=generator))
+    region = torch.sigmoid((_smooth_scalar(image, generator) - level) / 0.05) * opacity
+    return image * (1 - region) + value * region

@@ -319,6 +319,19 @@ def car(
             "volume's working spacing (about 2 mm on a brain).",
         ),
     ] = "1,1.5",
+    bias: Annotated[
+        float,
+        typer.Option(
+            "--bias", help="Largest log-amplitude of a smooth bias field on each input (0: none)."
+        ),
+    ] = 0.0,
+    unpaired: Annotated[
+        float,
+        typer.Option(
+            "--unpaired",
+            help="Probability that an input gets blobs its partner lacks (lesion-like; 0: none).",
+        ),
+    ] = 0.0,
     validate_every: ValidateEvery = 250,
     seed: Seed = 0,
     name: Name = "car",
@@ -348,11 +361,13 @@ def car(
         ("--contrast", contrast),
         ("--supervision", supervision),
         ("--max-displacement", max_displacement),
+        ("--bias", bias),
     ):
         if not value >= 0:
             raise UsageError(f"{option} must be at least 0")
-    if not 0 <= same_contrast <= 1:
-        raise UsageError("--same-contrast must be between 0 and 1")
+    for option, value in (("--same-contrast", same_contrast), ("--unpaired", unpaired)):
+        if not 0 <= value <= 1:
+            raise UsageError(f"{option} must be between 0 and 1")
     try:
         factors = tuple(float(f) for f in scales.split(","))
     except ValueError:
@@ -375,6 +390,8 @@ def car(
         network=CarConfig(ndim=3, width=width),
         init=str(init) if init else None,
         scales=factors,
+        bias=bias,
+        unpaired=unpaired,
     )
 
     def shown(metrics: dict) -> str:

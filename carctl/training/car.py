@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from carctl.augment import RandomConvolution
+from carctl.augment import RandomConvolution, bias_field, unpaired_blobs
 from carctl.losses.regularisers import diffusion
 from carctl.losses.similarity import lncc_loss
 from carctl.networks import channels_last
@@ -61,6 +61,10 @@ class CarTraining:
     init: str | None = None  # weights (.safetensors) to start from instead of random ones
     # spacings of the training views, in units of each volume's working spacing
     scales: tuple[float, ...] = data.SCALES
+    # per network input: the largest log-amplitude of a smooth bias field (0: none), and the
+    # probability of blobs that the other image does not show (0: none); see _view
+    bias: float = 0.0
+    unpaired: float = 0.0
 
 
 def _points_field(points: torch.Tensor) -> torch.Tensor:
@@ -102,6 +106,18 @@ def make_pair(
     return {"moving": moving, "fixed": fixed, "truth": d, "mask": anatomy(fixed * 2 - 1)}
 
 
+def _view(image: torch.Tensor, settings: CarTraining, generator) -> torch.Tensor:
+    """One network input in its random contrast, then (when asked) shaded by a bias field
+    and given blobs the other image lacks (``settings.bias``, ``settings.unpaired``). Only
+    the network's inputs change: the similarity loss compares the clean images, so the
+    network learns to look past shading and unpaired structure."""
+    if settings.bias > 0:
+        image = bias_field(image, settings.bias, generator)
+    if settings.unpaired > 0 and float(torch.rand((), generator=generator)) < settings.unpaired:
+        image = unpaired_blobs(image, generator)
+    return image
+
+
 def end_point_error(u: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean distance (voxels) between two displacements ``(N, D, *spatial)`` in ``mask``."""
     distance = (u - truth).square().sum(dim=1, keepdim=True).sqrt()
@@ -121,7 +137,12 @@ def losses(
         moving = RandomConvolution.random(generator)
         same = float(torch.rand((), generator=generator)) < settings.same_contrast
         fixed = moving if same else RandomConvolution.random(generator)
-        views.append((moving(pair["moving"]), fixed(pair["fixed"])))
+        views.append(
+            (
+                _view(moving(pair["moving"]), settings, generator),
+                _view(fixed(pair["fixed"]), settings, generator),
+            )
+        )
     u, f_m, f_f = model(*views[0], features=True)
     g_m = model.features(views[1][0])[-1]
     g_f = model.features(views[1][1])[-1]

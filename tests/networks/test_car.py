@@ -66,6 +66,54 @@ def test_random_contrasts_are_nonlinear_but_keep_the_structure():
     assert nonlinear >= 5
 
 
+def test_bias_field_shades_smoothly_and_keeps_the_range():
+    """A smooth multiplicative field: the ratio to the input varies slowly across the crop
+    and within the drawn strength; the result is rescaled to a maximum of 1."""
+    from carctl.augment import bias_field
+
+    image = _phantom() + 0.1  # no zeros: the ratio is defined everywhere
+    image = image / image.max()
+    for seed in range(5):
+        out = bias_field(image, 0.5, torch.Generator().manual_seed(seed))
+        assert out.shape == image.shape and float(out.min()) >= 0
+        assert float(out.max()) == pytest.approx(1.0)
+        ratio = (out / image).log()
+        assert float(ratio.max() - ratio.min()) <= 2 * 0.5 + 1e-5  # exp(a s), |s| <= 1
+        step = (ratio[..., 1:] - ratio[..., :-1]).abs().max()  # smooth along x
+        assert float(step) < 0.5 / 3
+    again = bias_field(image, 0.5, torch.Generator().manual_seed(2))
+    torch.testing.assert_close(again, bias_field(image, 0.5, torch.Generator().manual_seed(2)))
+    assert bias_field(image, 0.0) is image
+
+
+def test_unpaired_blobs_paint_part_of_the_crop_and_keep_the_range():
+    from carctl.augment import unpaired_blobs
+
+    image = _phantom()
+    changed = []
+    for seed in range(8):
+        out = unpaired_blobs(image, torch.Generator().manual_seed(seed))
+        assert out.shape == image.shape
+        assert float(out.min()) >= 0 and float(out.max()) <= 1
+        changed.append(float(((out - image).abs() > 0.05).float().mean()))
+    assert min(changed) > 0 and max(changed) < 0.7  # a part of the crop, never all of it
+    assert len({round(c, 3) for c in changed}) > 4  # other blobs for every draw
+
+
+def test_training_views_get_the_augmentations_asked():
+    """``bias`` and ``unpaired`` change the network's inputs only; off, the views are the
+    random contrasts alone."""
+    from carctl.training import car
+
+    image = _phantom()
+    plain = car.CarTraining()
+    shaded = car.CarTraining(bias=0.5, unpaired=1.0)
+    view = car._view(image, plain, torch.Generator().manual_seed(0))
+    assert view is image
+    out = car._view(image, shaded, torch.Generator().manual_seed(0))
+    assert not torch.allclose(out, image) and float(out.max()) <= 1 + 1e-6
+
+
 # --- the network -----------------------------------------------------------------------------
 
 
@@ -242,6 +290,9 @@ def test_train_car_cli_smoke(cli, tmp_path, monkeypatch):
     assert training["command"] == " && ".join(training["commands"])
     bad = cli("train", "car", "--data", tmp_path / "data", "--patch", "20", "-q")
     assert bad.code != 0 and "multiple of 16" in bad.err
+    for option, value in (("--unpaired", "1.5"), ("--bias", "-1")):
+        bad = cli("train", "car", "--data", tmp_path / "data", option, value, "-q")
+        assert bad.code == 2 and option in bad.err and "Traceback" not in bad.err
     for scales in ("1,x", "0.1", ""):
         bad = cli("train", "car", "--data", tmp_path / "data", "--scales", scales, "-q")
         assert bad.code == 2 and "--scales" in bad.err and "Traceback" not in bad.err
