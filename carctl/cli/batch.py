@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from carctl.cli import register
+
 if TYPE_CHECKING:
     from carctl.batch import Pair
     from carctl.config import RegistrationOptions
@@ -43,31 +45,18 @@ def command(
     out_dir: Annotated[
         Path, typer.Option("--out-dir", "-o", help="Folder for the pairs' folders and batch.csv.")
     ] = Path("."),
-    method: Annotated[
-        str, typer.Option("--method", help="As for register: auto | net | io | affine | rigid.")
-    ] = "auto",
-    loss: Annotated[
-        str, typer.Option("--loss", help="As for register: mind | mi | lncc | ncc | mse | imse.")
-    ] = "mind",
-    diffeomorphic: Annotated[
-        bool,
-        typer.Option("--diffeomorphic", help="Stationary velocity field (scaling and squaring)."),
-    ] = False,
-    regularization: Annotated[
-        float | None, typer.Option("--regularization", help="Smoothness weight (default per loss).")
-    ] = None,
-    iterations: Annotated[
-        int | None, typer.Option("--iterations", help="Deformable iterations per level.")
-    ] = None,
-    resolution: Annotated[
-        float | None, typer.Option("--resolution", help="Finest deformable spacing, mm.")
-    ] = None,
+    method: register.Method = "auto",
+    loss: register.Loss = "mind",
+    diffeomorphic: register.Diffeomorphic = False,
+    regularization: register.Regularization = None,
+    iterations: register.Iterations = None,
+    resolution: register.Resolution = None,
     inverse: Annotated[
         bool, typer.Option("--inverse", help="Also write each inverse field (moving grid).")
     ] = False,
-    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")] = "auto",
-    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads.")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same result).")] = 0,
+    device: register.Device = "auto",
+    threads: register.Threads = None,
+    seed: register.Seed = 0,
     qa: Annotated[
         bool,
         typer.Option("--qa/--no-qa", help="Score each alignment before and after (as register)."),

@@ -14,6 +14,38 @@ if TYPE_CHECKING:
 NAME = "register"
 
 
+# Options that shape a registration, shared with ``carctl batch``.
+Method = Annotated[
+    str,
+    typer.Option(
+        "--method",
+        help="auto (affine, network, short optimisation) | net (affine, network) | io "
+        "(affine, optimisation) | affine | rigid.",
+    ),
+]
+Loss = Annotated[
+    str,
+    typer.Option(
+        "--loss", help="mind | mi | lncc | ncc | mse | imse | mind+imse (mind: any contrast)."
+    ),
+]
+Diffeomorphic = Annotated[
+    bool, typer.Option("--diffeomorphic", help="Stationary velocity field (scaling and squaring).")
+]
+Regularization = Annotated[
+    float | None, typer.Option("--regularization", help="Smoothness weight (default per loss).")
+]
+Iterations = Annotated[
+    int | None, typer.Option("--iterations", help="Deformable iterations per level.")
+]
+Resolution = Annotated[
+    float | None, typer.Option("--resolution", help="Finest deformable spacing, mm.")
+]
+Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")]
+Threads = Annotated[int | None, typer.Option("--threads", help="CPU threads.")]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed (same seed, same result).")]
+
+
 def _default_names(moving: str) -> dict[str, str]:
     """Output names from the moving image's: ``t1w.nii.gz`` -> ``t1w_warped.nii.gz``, ..."""
     from carctl.io import output_stem
@@ -74,36 +106,15 @@ def command(
             "and ANTs reads) instead of searching for a start.",
         ),
     ] = None,
-    method: Annotated[
-        str,
-        typer.Option(
-            "--method",
-            help="auto (affine, network, short optimisation) | net (affine, network) | io "
-            "(affine, optimisation) | affine | rigid.",
-        ),
-    ] = "auto",
-    loss: Annotated[
-        str,
-        typer.Option(
-            "--loss", help="mind | mi | lncc | ncc | mse | imse | mind+imse (mind: any contrast)."
-        ),
-    ] = "mind",
-    diffeomorphic: Annotated[
-        bool,
-        typer.Option("--diffeomorphic", help="Stationary velocity field (scaling and squaring)."),
-    ] = False,
-    regularization: Annotated[
-        float | None, typer.Option("--regularization", help="Smoothness weight (default per loss).")
-    ] = None,
-    iterations: Annotated[
-        int | None, typer.Option("--iterations", help="Deformable iterations per level.")
-    ] = None,
-    resolution: Annotated[
-        float | None, typer.Option("--resolution", help="Finest deformable spacing, mm.")
-    ] = None,
-    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")] = "auto",
-    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads.")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same result).")] = 0,
+    method: Method = "auto",
+    loss: Loss = "mind",
+    diffeomorphic: Diffeomorphic = False,
+    regularization: Regularization = None,
+    iterations: Iterations = None,
+    resolution: Resolution = None,
+    device: Device = "auto",
+    threads: Threads = None,
+    seed: Seed = 0,
     json_out: Annotated[
         str | None,
         typer.Option("--json", help="Write the summary as JSON to PATH, or - for stdout only."),
