@@ -161,6 +161,7 @@ def _run(
                 "commands": commands,
                 "settings": loop.settings_dict(settings),
                 "steps_done": metrics["step"] + before,
+                **({"init_sha256": pretrained.sha256(Path(init))} if init else {}),
                 "data": sorted({v.name.split("@")[0] for v in volumes}),
                 "validation_data": sorted({v.name.split("@")[0] for v in validation}),
                 "device": device,
@@ -332,6 +333,14 @@ def car(
             help="Probability that an input gets blobs its partner lacks (lesion-like; 0: none).",
         ),
     ] = 0.0,
+    blend: Annotated[
+        float,
+        typer.Option(
+            "--blend",
+            help="With --init: write this weight of the fine-tuned weights plus the rest of "
+            "--init's (WiSE-FT; 1: the fine-tuned weights alone).",
+        ),
+    ] = 1.0,
     validate_every: ValidateEvery = 250,
     seed: Seed = 0,
     name: Name = "car",
@@ -368,6 +377,10 @@ def car(
     for option, value in (("--same-contrast", same_contrast), ("--unpaired", unpaired)):
         if not 0 <= value <= 1:
             raise UsageError(f"{option} must be between 0 and 1")
+    if not 0 < blend <= 1:
+        raise UsageError("--blend must be above 0 and at most 1")
+    if blend < 1 and init is None:
+        raise UsageError("--blend needs --init (the weights to blend with)")
     try:
         factors = tuple(float(f) for f in scales.split(","))
     except ValueError:
@@ -392,6 +405,7 @@ def car(
         scales=factors,
         bias=bias,
         unpaired=unpaired,
+        blend=blend,
     )
 
     def shown(metrics: dict) -> str:

@@ -24,6 +24,11 @@ across contrasts. The losses are
 * an end-point-error term against the known ``d`` (weight ``supervision``; 0 turns it off):
   not in the paper, it makes the few thousand steps a CPU affords count.
 
+With ``init`` and ``blend`` below 1 the weights returned are a weighted average of the
+starting and the fine-tuned weights (weight-space ensembling, "WiSE-FT": Wortsman et al.,
+CVPR 2022), validated again; the checkpoints keep the fine-tuned weights alone, so a
+resumed run trains on and can be blended anew.
+
 Resumable through :mod:`carctl.training.loop`.
 """
 
@@ -65,6 +70,9 @@ class CarTraining:
     # probability of blobs that the other image does not show (0: none); see _view
     bias: float = 0.0
     unpaired: float = 0.0
+    # weight of the fine-tuned weights in those written, the rest from ``init`` (WiSE-FT:
+    # a fine-tuning run keeps part of what its starting weights did well; 1: as trained)
+    blend: float = 1.0
 
 
 def _points_field(points: torch.Tensor) -> torch.Tensor:
@@ -210,6 +218,16 @@ def start_from(model: CarNet, path: Path) -> None:
     pretrained.load_weights(model, path, f"--init {path}: not weights of this network")
 
 
+def blend_into(model: CarNet, start: CarNet, weight: float) -> None:
+    """``model``'s parameters and buffers become ``weight * model + (1 - weight) * start``
+    (floating-point tensors; the two of one architecture)."""
+    theirs = start.state_dict()
+    with torch.no_grad():
+        for key, tensor in model.state_dict().items():
+            if tensor.is_floating_point():
+                tensor.mul_(weight).add_(theirs[key].to(tensor), alpha=1 - weight)
+
+
 def train(
     settings: CarTraining,
     volumes: list[data.Volume],
@@ -237,4 +255,11 @@ def train(
     metrics = loop.fit(
         model, settings, loss_of, lambda: validate(model, checks), folder, resume, progress, stop
     )
+    if settings.init and settings.blend < 1:
+        start = CarNet(settings.network)
+        start_from(start, Path(settings.init))
+        blend_into(model, start.to(device), settings.blend)
+        model.eval()
+        with torch.no_grad():
+            metrics = {**metrics, **validate(model, checks), "blend": settings.blend}
     return model, metrics

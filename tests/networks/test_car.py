@@ -372,6 +372,50 @@ def test_train_car_init_fine_tunes_from_weights(cli, tmp_path, monkeypatch):
     assert corrupted.code != 0 and "corrupted" in corrupted.err
 
 
+def test_train_car_blend_averages_start_and_fine_tuned_weights(cli, tmp_path, monkeypatch):
+    """``--blend W`` (WiSE-FT) writes ``W`` of the fine-tuned weights plus ``1 - W`` of
+    ``--init``'s, validated again; the checkpoint keeps the fine-tuned ones, so a finished
+    run resumed with ``--blend`` blends without training. Without ``--init``, or out of
+    (0, 1], refused in one line."""
+    import sys
+
+    from safetensors.torch import load_file
+
+    _tiny_data(tmp_path)
+    common = ["train", "car", "--data", str(tmp_path / "data"), "--patch", "16", "-q"]
+    common += ["--width", "4"]
+    first = [*common, "--out", str(tmp_path / "a"), "--steps", "2"]
+    monkeypatch.setattr(sys, "argv", ["carctl", *first])
+    assert cli(*first).code == 0
+    start = tmp_path / "a" / "car.safetensors"
+    tune = [*common, "--out", str(tmp_path / "b"), "--init", str(start), "--steps", "2"]
+    tune += ["--lr", "0.01"]
+    monkeypatch.setattr(sys, "argv", ["carctl", *tune])
+    assert cli(*tune).code == 0
+    tuned = load_file(str(tmp_path / "b" / "car.safetensors"))
+    blended = [*tune, "--blend", "0.25", "--resume"]
+    monkeypatch.setattr(sys, "argv", ["carctl", *blended])
+    result = cli(*blended)
+    assert result.code == 0, result.err
+    a, b = load_file(str(start)), load_file(str(tmp_path / "b" / "car.safetensors"))
+    assert any(not torch.equal(a[k], tuned[k]) for k in a)
+    for k in a:
+        assert torch.allclose(b[k], 0.25 * tuned[k] + 0.75 * a[k], atol=1e-6), k
+    checkpoint = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert all(torch.equal(checkpoint[k], tuned[k]) for k in tuned)
+    card = json.loads((tmp_path / "b" / "car.json").read_text())
+    assert card["validation"]["blend"] == 0.25 and "epe" in card["validation"]
+    assert card["training"]["settings"]["blend"] == 0.25
+    assert (
+        card["training"]["init_sha256"]
+        == json.loads((tmp_path / "a" / "car.json").read_text())["sha256"]
+    )
+    assert card["training"]["commands"][-1].endswith("--blend 0.25 --resume")
+    for extra in (["--blend", "0.5"], ["--init", str(start), "--blend", "0"]):
+        bad = cli(*common, "--out", str(tmp_path / "c"), "--steps", "1", *extra)
+        assert bad.code == 2 and "--blend" in bad.err and "Traceback" not in bad.err
+
+
 def test_torchrun_trains_with_two_processes(tmp_path):
     """``torchrun --nproc_per_node 2`` (Gloo on CPU): both processes step together and
     process 0 writes the checkpoint and the weights."""
