@@ -142,6 +142,20 @@ def bias_field(
     return out / high.view(-1, *[1] * (out.dim() - 1))
 
 
+def random_blur(
+    image: torch.Tensor, strength: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``image`` ``(N, 1, *spatial)`` blurred by a Gaussian whose sigma along each axis is
+    drawn from ``U(0, strength)`` voxels: a blurrier or thicker-sliced scan of the same
+    anatomy (a template averaged over subjects, a 5 mm clinical stack). Keeps ``[0, 1]``."""
+    if strength <= 0:
+        return image
+    from carctl.registration.levels import gaussian_blur
+
+    sigma = (torch.rand(image.dim() - 2, generator=generator) * strength).tolist()
+    return gaussian_blur(image, sigma)
+
+
 def unpaired_blobs(image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """``image`` ``(N, 1, *spatial)`` in ``[0, 1]`` with smooth random regions (where a
     smooth random map exceeds a random level: a few blobs over 5-30 % of the crop) painted a

@@ -333,6 +333,13 @@ def car(
             help="Probability that an input gets blobs its partner lacks (lesion-like; 0: none).",
         ),
     ] = 0.0,
+    blur: Annotated[
+        float,
+        typer.Option(
+            "--blur",
+            help="Largest Gaussian sigma (voxels, drawn per axis) blurring each input (0: none).",
+        ),
+    ] = 0.0,
     blend: Annotated[
         float,
         typer.Option(
@@ -371,6 +378,7 @@ def car(
         ("--supervision", supervision),
         ("--max-displacement", max_displacement),
         ("--bias", bias),
+        ("--blur", blur),
     ):
         if not value >= 0:
             raise UsageError(f"{option} must be at least 0")
@@ -405,6 +413,7 @@ def car(
         scales=factors,
         bias=bias,
         unpaired=unpaired,
+        blur=blur,
         blend=blend,
     )
 

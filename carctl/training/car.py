@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from carctl.augment import RandomConvolution, bias_field, unpaired_blobs
+from carctl.augment import RandomConvolution, bias_field, random_blur, unpaired_blobs
 from carctl.losses.regularisers import diffusion
 from carctl.losses.similarity import lncc_loss
 from carctl.networks import channels_last
@@ -70,6 +70,8 @@ class CarTraining:
     # probability of blobs that the other image does not show (0: none); see _view
     bias: float = 0.0
     unpaired: float = 0.0
+    # per network input: the largest Gaussian sigma (voxels, drawn per axis) of a blur (0: none)
+    blur: float = 0.0
     # weight of the fine-tuned weights in those written, the rest from ``init`` (WiSE-FT:
     # a fine-tuning run keeps part of what its starting weights did well; 1: as trained)
     blend: float = 1.0
@@ -115,14 +117,17 @@ def make_pair(
 
 
 def _view(image: torch.Tensor, settings: CarTraining, generator) -> torch.Tensor:
-    """One network input in its random contrast, then (when asked) shaded by a bias field
-    and given blobs the other image lacks (``settings.bias``, ``settings.unpaired``). Only
-    the network's inputs change: the similarity loss compares the clean images, so the
-    network learns to look past shading and unpaired structure."""
+    """One network input in its random contrast, then (when asked) shaded by a bias field,
+    given blobs the other image lacks and blurred (``settings.bias``, ``settings.unpaired``,
+    ``settings.blur``). Only the network's inputs change: the similarity loss compares the
+    clean images, so the network learns to look past shading, unpaired structure and a
+    difference in sharpness."""
     if settings.bias > 0:
         image = bias_field(image, settings.bias, generator)
     if settings.unpaired > 0 and float(torch.rand((), generator=generator)) < settings.unpaired:
         image = unpaired_blobs(image, generator)
+    if settings.blur > 0:
+        image = random_blur(image, settings.blur, generator)
     return image
 
 

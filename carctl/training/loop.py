@@ -150,6 +150,8 @@ def fit(
     if resumes(folder, resume):
         step, log = load_checkpoint(folder, model, optimizer)
     metrics = log[-1] if log else {}
+    if progress is not None and step:  # a resumed run's bar starts where it left off
+        progress(step, metrics)
     started = time.perf_counter()
     end = min(settings.steps, stop if stop is not None else settings.steps)
     model.train()

@@ -100,6 +100,26 @@ def test_unpaired_blobs_paint_part_of_the_crop_and_keep_the_range():
     assert len({round(c, 3) for c in changed}) > 4  # other blobs for every draw
 
 
+def test_random_blur_smooths_each_axis_within_the_drawn_sigma():
+    """A Gaussian of a random sigma per axis (at most the strength): mass and range kept,
+    edges softened, other axes blurred by other amounts, the same for the same draw."""
+    from carctl.augment import random_blur
+    from carctl.registration.levels import gaussian_blur
+
+    image = _phantom()
+    sharp = (image[..., 1:] - image[..., :-1]).abs().max()
+    for seed in range(4):
+        out = random_blur(image, 2.0, torch.Generator().manual_seed(seed))
+        assert out.shape == image.shape
+        assert float(out.min()) >= -1e-6 and float(out.max()) <= float(image.max()) + 1e-6
+        assert float(out.mean()) == pytest.approx(float(image.mean()), rel=0.05)
+        sigma = (torch.rand(3, generator=torch.Generator().manual_seed(seed)) * 2.0).tolist()
+        torch.testing.assert_close(out, gaussian_blur(image, sigma))
+        if sigma[0] > 0.5:  # sigma[0] is along x, the last tensor axis
+            assert float((out[..., 1:] - out[..., :-1]).abs().max()) < float(sharp)
+    assert random_blur(image, 0.0) is image
+
+
 def test_training_views_get_the_augmentations_asked():
     """``bias`` and ``unpaired`` change the network's inputs only; off, the views are the
     random contrasts alone."""
@@ -112,6 +132,8 @@ def test_training_views_get_the_augmentations_asked():
     assert view is image
     out = car._view(image, shaded, torch.Generator().manual_seed(0))
     assert not torch.allclose(out, image) and float(out.max()) <= 1 + 1e-6
+    blurred = car._view(image, car.CarTraining(blur=1.5), torch.Generator().manual_seed(0))
+    assert float(blurred.std()) < float(image.std())
 
 
 # --- the network -----------------------------------------------------------------------------
@@ -254,6 +276,21 @@ def test_a_few_training_steps_reduce_the_loss(tmp_path):
     assert (tmp_path / "model.safetensors").exists()
 
 
+def test_a_resumed_run_reports_its_progress_from_the_checkpoint(tmp_path):
+    """Stopped at step 2 and resumed, the run's first progress report is step 2 (the bar
+    does not restart at 0), then it goes on to the end."""
+    from carctl.training import car
+
+    settings = car.CarTraining(steps=3, patch=16, validate_every=3, network=CarConfig(width=4))
+    volumes = _volumes()
+    car.train(settings, volumes, volumes, tmp_path, stop=2)
+    seen = []
+    car.train(
+        settings, volumes, volumes, tmp_path, resume=True, progress=lambda s, m: seen.append(s)
+    )
+    assert seen == [2, 3]
+
+
 def _tiny_data(tmp_path: Path) -> Path:
     """A data folder holding one small T1-like volume where training looks for OASIS."""
     from tests.conftest import make_image, write
@@ -290,7 +327,7 @@ def test_train_car_cli_smoke(cli, tmp_path, monkeypatch):
     assert training["command"] == " && ".join(training["commands"])
     bad = cli("train", "car", "--data", tmp_path / "data", "--patch", "20", "-q")
     assert bad.code != 0 and "multiple of 16" in bad.err
-    for option, value in (("--unpaired", "1.5"), ("--bias", "-1")):
+    for option, value in (("--unpaired", "1.5"), ("--bias", "-1"), ("--blur", "-0.5")):
         bad = cli("train", "car", "--data", tmp_path / "data", option, value, "-q")
         assert bad.code == 2 and option in bad.err and "Traceback" not in bad.err
     for scales in ("1,x", "0.1", ""):
