@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import gzip
+import io
 import os
 import re
 import shutil
@@ -538,6 +539,57 @@ def read_points(path: str | os.PathLike, ndim: int = 3, grid: Grid | None = None
             points @ grid.index_to_physical[:ndim, :ndim].T + grid.index_to_physical[:ndim, ndim]
         )
     return points
+
+
+POINT_EXTENSIONS = (".csv", ".txt")
+
+
+def write_points(
+    points: np.ndarray,
+    path: str | os.PathLike,
+    *,
+    like: str | os.PathLike | None = None,
+    force: bool = False,
+    inputs: Iterable[str | os.PathLike] = (),
+) -> Path:
+    """Write physical LPS points ``(P, D)``, atomically: a ``.txt`` path as an elastix/ITK
+    point set (``point``, the count, one point per line), any other as CSV with ``x,y[,z]``
+    columns. With ``like`` (the CSV file the points were read from, in its order), its
+    header and other columns are kept and only the coordinates change, as
+    ``antsApplyTransformsToPoints`` keeps ``t``, labels and comments."""
+    points = np.asarray(points, dtype=np.float64)
+    ndim = points.shape[1]
+    numbers = [[f"{v:.6f}" for v in row] for row in points]
+    if image_suffix(Path(path)) == ".txt":
+        text = f"point\n{len(points)}\n" + "".join(" ".join(r) + "\n" for r in numbers)
+    else:
+        rows, columns = [["x", "y", "z"][:ndim]], list(range(ndim))
+        rows += [list(r) for r in numbers]
+        if like is not None and not _is_point_set(Path(like)):
+            lines = [ln.strip() for ln in Path(like).read_text().splitlines() if ln.strip()]
+            table = list(csv.reader(lines))
+            header = [h.strip().lower() for h in table[0]]
+            axes = ["x", "y", "z"][:ndim]
+            columns = [header.index(a) for a in axes] if all(a in header for a in axes) else None
+            rows = table[:1] if columns else []
+            columns = columns or list(range(ndim))
+            body = [row for row in table[len(rows) :] if row]
+            for row, mapped in zip(body, numbers, strict=True):
+                row = list(row)
+                for c, value in zip(columns, mapped, strict=True):
+                    row[c] = value
+                rows.append(row)
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerows(rows)
+        text = out.getvalue()
+    return write_text(text, path, force=force, inputs=inputs, extensions=POINT_EXTENSIONS)
+
+
+def _is_point_set(path: Path) -> bool:
+    """Whether ``path`` is an elastix/ITK point set (``point`` or ``index`` first)."""
+    with open(path) as f:
+        first = next((ln for ln in f if ln.strip()), "").split()
+    return bool(first) and first[0].lower() in ("point", "index")
 
 
 def _csv_rows(lines: list[str], ndim: int) -> list[list[float]]:

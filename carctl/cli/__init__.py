@@ -19,6 +19,7 @@ from carctl.cli import (
     demo,
     evaluate,
     info,
+    points,
     qa,
     register,
     train,
@@ -59,7 +60,7 @@ def _root(
         set_debug(True)
 
 
-for module in (register, batch, apply, evaluate, qa, translate, info, demo):
+for module in (register, batch, apply, points, evaluate, qa, translate, info, demo):
     app.command(name=module.NAME, help=module.command.__doc__)(module.command)
 app.add_typer(train.app)
 app.add_typer(weights.app)

@@ -44,7 +44,7 @@ def _main_in_fresh_python(runs: list[list[str]]):
 
 
 def test_help_and_version_do_not_import_torch():
-    commands = ["apply", "batch", "evaluate", "info", "demo"]
+    commands = ["apply", "batch", "points", "evaluate", "info", "demo"]
     runs = [["--help"], ["--version"]] + [[c, "--help"] for c in commands]
     result, codes, heavy = _main_in_fresh_python(runs)
     assert result.returncode == 0, result.stderr
