@@ -73,6 +73,7 @@ def command(
     import torch
 
     from carctl.resample import load_chain
+    from carctl.spatial.transform import DisplacementField
 
     chain = load_chain(field, affine)
     if invert_affine:
@@ -83,12 +84,22 @@ def command(
         raise UsageError(f"the transforms are not all {ndim}-D")
     before = read_points(points, ndim, grid)
     mapped = torch.from_numpy(before)
+    outside = 0
     for transform in chain:
+        if isinstance(transform, DisplacementField):  # no displacement outside its grid
+            inside = transform.grid.contains_index(transform.grid.to_index(mapped))
+            outside = max(outside, int((~inside).sum()))
         mapped = transform.transform_points(mapped)
     after = mapped.numpy()
     write_points(after, output, like=points, force=force, inputs=inputs)
     moved = np.linalg.norm(after - before, axis=1)
-    stderr().print(
+    console = stderr()
+    console.print(
         f"wrote {output}: {len(after)} points, moved {moved.mean():.2f} mm on average "
         f"(at most {moved.max():.2f})"
     )
+    if outside:
+        console.print(
+            f"warning: {outside} of the points lie outside the field's grid, where it "
+            "displaces nothing"
+        )

@@ -11,7 +11,10 @@ from carctl.spatial.files import write_affine, write_field
 from carctl.spatial.grid import Grid
 from carctl.spatial.transform import Affine, DisplacementField
 
-POINTS = np.array([[3.0, -4.5, 10.25], [0.0, 0.0, 0.0], [-7.5, 12.0, 4.0], [15.0, 2.0, -6.0]])
+# the last one outside the field's grid: no displacement there, as in ITK
+POINTS = np.array(
+    [[3.0, -4.5, 10.25], [0.0, 0.0, 0.0], [-7.5, 12.0, 4.0], [15.0, 2.0, -6.0], [80.0, -60.0, 5.0]]
+)
 
 
 def _transforms(tmp_path):
@@ -51,12 +54,13 @@ def test_points_follow_itk_and_keep_the_other_columns(tmp_path, cli):
         "points", tmp_path / "fixed.csv", "-f", field, "-a", affine, "-o", tmp_path / "m.csv"
     )
     assert result.code == 0, result.err
-    assert "4 points" in result.err
+    assert "5 points" in result.err
+    assert "1 of the points lie outside the field's grid" in result.err
     lines = (tmp_path / "m.csv").read_text().splitlines()
     assert lines[0] == "label,x,y,z,t,comment"
     table = [line.split(",") for line in lines[1:]]
-    assert [r[0] for r in table] == ["L0", "L1", "L2", "L3"]
-    assert [r[4:] for r in table] == [["0", f"note {i}"] for i in range(4)]
+    assert [r[0] for r in table] == ["L0", "L1", "L2", "L3", "L4"]
+    assert [r[4:] for r in table] == [["0", f"note {i}"] for i in range(5)]
     mapped = np.array([[float(v) for v in r[1:4]] for r in table])
     np.testing.assert_allclose(mapped, _itk(field, affine, POINTS), atol=1e-4)
     assert np.abs(mapped - POINTS).max() > 1  # they did move
