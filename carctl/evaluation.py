@@ -9,7 +9,7 @@ import torch
 
 from carctl import metrics
 from carctl.errors import InputError
-from carctl.io import read_grid, read_image, read_points
+from carctl.io import Image, read_grid, read_image, read_points, write_image
 from carctl.resample import load_chain
 from carctl.spatial.transform import Transform, jacobian_determinant
 
@@ -25,19 +25,28 @@ def evaluate(
     moving_points: PathLike | None = None,
     fixed_image: PathLike | None = None,
     moving_image: PathLike | None = None,
+    jacobian: PathLike | None = None,
+    force: bool = False,
 ) -> dict:
     """Scores of a registration; each part is present when its inputs are given.
 
     ``labels``: per-label Dice, HD95 and HD (mm) with their means; ``field``: folding % and
     Jacobian statistics of the displacement field; ``landmarks``: error statistics before and
-    after mapping the fixed landmarks through the field then the affine.
+    after mapping the fixed landmarks through the field then the affine. With ``jacobian``
+    (a path), the field's Jacobian determinant is also written there as an image on the
+    field's grid (float32; ``force`` overwrites).
     """
     report: dict = {}
     if fixed_labels is not None and warped_labels is not None:
         report.update(_label_report(fixed_labels, warped_labels))
     chain = load_chain(field, affine)
     if field is not None:
-        report["field"] = metrics.jacobian_summary(jacobian_determinant(chain[0]))
+        determinant = jacobian_determinant(chain[0])
+        report["field"] = metrics.jacobian_summary(determinant)
+        if jacobian is not None:
+            image = Image(determinant.to(torch.float32).numpy(), chain[0].grid)
+            write_image(image, jacobian, force=force, inputs=[field])
+            report["field"]["jacobian_image"] = os.fspath(jacobian)
     if fixed_points is not None and moving_points is not None:
         report["landmarks"] = _landmark_report(
             fixed_points, moving_points, chain, fixed_image, moving_image

@@ -49,13 +49,20 @@ def command(
     moving_image: Annotated[
         str | None, typer.Option("--moving-image", help="Grid of 'index' moving landmarks.")
     ] = None,
+    jacobian: Annotated[
+        str | None,
+        typer.Option(
+            "--jacobian",
+            help="Write the field's Jacobian determinant as an image on its grid (needs --field).",
+        ),
+    ] = None,
     json_out: Annotated[
         str | None,
         typer.Option("--json", help="Write the results as JSON to PATH, or - for stdout only."),
     ] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads.")] = None,
     force: Annotated[
-        bool, typer.Option("--force", help="Overwrite an existing --json file.")
+        bool, typer.Option("--force", help="Overwrite an existing --json or --jacobian file.")
     ] = False,
 ) -> None:
     """Score a registration: Dice and HD95 per label, folding and log-Jacobian spread of the
@@ -75,6 +82,8 @@ def command(
         raise UsageError("--fixed-points and --moving-points go together")
     if fixed_labels is None and field is None and fixed_points is None:
         raise UsageError("nothing to evaluate: give labels, a field, or landmarks")
+    if jacobian is not None and field is None:
+        raise UsageError("--jacobian needs --field")
     inputs = [
         p
         for p in (
@@ -89,10 +98,12 @@ def command(
         )
         if p is not None
     ]
-    if json_out not in (None, "-"):
-        from carctl.io import check_output
+    from carctl.io import check_output
 
+    if json_out not in (None, "-"):
         check_output(json_out, force=force, inputs=inputs, extensions=(".json",))
+    if jacobian is not None:
+        check_output(jacobian, force=force, inputs=inputs)
     set_threads(threads)
     report = evaluate(
         fixed_labels=fixed_labels,
@@ -103,6 +114,8 @@ def command(
         moving_points=moving_points,
         fixed_image=fixed_image or fixed_labels,
         moving_image=moving_image,
+        jacobian=jacobian,
+        force=force,
     )
     if json_out != "-":
         show_report(report, stdout())

@@ -404,6 +404,45 @@ def test_evaluate_field_and_landmarks(cli, tmp_path):
     assert field_report["jacobian_min"] == pytest.approx(1.0, abs=1e-3)  # a rotation keeps volume
 
 
+def test_evaluate_writes_the_jacobian_image(cli, tmp_path):
+    """``--jacobian PATH``: det J on the field's grid (its geometry kept), ITK's own filter's
+    values inside the grid, the affine's determinant for an affine field; without --field
+    refused, an existing file kept without --force."""
+    from conftest import bspline_field
+
+    from carctl.spatial.files import write_field
+    from carctl.spatial.grid import Grid
+    from carctl.spatial.transform import Affine, to_displacement
+
+    reference = make_image((14, 12, 10), spacing=(2.0, 1.5, 2.5), origin=(-9, 4, -11))
+    scale = Affine(np.diag([1.1, 0.9, 1.2]), [1.0, 0.0, -2.0])
+    write_field(to_displacement(Grid.from_sitk(reference), [scale]), tmp_path / "affine.nii")
+    field = bspline_field(reference, magnitude=3.0, mesh=3, seed=2)
+    sitk.WriteImage(field, str(tmp_path / "field.nii.gz"))
+    for name, expected in (("affine.nii", None), ("field.nii.gz", field)):
+        out = tmp_path / f"jacobian-{name}"
+        result = cli("evaluate", "--field", tmp_path / name, "--jacobian", out, "--json", "-")
+        assert result.code == 0, result.err
+        assert json.loads(result.out)["field"]["jacobian_image"] == str(out)
+        image = sitk.ReadImage(str(out))
+        assert image.GetSize() == reference.GetSize()
+        assert image.GetOrigin() == pytest.approx(reference.GetOrigin())
+        assert image.GetSpacing() == pytest.approx(reference.GetSpacing())
+        j = sitk.GetArrayFromImage(image)
+        if expected is None:
+            np.testing.assert_allclose(j, 1.1 * 0.9 * 1.2, rtol=1e-5)
+        else:
+            itk = sitk.GetArrayFromImage(sitk.DisplacementFieldJacobianDeterminant(expected))
+            np.testing.assert_allclose(j[1:-1, 1:-1, 1:-1], itk[1:-1, 1:-1, 1:-1], atol=1e-4)
+    again = cli("evaluate", "--field", tmp_path / "affine.nii", "--jacobian", out)
+    _assert_one_line_error(again, 1, "--force")
+    _assert_one_line_error(
+        cli("evaluate", "--fixed-labels", "a", "--warped-labels", "b", "--jacobian", out),
+        2,
+        "--jacobian needs --field",
+    )
+
+
 def test_evaluate_usage_errors(cli, tmp_path):
     fixed = _labels(tmp_path, "a.nii.gz")
     _assert_one_line_error(cli("evaluate", "--fixed-labels", fixed), 2, "go together")
