@@ -563,24 +563,15 @@ def write_points(
     if image_suffix(Path(path)) == ".txt":
         text = f"point\n{len(points)}\n" + "".join(" ".join(r) + "\n" for r in numbers)
     else:
-        rows, columns = [["x", "y", "z"][:ndim]], list(range(ndim))
-        rows += [list(r) for r in numbers]
+        head, body = [["x", "y", "z"][:ndim]], [list(r) for r in numbers]
         if like is not None and not _is_point_set(Path(like)):
             lines = [ln.strip() for ln in Path(like).read_text().splitlines() if ln.strip()]
-            table = list(csv.reader(lines))
-            header = [h.strip().lower() for h in table[0]]
-            axes = ["x", "y", "z"][:ndim]
-            columns = [header.index(a) for a in axes] if all(a in header for a in axes) else None
-            rows = table[:1] if columns else []
-            columns = columns or list(range(ndim))
-            body = [row for row in table[len(rows) :] if row]
+            head, body, columns = _csv_table(lines, ndim)
             for row, mapped in zip(body, numbers, strict=True):
-                row = list(row)
                 for c, value in zip(columns, mapped, strict=True):
                     row[c] = value
-                rows.append(row)
         out = io.StringIO()
-        csv.writer(out, lineterminator="\n").writerows(rows)
+        csv.writer(out, lineterminator="\n").writerows(head + body)
         text = out.getvalue()
     return write_text(text, path, force=force, inputs=inputs, extensions=POINT_EXTENSIONS)
 
@@ -592,14 +583,17 @@ def _is_point_set(path: Path) -> bool:
     return bool(first) and first[0].lower() in ("point", "index")
 
 
-def _csv_rows(lines: list[str], ndim: int) -> list[list[float]]:
-    reader = list(csv.reader(lines))
+def _csv_table(lines: list[str], ndim: int) -> tuple[list, list[list[str]], list[int]]:
+    """A points CSV as (its header row, if any, in a list; the other rows; the columns of
+    the coordinates): ``x,y[,z]`` where the header names them, else the first ``ndim``."""
+    reader = [row for row in csv.reader(lines) if row]
     header = [h.strip().lower() for h in reader[0]]
     axes = ["x", "y", "z"][:ndim]
     if all(a in header for a in axes):
-        columns = [header.index(a) for a in axes]
-        body = reader[1:]
-    else:
-        columns = list(range(ndim))
-        body = reader
-    return [[float(row[c]) for c in columns] for row in body if row]
+        return reader[:1], reader[1:], [header.index(a) for a in axes]
+    return [], reader, list(range(ndim))
+
+
+def _csv_rows(lines: list[str], ndim: int) -> list[list[float]]:
+    _, body, columns = _csv_table(lines, ndim)
+    return [[float(row[c]) for c in columns] for row in body]
