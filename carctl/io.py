@@ -530,8 +530,13 @@ def read_points(path: str | os.PathLike, ndim: int = 3, grid: Grid | None = None
         points = np.asarray(rows, dtype=np.float64)
     except (ValueError, IndexError) as error:
         raise InputError(f"cannot read points '{path}': {error}") from error
+    if points.size == 0:
+        raise InputError(f"'{path}' holds no points")
     if points.ndim != 2 or points.shape[1] != ndim:
         raise InputError(f"cannot read points '{path}': expected {ndim} coordinates per point")
+    if not np.isfinite(points).all():
+        bad = int(np.flatnonzero(~np.isfinite(points).all(axis=1))[0]) + 1
+        raise InputError(f"cannot read points '{path}': point {bad} is not finite")
     if kind == "index":
         if grid is None:
             raise InputError(f"'{path}' holds voxel indices: give the image they refer to")
@@ -595,5 +600,8 @@ def _csv_table(lines: list[str], ndim: int) -> tuple[list, list[list[str]], list
 
 
 def _csv_rows(lines: list[str], ndim: int) -> list[list[float]]:
-    _, body, columns = _csv_table(lines, ndim)
+    head, body, columns = _csv_table(lines, ndim)
+    for number, row in enumerate(body, start=1 + len(head)):
+        if len(row) <= max(columns):
+            raise ValueError(f"row {number} has {len(row)} values, not {ndim} coordinates")
     return [[float(row[c]) for c in columns] for row in body]

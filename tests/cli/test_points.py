@@ -138,6 +138,13 @@ def test_points_refusals_are_one_line(tmp_path, cli):
         ((p, "-a", affine, "-o", tmp_path / "o.json"), 1, "unknown extension"),
         ((tmp_path / "none.csv", "-a", affine, "-o", out), 1, "none.csv"),
     ]
+    for name, text, message in (
+        ("header.csv", "x,y,z\n", "holds no points"),
+        ("nan.csv", "x,y,z\n1,2,3\n1,2,nan\n", "point 2 is not finite"),
+        ("short.csv", "x,y,z\n1,2,3\n1,2\n", "row 3 has 2 values"),
+    ):
+        (tmp_path / name).write_text(text)
+        cases.append(((tmp_path / name, "-a", affine, "-o", out), 1, message))
     for args, code, message in cases:
         result = cli("points", *args)
         assert result.code == code and message in result.err, (args, result.err)
