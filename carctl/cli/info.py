@@ -1,4 +1,4 @@
-"""``carctl info``: what an image is and where it lies in physical space."""
+"""``carctl info``: what an image or a transform file is and where it lies in physical space."""
 
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ NAME = "info"
 def command(
     image: Annotated[
         str,
-        typer.Argument(help="Image file, FILE:N for volume N of a 4-D file, or DICOM directory."),
+        typer.Argument(
+            help="Image file, FILE:N for volume N of a 4-D file, DICOM directory, or a "
+            "transform: an ITK affine (.mat/.tfm) or displacement field."
+        ),
     ],
     series: Annotated[
         str | None,
@@ -29,12 +32,23 @@ def command(
 ) -> None:
     """Size, spacing, origin, direction, orientation and intensity range of an image.
 
-    For a DICOM directory, also lists the series it holds.
+    For a DICOM directory, also lists the series it holds. For an affine (.mat/.tfm): its
+    matrix, centre, translation, rotation angle, scales and determinant; for a displacement
+    field: its grid, displacement lengths, folding and Jacobian range.
     """
     from carctl.cli.console import emit_json, key_value_table, stdout
     from carctl.io import list_dicom_series, read_sitk
 
     payload: dict = {"path": image}
+    kind = _transform_kind(image)
+    if kind is not None:
+        facts = describe_affine(image) if kind == "affine" else describe_field(image)
+        payload.update(facts)
+        if json_out != "-":
+            rows = [(k.replace("_", " "), _format(v)) for k, v in facts.items()]
+            stdout().print(key_value_table(image, rows))
+        emit_json(payload, json_out, force=force, inputs=[image])
+        return
     if Path(image).is_dir():
         found = list_dicom_series(image)
         payload["dicom_series"] = [
@@ -82,6 +96,94 @@ def describe(image) -> dict:
         "pixel_type": image.GetPixelIDTypeAsString(),
         "minimum": float(finite.min()) if finite.size else None,
         "maximum": float(finite.max()) if finite.size else None,
+    }
+
+
+def _transform_kind(spec: str) -> str | None:
+    """``"affine"`` for an ITK transform file, ``"field"`` for an image file holding one
+    D-vector per voxel, else None (an image, or something the image path will refuse)."""
+    from carctl.io import AFFINE_EXTENSIONS, image_suffix, load_sitk, native_output_silenced
+
+    path = Path(spec)
+    if not path.is_file():
+        return None
+    if image_suffix(path) in (".mat", ".tfm") or (
+        image_suffix(path) in AFFINE_EXTENSIONS and path.read_bytes()[:64].startswith(b"#Insight")
+    ):
+        return "affine"
+    sitk = load_sitk()
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        with native_output_silenced():
+            reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    d = reader.GetDimension()
+    return "field" if d in (2, 3) and reader.GetNumberOfComponents() == d else None
+
+
+def describe_affine(path: str) -> dict:
+    """Facts about an ITK affine file (fixed -> moving, LPS mm), JSON-ready: its matrix and
+    centre, the polar decomposition of its linear part (a rotation times a symmetric
+    stretch: the rotation's angle, the stretch's scales), its determinant and how far it
+    moves its centre."""
+    import numpy as np
+
+    from carctl.spatial.files import read_affine
+
+    affine = read_affine(path)
+    a = affine.matrix
+    d = affine.ndim
+    u, scales, vt = np.linalg.svd(a)
+    rotation = u @ vt
+    reflection = bool(np.linalg.det(rotation) < 0)
+    if reflection:  # the nearest rotation after flipping the weakest axis
+        u[:, -1] = -u[:, -1]
+        rotation = u @ vt
+    if d == 3:
+        angle = np.degrees(np.arccos(np.clip((np.trace(rotation) - 1) / 2, -1.0, 1.0)))
+    else:
+        angle = np.degrees(np.arctan2(rotation[1, 0], rotation[0, 0]))
+    return {
+        "kind": "affine transform (pull-back, LPS mm)",
+        "dimension": d,
+        "matrix": [list(map(float, row)) for row in affine.homogeneous],
+        "center": [float(c) for c in affine.center],
+        "translation": [float(t) for t in affine.translation],
+        "translation_mm": float(np.linalg.norm(affine.translation)),
+        "rotation_degrees": float(angle),
+        "scales": [float(v) for v in scales],
+        "determinant": float(np.linalg.det(a)),
+        "reflection": reflection,
+    }
+
+
+def describe_field(path: str) -> dict:
+    """Facts about a displacement field file, JSON-ready: its grid, the lengths of its
+    displacements (mm) and its Jacobian determinant's summary."""
+    import torch
+
+    from carctl.metrics import jacobian_summary
+    from carctl.spatial.files import read_field
+    from carctl.spatial.transform import jacobian_determinant
+
+    field = read_field(path)
+    grid = field.grid
+    length = torch.linalg.vector_norm(field.data.float(), dim=0)
+    finite = torch.isfinite(length)
+    return {
+        "kind": "displacement field (pull-back, LPS mm)",
+        "dimension": grid.ndim,
+        "size": list(grid.size),
+        "spacing": list(grid.spacing),
+        "origin": list(grid.origin),
+        "direction": [list(row) for row in grid.direction_matrix],
+        "orientation": grid.orientation,
+        "displacement_mean_mm": float(length[finite].mean()) if finite.any() else None,
+        "displacement_max_mm": float(length[finite].max()) if finite.any() else None,
+        "non_finite_voxels": int((~finite).sum()),
+        **jacobian_summary(jacobian_determinant(field)),
     }
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from conftest import make_image, rotation, write
 
 import carctl
@@ -144,6 +145,60 @@ def test_info_reports_geometry(cli, tmp_path):
 def test_info_flags_oblique_images(cli, tmp_path):
     path = write(make_image((4, 4, 4), direction=rotation(0.3, 0.0, 0.0)), tmp_path / "o.nii.gz")
     assert json.loads(cli("info", path, "--json", "-").out)["oblique"] is True
+
+
+def test_info_describes_affines_and_fields(cli, tmp_path):
+    """An ITK affine: its rotation angle, scales, determinant and translation read off the
+    matrix (as ANTs and SimpleITK write them); a displacement field: its grid, displacement
+    lengths and Jacobian; a 2-component 3-D image is not a field and is refused as an image."""
+    from carctl.spatial.files import write_affine, write_field
+    from carctl.spatial.grid import Grid
+    from carctl.spatial.transform import Affine, to_displacement
+
+    angle = 0.2  # radians, about z
+    matrix = rotation(0.0, 0.0, angle) @ np.diag([1.1, 0.9, 1.0])
+    affine = Affine(matrix, [3.0, -4.0, 0.0], [1.0, 2.0, 3.0])
+    write_affine(affine, tmp_path / "a.mat")
+    sitk.WriteTransform(
+        sitk.AffineTransform(matrix.ravel().tolist(), (3.0, -4.0, 0.0), (1.0, 2.0, 3.0)),
+        str(tmp_path / "a.tfm"),
+    )
+    for name in ("a.mat", "a.tfm"):
+        result = cli("info", tmp_path / name, "--json", "-")
+        assert result.code == 0, result.err
+        facts = json.loads(result.out)
+        assert facts["kind"].startswith("affine")
+        assert facts["rotation_degrees"] == pytest.approx(np.degrees(angle), abs=1e-4)
+        assert sorted(facts["scales"]) == pytest.approx([0.9, 1.0, 1.1], abs=1e-6)
+        assert facts["determinant"] == pytest.approx(0.99, abs=1e-6)
+        assert facts["translation_mm"] == pytest.approx(5.0, abs=1e-6)
+        assert facts["reflection"] is False
+    flipped = Affine(np.diag([-1.0, 1.0, 1.0]), [0.0, 0.0, 0.0])
+    write_affine(flipped, tmp_path / "flip.mat")
+    facts = json.loads(cli("info", tmp_path / "flip.mat", "--json", "-").out)
+    assert facts["reflection"] is True and facts["determinant"] == pytest.approx(-1.0)
+
+    grid = Grid((10, 8, 6), (2.0, 2.0, 3.0), (-5.0, 0.0, 5.0), tuple(np.eye(3).ravel()))
+    shift = Affine(np.eye(3) * 1.05, [3.0, 4.0, 0.0], [0.0, 0.0, 0.0])
+    write_field(to_displacement(grid, [shift]), tmp_path / "f.nii.gz")
+    result = cli("info", tmp_path / "f.nii.gz", "--json", "-")
+    assert result.code == 0, result.err
+    facts = json.loads(result.out)
+    assert facts["kind"].startswith("displacement field")
+    assert facts["size"] == [10, 8, 6] and facts["spacing"] == pytest.approx([2.0, 2.0, 3.0])
+    assert facts["folding_percent"] == 0.0
+    assert facts["jacobian_min"] == pytest.approx(1.05**3, abs=1e-4)
+    points = grid.points(dtype=torch.float64).numpy()
+    lengths = np.linalg.norm(points * 0.05 + np.array([3.0, 4.0, 0.0]), axis=-1)
+    assert facts["displacement_max_mm"] == pytest.approx(lengths.max(), rel=1e-4)
+    assert facts["displacement_mean_mm"] == pytest.approx(lengths.mean(), rel=1e-4)
+    table = cli("info", tmp_path / "f.nii.gz")
+    assert table.code == 0 and "displacement max mm" in table.out
+
+    two = sitk.Compose(*(make_image((5, 5, 5), seed=k) for k in range(2)))
+    sitk.WriteImage(two, str(tmp_path / "two.nii.gz"))
+    refused = cli("info", tmp_path / "two.nii.gz")
+    assert refused.code == 1 and "components" in refused.err
 
 
 def test_info_lists_dicom_series(cli, two_series):
