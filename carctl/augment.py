@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from carctl.registration.levels import gaussian_blur
+
 # The paper's range for the number of control points (Section 4.2, Table 3).
 CONTROL_POINTS = (2, 50)
 # CAR's random convolutions: layers, hidden channels, kernel weights drawn from U(0, HIGH).
@@ -150,8 +152,6 @@ def random_blur(
     anatomy (a template averaged over subjects, a 5 mm clinical stack). Keeps ``[0, 1]``."""
     if strength <= 0:
         return image
-    from carctl.registration.levels import gaussian_blur
-
     sigma = (torch.rand(image.dim() - 2, generator=generator) * strength).tolist()
     return gaussian_blur(image, sigma)
 

@@ -501,6 +501,11 @@ def write_text(
 # --- point sets ----------------------------------------------------------------------------
 
 
+# A points CSV as read: its header row (in a list, empty without one), its other rows, and
+# the columns holding the coordinates.
+CsvTable = tuple[list[list[str]], list[list[str]], list[int]]
+
+
 def read_points(path: str | os.PathLike, ndim: int = 3, grid: Grid | None = None) -> np.ndarray:
     """Read landmarks as physical LPS points ``(P, D)``.
 
@@ -509,6 +514,14 @@ def read_points(path: str | os.PathLike, ndim: int = 3, grid: Grid | None = None
     on the first line, the count on the second, then one point per line). ``index`` points
     need the ``grid`` they index.
     """
+    return load_points(path, ndim, grid)[0]
+
+
+def load_points(
+    path: str | os.PathLike, ndim: int = 3, grid: Grid | None = None
+) -> tuple[np.ndarray, CsvTable | None]:
+    """:func:`read_points`, and for a CSV file its table (for :func:`write_points` to keep
+    its other columns); None for a point set."""
     path = Path(path)
     require_file(path)
     try:
@@ -519,6 +532,7 @@ def read_points(path: str | os.PathLike, ndim: int = 3, grid: Grid | None = None
     if not lines:
         raise InputError(f"'{path}' holds no points")
     kind = lines[0].split()[0].lower()
+    table = None
     try:
         if kind in ("point", "index"):
             count = int(lines[1].split()[0])
@@ -526,7 +540,8 @@ def read_points(path: str | os.PathLike, ndim: int = 3, grid: Grid | None = None
             if len(rows) != count:
                 raise ValueError(f"{count} points announced, {len(rows)} found")
         else:
-            rows = _csv_rows(lines, ndim)
+            table = _csv_table(lines, ndim)
+            rows = _csv_rows(table, ndim)
         points = np.asarray(rows, dtype=np.float64)
     except (ValueError, IndexError) as error:
         raise InputError(f"cannot read points '{path}': {error}") from error
@@ -543,7 +558,7 @@ def read_points(path: str | os.PathLike, ndim: int = 3, grid: Grid | None = None
         points = (
             points @ grid.index_to_physical[:ndim, :ndim].T + grid.index_to_physical[:ndim, ndim]
         )
-    return points
+    return points, table
 
 
 POINT_EXTENSIONS = (".csv", ".txt")
@@ -553,13 +568,13 @@ def write_points(
     points: np.ndarray,
     path: str | os.PathLike,
     *,
-    like: str | os.PathLike | None = None,
+    like: CsvTable | None = None,
     force: bool = False,
     inputs: Iterable[str | os.PathLike] = (),
 ) -> Path:
     """Write physical LPS points ``(P, D)``, atomically: a ``.txt`` path as an elastix/ITK
     point set (``point``, the count, one point per line), any other as CSV with ``x,y[,z]``
-    columns. With ``like`` (the CSV file the points were read from, in its order), its
+    columns. With ``like`` (the table :func:`load_points` read them from, in its order), its
     header and other columns are kept and only the coordinates change, as
     ``antsApplyTransformsToPoints`` keeps ``t``, labels and comments."""
     points = np.asarray(points, dtype=np.float64)
@@ -569,9 +584,9 @@ def write_points(
         text = f"point\n{len(points)}\n" + "".join(" ".join(r) + "\n" for r in numbers)
     else:
         head, body = [["x", "y", "z"][:ndim]], [list(r) for r in numbers]
-        if like is not None and not _is_point_set(Path(like)):
-            lines = [ln.strip() for ln in Path(like).read_text().splitlines() if ln.strip()]
-            head, body, columns = _csv_table(lines, ndim)
+        if like is not None:
+            head, rows, columns = like
+            body = [list(row) for row in rows]
             for row, mapped in zip(body, numbers, strict=True):
                 for c, value in zip(columns, mapped, strict=True):
                     row[c] = value
@@ -581,16 +596,9 @@ def write_points(
     return write_text(text, path, force=force, inputs=inputs, extensions=POINT_EXTENSIONS)
 
 
-def _is_point_set(path: Path) -> bool:
-    """Whether ``path`` is an elastix/ITK point set (``point`` or ``index`` first)."""
-    with open(path) as f:
-        first = next((ln for ln in f if ln.strip()), "").split()
-    return bool(first) and first[0].lower() in ("point", "index")
-
-
-def _csv_table(lines: list[str], ndim: int) -> tuple[list, list[list[str]], list[int]]:
-    """A points CSV as (its header row, if any, in a list; the other rows; the columns of
-    the coordinates): ``x,y[,z]`` where the header names them, else the first ``ndim``."""
+def _csv_table(lines: list[str], ndim: int) -> CsvTable:
+    """A points CSV's :data:`CsvTable`: the coordinates are ``x,y[,z]`` where the header
+    names them, else the first ``ndim`` columns."""
     reader = [row for row in csv.reader(lines) if row]
     header = [h.strip().lower() for h in reader[0]]
     axes = ["x", "y", "z"][:ndim]
@@ -599,8 +607,8 @@ def _csv_table(lines: list[str], ndim: int) -> tuple[list, list[list[str]], list
     return [], reader, list(range(ndim))
 
 
-def _csv_rows(lines: list[str], ndim: int) -> list[list[float]]:
-    head, body, columns = _csv_table(lines, ndim)
+def _csv_rows(table: CsvTable, ndim: int) -> list[list[float]]:
+    head, body, columns = table
     for number, row in enumerate(body, start=1 + len(head)):
         if len(row) <= max(columns):
             raise ValueError(f"row {number} has {len(row)} values, not {ndim} coordinates")

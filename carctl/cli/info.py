@@ -86,16 +86,23 @@ def describe(image) -> dict:
     array = sitk.GetArrayViewFromImage(image)
     finite = array[np.isfinite(array)] if array.dtype.kind == "f" else array
     return {
+        **_grid_facts(grid),
+        "oblique": grid.is_oblique,
+        "pixel_type": image.GetPixelIDTypeAsString(),
+        "minimum": float(finite.min()) if finite.size else None,
+        "maximum": float(finite.max()) if finite.size else None,
+    }
+
+
+def _grid_facts(grid) -> dict:
+    """Where a :class:`~carctl.spatial.grid.Grid` lies, JSON-ready."""
+    return {
         "dimension": grid.ndim,
         "size": list(grid.size),
         "spacing": list(grid.spacing),
         "origin": list(grid.origin),
         "direction": [list(row) for row in grid.direction_matrix],
         "orientation": grid.orientation,
-        "oblique": grid.is_oblique,
-        "pixel_type": image.GetPixelIDTypeAsString(),
-        "minimum": float(finite.min()) if finite.size else None,
-        "maximum": float(finite.max()) if finite.size else None,
     }
 
 
@@ -169,17 +176,11 @@ def describe_field(path: str) -> dict:
     from carctl.spatial.transform import jacobian_determinant
 
     field = read_field(path)
-    grid = field.grid
     length = torch.linalg.vector_norm(field.data.float(), dim=0)
     finite = torch.isfinite(length)
     return {
         "kind": "displacement field (pull-back, LPS mm)",
-        "dimension": grid.ndim,
-        "size": list(grid.size),
-        "spacing": list(grid.spacing),
-        "origin": list(grid.origin),
-        "direction": [list(row) for row in grid.direction_matrix],
-        "orientation": grid.orientation,
+        **_grid_facts(field.grid),
         "displacement_mean_mm": float(length[finite].mean()) if finite.any() else None,
         "displacement_max_mm": float(length[finite].max()) if finite.any() else None,
         "non_finite_voxels": int((~finite).sum()),

@@ -57,7 +57,7 @@ def command(
     """
     from carctl.cli.console import stderr
     from carctl.errors import UsageError
-    from carctl.io import POINT_EXTENSIONS, check_output, read_grid, read_points, write_points
+    from carctl.io import POINT_EXTENSIONS, check_output, load_points, read_grid, write_points
 
     if field is None and affine is None:
         raise UsageError("nothing to map the points through: give --field and/or --affine")
@@ -82,7 +82,7 @@ def command(
     ndim = grid.ndim if grid is not None else chain[0].ndim
     if any(t.ndim != ndim for t in chain):
         raise UsageError(f"the transforms are not all {ndim}-D")
-    before = read_points(points, ndim, grid)
+    before, table = load_points(points, ndim, grid)
     mapped = torch.from_numpy(before)
     outside = 0
     for transform in chain:
@@ -91,7 +91,7 @@ def command(
             outside = max(outside, int((~inside).sum()))
         mapped = transform.transform_points(mapped)
     after = mapped.numpy()
-    write_points(after, output, like=points, force=force, inputs=inputs)
+    write_points(after, output, like=table, force=force, inputs=inputs)
     moved = np.linalg.norm(after - before, axis=1)
     console = stderr()
     console.print(

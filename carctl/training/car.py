@@ -263,7 +263,7 @@ def train(
     if settings.init and settings.blend < 1:
         start = CarNet(settings.network)
         start_from(start, Path(settings.init))
-        blend_into(model, start.to(device), settings.blend)
+        blend_into(model, start, settings.blend)  # (their tensors moved to the model's)
         model.eval()
         with torch.no_grad():
             metrics = {**metrics, **validate(model, checks), "blend": settings.blend}
