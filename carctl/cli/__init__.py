@@ -6,6 +6,7 @@ code inside its body, so that ``carctl --help`` and ``carctl --version`` stay in
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from typing import Annotated
@@ -60,10 +61,22 @@ def _root(
         set_debug(True)
 
 
+def prose(text: str | None) -> str | None:
+    """A docstring as help text: its paragraphs each on one line. Typer's rich help keeps a
+    docstring's single line breaks, so a paragraph wrapped at 100 columns in the source came
+    out broken mid-sentence in the commands list and in each command's help."""
+    if text is None:
+        return None
+    return "\n\n".join(" ".join(p.split()) for p in inspect.cleandoc(text).split("\n\n"))
+
+
 for module in (register, batch, apply, points, evaluate, qa, translate, info, demo):
     app.command(name=module.NAME, help=module.command.__doc__)(module.command)
 app.add_typer(train.app)
 app.add_typer(weights.app)
+for group in (app, train.app, weights.app):
+    for command_info in group.registered_commands:
+        command_info.help = prose(command_info.help or command_info.callback.__doc__)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -119,6 +119,20 @@ def test_every_command_is_listed(cli):
         assert command in result.out
 
 
+def test_help_paragraphs_are_not_broken_mid_sentence(cli, monkeypatch):
+    """The docstrings' source line breaks do not reach the help: on a wide terminal each
+    command's summary and each paragraph of its help is one line (typer's rich help kept
+    them, so summaries came out broken after 'then' or 'checked')."""
+    monkeypatch.setenv("COLUMNS", "300")
+    listing = cli("--help").out
+    assert "the pretrained network, then deformable optimisation." in listing
+    assert "every input are checked first, then each pair" in listing
+    own = cli("points", "--help").out
+    assert "points of the FIXED image come out where they lie in the MOVING image." in own
+    assert "then by the affine; with neither" in cli("apply", "--help").out
+    assert "contrast-invariance loss" in cli("train", "--help").out.split("car ")[-1]
+
+
 # --- info ----------------------------------------------------------------------------------------
 
 
