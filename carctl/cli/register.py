@@ -372,9 +372,9 @@ def _show(summary: dict, console) -> None:
         change = ""
         if stage["loss_before"] is not None:
             change = f"   loss {loss(stage['loss_before'])} -> {loss(stage['loss_after'])}"
-        for why in ("skipped", "discarded"):
+        for why in ("skipped", "discarded", "set_aside"):
             if why in stage:
-                change += f"   ({why}: {stage[why]})"
+                change += f"   ({why.replace('_', ' ')}: {stage[why]})"
         rows.append((stage["name"], f"{stage['seconds']:.2f} s{change}"))
     quality = summary.get("qa", {})
     if "after" in quality:

@@ -91,6 +91,13 @@ def level_loss(
     return level.loss(function, mapped(level, homogeneous, index), index)
 
 
+def level_overlap(
+    level: Level, homogeneous: torch.Tensor, index: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:meth:`Level.overlap` under one affine, or under each of ``(K, D+1, D+1)``: ``(K,)``."""
+    return level.overlap(mapped(level, homogeneous, index), index)
+
+
 def optimise(
     level: Level,
     params: AffineParameters | list[AffineParameters],

@@ -4,7 +4,9 @@ Candidates are the scanner header (identity in physical space), the centres of t
 grids matched, the intensity centres of mass matched, and for each of these a coarse grid of
 rotations about the fixed centre. The best-scoring starts are refined with a short rigid
 optimisation; the header wins unless another start ends clearly better, so a good header is
-never traded for a worse guess.
+never traded for a worse guess. A start that leaves the images (almost) apart is set aside
+first: the losses compare the images where both are present, so such a start scores as
+well as a perfect one.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from carctl.registration.affine import AffineParameters, level_loss, optimise
+from carctl.errors import InputError
+from carctl.registration.affine import AffineParameters, level_loss, level_overlap, optimise
 from carctl.registration.levels import Level
 from carctl.spatial.grid import Grid
 
@@ -30,6 +33,12 @@ HEADER_MARGIN = 0.25
 # Voxels (a fixed random subset) on which every start is scored, and starts scored in one
 # read of the moving features (the starts to refine are refined side by side too).
 SCORE_VOXELS, SCORED_TOGETHER = 1 << 13, 4
+# A start under which the moving image covers less than this share of what the best-covering
+# start covers (of the fixed voxels scored) is set aside, however low its loss: on the
+# images apart (1000 mm, or one shared plane) the header's loss over next to no voxels was
+# 0 and won, and `register` wrote an empty image. Starts on real pairs cover 0.2-1.0 of
+# the fixed level, each within 0.3-1x of the best one.
+MIN_OVERLAP = 0.05
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,7 @@ class Start:
     name: str
     matrix: np.ndarray  # homogeneous physical fixed -> moving
     score: float = float("nan")
+    overlap: float = float("nan")  # share of the scored fixed voxels the moving image covers
 
 
 def grid_centre(grid: Grid) -> np.ndarray:
@@ -126,16 +136,28 @@ def initialise(
     budget: int | None = None,
 ) -> tuple[Start, list[Start]]:
     """Score every start at ``level``, refine the best few and the header rigidly, and return
-    the winner (its matrix refined) and all scored starts (best first)."""
+    the winner (its matrix refined) and all scored starts (best first; those set aside for
+    too little overlap, see :data:`MIN_OVERLAP`, last)."""
     generator = torch.Generator().manual_seed(0)
     index = level.sample_index(SCORE_VOXELS, generator)  # the same voxels for every start
     with torch.no_grad():
-        scores = []
+        scores, overlaps = [], []
         for group in range(0, len(starts), SCORED_TOGETHER):
             matrices = np.stack([s.matrix for s in starts[group : group + SCORED_TOGETHER]])
-            scores += level_loss(level, torch.as_tensor(matrices), function, index).tolist()
-    scored = [Start(s.name, s.matrix, score) for s, score in zip(starts, scores, strict=True)]
-    scored.sort(key=lambda s: s.score)
+            matrices = torch.as_tensor(matrices)
+            scores += level_loss(level, matrices, function, index).tolist()
+            overlaps += level_overlap(level, matrices, index).tolist()
+    if max(overlaps) <= 0:
+        raise InputError(
+            "the images do not overlap under their headers, with their centres matched or "
+            "with their centres of mass matched: is one of them empty where it matters?"
+        )
+    least = MIN_OVERLAP * max(overlaps)
+    scored = [
+        Start(s.name, s.matrix, score, overlap)
+        for s, score, overlap in zip(starts, scores, overlaps, strict=True)
+    ]
+    scored.sort(key=lambda s: (s.overlap < least, s.score))
     header = next(s for s in scored if s.name == "header")
     chosen: list[Start] = []
     for s in scored:
@@ -147,12 +169,18 @@ def initialise(
         chosen.append(header)
     params = [AffineParameters(start.matrix, center, affine=False) for start in chosen]
     losses = optimise(level, params, function, iterations, radius, progress, budget, generator)
+    matrices = [p.homogeneous().detach() for p in params]
+    with torch.no_grad():
+        overlaps = level_overlap(level, torch.stack(matrices), index).tolist()
     refined = [
-        Start(start.name, p.homogeneous().detach().numpy(), last)
-        for start, p, (_, last) in zip(chosen, params, losses, strict=True)
+        Start(start.name, matrix.numpy(), last, overlap)
+        for start, matrix, (_, last), overlap in zip(
+            chosen, matrices, losses, overlaps, strict=True
+        )
     ]
-    best = min(refined, key=lambda s: s.score)
-    header_refined = next(s for s in refined if s.name == "header")
-    if header_refined.score <= best.score + HEADER_MARGIN * abs(best.score):
+    usable = [s for s in refined if s.overlap >= least] or refined
+    best = min(usable, key=lambda s: s.score)
+    header_refined = next((s for s in usable if s.name == "header"), None)
+    if header_refined and header_refined.score <= best.score + HEADER_MARGIN * abs(best.score):
         best = header_refined
     return best, scored

@@ -364,6 +364,22 @@ class Level:
         parts = values.chunk(moving_index.shape[0])
         return torch.stack([self._compare(function, v, reference) for v in parts])
 
+    def overlap(
+        self, moving_index: torch.Tensor, index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The share of the fixed voxels (``index``, or all; weighted by the fixed mask) at
+        which the moving image is present, for the mapping(s) ``moving_index`` as in
+        :meth:`loss`: ``(K,)``. The losses weigh voxels by this presence, so a mapping that
+        leaves the images apart scores nothing: it needs this to tell."""
+        count = moving_index.shape[0] if moving_index.dim() == 3 else 1
+        support = interpolate(self.moving[..., -1:], moving_index.reshape(-1, self.ndim))
+        support = support.reshape(count, -1)
+        _, weight, _ = self._reference(index)
+        if weight is None:
+            return support.mean(dim=1)
+        weight = weight.reshape(1, -1)
+        return (support * weight).sum(dim=1) / weight.sum().clamp_min(1e-8)
+
     def _reference(self, index: torch.Tensor | None) -> tuple:
         """The fixed features and weight at ``index`` (None: as images)."""
         if index is None:

@@ -324,6 +324,11 @@ def _stage_initialise(state: _State, progress: Progress) -> StageReport:
     header = next(s for s in scored if s.name == "header")
     state.affine = best.matrix
     detail = {"start": best.name, "candidates": len(scored), "spacing_mm": level.spacing}
+    if header.overlap < init_stage.MIN_OVERLAP * max(s.overlap for s in scored):
+        detail["set_aside"] = (
+            f"the header: the images overlap on {100 * header.overlap:.1f} % of the fixed "
+            "level under it"
+        )
     _turn_frame(state, detail)
     return StageReport("initialise", 0.0, header.score, best.score, detail)
 

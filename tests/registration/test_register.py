@@ -495,6 +495,43 @@ def test_initialisation_recovers_large_offsets(phantom):
     assert result.stages[0].detail["start"] != "header"
 
 
+@pytest.mark.parametrize("apart", ["1000 mm", "one plane"])
+def test_images_apart_under_their_headers_are_brought_together(phantom, apart):
+    """Moving headers that leave the images apart (its origin 1000 mm off, or its first axis
+    flipped so that the two share one plane): the losses compare where both are present, so
+    the header scored 0 over next to no voxels and won; register wrote an empty image with
+    exit status 0. Such a start is now set aside and the centres bring the images together."""
+    g = phantom.grid
+    if apart == "1000 mm":
+        grid = Grid(g.size, g.spacing, tuple(np.add(g.origin, [1000.0, 0.0, 0.0])), g.direction)
+    else:
+        grid = Grid(g.size, g.spacing, g.origin, (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    moving = Image(phantom.array, grid)
+    fixed = contrast(phantom)
+    result = register(moving, fixed, RegistrationOptions(method="rigid"))
+    initialised = result.stages[0].detail
+    assert initialised["start"] != "header" and "set_aside" in initialised
+    warped = resample_image(moving, fixed.grid, [result.field])
+    inside = phantom.array > 0
+    assert (warped.array[inside] > 0).mean() > 0.8  # under the header: none
+    if apart == "1000 mm":  # each fixed voxel sits at the same index of the moving image
+        truth = grid.index_to_physical @ g.physical_to_index
+        assert mean_error(result.field, truth, fixed.array > 0) < 1.0
+
+
+def test_images_that_never_overlap_are_refused(phantom):
+    from carctl.errors import InputError
+    from carctl.losses import LOSSES
+
+    image = levels.normalise(phantom.array)
+    box = levels.foreground_box(image, None)
+    mind = LOSSES["mind"]
+    level = levels.build_level(image, phantom.grid, image, phantom.grid, 5.0, mind.features, box)
+    far = initialise.Start("header", initialise.about(np.eye(3), np.zeros(3), np.full(3, 1e4)))
+    with pytest.raises(InputError, match="do not overlap"):
+        initialise.initialise(level, [far], mind.function, np.zeros(3), 10.0, 2)
+
+
 @pytest.mark.parametrize("degrees", [40, 60])
 def test_mind_holds_the_truth_of_a_turned_image(phantom, degrees):
     """MIND-SSC compares neighbours along the grid's axes: where the moving image shows the
