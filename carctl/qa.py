@@ -125,6 +125,15 @@ def working_grid(fixed: Image, mask: np.ndarray | None = None) -> Grid:
     return fixed_level_grid(fixed.grid, working_spacing(fixed.grid.spacing, size), box)
 
 
+def finite(array: np.ndarray) -> np.ndarray:
+    """``array`` with non-finite voxels at 0, as the registration reads them
+    (:func:`~carctl.registration.levels.normalise`): resampling with a band limit spread one
+    NaN voxel over its neighbours, and a NaN block made the score NaN."""
+    if np.isfinite(array).all():
+        return array
+    return np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0)
+
+
 def _scaled(
     values: torch.Tensor, select: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, tuple[float, float]]:
@@ -140,7 +149,8 @@ def _scaled(
 def reference_of(fixed: Image, grid: Grid | None = None, device: str = "cpu") -> Reference:
     """``fixed`` on the working ``grid`` (default :func:`working_grid`), in ``[-1, 1]``."""
     grid = grid or working_grid(fixed)
-    image, bounds = _scaled(resample_band_limited(fixed.array, fixed.grid, grid, device=device))
+    array = finite(fixed.array)
+    image, bounds = _scaled(resample_band_limited(array, fixed.grid, grid, device=device))
     return Reference(grid, image, bounds)
 
 
@@ -150,7 +160,9 @@ def pair_with(
     """``moving`` through ``transforms`` on the reference's grid, in ``[-1, 1]`` (scaled over
     where it is present; -1 elsewhere)."""
     grid = reference.grid
-    moved = resample_band_limited(moving.array, moving.grid, grid, transforms, device=device)
+    moved = resample_band_limited(
+        finite(moving.array), moving.grid, grid, transforms, device=device
+    )
     ones = torch.ones((1, 1, *moving.grid.shape), device=device)
     support = warp(ones, moving.grid, grid, transforms) > 0.5
     other, _ = _scaled(moved, support)
@@ -185,10 +197,11 @@ def assess_alignments(
 def assess(model: torch.nn.Module | None, pair: Pair, check: Check = CHECK) -> Assessment:
     """The score and misalignment map of ``pair`` (:func:`agreed_length` of the corrections
     of :func:`correction` with each of ``check.dilations``), and IMSE's error map when
-    ``model`` is given (no gradients through the evaluator)."""
+    ``model`` is given and accepts the pair (3-D weights; not on 2-D or 4-voxel images: their
+    ``mean_error`` stays NaN, null in JSON) (no gradients through the evaluator)."""
     length = agreed_length([correction(pair, check, d) for d in check.dilations])
     assessment = Assessment(masked_mean(length, pair.mask), length, pair)
-    if model is not None:
+    if model is not None and model.accepts(tuple(pair.reference.shape[2:])):
         with torch.no_grad():
             assessment.error = model(pair.reference, pair.other).abs()
         assessment.mean_error = masked_mean(assessment.error, pair.mask)
@@ -257,6 +270,12 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
     if not bool(mask.any()):
         return float("nan")
     return float(values[mask].mean())
+
+
+def describe(score: float) -> str:
+    """A score for people: mm with two decimals, or why there is none (no voxel of the
+    anatomy where both images are present)."""
+    return f"{score:.2f}" if np.isfinite(score) else "none (the images do not overlap)"
 
 
 def verdict(score: float, thresholds: dict | None = None) -> str:

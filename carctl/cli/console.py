@@ -6,6 +6,7 @@ The library never prints; commands hand their results here.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import traceback
@@ -71,13 +72,27 @@ def emit_json(payload: dict, target: str | None, *, force: bool, inputs=()) -> N
     """Write ``payload`` as JSON to ``target`` (``-``: stdout); nothing when ``target`` is None."""
     if target is None:
         return
-    text = json.dumps(payload, indent=2, allow_nan=False, default=_jsonable) + "\n"
+    text = json.dumps(_finite(payload), indent=2, allow_nan=False, default=_jsonable) + "\n"
     if target == "-":
         sys.stdout.write(text)
     else:
         from carctl.io import write_text
 
         write_text(text, target, force=force, inputs=inputs, extensions=(".json",))
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float (a score over no voxels, a NaN field's Jacobian)
+    as ``None``: JSON has no NaN, and pipelines read null as "no value"."""
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # a NumPy scalar
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _jsonable(value: Any) -> Any:

@@ -82,14 +82,16 @@ def command(
     result = run(moving, fixed, field, affine, warped, outputs, device, threads, force, inputs)
     emit_json(result, json_out, force=force, inputs=inputs)
     if not quiet and json_out != "-":
+        from carctl import qa
+
         rows = []
         if "before" in result:
             b = result["before"]
-            rows.append(("before (headers)", f"{b['score']:.2f}  {b['verdict']}"))
+            rows.append(("before (headers)", f"{qa.describe(b['score'])}  {b['verdict']}"))
         rows.append(
             (
                 "after" if "before" in result else "score",
-                f"{result['score']:.2f}  {result['verdict']}",
+                f"{qa.describe(result['score'])}  {result['verdict']}",
             )
         )
         rows += [("misalignment map", outputs["error_map"]), ("overlay", outputs["png"])]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -315,11 +316,12 @@ def _quality(moving, fixed, result, device: str, console) -> dict:
         )
     }
     out["seconds"] = round(time.perf_counter() - started, 3)
-    if out["after"]["score"] > out["before"]["score"]:
+    before, after = out["before"]["score"], out["after"]["score"]
+    if not after <= before:  # NaN after: no overlap left
         console.print(
             "warning: the registered result looks worse than its input to the quality check "
-            f"(estimated misalignment {out['after']['score']:.2f} mm after, "
-            f"{out['before']['score']:.2f} mm through the headers); inspect it with carctl qa"
+            f"(estimated misalignment {qa.describe(after)} mm after, "
+            f"{qa.describe(before)} mm through the headers); inspect it with carctl qa"
         )
     return out
 
@@ -361,6 +363,10 @@ def _progress(console, quiet: bool):
         stages.finish()
 
 
+def _score(value: float) -> str:
+    return f"{value:.4f}" if math.isfinite(value) else "none"
+
+
 def _show(summary: dict, console) -> None:
     from carctl.cli.console import key_value_table
 
@@ -382,8 +388,8 @@ def _show(summary: dict, console) -> None:
         rows.append(
             (
                 "quality",
-                f"{before['score']:.4f} ({before['verdict']}) -> {after['score']:.4f} "
-                f"({after['verdict']}), lower is better",
+                f"{_score(before['score'])} ({before['verdict']}) -> "
+                f"{_score(after['score'])} ({after['verdict']}), lower is better",
             )
         )
     rows += [

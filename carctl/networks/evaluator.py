@@ -165,6 +165,13 @@ class Evaluator(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
+    def accepts(self, shape: tuple[int, ...]) -> bool:
+        """Whether images of array ``shape`` (spatial) can go through: as many axes as the
+        network has, and more than one voxel at its coarsest (1/4) resolution, which its
+        instance normalisation needs (a 4 x 4 x 4 image has one)."""
+        coarsest = [-(-n // 4) for n in shape]
+        return len(shape) == self.config.ndim and int(np.prod(coarsest)) > 1
+
     def forward(self, reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
         mode = "trilinear" if self.config.ndim == 3 else "bilinear"
         act = lambda x: F.leaky_relu(x, 0.2)  # noqa: E731

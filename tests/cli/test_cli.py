@@ -119,6 +119,16 @@ def test_every_command_is_listed(cli):
         assert command in result.out
 
 
+def test_json_holds_null_for_non_finite_numbers(capsys):
+    """JSON has no NaN: a score over no voxels or a NaN field's Jacobian stopped every
+    ``--json`` output with an internal error; they are written as null."""
+    from carctl.cli.console import emit_json
+
+    payload = {"a": float("nan"), "b": [np.float32("inf"), 1.5], "c": {"d": np.float64("nan")}}
+    emit_json(payload, "-", force=False)
+    assert json.loads(capsys.readouterr().out) == {"a": None, "b": [None, 1.5], "c": {"d": None}}
+
+
 def test_help_paragraphs_are_not_broken_mid_sentence(cli, monkeypatch):
     """The docstrings' source line breaks do not reach the help: on a wide terminal each
     command's summary and each paragraph of its help is one line (typer's rich help kept

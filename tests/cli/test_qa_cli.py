@@ -207,3 +207,45 @@ def test_qa_and_translate_refuse_a_constant_image(cli, tiny_weights, images, tmp
             "there is nothing to align"
         )
     assert not (tmp_path / "t.nii.gz").exists()
+
+
+def test_qa_scores_images_apart_as_failed_without_a_number(cli, tiny_weights, images, tmp_path):
+    """No voxel of the anatomy where both images are present: the score was NaN, and
+    ``--json`` stopped with an internal error (NaN is not JSON). Now the score is null, the
+    verdict ``failed``, and the table says why."""
+    _, fixed = images
+    far = write(make_image((22, 22, 22), origin=(1000, 0, 0), seed=4), tmp_path / "far.nii.gz")
+    result = cli("qa", far, fixed, "-o", tmp_path / "qa", "--json", "-")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert report["score"] is None and report["verdict"] == "failed"
+    table = cli("qa", far, fixed, "-o", tmp_path / "qa2")
+    assert table.code == 0 and "none (the images do not overlap)" in table.out
+
+
+def test_qa_reads_non_finite_voxels_as_the_registration_does(cli, tiny_weights, images, tmp_path):
+    """A block of NaN voxels in the moving image (MetaImage keeps them) made the score NaN:
+    the band-limited resampling spread them. They now read as 0, as in ``register``."""
+    moving, fixed = images
+    image = sitk.ReadImage(str(moving))
+    array = sitk.GetArrayFromImage(image)
+    array[8:14, 8:14, 8:14] = np.nan
+    holed = sitk.GetImageFromArray(array)
+    holed.CopyInformation(image)
+    path = write(holed, tmp_path / "holed.mha")
+    result = cli("qa", path, fixed, "-o", tmp_path / "qa", "--json", "-")
+    assert result.code == 0, result.err
+    assert np.isfinite(json.loads(result.out)["score"])
+
+
+@pytest.mark.parametrize("size", [(40, 36), (3, 3, 3)])
+def test_qa_on_2d_and_tiny_images(cli, tiny_weights, tmp_path, size):
+    """The shipped evaluator is 3-D and needs more than one voxel at a quarter of the
+    resolution: a 2-D pair and a 3 x 3 x 3 pair stopped with internal errors. The score needs
+    no evaluator; IMSE's mean error is then null."""
+    fixed = write(make_image(size, seed=3), tmp_path / "f.nii.gz")
+    moving = write(make_image(size, seed=4), tmp_path / "m.nii.gz")
+    result = cli("qa", moving, fixed, "-o", tmp_path / "qa", "--json", "-")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert report["imse_mean_error"] is None and np.isfinite(report["score"])
