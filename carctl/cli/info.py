@@ -175,7 +175,7 @@ def describe_field(path: str) -> dict:
     from carctl.spatial.files import read_field
     from carctl.spatial.transform import jacobian_determinant
 
-    field = read_field(path)
+    field = read_field(path, finite=False)  # described, NaN and all
     length = torch.linalg.vector_norm(field.data.float(), dim=0)
     finite = torch.isfinite(length)
     return {

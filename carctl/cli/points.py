@@ -72,12 +72,16 @@ def command(
     import numpy as np
     import torch
 
+    from carctl.errors import InputError
     from carctl.resample import load_chain
     from carctl.spatial.transform import DisplacementField
 
     chain = load_chain(field, affine)
     if invert_affine:
-        chain = [chain[0].inverse()]
+        try:
+            chain = [chain[0].inverse()]
+        except InputError as error:
+            raise InputError(f"--affine '{affine}': {error}") from error
     grid = read_grid(image) if image is not None else None
     ndim = grid.ndim if grid is not None else chain[0].ndim
     if any(t.ndim != ndim for t in chain):

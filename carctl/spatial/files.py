@@ -36,7 +36,9 @@ from carctl.spatial.grid import Grid
 from carctl.spatial.transform import Affine, DisplacementField, Transform
 
 
-def read_field(path: str | os.PathLike) -> DisplacementField:
+def read_field(path: str | os.PathLike, finite: bool = True) -> DisplacementField:
+    """An ITK displacement field; with ``finite``, one holding NaN or infinite vectors is
+    refused (:class:`InputError`) rather than mapping points to NaN."""
     sitk = load_sitk()
     image = read_file(path, what="displacement field")
     d = image.GetDimension()
@@ -49,6 +51,13 @@ def read_field(path: str | os.PathLike) -> DisplacementField:
     array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)  # (*shape, D)
     # A channel-first view of the channel-last voxels: no copy (the tensor is not contiguous).
     data = torch.from_numpy(array).movedim(-1, 0)
+    usable = torch.isfinite(data).all(dim=0) if finite else None
+    if usable is not None and not bool(usable.all()):  # NaN points, and 0 % folding
+        bad = int((~usable).sum())
+        raise InputError(
+            f"displacement field '{path}' has {bad} voxel{'s' * (bad > 1)} with a non-finite "
+            f"vector (NaN or infinite) of {usable.numel()}"
+        )
     return DisplacementField(Grid.from_sitk(image), data)
 
 

@@ -76,6 +76,13 @@ class Affine:
         return m
 
     def inverse(self) -> Affine:
+        """The inverse map; a singular or non-finite matrix has none (:class:`InputError`)."""
+        from carctl.errors import InputError
+
+        d = self.ndim
+        linear = self.homogeneous[:d, :d]
+        if not np.isfinite(self.homogeneous).all() or np.linalg.cond(linear) > 1e12:
+            raise InputError("the affine is singular or not finite: it has no inverse")
         return Affine.from_homogeneous(np.linalg.inv(self.homogeneous), self.center)
 
     def transform_points(self, points: torch.Tensor) -> torch.Tensor:

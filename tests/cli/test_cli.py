@@ -119,6 +119,15 @@ def test_every_command_is_listed(cli):
         assert command in result.out
 
 
+def test_paths_with_brackets_are_printed_as_they_are(cli, tmp_path):
+    """rich read "[b]" in a printed path as markup and dropped it: ``info '[b].nii.gz'`` was
+    titled ``.nii.gz`` and ``apply`` said it wrote ``.nii.gz``."""
+    image = write(make_image((10, 9, 8)), tmp_path / "[b].nii.gz")
+    assert cli("info", image).out.splitlines()[0].strip().endswith("[b].nii.gz")
+    wrote = cli("apply", image, "-r", image, "-o", tmp_path / "[w].nii.gz")
+    assert wrote.code == 0 and "[w].nii.gz" in wrote.err
+
+
 def test_json_holds_null_for_non_finite_numbers(capsys):
     """JSON has no NaN: a score over no voxels or a NaN field's Jacobian stopped every
     ``--json`` output with an internal error; they are written as null."""

@@ -145,6 +145,18 @@ def test_points_refusals_are_one_line(tmp_path, cli):
     ):
         (tmp_path / name).write_text(text)
         cases.append(((tmp_path / name, "-a", affine, "-o", out), 1, message))
+    # a field with a NaN vector (MetaImage keeps it) and a singular affine to invert: NaN
+    # points written with exit status 0, and an internal error (LinAlgError)
+    holed = DisplacementField(
+        Grid((4, 4, 4), (1.0,) * 3, (0.0,) * 3, tuple(np.eye(3).ravel())), torch.zeros(3, 4, 4, 4)
+    )
+    holed.data[0, 1, 2, 3] = float("nan")
+    nan_field = write_field(holed, tmp_path / "nan.mha")
+    flat = write_affine(Affine(np.zeros((3, 3)), np.zeros(3)), tmp_path / "flat.mat")
+    cases += [
+        ((p, "-f", nan_field, "-o", out), 1, "has 1 voxel with a non-finite vector"),
+        ((p, "-a", flat, "--invert-affine", "-o", out), 1, "singular or not finite"),
+    ]
     for args, code, message in cases:
         result = cli("points", *args)
         assert result.code == code and message in result.err, (args, result.err)
