@@ -126,6 +126,21 @@ def warp(
     """
     from carctl.spatial.transform import map_grid
 
+    if mode == "bspline" and image.is_floating_point() and not bool(image.isfinite().all()):
+        # the B-spline prefilter spreads one NaN over the whole image (as ITK's does): read
+        # the finite voxels (the others as 0), and NaN only where linear reading would
+        holes = (~image.isfinite()).to(torch.float32)
+        values = warp(
+            image.nan_to_num(0.0, 0.0, 0.0),
+            moving_grid,
+            fixed_grid,
+            transforms,
+            mode,
+            fill,
+            slab_voxels,
+        )
+        touched = warp(holes, moving_grid, fixed_grid, transforms, "linear", 0.0, slab_voxels)
+        return values.masked_fill(touched > 0, float("nan"))
     interpolator = _interpolator(mode)
     _check_image(image, moving_grid)
     prepared = interpolator.prepare(image)
