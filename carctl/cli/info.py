@@ -126,8 +126,12 @@ def _transform_kind(spec: str) -> str | None:
             reader.ReadImageInformation()
     except RuntimeError:
         return None
-    d = reader.GetDimension()
-    return "field" if d in (2, 3) and reader.GetNumberOfComponents() == d else None
+    d, components = reader.GetDimension(), reader.GetNumberOfComponents()
+    if (d, components) == (2, 3):  # a single-slice 3-D field, as ITK reads it
+        from carctl.spatial.files import single_slice_grid
+
+        return "field" if single_slice_grid(path) is not None else None
+    return "field" if d in (2, 3) and components == d else None
 
 
 def describe_affine(path: str) -> dict:

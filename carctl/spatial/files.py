@@ -41,14 +41,17 @@ def read_field(path: str | os.PathLike, finite: bool = True) -> DisplacementFiel
     refused (:class:`InputError`) rather than mapping points to NaN."""
     sitk = load_sitk()
     image = read_file(path, what="displacement field")
-    d = image.GetDimension()
-    if d not in (2, 3) or image.GetNumberOfComponentsPerPixel() != d:
+    d, components = image.GetDimension(), image.GetNumberOfComponentsPerPixel()
+    grid = single_slice_grid(path) if (d, components) == (2, 3) else None
+    if grid is None and (d not in (2, 3) or components != d):
         raise InputError(
             f"'{path}' is not a displacement field: a {d}-D image with "
-            f"{image.GetNumberOfComponentsPerPixel()} components per voxel "
-            f"(a field has one {d}-vector per voxel)"
+            f"{components} components per voxel (a field has one {d}-vector per voxel)"
         )
     array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)  # (*shape, D)
+    if grid is not None:  # the slice's own axis back in front
+        array = array[None]
+    grid = grid or Grid.from_sitk(image)
     # A channel-first view of the channel-last voxels: no copy (the tensor is not contiguous).
     data = torch.from_numpy(array).movedim(-1, 0)
     usable = torch.isfinite(data).all(dim=0) if finite else None
@@ -58,7 +61,51 @@ def read_field(path: str | os.PathLike, finite: bool = True) -> DisplacementFiel
             f"displacement field '{path}' has {bad} voxel{'s' * (bad > 1)} with a non-finite "
             f"vector (NaN or infinite) of {usable.numel()}"
         )
-    return DisplacementField(Grid.from_sitk(image), data)
+    return DisplacementField(grid, data)
+
+
+def single_slice_grid(path: str | os.PathLike) -> Grid | None:
+    """The 3-D grid of a NIfTI field one voxel thick along its third axis (sizes
+    ``(X, Y, 1, 1, 3)``), or None for any other file.
+
+    ITK reads such a field as a 2-D image of 3-vectors, losing the third axis' spacing,
+    origin and direction: carctl's own fields of single-slice images could not be applied.
+    The grid is what ITK reads from the same header made two voxels thick (a small proxy
+    file), so it follows ITK's reading of qform and sform exactly.
+    """
+    import gzip
+    import tempfile
+
+    suffix = image_suffix(path)
+    if suffix not in (".nii", ".nii.gz"):
+        return None
+    with (gzip.open if suffix == ".nii.gz" else open)(path, "rb") as file:
+        header = bytearray(file.read(_NIFTI_DATA))
+    if len(header) < _NIFTI_DATA:
+        return None
+    order = "<" if struct.unpack_from("<i", header, 0)[0] == 348 else ">"
+    dims = struct.unpack_from(f"{order}8h", header, _NIFTI_DIM)
+    if dims[0] != 5 or dims[3:6] != (1, 1, 3):
+        return None
+    bits = struct.unpack_from(f"{order}h", header, _NIFTI_BITPIX)[0]
+    struct.pack_into(f"{order}3h", header, _NIFTI_DIM + 2, 2, 2, 2)
+    struct.pack_into(f"{order}f", header, _NIFTI_VOX_OFFSET, float(_NIFTI_DATA))
+    header[348:_NIFTI_DATA] = bytes(_NIFTI_DATA - 348)  # no extensions
+    sitk = load_sitk()
+    with tempfile.TemporaryDirectory() as folder:
+        proxy = Path(folder) / "proxy.nii"
+        proxy.write_bytes(bytes(header) + bytes(2 * 2 * 2 * 3 * max(bits // 8, 1)))
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(os.fspath(proxy))
+        try:
+            with native_output_silenced():
+                reader.ReadImageInformation()
+        except RuntimeError:
+            return None
+    if reader.GetDimension() != 3:
+        return None
+    size = (int(dims[1]), int(dims[2]), 1)
+    return Grid(size, reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
 
 
 def write_field(
@@ -82,6 +129,8 @@ def write_field(
 
 # NIfTI-1: the header's dim[] (int16) starts at byte 40; a single file's data at byte 352.
 _NIFTI_DIM, _NIFTI_DATA, _NIFTI1_MAX_SIZE = 40, 352, 32767
+# NIfTI-1: bits per voxel (int16) and the data's offset (float32) in the header.
+_NIFTI_BITPIX, _NIFTI_VOX_OFFSET = 72, 108
 
 
 def _write_nifti_field(
