@@ -116,9 +116,9 @@ def read_pairs(path: str | os.PathLike) -> list[Pair]:
         name = row.get("name") or output_stem(values["moving"])
         _check_name(name, where)
         if name in folders:
+            fix = "give each pair its own name" if "name" in columns else "add a 'name' column"
             raise InputError(
-                f"{where}: its outputs would go to '{name}' as those of line {folders[name]}; "
-                "give the list a 'name' column"
+                f"{where}: its outputs would go to '{name}' as those of line {folders[name]}; {fix}"
             )
         folders[name] = number
         for key in _FILES:

@@ -26,7 +26,12 @@ def command(
         typer.Option("--warped", "-w", help="Assess this already-warped moving image instead."),
     ] = None,
     out_dir: Annotated[
-        Path, typer.Option("--out-dir", "-o", help="Folder for outputs given without a path.")
+        Path,
+        typer.Option(
+            "--out-dir",
+            "-o",
+            help="Folder for the outputs not named by their own option (those go where named).",
+        ),
     ] = Path("."),
     error_map: Annotated[
         str | None,

@@ -47,6 +47,11 @@ Threads = Annotated[int | None, typer.Option("--threads", help="CPU threads.")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed (same seed, same result).")]
 
 
+# register warns when the affine scales volumes outside this range (a 3 x 3 x 3 pair came
+# out at 0.13 without a word).
+VOLUME_WARNING = (0.5, 2.0)
+
+
 def _default_names(moving: str) -> dict[str, str]:
     """Output names from the moving image's: ``t1w.nii.gz`` -> ``t1w_warped.nii.gz``, ..."""
     from carctl.io import output_stem
@@ -64,7 +69,12 @@ def command(
     moving: Annotated[str, typer.Argument(help="Image to align (file, FILE:N or DICOM folder).")],
     fixed: Annotated[str, typer.Argument(help="Image whose grid and space the result takes.")],
     out_dir: Annotated[
-        Path, typer.Option("--out-dir", "-o", help="Folder for outputs given without a path.")
+        Path,
+        typer.Option(
+            "--out-dir",
+            "-o",
+            help="Folder for the outputs not named by their own option (those go where named).",
+        ),
     ] = Path("."),
     warped: Annotated[
         str | None, typer.Option("--warped", help="Moving image resampled onto the fixed grid.")
@@ -201,6 +211,8 @@ def run(
     import dataclasses
     import time
 
+    import numpy as np
+
     from carctl.cli.console import stderr
     from carctl.io import (
         AFFINE_EXTENSIONS,
@@ -263,6 +275,13 @@ def run(
         inverse = result.inverse(moving_image.grid)
         write_field(inverse, outputs["inverse_field"], force=force, inputs=inputs)
     jacobian = jacobian_summary(jacobian_determinant(result.field))
+    volume = float(np.linalg.det(result.affine.matrix))
+    if not VOLUME_WARNING[0] <= volume <= VOLUME_WARNING[1]:
+        console.print(
+            f"warning: the affine changes volumes by a factor of {volume:.2f}; check the "
+            "result (small or very different images may not fix an affine's 12 parameters, "
+            "try --method rigid)"
+        )
     summary = {
         "moving": moving,
         "fixed": fixed,

@@ -169,11 +169,20 @@ def read_affine(path: str | os.PathLike) -> Affine:
     sitk = load_sitk()
     path = Path(path)
     require_file(path)
+    if image_suffix(path) in IMAGE_EXTENSIONS:
+        raise InputError(f"'{path}' is an image, not an affine transform (.mat, .tfm, .txt)")
+    if path.stat().st_size == 0:
+        raise InputError(f"cannot read transform '{path}': the file is empty")
     try:
         with native_output_silenced():
             transform = sitk.ReadTransform(os.fspath(path))
     except RuntimeError as error:
-        raise InputError(f"cannot read transform '{path}': {one_line_reason(error)}") from error
+        reason = one_line_reason(error)
+        if reason == str(path) or reason == path.name:  # ITK names the file, not the problem
+            reason = "not an ITK transform file"
+        elif "parameters array size" in reason:
+            reason = "its parameters are missing or not numbers"
+        raise InputError(f"cannot read transform '{path}': {reason}") from error
     if not transform.IsLinear():
         raise InputError(f"'{path}' holds a non-linear transform; carctl reads affines from it")
     d = transform.GetDimension()

@@ -72,7 +72,8 @@ def test_list_volume_of_a_4d_file(tmp_path):
         ("moving,fixed,labels\nm.nii.gz,f.nii.gz,l.nii.gz\n", "no such labels"),
         ("name,moving,fixed\n..,m.nii.gz,f.nii.gz\n", "name '..' must be a plain folder name"),
         ("name,moving,fixed\na/b,m.nii.gz,f.nii.gz\n", "must be a plain folder name"),
-        ("moving,fixed\nm.nii.gz,f.nii.gz\n\nm.nii.gz,f.nii.gz\n", "as those of line 2"),
+        ("moving,fixed\nm.nii.gz,f.nii.gz\n\nm.nii.gz,f.nii.gz\n", "add a 'name' column"),
+        ("name,moving,fixed\na,m.nii.gz,f.nii.gz\na,m.nii.gz,f.nii.gz\n", "its own name"),
     ],
 )
 def test_list_refusals_name_the_line(tmp_path, text, words):

@@ -353,7 +353,21 @@ def test_apply_unreadable_affine(cli, pair, tmp_path):
     bad.write_bytes(b"\x00\x01garbage")
     result = cli("apply", moving, "-r", fixed, "--affine", bad, "-o", tmp_path / "out.nii.gz")
     _assert_one_line_error(result, 1, "cannot read transform", "bad.mat")
+    assert "not an ITK transform file" in result.err  # ITK's message named only the file
     assert not (tmp_path / "out.nii.gz").exists()
+    empty, nan = tmp_path / "empty.tfm", tmp_path / "nan.tfm"
+    empty.write_bytes(b"")
+    nan.write_text(
+        "#Insight Transform File V1.0\n#Transform 0\nTransform: AffineTransform_double_3_3\n"
+        "Parameters: nan nan nan\nFixedParameters: 0 0 0\n"
+    )
+    for path, reason in (
+        (empty, "the file is empty"),
+        (nan, "its parameters are missing or not numbers"),
+        (fixed, "is an image, not an affine transform"),
+    ):
+        result = cli("apply", moving, "-r", fixed, "--affine", path, "-o", tmp_path / "o.nii.gz")
+        _assert_one_line_error(result, 1, reason)
 
 
 def test_apply_refuses_to_overwrite_without_force(cli, pair, tmp_path):
