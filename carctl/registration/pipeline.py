@@ -692,11 +692,18 @@ def _register(
     def mask_on(mask: Image | None, grid: Grid, name: str) -> np.ndarray | None:
         if mask is None:
             return None
-        if not mask.grid.same_as(grid):
+        given = int((mask.array > 0).sum())
+        if given and not mask.grid.same_as(grid):
             mask = resample_image(mask, grid, interpolation="nearest")
         inside = mask.array > 0
+        if given and not inside.any():
+            raise InputError(
+                f"the {name} mask's {given} voxel{'s' * (given > 1)} above zero fall outside "
+                f"or between the {name} image's voxels (read there by nearest neighbour); "
+                f"give the mask on the {name} image's grid"
+            )
         if not inside.any():
-            raise InputError(f"the {name} mask has no voxel above zero on the {name} image")
+            raise InputError(f"the {name} mask has no voxel above zero")
         return inside.astype(np.float32)
 
     fixed_norm = normalise(fixed.array)

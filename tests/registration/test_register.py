@@ -841,6 +841,16 @@ def test_inputs_refused_by_the_pipeline_for_api_and_cli(tmp_path, cli, phantom):
         register(slice_, phantom)
     with pytest.raises(InputError, match="fixed mask has no voxel"):
         register(phantom, phantom, fixed_mask=empty)
+    # one voxel set on a finer grid, between the image's voxels: the message said "no voxel
+    # above zero" of a mask that has one
+    g = phantom.grid
+    fine = Grid(
+        tuple(2 * n for n in g.size), tuple(s / 2 for s in g.spacing), g.origin, g.direction
+    )
+    dot = np.zeros(fine.shape, np.float32)
+    dot[11, 11, 11] = 1
+    with pytest.raises(InputError, match="mask's 1 voxel above zero fall outside or between"):
+        register(phantom, phantom, moving_mask=Image(dot, fine))
     fixed_path = write(phantom.to_sitk(), tmp_path / "fixed.nii.gz")
     for moving, option in (
         (slice_, []),
