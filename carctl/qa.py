@@ -272,10 +272,10 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
     return float(values[mask].mean())
 
 
-def describe(score: float) -> str:
-    """A score for people: mm with two decimals, or why there is none (no voxel of the
-    anatomy where both images are present)."""
-    return f"{score:.2f}" if np.isfinite(score) else "none (the images do not overlap)"
+def describe(score: float, digits: int = 2) -> str:
+    """A score for people: mm with ``digits`` decimals, or why there is none (no voxel of
+    the anatomy where both images are present)."""
+    return f"{score:.{digits}f}" if np.isfinite(score) else "none (the images do not overlap)"
 
 
 def verdict(score: float, thresholds: dict | None = None) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -279,7 +278,7 @@ def run(
     if not VOLUME_WARNING[0] <= volume <= VOLUME_WARNING[1]:
         console.print(
             f"warning: the affine changes volumes by a factor of {volume:.2f}; check the "
-            "result (small or very different images may not fix an affine's 12 parameters, "
+            "result (small or very different images may not fix all of an affine's parameters; "
             "try --method rigid)"
         )
     summary = {
@@ -382,10 +381,6 @@ def _progress(console, quiet: bool):
         stages.finish()
 
 
-def _score(value: float) -> str:
-    return f"{value:.4f}" if math.isfinite(value) else "none"
-
-
 def _show(summary: dict, console) -> None:
     from carctl.cli.console import key_value_table
 
@@ -403,12 +398,14 @@ def _show(summary: dict, console) -> None:
         rows.append((stage["name"], f"{stage['seconds']:.2f} s{change}"))
     quality = summary.get("qa", {})
     if "after" in quality:
+        from carctl import qa
+
         before, after = quality["before"], quality["after"]
         rows.append(
             (
                 "quality",
-                f"{_score(before['score'])} ({before['verdict']}) -> "
-                f"{_score(after['score'])} ({after['verdict']}), lower is better",
+                f"{qa.describe(before['score'], 4)} ({before['verdict']}) -> "
+                f"{qa.describe(after['score'], 4)} ({after['verdict']}), lower is better",
             )
         )
     rows += [
