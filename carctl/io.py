@@ -427,7 +427,38 @@ def check_output(
         raise OutputError(f"cannot write '{path}': it is a directory")
     if path.exists() and not force:
         raise OutputError(f"'{path}' exists; use --force to overwrite it")
+    _check_writable(path)
     return path
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse, before any work, an output whose folder cannot take it: the nearest existing
+    folder on its way is probed with a staging folder as :func:`atomic_output` makes one (a
+    read-only or immutable folder, or a file in the way, failed only when the results were
+    written, as an internal error)."""
+    folder = Path(os.path.abspath(path)).parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputError(f"cannot write '{path}': '{folder}' is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".carctl-", dir=folder))
+    except OSError as error:
+        raise OutputError(f"cannot write '{path}': {error.strerror or error}") from error
+
+
+def check_distinct(outputs: dict[str, str | os.PathLike | None]) -> None:
+    """Refuse two outputs (option name without ``--`` -> path) that name one file: the
+    second would replace the first, or stop the run halfway for existing."""
+    seen: dict[str, str] = {}
+    for option, path in outputs.items():
+        if path is None or os.fspath(path) == "-":
+            continue
+        where = os.path.realpath(path)
+        if where in seen:
+            first, second = (f"--{o.replace('_', '-')}" for o in (seen[where], option))
+            raise OutputError(f"{first} and {second} name the same file '{path}'")
+        seen[where] = option
 
 
 @contextlib.contextmanager
@@ -444,8 +475,11 @@ def atomic_output(
     last. On any error nothing is left behind.
     """
     path = check_output(path, force=force, inputs=inputs, extensions=extensions)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".carctl-", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".carctl-", dir=path.parent))
+    except OSError as error:
+        raise OutputError(f"cannot write '{path}': {error.strerror or error}") from error
     try:
         yield staging / path.name
         written = sorted(staging.iterdir(), key=lambda p: p.name == path.name)
@@ -453,6 +487,8 @@ def atomic_output(
             raise OutputError(f"nothing was written to '{path}'")
         for produced in written:
             os.replace(produced, path.parent / produced.name)
+    except OSError as error:  # a full disk, a folder gone read-only meanwhile
+        raise OutputError(f"cannot write '{path}': {error.strerror or error}") from error
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

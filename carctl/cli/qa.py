@@ -67,7 +67,7 @@ def command(
     """
     from carctl.cli.console import emit_json, key_value_table, stdout
     from carctl.errors import UsageError
-    from carctl.io import check_output, output_stem
+    from carctl.io import check_distinct, check_output, output_stem
 
     if warped and (field or affine):
         raise UsageError("give either --warped or --field/--affine, not both")
@@ -78,6 +78,7 @@ def command(
         "error_map": error_map or str(out_dir / f"{stem}_qa.nii.gz"),
         "png": png or str(out_dir / f"{stem}_qa.png"),
     }
+    check_distinct({**outputs, "json": json_out})
     inputs = [p for p in (moving, fixed, field, affine, warped) if p]
     check_output(outputs["error_map"], force=force, inputs=inputs)
     check_output(outputs["png"], force=force, inputs=inputs, extensions=(".png",))

@@ -164,6 +164,9 @@ def command(
     if labels:
         outputs["warped_labels"] = warped_labels or str(out_dir / names["warped_labels"])
     from carctl.config import RegistrationOptions
+    from carctl.io import check_distinct
+
+    check_distinct({**outputs, "json": json_out})
 
     settings = RegistrationOptions(  # checks every value before any image is read
         method=method,

@@ -370,6 +370,50 @@ def test_apply_unreadable_affine(cli, pair, tmp_path):
         _assert_one_line_error(result, 1, reason)
 
 
+def test_two_outputs_naming_one_file_are_refused_before_any_work(cli, pair, tmp_path):
+    """--warped and --field naming one file: without --force the run stopped after writing
+    the warped image, with --force the field silently replaced it."""
+    moving, fixed = pair
+    same = tmp_path / "out" / "same.nii.gz"
+    for force in ([], ["--force"]):
+        result = cli("register", moving, fixed, "--warped", same, "--field", same, *force)
+        _assert_one_line_error(result, 1, "--warped and --field name the same file")
+        assert not (tmp_path / "out").exists()
+    result = cli("qa", moving, fixed, "--error-map", same, "--png", same, "-o", tmp_path)
+    _assert_one_line_error(result, 1, "--error-map and --png name the same file")
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(
+    cli, pair, tmp_path, monkeypatch
+):
+    """A file in the output's way, a folder that takes no file (read-only, immutable) and a
+    disk that fills up: "internal error" (FileExistsError, PermissionError, OSError) after
+    all the work; now one line, the first two before any work."""
+    import tempfile
+
+    moving, fixed = pair
+    (tmp_path / "afile").write_text("")
+    result = cli("apply", moving, "-r", fixed, "-o", tmp_path / "afile" / "sub" / "o.nii.gz")
+    _assert_one_line_error(result, 1, "afile' is a file, not a folder")
+
+    def refused(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(tempfile, "mkdtemp", refused)
+        result = cli("register", moving, fixed, "-o", tmp_path / "out")
+        _assert_one_line_error(result, 1, "cannot write", "Operation not permitted")
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("carctl.io.os.replace", full)
+    result = cli("apply", moving, "-r", fixed, "-o", tmp_path / "o.nii.gz")
+    _assert_one_line_error(result, 1, "cannot write", "No space left on device")
+    assert not (tmp_path / "o.nii.gz").exists()
+    assert not list(tmp_path.glob(".carctl-*"))  # the staging folder is gone
+
+
 def test_apply_refuses_to_overwrite_without_force(cli, pair, tmp_path):
     moving, fixed = pair
     out = tmp_path / "out.nii.gz"
