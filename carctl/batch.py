@@ -44,7 +44,11 @@ class Pair:
 
     def inputs(self) -> list[str]:
         """Every input file of the pair (outputs must not overwrite them)."""
-        return [value for key in _FILES if (value := getattr(self, key))]
+        return list(self.files().values())
+
+    def files(self) -> dict[str, str]:
+        """The pair's inputs by column (those given)."""
+        return {key: value for key in _FILES if (value := getattr(self, key))}
 
 
 def _column(title: str) -> str:

@@ -145,11 +145,29 @@ def _run_all(
 
 
 def _chosen(settings: RegistrationOptions) -> dict:
-    """The options that make a pair's result what it is (summary.json keeps them; a pair
-    done before is skipped only when they are the same)."""
+    """The options that make a pair's result what it is (summary.json keeps them)."""
     import dataclasses
 
     return {k: v for k, v in dataclasses.asdict(settings).items() if k != "device"}
+
+
+def _recipe(pair: Pair, settings: RegistrationOptions, options: dict) -> dict:
+    """What makes a pair's folder what it is: the options, every input file (path, size and
+    modification time: a file replaced at the same path counts as another input) and the
+    outputs asked for. summary.json keeps it; a pair done before is skipped only when it is
+    the same and every output it lists is there."""
+    from carctl.io import input_files
+
+    files = {}
+    for key, path in pair.files().items():  # a DICOM folder's files summed up
+        stats = [p.stat() for p in input_files(path) if p.is_file()]
+        size = sum(st.st_size for st in stats)
+        files[key] = [path, len(stats), size, max((st.st_mtime_ns for st in stats), default=0)]
+    return {
+        "options": _chosen(settings),
+        "inputs": files,
+        "outputs": {"inverse": options["inverse"], "qa": options["qa"]},
+    }
 
 
 def _one(pair: Pair, out_dir: Path, settings: RegistrationOptions, options: dict) -> dict:
@@ -163,15 +181,21 @@ def _one(pair: Pair, out_dir: Path, settings: RegistrationOptions, options: dict
     folder = out_dir / pair.name
     summary_path = folder / SUMMARY
     row = {"name": pair.name, "folder": str(folder), "moving": pair.moving, "fixed": pair.fixed}
+    recipe = _recipe(pair, settings, options)
     if summary_path.is_file() and not options["force"]:
         try:
             before = json.loads(summary_path.read_text())
         except (OSError, ValueError):
             before = None  # an unreadable summary: the pair is done again
-        if before is not None and before.get("options") == _chosen(settings):
-            return row | {"status": "skipped"} | _measures(before)
-        if before is not None:  # never overwrite results of other options unasked
-            error = f"done before with other options ({folder / SUMMARY}); --force redoes it"
+        done = (before or {}).get("batch")
+        if isinstance(done, dict) and done == recipe:
+            if all(Path(p).is_file() for p in before.get("outputs", {}).values()):
+                return row | {"status": "skipped"} | _measures(before)
+            # an output gone: the pair is done again, over its own folder
+        elif before is not None:  # never overwrite results of another recipe unasked
+            differs = [k for k in recipe if not isinstance(done, dict) or done.get(k) != recipe[k]]
+            what = " and ".join(differs) or "options"
+            error = f"done before with other {what} ({folder / SUMMARY}); --force redoes it"
             return row | {"status": "failed", "error": error}
     names = _default_names(pair.moving)
     outputs = {key: str(folder / names[key]) for key in ("warped", "field", "affine")}
@@ -199,6 +223,7 @@ def _one(pair: Pair, out_dir: Path, settings: RegistrationOptions, options: dict
             qa=options["qa"],
         )
         summary["name"], summary["options"] = pair.name, _chosen(settings)
+        summary["batch"] = recipe
         emit_json(summary, str(summary_path), force=True, inputs=pair.inputs())
     except (CarctlError, OSError, MemoryError) as error:
         return row | {"status": "failed", "error": " ".join(str(error).split())}

@@ -189,6 +189,28 @@ def test_batch_registers_records_and_resumes(cli, listing, tmp_path):
     assert (out / "two" / "fixed_field_inverse.nii").is_file()
 
 
+def test_batch_resumes_only_what_is_the_same_and_whole(cli, listing, tmp_path):
+    """A pair was skipped whenever its summary.json had the same options: with another
+    moving image at its line (the folder kept the old results, the record named the new
+    image), with --qa or --inverse asked now (never written), and with an output deleted
+    (left missing). Now other inputs or outputs are refused as other options are, and a
+    folder missing an output is done again."""
+    out = tmp_path / "out"
+    options = ["-o", out, "--method", "rigid", "--threads", "1", "-q"]
+    assert cli("batch", listing, *options).code == 1  # the broken pair fails
+    warped = out / "one" / "moving_warped.nii.gz"
+    warped.unlink()
+    again = cli("batch", listing, *options)
+    assert _record(out)["one"]["status"] == "done" and warped.is_file(), again.err
+    for extra, what in ((["--qa"], "other outputs"), (["--inverse"], "other outputs")):
+        cli("batch", listing, *options, *extra)
+        assert what in _record(out)["one"]["error"]
+    data = listing.parent
+    write(sitk.ReadImage(str(data / "fixed.nii.gz")), data / "moving.nii.gz")  # replaced
+    cli("batch", listing, *options)
+    assert "done before with other inputs" in _record(out)["one"]["error"]
+
+
 def test_batch_stops_on_error_when_asked(cli, listing, tmp_path):
     out = tmp_path / "out"
     result = cli("batch", listing, "-o", out, "--method", "rigid", "--stop-on-error", "-q")
