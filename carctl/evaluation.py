@@ -58,8 +58,9 @@ def _label_report(fixed_path: PathLike, warped_path: PathLike) -> dict:
     fixed, warped = read_image(fixed_path), read_image(warped_path)
     if not fixed.grid.same_as(warped.grid, tolerance=1e-3):
         raise InputError(
-            f"'{warped_path}' ({warped.grid.describe()}) is not on the grid of '{fixed_path}' "
-            f"({fixed.grid.describe()}); resample it with carctl apply --interp label"
+            f"'{warped_path}' is not on the grid of '{fixed_path}' "
+            f"({warped.grid.differences(fixed.grid, 1e-3)}); resample it with carctl apply "
+            "--interp label"
         )
     try:
         a = metrics.as_label_map(fixed.array, f"'{fixed_path}'")

@@ -80,7 +80,7 @@ def command(
     """
     from carctl.batch import read_pairs
     from carctl.config import RegistrationOptions
-    from carctl.errors import OutputError
+    from carctl.errors import InputError, OutputError
     from carctl.io import check_output
     from carctl.runtime import check_threads
 
@@ -97,6 +97,8 @@ def command(
     )
     check_threads(threads)
     listed = read_pairs(pairs)
+    if any(pair.name == RECORD for pair in listed):  # its folder would stop the record
+        raise InputError(f"a pair named '{RECORD}' would take the record's place: rename it")
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"cannot write into '{out_dir}': it is a file")
     everything = [pairs] + [path for pair in listed for path in pair.inputs()]

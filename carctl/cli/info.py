@@ -203,15 +203,13 @@ def _format(value) -> str:
 
 
 def _show_series(series: list[dict]) -> None:
-    from rich.table import Table
-
+    """One line per series, its UID whole (what --series takes; a table cut it short on a
+    narrow terminal)."""
     from carctl.cli.console import stdout
 
-    table = Table(title="DICOM series", title_justify="left")
-    for column in ("uid", "modality", "description", "files"):
-        table.add_column(column)
+    console = stdout()
+    console.print("DICOM series (uid, modality, description, files):")
     for s in series:
-        table.add_row(s["uid"], s["modality"], s["description"], str(s["files"]))
-    stdout().print(table)
+        console.print(f"  {s['uid']}  {s['modality']}  {s['description'] or '-'}  {s['files']}")
     if len(series) > 1:
-        stdout().print("Several series: choose one with --series UID.")
+        console.print("Several series: choose one with --series UID.")

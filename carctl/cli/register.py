@@ -277,6 +277,9 @@ def run(
         inverse = result.inverse(moving_image.grid)
         write_field(inverse, outputs["inverse_field"], force=force, inputs=inputs)
     jacobian = jacobian_summary(jacobian_determinant(result.field))
+    for stage in result.stages:
+        if "warning" in stage.detail:
+            console.print(f"warning: {stage.detail['warning']}")
     volume = float(np.linalg.det(result.affine.matrix))
     if not VOLUME_WARNING[0] <= volume <= VOLUME_WARNING[1]:
         console.print(

@@ -58,3 +58,6 @@ def command(
     write_image(
         Image(values.astype(np.float32), pair.grid), out, force=force, inputs=[image, reference]
     )
+    from carctl.cli.console import stderr
+
+    stderr().print(f"wrote {out} ({pair.grid.describe()})")

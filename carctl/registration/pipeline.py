@@ -575,8 +575,10 @@ def _stage_network(state: _State, progress: Progress) -> StageReport:
     except WeightsError as error:
         if state.options.method == "net":
             raise
-        # auto without its network is io: say so in the report rather than fail
-        return StageReport("network", 0.0, detail={"skipped": str(error)})
+        # auto without its network is io: say so in the report (and as a warning) rather
+        # than fail
+        warning = f"the network was skipped ({error}); the registration went on without it"
+        return StageReport("network", 0.0, detail={"skipped": str(error), "warning": warning})
     progress.start("network", 1)
     last = state.schedule["affine"][-1]  # a level the affine stage has built
     # a finer grid and mirrored passes improve the network's answer but not the deformable

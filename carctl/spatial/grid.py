@@ -170,6 +170,29 @@ class Grid:
             and np.allclose(self.direction, other.direction, rtol=0, atol=tolerance)
         )
 
+    def differences(self, other: Grid, tolerance: float = 1e-4) -> str:
+        """What differs from ``other`` (as :meth:`same_as` judges), in words: "size 20x20x9
+        against 20x20x10, origin (0, 0, 5) mm against (0, 0, 0)"; empty when nothing does."""
+
+        def numbers(values) -> str:
+            return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+
+        words = []
+        if self.size != other.size:
+            words.append(
+                f"size {'x'.join(map(str, self.size))} against {'x'.join(map(str, other.size))}"
+            )
+        if not np.allclose(self.spacing, other.spacing, rtol=tolerance, atol=0):
+            words.append(f"spacing {numbers(self.spacing)} mm against {numbers(other.spacing)}")
+        if not np.allclose(self.origin, other.origin, rtol=0, atol=tolerance):
+            words.append(f"origin {numbers(self.origin)} mm against {numbers(other.origin)}")
+        if not np.allclose(self.direction, other.direction, rtol=0, atol=tolerance):
+            words.append(
+                f"direction {self.orientation} {numbers(self.direction)} against "
+                f"{other.orientation} {numbers(other.direction)}"
+            )
+        return ", ".join(words)
+
     def describe(self) -> str:
         size = "x".join(str(s) for s in self.size)
         spacing = "x".join(f"{s:g}" for s in self.spacing)

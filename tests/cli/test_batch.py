@@ -211,6 +211,16 @@ def test_batch_resumes_only_what_is_the_same_and_whole(cli, listing, tmp_path):
     assert "done before with other inputs" in _record(out)["one"]["error"]
 
 
+def test_a_pair_named_as_the_record_is_refused_first(cli, listing, tmp_path):
+    """A pair named batch.csv was registered, then the batch stopped: its folder stood where
+    the record goes."""
+    named = listing.parent / "named.csv"
+    named.write_text("name,moving,fixed\nbatch.csv,moving.nii.gz,fixed.nii.gz\n")
+    result = cli("batch", named, "-o", tmp_path / "out")
+    assert result.code == 1 and "would take the record's place" in result.err
+    assert not (tmp_path / "out" / "batch.csv").exists()
+
+
 def test_batch_stops_on_error_when_asked(cli, listing, tmp_path):
     out = tmp_path / "out"
     result = cli("batch", listing, "-o", out, "--method", "rigid", "--stop-on-error", "-q")

@@ -469,6 +469,16 @@ def test_internal_errors_are_one_line_too(cli, pair, tmp_path, monkeypatch):
     assert not (tmp_path / "o.nii.gz").exists()
 
 
+def test_info_lists_whole_series_uids_on_a_narrow_terminal(cli, two_series, monkeypatch):
+    """The series table cut the UIDs short ("1.2.826...") that the line under it asks for."""
+    import json as json_
+
+    monkeypatch.setenv("COLUMNS", "60")
+    listed = json_.loads(cli("info", two_series, "--json", "-").out)["dicom_series"]
+    shown = cli("info", two_series).out.split()
+    assert all(s["uid"] in shown for s in listed)
+
+
 def test_multi_series_directory_needs_series(cli, two_series, pair, tmp_path):
     folder = two_series
     _, fixed = pair
@@ -602,6 +612,13 @@ def test_evaluate_refuses_labels_on_another_grid(cli, tmp_path):
     )
     result = cli("evaluate", "--fixed-labels", fixed, "--warped-labels", other)
     _assert_one_line_error(result, 1, "is not on the grid of", "carctl apply --interp label")
+    assert "spacing (1, 1, 1) mm against (1, 1, 2)" in result.err
+    # only the origin differs: the message described both grids alike
+    moved = sitk.ReadImage(str(fixed))
+    moved.SetOrigin((0.0, 0.0, 5.0))
+    moved_path = write(moved, tmp_path / "moved.nii.gz")
+    result = cli("evaluate", "--fixed-labels", fixed, "--warped-labels", moved_path)
+    _assert_one_line_error(result, 1, "origin (0, 0, 5) mm against (0, 0, 0)")
 
 
 def test_evaluate_refuses_non_label_images(cli, tmp_path):

@@ -120,6 +120,7 @@ def test_translate_writes_an_image_on_the_references_grid(cli, tiny_weights, ima
     out = tmp_path / "t.nii.gz"
     result = cli("translate", moving, "-r", fixed, "-o", out)
     assert result.code == 0, result.err
+    assert f"wrote {out}" in result.err  # it said nothing
     image = sitk.ReadImage(str(out))
     assert np.isfinite(sitk.GetArrayFromImage(image)).all()
     assert image.GetDirection() == sitk.ReadImage(str(fixed)).GetDirection()

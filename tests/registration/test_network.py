@@ -310,6 +310,18 @@ def test_missing_weights_skip_the_network_in_auto_and_fail_net(monkeypatch):
         register(image, image, RegistrationOptions(method="net"))
 
 
+def test_auto_warns_when_the_network_is_skipped_for_its_weights(monkeypatch, cli, tmp_path):
+    """Unusable weights under ``auto -q`` were skipped without a word (only the JSON's
+    ``skipped`` said so); register now warns on stderr. 2-D images skip it silently."""
+    from carctl.io import write_image
+
+    monkeypatch.setattr(network, "WEIGHTS", "no-such-weights")
+    path = write_image(blobs(), tmp_path / "a.nii.gz")
+    result = cli("register", path, path, "-o", tmp_path / "o", "-q", "--iterations", "1")
+    assert result.code == 0, result.err
+    assert "warning: the network was skipped (" in result.err and "no weights named" in result.err
+
+
 def test_2d_images_skip_the_network_and_net_says_why(cli, tmp_path, car_weights):
     from tests.conftest import make_image
 
@@ -321,7 +333,7 @@ def test_2d_images_skip_the_network_and_net_says_why(cli, tmp_path, car_weights)
     ok = cli("register", image, other, "-o", tmp_path, "--iterations", "1", "--json", "-")
     assert ok.code == 0, ok.err
     stage = next(s for s in json.loads(ok.out)["stages"] if s["name"] == "network")
-    assert "2-D" in stage["skipped"]
+    assert "2-D" in stage["skipped"] and "warning" not in ok.err
 
 
 def test_cli_net_reports_the_network_stage_and_its_time(cli, tmp_path, car_weights):
