@@ -103,7 +103,10 @@ def run_carctl(case: dict, out: Path, threads: int, method: str = "auto") -> Clo
     moving, fixed = read_image(case["moving"]), read_image(case["fixed"])
     with Clock() as clock:
         options = RegistrationOptions(
-            method=method, loss=case["carctl_loss"], regularization=case["carctl_regularization"]
+            method=method,
+            loss=case["carctl_loss"],
+            regularization=case["carctl_regularization"],
+            resolution=case.get("carctl_resolution"),
         )
         result = register(moving, fixed, options)
     write_field(result.field, out / FIELD)
@@ -788,6 +791,9 @@ def main() -> None:
     parser.add_argument(
         "--carctl-regularization", type=float, help="carctl's --regularization (default: its own)"
     )
+    parser.add_argument(
+        "--carctl-resolution", type=float, help="carctl's --resolution (default: its own)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="of the known deformations")
     parser.add_argument(
         "--deformation-scale",
@@ -832,6 +838,7 @@ def main() -> None:
             case = {"moving": str(pair.moving), "fixed": str(pair.fixed), "labels": labels}
             case["carctl_loss"] = args.carctl_loss
             case["carctl_regularization"] = args.carctl_regularization
+            case["carctl_resolution"] = args.carctl_resolution
             case_file.write_text(json.dumps(case, indent=1))
             rows = [score_header(pair)]
             print(table_row(rows[0]), flush=True)
