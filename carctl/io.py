@@ -461,6 +461,43 @@ def check_distinct(outputs: dict[str, str | os.PathLike | None]) -> None:
         seen[where] = option
 
 
+# Outputs staged inside an output_group, moved into place when it ends: (staging, path).
+_group: list[tuple[Path, Path]] | None = None
+
+
+@contextlib.contextmanager
+def output_group() -> Iterator[None]:
+    """The outputs written inside (by :func:`atomic_output`) appear together when it ends
+    without an error, or none of them: an interrupted ``register`` (Ctrl-C, an error while
+    writing its third output) left the first two in place."""
+    global _group
+    if _group is not None:  # nested: the outer group moves everything
+        yield
+        return
+    _group = []
+    try:
+        yield
+        for staging, path in _group:
+            _move_into_place(staging, path)
+    finally:
+        for staging, _ in _group:
+            shutil.rmtree(staging, ignore_errors=True)
+        _group = None
+
+
+def _move_into_place(staging: Path, path: Path) -> None:
+    """What was written in ``staging`` moved next to ``path`` (its companions first, the
+    file named ``path`` last)."""
+    written = sorted(staging.iterdir(), key=lambda p: p.name == path.name)
+    if not any(p.name == path.name for p in written):
+        raise OutputError(f"nothing was written to '{path}'")
+    try:
+        for produced in written:
+            os.replace(produced, path.parent / produced.name)
+    except OSError as error:
+        raise OutputError(f"cannot write '{path}': {error.strerror or error}") from error
+
+
 @contextlib.contextmanager
 def atomic_output(
     path: str | os.PathLike,
@@ -469,7 +506,8 @@ def atomic_output(
     inputs: Iterable[str | os.PathLike] = (),
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
 ) -> Iterator[Path]:
-    """Yield a temporary path with ``path``'s name; on success move what was written into place.
+    """Yield a temporary path with ``path``'s name; on success move what was written into place
+    (inside an :func:`output_group`, when the group ends).
 
     Multi-file formats (``.mhd`` + ``.raw``, ``.hdr`` + ``.img``) move as a whole, the header
     last. On any error nothing is left behind.
@@ -480,17 +518,19 @@ def atomic_output(
         staging = Path(tempfile.mkdtemp(prefix=".carctl-", dir=path.parent))
     except OSError as error:
         raise OutputError(f"cannot write '{path}': {error.strerror or error}") from error
+    grouped = False
     try:
         yield staging / path.name
-        written = sorted(staging.iterdir(), key=lambda p: p.name == path.name)
-        if not any(p.name == path.name for p in written):
-            raise OutputError(f"nothing was written to '{path}'")
-        for produced in written:
-            os.replace(produced, path.parent / produced.name)
+        if _group is not None:
+            _group.append((staging, path))
+            grouped = True
+        else:
+            _move_into_place(staging, path)
     except OSError as error:  # a full disk, a folder gone read-only meanwhile
         raise OutputError(f"cannot write '{path}': {error.strerror or error}") from error
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not grouped:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_sitk(

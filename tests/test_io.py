@@ -14,6 +14,7 @@ from carctl.io import (
     atomic_output,
     check_output,
     list_dicom_series,
+    output_group,
     read_image,
     read_points,
     split_volume,
@@ -341,3 +342,22 @@ def test_keep_freed_memory_is_safe_to_call():
     big = torch.ones(1 << 23)
     del big
     assert float(torch.ones(1 << 23).sum()) == float(1 << 23)
+
+
+def test_an_output_group_writes_all_or_nothing(tmp_path):
+    """Ctrl-C after two of three outputs: none of them in place, no staging folder left;
+    without it, all three appear at the group's end (not before)."""
+    from carctl.io import write_text
+
+    paths = [tmp_path / f"{n}.json" for n in "abc"]
+    with pytest.raises(KeyboardInterrupt), output_group():
+        for path in paths[:2]:
+            write_text("{}", path)
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    with output_group():
+        for path in paths:
+            write_text("{}", path)
+            assert not path.exists()  # staged until the group ends
+    assert all(p.read_text() == "{}" for p in paths)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json", "c.json"]

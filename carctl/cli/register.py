@@ -221,6 +221,7 @@ def run(
         FIELD_EXTENSIONS,
         IMAGE_EXTENSIONS,
         check_output,
+        output_group,
         read_image,
         require_file,
         write_image,
@@ -266,16 +267,17 @@ def run(
         )
 
     written_start = time.perf_counter()
-    warped = resample_image(moving_image, fixed_image.grid, [result.field])
-    write_image(warped, outputs["warped"], force=force, inputs=inputs)
-    write_field(result.field, outputs["field"], force=force, inputs=inputs)
-    write_affine(result.affine, outputs["affine"], force=force, inputs=inputs)
-    if "warped_labels" in outputs:
-        warped_labels = resample_image(labels, fixed_image.grid, [result.field], "label")
-        write_image(warped_labels, outputs["warped_labels"], force=force, inputs=inputs)
-    if "inverse_field" in outputs:
-        inverse = result.inverse(moving_image.grid)
-        write_field(inverse, outputs["inverse_field"], force=force, inputs=inputs)
+    with output_group():  # all of them or none
+        warped = resample_image(moving_image, fixed_image.grid, [result.field])
+        write_image(warped, outputs["warped"], force=force, inputs=inputs)
+        write_field(result.field, outputs["field"], force=force, inputs=inputs)
+        write_affine(result.affine, outputs["affine"], force=force, inputs=inputs)
+        if "warped_labels" in outputs:
+            warped_labels = resample_image(labels, fixed_image.grid, [result.field], "label")
+            write_image(warped_labels, outputs["warped_labels"], force=force, inputs=inputs)
+        if "inverse_field" in outputs:
+            inverse = result.inverse(moving_image.grid)
+            write_field(inverse, outputs["inverse_field"], force=force, inputs=inputs)
     jacobian = jacobian_summary(jacobian_determinant(result.field))
     for stage in result.stages:
         if "warning" in stage.detail:

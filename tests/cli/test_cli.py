@@ -414,6 +414,26 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(
     assert not list(tmp_path.glob(".carctl-*"))  # the staging folder is gone
 
 
+def test_register_writes_all_its_outputs_or_none(cli, pair, tmp_path, monkeypatch):
+    """An error (or Ctrl-C) while writing register's third output left the first two in
+    place; they now appear together, when all are written."""
+    import carctl.spatial.files
+    from carctl.errors import OutputError
+
+    def failing(*args, **kwargs):
+        raise OutputError("cannot write the affine: no space left")
+
+    monkeypatch.setattr(carctl.spatial.files, "write_affine", failing)
+    moving, fixed = pair
+    out = tmp_path / "out"
+    result = cli("register", moving, fixed, "-o", out, "--method", "rigid", "-q")
+    _assert_one_line_error(result, 1, "no space left")
+    assert not out.exists() or not any(out.iterdir())  # no output, no staging folder
+    monkeypatch.undo()
+    done = cli("register", moving, fixed, "-o", out, "--method", "rigid", "-q")
+    assert done.code == 0 and len(list(out.iterdir())) == 3
+
+
 def test_apply_refuses_to_overwrite_without_force(cli, pair, tmp_path):
     moving, fixed = pair
     out = tmp_path / "out.nii.gz"
