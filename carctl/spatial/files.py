@@ -83,7 +83,10 @@ def single_slice_grid(path: str | os.PathLike) -> Grid | None:
         header = bytearray(file.read(_NIFTI_DATA))
     if len(header) < _NIFTI_DATA:
         return None
-    order = "<" if struct.unpack_from("<i", header, 0)[0] == 348 else ">"
+    orders = [o for o in "<>" if struct.unpack_from(f"{o}i", header, 0)[0] == 348]
+    if not orders:  # not NIfTI-1 (NIfTI-2's fields lie elsewhere)
+        return None
+    order = orders[0]
     dims = struct.unpack_from(f"{order}8h", header, _NIFTI_DIM)
     if dims[0] != 5 or dims[3:6] != (1, 1, 3):
         return None
