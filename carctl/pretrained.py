@@ -140,10 +140,24 @@ def load_weights(model, path: Path, refusal: str, device: str = "cpu") -> None:
     from safetensors.torch import load_file
 
     try:
-        model.load_state_dict(load_file(str(path), device=device))
+        tensors = load_file(str(path), device=device)
+        model.load_state_dict(tensors)
     except (SafetensorError, RuntimeError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise WeightsError(f"{refusal} ({reason})") from None
+    _require_finite(tensors, path.name)
+
+
+def _require_finite(tensors: dict, name: str) -> None:
+    """Refuse weights holding NaN or infinite values (a diverged training's): a network of
+    them gave no displacement at all, and register wrote the identity with exit status 0."""
+
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise WeightsError(
+            f"{name} holds NaN or infinite values in {len(bad)} of {len(tensors)} tensors "
+            f"({bad[0]}, ...): the training that wrote it diverged"
+        )
 
 
 def save_tensors(tensors: dict, path: Path) -> None:
@@ -152,6 +166,11 @@ def save_tensors(tensors: dict, path: Path) -> None:
 
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    # safetensors writes its files for their owner alone (0600): weights copied into a
+    # shared weights/ folder were unreadable to others; the usual mode, as for the cards
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)
     tmp.replace(path)
 
 
@@ -159,6 +178,7 @@ def write(model, folder: Path, name: str, card_data: dict) -> Card:
     """Save ``model``'s weights as ``folder/name.safetensors`` with its card (sha256 added)."""
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / f"{name}{WEIGHTS_SUFFIX}"
+    _require_finite(model.state_dict(), weights.name)
     save_tensors(model.state_dict(), weights)
     data = {"name": name, "file": weights.name, "sha256": sha256(weights), **card_data}
     path = folder / f"{name}{CARD_SUFFIX}"

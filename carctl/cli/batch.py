@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -253,7 +254,8 @@ def _measures(summary: dict) -> dict:
             "qa_after": quality["after"]["score"],
             "qa_verdict": quality["after"]["verdict"],
         }
-    return out
+    # no number (a score over no overlap) is an empty cell, as in summary.json's null
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in out.items()}
 
 
 def _said(row: dict) -> str:

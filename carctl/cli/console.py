@@ -38,12 +38,18 @@ def stderr() -> Console:
     return Console(stderr=True, highlight=False, soft_wrap=True, markup=False)
 
 
+# The exit status of a run stopped by Ctrl-C (128 + SIGINT), as shells report it.
+INTERRUPTED = 130
+
+
 def run_guarded(fn: Callable[[], Any]) -> int:
     """Run ``fn``; errors become one line on stderr and an exit code (tracebacks with --debug)."""
     try:
         fn()
     except SystemExit as done:
         code = done.code
+        if code == INTERRUPTED:  # typer turns Ctrl-C into this exit, silently
+            _print_error("interrupted")
         return code if isinstance(code, int) else (0 if code is None else 1)
     except CarctlError as error:
         if is_debug():
@@ -52,7 +58,7 @@ def run_guarded(fn: Callable[[], Any]) -> int:
         return error.exit_code
     except KeyboardInterrupt:
         _print_error("interrupted")
-        return 130
+        return INTERRUPTED
     except Exception as error:  # a bug: keep it short unless asked
         if is_debug():
             traceback.print_exc()

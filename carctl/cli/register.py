@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -343,11 +344,13 @@ def _quality(moving, fixed, result, device: str, console) -> dict:
     }
     out["seconds"] = round(time.perf_counter() - started, 3)
     before, after = out["before"]["score"], out["after"]["score"]
-    if not after <= before:  # NaN after: no overlap left
+    # no score after: no overlap left; none before (the headers left the images apart) and
+    # one after is no loss
+    if math.isnan(after) or after > before:
         console.print(
             "warning: the registered result looks worse than its input to the quality check "
-            f"(estimated misalignment {qa.describe(after)} mm after, "
-            f"{qa.describe(before)} mm through the headers); inspect it with carctl qa"
+            f"(estimated misalignment in mm: {qa.describe(after)} after, "
+            f"{qa.describe(before)} through the headers); inspect it with carctl qa"
         )
     return out
 

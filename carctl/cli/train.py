@@ -29,14 +29,33 @@ def _default_data() -> Path:
     return Path("../shared/data")
 
 
-def _common(data_dir: Path | None, steps: int, threads: int | None, device: str):
+def _common(
+    data_dir: Path | None,
+    steps: int,
+    threads: int | None,
+    device: str,
+    name: str,
+    learning_rate: float,
+    validate_every: int,
+):
     """Checks shared by every ``train`` command; returns (data folder, device)."""
+    import math
+
+    from carctl.config import DEVICES
     from carctl.errors import InputError, UsageError
     from carctl.runtime import resolve_device, set_threads
 
     set_threads(threads)
     if steps < 1:
         raise UsageError("--steps must be at least 1")
+    if validate_every < 1:
+        raise UsageError("--validate-every must be at least 1")
+    if not (learning_rate >= 0 and math.isfinite(learning_rate)):
+        raise UsageError("--lr must be a number, at least 0")
+    if device not in DEVICES:
+        raise UsageError(f"unknown --device '{device}'; choose from {', '.join(DEVICES)}")
+    if not name or name != Path(name).name or name in (".", ".."):
+        raise UsageError(f"--name '{name}' must be a plain file name (written into --out)")
     root = data_dir or _default_data()
     if not root.is_dir():
         raise InputError(f"data folder {root} does not exist")
@@ -83,9 +102,14 @@ def _run(
 
     from carctl import __version__, pretrained
     from carctl.cli.console import stdout
-    from carctl.errors import InputError
+    from carctl.errors import InputError, UsageError
     from carctl.training import data, loop
 
+    if (out / "state.json").exists() and not resume:  # a fresh run would replace it
+        raise UsageError(
+            f"{out} holds a training checkpoint: --resume continues it, another --out starts "
+            "a new run"
+        )
     rank = loop.distributed()[0]  # under torchrun: joins the group, takes its GPU
     quiet = quiet or rank != 0
     console = stdout()
@@ -233,7 +257,7 @@ def imse(
     from carctl.networks.evaluator import EvaluatorConfig
     from carctl.training import imse as training
 
-    root, device = _common(data_dir, steps, threads, device)
+    root, device = _common(data_dir, steps, threads, device, name, learning_rate, validate_every)
     for option, value in (("--batch", batch), ("--width", width)):
         if value < 1:
             raise UsageError(f"{option} must be at least 1")
@@ -363,11 +387,13 @@ def car(
     Writes checkpoints to --out every --validate-every steps (resume with --resume) and, at
     the end, NAME.safetensors with its model card NAME.json; copy both into weights/ to ship.
     """
+    import math
+
     from carctl.errors import UsageError
     from carctl.networks.car import CarConfig
     from carctl.training import car as training
 
-    root, device = _common(data_dir, steps, threads, device)
+    root, device = _common(data_dir, steps, threads, device, name, learning_rate, validate_every)
     if width < 2:
         raise UsageError("--width must be at least 2")
     if patch < 16 or patch % 16:
@@ -380,8 +406,8 @@ def car(
         ("--bias", bias),
         ("--blur", blur),
     ):
-        if not value >= 0:
-            raise UsageError(f"{option} must be at least 0")
+        if not (value >= 0 and math.isfinite(value)):
+            raise UsageError(f"{option} must be a number, at least 0")
     for option, value in (("--same-contrast", same_contrast), ("--unpaired", unpaired)):
         if not 0 <= value <= 1:
             raise UsageError(f"{option} must be between 0 and 1")

@@ -599,8 +599,17 @@ def _stage_network(state: _State, progress: Progress) -> StageReport:
         mirrors,
         network.ANSWER_VOXELS if answer else None,
     )
-    state.displacement = (grid, u)
     progress.advance()
+    if not bool(u.isfinite().all()):  # never hand on NaN: it wiped out the affine too
+        from carctl.errors import InputError
+
+        if state.options.method == "net":
+            raise InputError("the network's field is not finite (NaN): its weights are unusable")
+        warning = "the network's field was not finite (NaN); the registration went on without it"
+        return StageReport(
+            "network", 0.0, detail={"skipped": "a non-finite field", "warning": warning}
+        )
+    state.displacement = (grid, u)
     after = _similarity(state, last, state.affine, state.displacement, linear=True)
     gain = (before - after) / abs(before) if before else 0.0
     detail = {"gain": gain}

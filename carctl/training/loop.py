@@ -81,7 +81,10 @@ def resumes(folder: Path, resume: bool) -> bool:
 def load_checkpoint(folder: Path, model: torch.nn.Module, optimizer) -> tuple[int, list]:
     from safetensors.torch import load_file
 
-    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    from carctl.pretrained import load_weights
+
+    refusal = f"the checkpoint in {folder} is of another network than these options make"
+    load_weights(model, folder / "model.safetensors", refusal)
     tensors = load_file(str(folder / "optimizer.safetensors"))
     state_dict = optimizer.state_dict()
     for key, value in tensors.items():
@@ -159,6 +162,14 @@ def fit(
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(settings.learning_rate, settings.steps, step)
         loss, shown = loss_of(step_generator(settings.seed, step * world + rank))
+        if not bool(torch.isfinite(loss)):  # every step after would write NaN weights
+            from carctl.errors import CarctlError
+
+            raise CarctlError(
+                f"the training diverged at step {step + 1} (loss {loss.item()}): nothing "
+                f"written from this step on; try a lower --lr, or resume from the last "
+                f"checkpoint in {folder}"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:

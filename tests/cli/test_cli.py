@@ -128,6 +128,17 @@ def test_paths_with_brackets_are_printed_as_they_are(cli, tmp_path):
     assert wrote.code == 0 and "[w].nii.gz" in wrote.err
 
 
+def test_ctrl_c_says_interrupted(capsys):
+    """typer turns Ctrl-C into a silent exit 130: the run stopped without a word."""
+    from carctl.cli.console import run_guarded
+
+    def interrupted():
+        raise SystemExit(130)
+
+    assert run_guarded(interrupted) == 130
+    assert capsys.readouterr().err == "carctl: error: interrupted\n"
+
+
 def test_json_holds_null_for_non_finite_numbers(capsys):
     """JSON has no NaN: a score over no voxels or a NaN field's Jacobian stopped every
     ``--json`` output with an internal error; they are written as null."""

@@ -250,3 +250,22 @@ def test_qa_on_2d_and_tiny_images(cli, tiny_weights, tmp_path, size):
     assert result.code == 0, result.err
     report = json.loads(result.out)
     assert report["imse_mean_error"] is None and np.isfinite(report["score"])
+
+
+def test_register_qa_after_headers_apart_is_no_warning(cli, tiny_weights, images, tmp_path):
+    """Headers that leave the images apart have no score (none before); a registration that
+    brings them together was reported as "looks worse than its input" and batch.csv wrote
+    "nan" for the score it did not have."""
+    from carctl.cli.batch import _measures
+
+    _, fixed = images
+    far = write(make_image((22, 22, 22), origin=(1000, 0, 0), seed=3), tmp_path / "far.nii.gz")
+    result = cli("register", far, fixed, "-o", tmp_path / "o", "--qa", "--json", "-")
+    assert result.code == 0, result.err
+    quality = json.loads(result.out)["qa"]
+    assert quality["before"]["score"] is None and quality["after"]["score"] is not None
+    assert "looks worse" not in result.err
+    row = _measures(
+        {"qa": {"before": {"score": float("nan")}, "after": {"score": 1.0, "verdict": "ok"}}}
+    )
+    assert row["qa_before"] is None and row["qa_after"] == 1.0

@@ -335,6 +335,85 @@ def test_train_car_cli_smoke(cli, tmp_path, monkeypatch):
         assert bad.code == 2 and "--scales" in bad.err and "Traceback" not in bad.err
 
 
+def test_train_refusals_and_a_kept_checkpoint(cli, tmp_path, monkeypatch):
+    """Values that stopped with internal errors (--validate-every 0: ZeroDivisionError,
+    --lr nan, --device tpu, a resume with another --width: a state-dict RuntimeError) or were
+    taken (--contrast inf: NaN weights; --name ../x: weights outside --out; a fresh run into
+    a folder holding a checkpoint: the finished run overwritten) are one-line errors."""
+    import sys
+
+    _tiny_data(tmp_path)
+    out = tmp_path / "run"
+    args = ["train", "car", "--data", str(tmp_path / "data"), "--out", str(out)]
+    args += ["--patch", "16", "--width", "4", "--validate-every", "2", "--steps", "2", "-q"]
+    monkeypatch.setattr(sys, "argv", ["carctl", *args])
+    assert cli(*args).code == 0
+    weights = (out / "car.safetensors").read_bytes()
+    for extra, words in (
+        (["--validate-every", "0"], "--validate-every must be at least 1"),
+        (["--lr", "nan"], "--lr must be a number"),
+        (["--device", "tpu"], "unknown --device 'tpu'"),
+        (["--contrast", "inf"], "--contrast must be a number"),
+        (["--name", "../x"], "must be a plain file name"),
+        ([], "holds a training checkpoint: --resume continues it"),
+        (["--resume", "--width", "8", "--steps", "4"], "of another network than these options"),
+    ):
+        result = cli(*args, *extra)
+        lines = result.err.strip().splitlines()
+        assert result.code in (1, 2) and len(lines) == 1 and words in lines[0], (extra, result.err)
+    assert (out / "car.safetensors").read_bytes() == weights
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_training_stops_when_its_loss_is_not_finite(tmp_path):
+    """A diverged run wrote NaN weights and exited 0; it now stops at the first non-finite
+    loss, before a step or a checkpoint writes anything from it."""
+    import torch
+
+    from carctl.errors import CarctlError
+    from carctl.training import loop
+    from carctl.training.car import CarTraining
+
+    model = torch.nn.Linear(2, 1)
+    settings = CarTraining(steps=4, validate_every=1)
+
+    def loss_of(generator):
+        return model(torch.ones(2)).sum() * float("nan"), {}
+
+    with pytest.raises(CarctlError, match="diverged at step 1"):
+        loop.fit(model, settings, loss_of, dict, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_weights_holding_nan_are_refused(tmp_path, monkeypatch, cli):
+    """NaN weights (a diverged training's) passed `weights verify`, and register wrote the
+    identity with exit status 0: loading refuses them, and writing them is refused too."""
+    import torch
+    from safetensors.torch import save_file
+
+    from carctl import pretrained
+    from carctl.networks.car import CarConfig, CarNet
+
+    net = CarNet(CarConfig(width=4))
+    card = {"architecture": {"kind": "car-registration", "config": net.config.to_dict()}}
+    folder = tmp_path / "weights"
+    written = pretrained.write(net, folder, "car", card)
+    # safetensors wrote its files for their owner alone; the cards for everyone
+    assert written.weights.stat().st_mode & 0o777 == written.path.stat().st_mode & 0o777
+    tensors = {k: torch.full_like(v, float("nan")) for k, v in net.state_dict().items()}
+    save_file(tensors, str(written.weights))
+    data = json.loads(written.path.read_text())
+    data["sha256"] = pretrained.sha256(written.weights)  # a card that matches the NaN file
+    written.path.write_text(json.dumps(data))
+    monkeypatch.setenv("CARCTL_WEIGHTS", str(folder))
+    result = cli("weights", "verify")
+    assert result.code == 1 and "holds NaN or infinite values" in result.err
+    with torch.no_grad():
+        next(net.parameters()).fill_(float("inf"))
+    with pytest.raises(pretrained.WeightsError, match="NaN or infinite"):
+        pretrained.write(net, tmp_path / "other", "car", card)
+
+
 def test_train_car_views_at_the_scales_asked(cli, tmp_path, monkeypatch):
     """``--scales``: the training views' spacings (units of each volume's working spacing),
     recorded in the card, none finer than the image's own; by default the volume and a 1.5

@@ -310,6 +310,25 @@ def test_missing_weights_skip_the_network_in_auto_and_fail_net(monkeypatch):
         register(image, image, RegistrationOptions(method="net"))
 
 
+def test_a_non_finite_network_field_is_never_used(monkeypatch, car_weights):
+    """A network answering NaN (weights of a diverged training) made the whole field NaN ->
+    zero: the affine was lost too, with exit status 0. auto now goes on without it (with a
+    warning in its report), net refuses."""
+    from carctl.errors import InputError
+
+    def nan_field(*args, **kwargs):
+        grid = network.working_grid(args[2], args[6])
+        return grid, torch.full((1, 3, *grid.shape), float("nan"))
+
+    monkeypatch.setattr(network, "predict", nan_field)
+    image = blobs()
+    result = register(image, contrast(image), RegistrationOptions(method="auto", iterations=1))
+    stage = next(s for s in result.stages if s.name == "network")
+    assert "warning" in stage.detail and bool(result.field.data.isfinite().all())
+    with pytest.raises(InputError, match="not finite"):
+        register(image, contrast(image), RegistrationOptions(method="net"))
+
+
 def test_auto_warns_when_the_network_is_skipped_for_its_weights(monkeypatch, cli, tmp_path):
     """Unusable weights under ``auto -q`` were skipped without a word (only the JSON's
     ``skipped`` said so); register now warns on stderr. 2-D images skip it silently."""
