@@ -151,7 +151,6 @@ def load_weights(model, path: Path, refusal: str, device: str = "cpu") -> None:
 def _require_finite(tensors: dict, name: str) -> None:
     """Refuse weights holding NaN or infinite values (a diverged training's): a network of
     them gave no displacement at all, and register wrote the identity with exit status 0."""
-
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(v.isfinite().all())]
     if bad:
         raise WeightsError(
