@@ -76,6 +76,33 @@ def _recipe(card: Path) -> tuple[list[str], int]:
     return list(commands), int(training.get("steps_done", 0))
 
 
+def _warn_of_changes(out: Path, settings: dict) -> None:
+    """Warn when a resumed run's settings differ from its checkpoint's beyond ``--steps``
+    (which continues on the longer schedule): another seed, crop or learning rate is taken
+    from here on, and the run no longer equals an uninterrupted one with either setting."""
+    import json
+
+    from carctl.cli.console import stderr
+
+    try:
+        before = json.loads((out / "state.json").read_text()).get("settings", {})
+    except (OSError, ValueError, AttributeError):
+        return
+    now = json.loads(json.dumps(settings))  # tuples as the checkpoint holds them: lists
+    changed = [
+        f"{key} {before[key]!r} -> {value!r}"
+        for key, value in now.items()
+        # another network is refused when the checkpoint loads
+        if key not in ("steps", "network") and key in before and before[key] != value
+    ]
+    if changed:
+        stderr().print(
+            "warning: resuming with other settings than the checkpoint's ("
+            + "; ".join(changed)
+            + "): the run goes on with these"
+        )
+
+
 def _run(
     kind: str,
     module,
@@ -110,6 +137,8 @@ def _run(
             f"{out} holds a training checkpoint: --resume continues it, another --out starts "
             "a new run"
         )
+    if resume:
+        _warn_of_changes(out, loop.settings_dict(settings))
     rank = loop.distributed()[0]  # under torchrun: joins the group, takes its GPU
     quiet = quiet or rank != 0
     console = stdout()

@@ -319,7 +319,8 @@ def test_train_car_cli_smoke(cli, tmp_path, monkeypatch):
     assert card["training"]["steps_done"] == 3
     more = [*args, "--steps", "4", "--resume"]
     monkeypatch.setattr(sys, "argv", ["carctl", *more])
-    assert cli(*more).code == 0
+    resumed = cli(*more)
+    assert resumed.code == 0 and "warning" not in resumed.err  # more steps: no change to say
     training = json.loads((out / "car.json").read_text())["training"]
     assert training["steps_done"] == 4
     assert len(training["commands"]) == 2 and training["commands"][0] == card["training"]["command"]
@@ -363,6 +364,10 @@ def test_train_refusals_and_a_kept_checkpoint(cli, tmp_path, monkeypatch):
         assert result.code in (1, 2) and len(lines) == 1 and words in lines[0], (extra, result.err)
     assert (out / "car.safetensors").read_bytes() == weights
     assert not (tmp_path / "x.safetensors").exists()
+    # a resume with another seed was taken without a word (the card kept the last only)
+    reseeded = cli(*args, "--resume", "--steps", "3", "--seed", "5")
+    assert reseeded.code == 0 and "warning: resuming with other settings" in reseeded.err
+    assert "seed 0 -> 5" in reseeded.err
 
 
 def test_training_stops_when_its_loss_is_not_finite(tmp_path):
