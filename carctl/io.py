@@ -411,8 +411,10 @@ def check_output(
     force: bool = False,
     inputs: Iterable[str | os.PathLike] = (),
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    probe: bool = True,
 ) -> Path:
-    """Refuse an output path before any work is done: bad extension, existing, or an input."""
+    """Refuse an output path before any work is done: bad extension, existing, an input, or
+    (``probe``) a folder that takes no file."""
     path = Path(path)
     suffix = image_suffix(path)
     if suffix not in extensions:
@@ -427,7 +429,8 @@ def check_output(
         raise OutputError(f"cannot write '{path}': it is a directory")
     if path.exists() and not force:
         raise OutputError(f"'{path}' exists; use --force to overwrite it")
-    _check_writable(path)
+    if probe:
+        _check_writable(path)
     return path
 
 
@@ -512,7 +515,8 @@ def atomic_output(
     Multi-file formats (``.mhd`` + ``.raw``, ``.hdr`` + ``.img``) move as a whole, the header
     last. On any error nothing is left behind.
     """
-    path = check_output(path, force=force, inputs=inputs, extensions=extensions)
+    # no probe: the staging folder made next is one, and its failure says the same
+    path = check_output(path, force=force, inputs=inputs, extensions=extensions, probe=False)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".carctl-", dir=path.parent))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -254,8 +253,10 @@ def _measures(summary: dict) -> dict:
             "qa_after": quality["after"]["score"],
             "qa_verdict": quality["after"]["verdict"],
         }
+    from carctl.cli.console import numbers_or_none
+
     # no number (a score over no overlap) is an empty cell, as in summary.json's null
-    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in out.items()}
+    return numbers_or_none(out)
 
 
 def _said(row: dict) -> str:

@@ -78,7 +78,7 @@ def emit_json(payload: dict, target: str | None, *, force: bool, inputs=()) -> N
     """Write ``payload`` as JSON to ``target`` (``-``: stdout); nothing when ``target`` is None."""
     if target is None:
         return
-    text = json.dumps(_finite(payload), indent=2, allow_nan=False, default=_jsonable) + "\n"
+    text = json.dumps(numbers_or_none(payload), indent=2, allow_nan=False, default=_jsonable) + "\n"
     if target == "-":
         sys.stdout.write(text)
     else:
@@ -87,7 +87,7 @@ def emit_json(payload: dict, target: str | None, *, force: bool, inputs=()) -> N
         write_text(text, target, force=force, inputs=inputs, extensions=(".json",))
 
 
-def _finite(value: Any) -> Any:
+def numbers_or_none(value: Any) -> Any:
     """``value`` with every non-finite float (a score over no voxels, a NaN field's Jacobian)
     as ``None``: JSON has no NaN, and pipelines read null as "no value"."""
     if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # a NumPy scalar
@@ -95,9 +95,9 @@ def _finite(value: Any) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: numbers_or_none(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [numbers_or_none(v) for v in value]
     return value
 
 
