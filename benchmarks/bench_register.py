@@ -525,6 +525,78 @@ def atlas_pair(data: Path) -> PairSpec:
     return PairSpec("brain-atlas", build)
 
 
+# Thick-slice stacks: the slice thickness of clinical 2-D acquisitions (axial FLAIR, T2).
+THICK_FACTOR = 5
+
+
+def thick_slices(image, factor: int = THICK_FACTOR):
+    """``image`` as a stack of slices ``factor`` times thicker along its third index axis,
+    each the mean of ``factor`` of its slices (a thick slice's profile), centred where the
+    middle one was; a remainder of slices is dropped."""
+    from carctl.io import Image
+    from carctl.spatial.grid import Grid
+
+    count = image.array.shape[0] // factor
+    array = image.array[: count * factor].astype(np.float32)
+    array = array.reshape(count, factor, *array.shape[1:]).mean(axis=1)
+    first = image.grid.index_to_physical @ np.array([0.0, 0.0, (factor - 1) / 2, 1.0])
+    spacing = (*image.grid.spacing[:2], image.grid.spacing[2] * factor)
+    grid = Grid((*image.grid.size[:2], count), spacing, tuple(first[:3]), image.grid.direction)
+    return Image(array, grid)
+
+
+def thick_pairs(data: Path, seed: int, first: int, scale: float = 1.0) -> list[PairSpec]:
+    """A clinical thick-slice stack against a 1 mm volume, both ways, with a known deformation
+    (as :func:`known_pairs`'): ``thick-t2f5-t1n``, the FLAIR in 5 mm axial slices onto the
+    deformed T1n; ``thick-t1n-t2f5``, the T1n onto the deformed FLAIR in 5 mm slices (the
+    truth and its mask read at the thick slices' centres)."""
+    brats = data / "brats-gli-00001"
+
+    def brats_file(contrast: str) -> Path:
+        return brats / f"BraTS-GLI-00001-000-{contrast}.nii.gz"
+
+    def spec(index: int, name: str, a: str, b: str, thick_fixed: bool) -> PairSpec:
+        def build(work: Path) -> Pair:
+            from carctl.io import Image, read_image, write_image
+            from carctl.spatial.transform import DisplacementField
+            from carctl.synthetic import known_pair
+
+            a_image, b_image = read_image(brats_file(a)), read_image(brats_file(b))
+            made = known_pair(
+                a_image,
+                b_image,
+                a_image.array > 0,
+                rms_mm=5.0 * scale,
+                degrees=4.0 * scale,
+                translation_mm=4.0 * scale,
+                seed=seed + index,
+            )
+            truth, mask, fixed, moving = made.truth, made.mask, made.fixed, b_image
+            if thick_fixed:
+                fixed = thick_slices(made.fixed)
+                middle = slice((THICK_FACTOR - 1) // 2, None, THICK_FACTOR)
+                count = fixed.grid.shape[0]
+                truth = DisplacementField(fixed.grid, truth.data[:, middle][:, :count])
+                mask = mask[middle][:count]
+                # a thick voxel's intensity is the mean over its slab: where the slab leaves
+                # the anatomy, so does the mask
+                mask &= (
+                    thick_slices(Image(made.mask.astype(np.float32), made.fixed.grid)).array > 0.5
+                )
+            else:
+                moving = thick_slices(b_image)
+            write_image(fixed, work / "fixed.nii.gz")
+            write_image(moving, work / "moving.nii.gz")
+            return Pair(name, work / "moving.nii.gz", work / "fixed.nii.gz", {}, {}, truth, mask)
+
+        return PairSpec(name, build)
+
+    return [
+        spec(first, "thick-t2f5-t1n", "t1n", "t2f", thick_fixed=False),
+        spec(first + 1, "thick-t1n-t2f5", "t2f", "t1n", thick_fixed=True),
+    ]
+
+
 def all_pairs(data: Path, seed: int, scale: float = 1.0) -> list[PairSpec]:
     known = known_pairs(data, seed, scale)
     return [
@@ -533,6 +605,7 @@ def all_pairs(data: Path, seed: int, scale: float = 1.0) -> list[PairSpec]:
         atlas_pair(data),
         chest_ct_pair(data, seed, len(known), scale),
         *prostate_pairs(data),
+        *thick_pairs(data, seed, len(known) + 1, scale),
     ]
 
 

@@ -100,3 +100,39 @@ def test_inverse_consistency_is_small_for_a_pair_registered_both_ways():
     shifted = Image(np.roll(contrast(phantom).array, 1, axis=2), phantom.grid)  # 2.5 mm in x
     row = module.consistency(phantom, shifted, "rigid")
     assert row["mean_mm"] < 0.5 and row["p95_mm"] < 1.0 and len(row["seconds"]) == 2
+
+
+def test_thick_slices_average_slices_and_keep_their_centres(bench):
+    from carctl.io import Image
+    from carctl.spatial.grid import Grid
+
+    turn = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    grid = Grid((4, 3, 12), (1.0, 2.0, 1.5), (3.0, -1.0, 7.0), tuple(turn.ravel()))
+    array = np.arange(12 * 3 * 4, dtype=np.float32).reshape(12, 3, 4)
+    thick = bench.thick_slices(Image(array, grid), factor=5)
+    assert thick.grid.size == (4, 3, 2) and thick.grid.spacing == (1.0, 2.0, 7.5)
+    np.testing.assert_allclose(thick.array[1], array[5:10].mean(axis=0))
+    # a thick voxel sits where the middle one of its slices was
+    for k in (0, 1):
+        centre = thick.grid.index_to_physical @ [2.0, 1.0, k, 1.0]
+        middle = grid.index_to_physical @ [2.0, 1.0, 5 * k + 2, 1.0]
+        np.testing.assert_allclose(centre, middle)
+
+
+@pytest.mark.slow
+def test_a_flair_in_thick_slices_registers_onto_a_1mm_t1(bench, shared_data, tmp_path):
+    """BraTS FLAIR in 5 mm axial slices onto the T1n under a known deformation (the header
+    5.76 mm off, the affine stage 4.2). The deformable stage compared the stack's features,
+    a slice apart, with the T1n's 1 mm apart: 2.46 mm, worse than the network alone (2.13);
+    now it sees the T1n blurred to the stack's slices: 1.62."""
+    from carctl.config import RegistrationOptions
+    from carctl.io import read_image
+    from carctl.registration.pipeline import register
+    from carctl.synthetic import end_point_error
+
+    pair = next(s for s in bench.thick_pairs(shared_data, 0, 7) if s.name == "thick-t2f5-t1n")
+    pair = pair.build(tmp_path)
+    moving, fixed = read_image(pair.moving), read_image(pair.fixed)
+    assert moving.grid.spacing == (1.0, 1.0, 5.0) and fixed.grid.spacing == (1.0, 1.0, 1.0)
+    result = register(moving, fixed, RegistrationOptions())
+    assert end_point_error(result.field, pair.truth, pair.mask) < 1.9

@@ -20,7 +20,7 @@ from carctl.spatial.grid import Grid
 from carctl.spatial.points import interpolate
 from carctl.spatial.transform import Affine, DisplacementField, jacobian_determinant
 from carctl.synthetic import end_point_error, known_pair
-from tests.conftest import make_image, rotation, write
+from tests.conftest import make_image, rotation, smooth_volume, write
 
 
 def blobs(size=(28, 28, 28), spacing=2.5, seed=0) -> Image:
@@ -188,6 +188,42 @@ def test_level_features_on_the_images_own_voxels_when_near():
     level = levels.build_level(array, fine, array, other, 2.0, similarity.intensity, box)
     assert np.allclose(level.grid.spacing, (2.0, 2.0, 2.0))
     assert np.allclose(level.moving_grid.spacing, (2.0, 2.0, 2.0))
+
+
+def test_a_thick_moving_stack_meets_the_fixed_image_blurred_to_its_slices():
+    """A moving stack of 5 mm slices of the fixed image itself: at a 2 mm level the stack is
+    interpolated onto the fixed features' 1 mm and the fixed image blurred to its slices, so
+    the two agree where they show the same anatomy. Before, the stack's features compared
+    neighbours a slice (5 mm) apart and the fixed image's 1 mm apart."""
+    from carctl.losses import similarity
+
+    array = smooth_volume((32, 32, 40), seed=3, sigma=1.5)  # (z, y, x) = (40, 32, 32)
+    grid = Grid((32, 32, 40), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+    thick = array.reshape(8, 5, 32, 32).mean(axis=1)
+    stack = Grid((32, 32, 8), (1.0, 1.0, 5.0), (0.0, 0.0, 2.0), tuple(np.eye(3).ravel()))
+    box = (np.zeros(3), np.asarray(grid.size, float) - 1)
+    level = levels.build_level(array, grid, thick, stack, 2.0, similarity.intensity, box)
+    assert np.allclose(level.moving_grid.spacing, level.grid.spacing)
+    identity = torch.eye(4, dtype=torch.float64)
+    moving = interpolate(level.moving, affine_stage.mapped(level, identity))[:, 0]
+    z = level.points.reshape(-1, 3)[:, 2]
+    inside = (z > 7.0) & (z < 32.0)  # away from the stack's ends
+    gap = (moving - level.fixed.reshape(-1))[inside].abs().mean()
+    sharp = levels.resample_band_limited(array, grid, level.grid, per_axis=True).reshape(-1)
+    before = (moving - sharp)[inside].abs().mean()
+    assert float(gap) < 0.6 * float(before)  # 0.95 against 2.05
+    # a moving field of view far larger than the fixed image's: both at the stack's spacing
+    wide = Grid((320, 320, 8), (1.0, 1.0, 5.0), (-150.0, -150.0, 2.0), tuple(np.eye(3).ravel()))
+    other = np.resize(thick, (8, 320, 320))
+    level = levels.build_level(array, grid, other, wide, 2.0, similarity.intensity, box)
+    assert level.grid.spacing[2] == 5.0 and level.moving_grid.spacing[2] == 5.0
+    # coarser than the features (1 mm) but not than the level: both at the moving spacing
+    coarse = Grid((16, 16, 20), (2.0, 2.0, 2.0), (0.5, 0.5, 0.5), tuple(np.eye(3).ravel()))
+    half = array.reshape(20, 2, 16, 2, 16, 2).mean(axis=(1, 3, 5))
+    level = levels.build_level(array, grid, half, coarse, 2.0, similarity.intensity, box)
+    assert level.grid.spacing == level.moving_grid.spacing == (2.0, 2.0, 2.0)
+    direct = levels.resample_band_limited(array, grid, level.grid, per_axis=True)
+    assert torch.allclose(level.fixed, direct, atol=1e-4)  # not 1 mm features averaged
 
 
 def test_normalise_box_and_centre_of_mass_match_plain_numpy():
