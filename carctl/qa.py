@@ -134,6 +134,31 @@ def finite(array: np.ndarray) -> np.ndarray:
     return np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def content(image: Image) -> Image:
+    """An already-warped image cut to the box of its content: the index planes at its grid's
+    ends that hold one value only, its corner's (what the resampling filled in beyond the
+    image it came from: 0 for ``carctl apply``, ANTs and elastix), are left out, so that
+    they count as absent, as the moving image's outside does when the transforms are given.
+    Scored as present, the fill beyond a moving image shorter than the fixed one read as
+    misalignment: a CT onto an MR of 22 slices, registered by carctl, scored 2.0 mm through
+    its field and 4.1 mm through its warped image (3.0 cut to its content; the rest is the
+    warped image's second interpolation)."""
+    array = finite(image.array)
+    same = array == array.flat[0]
+    if same.all():
+        return image
+    start, stop = [], []
+    for axis in range(array.ndim):  # array order: the grid's axes reversed
+        full = same.all(axis=tuple(a for a in range(array.ndim) if a != axis))
+        kept = np.flatnonzero(~full)
+        start.append(int(kept[0]))
+        stop.append(int(kept[-1]) + 1)
+    if start == [0] * array.ndim and stop == list(array.shape):
+        return image
+    box = tuple(slice(a, b) for a, b in zip(start, stop, strict=True))
+    return Image(image.array[box], image.grid.crop(start[::-1], stop[::-1]))
+
+
 def _scaled(
     values: torch.Tensor, select: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, tuple[float, float]]:

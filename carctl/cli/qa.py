@@ -134,7 +134,7 @@ def run(moving, fixed, field, affine, warped, outputs, device, threads, force, i
     if field or affine:
         alignments.append((moving_image, load_chain(field, affine)))
     elif warped_image is not None:
-        alignments.append((warped_image, []))
+        alignments.append((qa.content(warped_image), []))
     assessments = qa.assess_alignments(model, fixed_image, alignments, device)
     before, last = assessments[0], assessments[-1]
     write_image(qa.misalignment_image(last), outputs["error_map"], force=force, inputs=inputs)

@@ -26,6 +26,7 @@ rule ITK's interpolators use, so that carctl samples the same voxels as ITK and 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -148,14 +149,16 @@ class Grid:
 
     def slab(self, start: int, stop: int) -> Grid:
         """The sub-grid of index planes ``start:stop`` along the last axis (Z, or Y in 2-D)."""
-        if not 0 <= start < stop <= self.size[-1]:
-            raise ValueError(f"slab {start}:{stop} outside a grid of size {self.size}")
-        first = np.zeros(self.ndim + 1)
-        first[-1] = 1.0
-        first[-2] = start
+        return self.crop((0,) * (self.ndim - 1) + (start,), (*self.size[:-1], stop))
+
+    def crop(self, start: Sequence[int], stop: Sequence[int]) -> Grid:
+        """The sub-grid of the index box ``start:stop`` (per axis, ITK order)."""
+        if any(not 0 <= a < b <= n for a, b, n in zip(start, stop, self.size, strict=True)):
+            raise ValueError(f"box {tuple(start)}:{tuple(stop)} outside a grid of size {self.size}")
+        first = np.append(np.asarray(start, dtype=float), 1.0)
         origin = (self.index_to_physical @ first)[: self.ndim]
         return Grid(
-            (*self.size[:-1], stop - start),
+            tuple(int(b - a) for a, b in zip(start, stop, strict=True)),
             self.spacing,
             tuple(float(o) for o in origin),
             self.direction,

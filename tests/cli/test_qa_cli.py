@@ -269,3 +269,36 @@ def test_register_qa_after_headers_apart_is_no_warning(cli, tiny_weights, images
         {"qa": {"before": {"score": float("nan")}, "after": {"score": 1.0, "verdict": "ok"}}}
     )
     assert row["qa_before"] is None and row["qa_after"] == 1.0
+
+
+def test_qa_of_a_warped_image_leaves_out_the_fill_beyond_the_moving_image(
+    cli, tiny_weights, tmp_path
+):
+    """A moving image of 12 of the fixed image's 36 slices, warped onto the fixed grid: the
+    planes filled with 0 beyond it are absent, as they are when the transform is given
+    (scored as present, the fill read as misalignment)."""
+    fixed_image = make_image((30, 28, 36), spacing=(1.5, 1.5, 1.5), seed=8)
+    fixed = write(fixed_image, tmp_path / "f.nii.gz")
+    moving = write(fixed_image[:, :, 12:24], tmp_path / "m.nii.gz")
+    warped = tmp_path / "w.nii.gz"
+    assert cli("apply", moving, "-r", fixed, "-o", warped).code == 0
+    result = cli("qa", moving, fixed, "-w", warped, "-o", tmp_path / "qa", "--json", "-")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    # the warped image is the moving one through its header: the same score as before
+    assert report["score"] == pytest.approx(report["before"]["score"], abs=0.05)
+
+
+def test_content_box_of_a_warped_image():
+    from carctl import qa
+    from carctl.io import Image
+    from carctl.spatial.grid import Grid
+
+    grid = Grid((6, 5, 4), (1.0, 2.0, 3.0), (10.0, 0.0, -5.0), tuple(np.eye(3).ravel()))
+    array = np.zeros((4, 5, 6), np.float32)
+    array[1:3, 1:5, 2:4] = 7.0
+    cut = qa.content(Image(array, grid))
+    assert cut.array.shape == (2, 4, 2) and (cut.array == 7).all()
+    assert cut.grid.size == (2, 4, 2) and cut.grid.origin == (12.0, 2.0, -2.0)
+    whole = Image(np.ones((4, 5, 6), np.float32), grid)
+    assert qa.content(whole) is whole
