@@ -124,7 +124,8 @@ def test_a_flair_in_thick_slices_registers_onto_a_1mm_t1(bench, shared_data, tmp
     """BraTS FLAIR in 5 mm axial slices onto the T1n under a known deformation (the header
     5.76 mm off, the affine stage 4.2). The deformable stage compared the stack's features,
     a slice apart, with the T1n's 1 mm apart: 2.46 mm, worse than the network alone (2.13);
-    now it sees the T1n blurred to the stack's slices: 1.62."""
+    now it sees the T1n blurred to the stack's slices: 1.50 (1.62 from the network's field,
+    which auto no longer runs on a stack this thick)."""
     from carctl.config import RegistrationOptions
     from carctl.io import read_image
     from carctl.registration.pipeline import register
@@ -135,4 +136,4 @@ def test_a_flair_in_thick_slices_registers_onto_a_1mm_t1(bench, shared_data, tmp
     moving, fixed = read_image(pair.moving), read_image(pair.fixed)
     assert moving.grid.spacing == (1.0, 1.0, 5.0) and fixed.grid.spacing == (1.0, 1.0, 1.0)
     result = register(moving, fixed, RegistrationOptions())
-    assert end_point_error(result.field, pair.truth, pair.mask) < 1.9
+    assert end_point_error(result.field, pair.truth, pair.mask) < 1.8

@@ -941,6 +941,24 @@ def test_tilted_thick_slice_stacks_are_not_turned_onto_each_other():
     assert mean_error(result.field, truth, levels.normalise(fixed.array) > 0.05) < 1.2
 
 
+def test_auto_runs_no_network_on_a_moving_stack_thicker_than_the_fixed_image(phantom):
+    """The network saw near-isotropic images in training: from its field the deformable stage
+    ended behind its whole pyramid on thick moving stacks onto a finer image; where both
+    images are thick it helped, and it runs."""
+    grid = phantom.grid
+    origin = grid.index_to_physical @ np.array([0.0, 0.0, 1.5, 1.0])
+    stack = Grid((*grid.size[:2], 7), (2.5, 2.5, 10.0), tuple(origin[:3]), grid.direction)
+
+    def thick(image: Image) -> Image:
+        return Image(image.array.reshape(7, 4, *image.array.shape[1:]).mean(axis=1), stack)
+
+    fixed = contrast(phantom)
+    network = next(s for s in register(thick(phantom), fixed).stages if s.name == "network")
+    assert "coarser than the fixed image's" in network.detail["skipped"]
+    both = register(thick(phantom), thick(fixed)).stages
+    assert "skipped" not in next(s for s in both if s.name == "network").detail
+
+
 def test_eroded_weights_spare_thin_axes():
     weight = torch.ones(1, 1, 3, 12, 10)
     out = levels.eroded(weight, 2)
