@@ -325,16 +325,17 @@ def prostate_pairs(data: Path) -> list[PairSpec]:
     return [spec(case) for case in cases]
 
 
+def brats_contrast(data: Path, contrast: str) -> Path:
+    """The BraTS case's file of ``contrast`` (``t1n``, ``t1c``, ``t2w``, ``t2f``)."""
+    return data / "brats-gli-00001" / f"BraTS-GLI-00001-000-{contrast}.nii.gz"
+
+
 def known_pairs(data: Path, seed: int, scale: float = 1.0) -> list[PairSpec]:
     """Pairs with a known deformation: fixed = contrast ``a`` warped, moving = contrast ``b``;
     ``scale`` multiplies the deformation's size (0: the contrasts as the dataset aligns them,
     so the end-point error is how far a method moves away from that alignment)."""
-    brats = data / "brats-gli-00001"
     spm = data / "brain-templates-2mm"
     oasis = data / "oasis-t1-a"
-
-    def brats_file(contrast: str) -> Path:
-        return brats / f"BraTS-GLI-00001-000-{contrast}.nii.gz"
 
     def positive(image) -> np.ndarray:
         return image.array > 0
@@ -349,9 +350,9 @@ def known_pairs(data: Path, seed: int, scale: float = 1.0) -> list[PairSpec]:
         return label_array(oasis / "labels.nii.gz") > 0
 
     table = [  # name, a, b, mask of a, labels of a (or None)
-        ("brats-t2w-t1n", brats_file("t1n"), brats_file("t2w"), positive, None),
-        ("brats-t2f-t1n", brats_file("t1n"), brats_file("t2f"), positive, None),
-        ("brats-t1c-t2w", brats_file("t2w"), brats_file("t1c"), positive, None),
+        ("brats-t2w-t1n", brats_contrast(data, "t1n"), brats_contrast(data, "t2w"), positive, None),
+        ("brats-t2f-t1n", brats_contrast(data, "t1n"), brats_contrast(data, "t2f"), positive, None),
+        ("brats-t1c-t2w", brats_contrast(data, "t2w"), brats_contrast(data, "t1c"), positive, None),
         ("spm-T2-T1", spm / "avg152T1.nii", spm / "avg152T2.nii", tissue, None),
         ("spm-PD-T1", spm / "avg152T1.nii", spm / "avg152PD.nii", tissue, None),
         ("oasis-t1", oasis / "t1.nii.gz", oasis / "t1.nii.gz", labelled, oasis / "labels.nii.gz"),
@@ -550,10 +551,6 @@ def thick_pairs(data: Path, seed: int, first: int, scale: float = 1.0) -> list[P
     (as :func:`known_pairs`'): ``thick-t2f5-t1n``, the FLAIR in 5 mm axial slices onto the
     deformed T1n; ``thick-t1n-t2f5``, the T1n onto the deformed FLAIR in 5 mm slices (the
     truth and its mask read at the thick slices' centres)."""
-    brats = data / "brats-gli-00001"
-
-    def brats_file(contrast: str) -> Path:
-        return brats / f"BraTS-GLI-00001-000-{contrast}.nii.gz"
 
     def spec(index: int, name: str, a: str, b: str, thick_fixed: bool) -> PairSpec:
         def build(work: Path) -> Pair:
@@ -561,7 +558,8 @@ def thick_pairs(data: Path, seed: int, first: int, scale: float = 1.0) -> list[P
             from carctl.spatial.transform import DisplacementField
             from carctl.synthetic import known_pair
 
-            a_image, b_image = read_image(brats_file(a)), read_image(brats_file(b))
+            a_image = read_image(brats_contrast(data, a))
+            b_image = read_image(brats_contrast(data, b))
             made = known_pair(
                 a_image,
                 b_image,

@@ -132,9 +132,8 @@ def test_a_flair_in_thick_slices_registers_onto_a_1mm_t1(bench, shared_data, tmp
     from carctl.synthetic import end_point_error, known_pair
 
     # thick_pairs' thick-t2f5-t1n (its seed 0 + 7), built in memory
-    brats = shared_data / "brats-gli-00001"
-    t1n = read_image(brats / "BraTS-GLI-00001-000-t1n.nii.gz")
-    flair = read_image(brats / "BraTS-GLI-00001-000-t2f.nii.gz")
+    t1n = read_image(bench.brats_contrast(shared_data, "t1n"))
+    flair = read_image(bench.brats_contrast(shared_data, "t2f"))
     made = known_pair(t1n, flair, t1n.array > 0, 5.0, 4.0, 4.0, seed=7)
     moving = bench.thick_slices(flair)
     assert moving.grid.spacing == (1.0, 1.0, 5.0)

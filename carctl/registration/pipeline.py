@@ -100,9 +100,10 @@ NETWORK_MIN_GAIN = 0.1
 # through the pyramid on every pair tried: chest CT 8 / 12 / 16 mm RMS 1.02 / 2.39 / 5.22 ->
 # 0.92 / 2.11 / 4.70 mm, brains deformed twice the benchmark's size 0.01-0.54 mm on all six.
 NETWORK_MAX_CORRECTION_MM = 4.0
-# Under ``auto`` the network is not run when the moving image's voxels are coarser than this
-# many times its working grid's along an axis (thick slices: 3 mm and more onto a 1 mm
-# brain, whose working grid is about 2 mm). It was trained on images of near-isotropic
+# Under ``auto`` the network is not run when the moving image's coarsest voxel spacing is
+# over this many times both the fixed image's and the network's working grid's (thick slices
+# onto a finer image: 3 mm and more onto a 1 mm brain, whose working grid is about 2 mm).
+# It was trained on images of near-isotropic
 # voxels; from its field the deformable stage ended 0-0.11 mm behind its whole pyramid on
 # every thick moving stack tried (BraTS contrasts in 3, 5 and 7 mm slices, axial, coronal,
 # sagittal and oblique, onto a deformed 1 mm contrast; 5 mm FLAIR onto T1n 1.53 / 1.48 mm,
