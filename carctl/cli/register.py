@@ -213,6 +213,7 @@ def run(
     """Everything after parsing: read, register, write, summarise (returns the summary)."""
     import dataclasses
     import time
+    from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
 
@@ -270,16 +271,26 @@ def run(
     written_start = time.perf_counter()
     with output_group():  # all of them or none
         warped = resample_image(moving_image, fixed_image.grid, [result.field])
-        write_image(warped, outputs["warped"], force=force, inputs=inputs)
-        write_field(result.field, outputs["field"], force=force, inputs=inputs)
-        write_affine(result.affine, outputs["affine"], force=force, inputs=inputs)
-        if "warped_labels" in outputs:
-            warped_labels = resample_image(labels, fixed_image.grid, [result.field], "label")
-            write_image(warped_labels, outputs["warped_labels"], force=force, inputs=inputs)
-        if "inverse_field" in outputs:
-            inverse = result.inverse(moving_image.grid)
-            write_field(inverse, outputs["inverse_field"], force=force, inputs=inputs)
-    jacobian = jacobian_summary(jacobian_determinant(result.field))
+        # the two large files are written (compressed, copied) in threads while the rest is
+        # computed: on a 1 mm brain the two and the Jacobian summary 1.0-1.4 -> 0.6-0.75 s
+        # alone; in `register --method net` 1.0-1.3 s (without the Jacobian) -> 0.76-0.88
+        with ThreadPoolExecutor(max_workers=2) as writers:
+            written = [
+                writers.submit(write_image, warped, outputs["warped"], force=force, inputs=inputs),
+                writers.submit(
+                    write_field, result.field, outputs["field"], force=force, inputs=inputs
+                ),
+            ]
+            write_affine(result.affine, outputs["affine"], force=force, inputs=inputs)
+            if "warped_labels" in outputs:
+                warped_labels = resample_image(labels, fixed_image.grid, [result.field], "label")
+                write_image(warped_labels, outputs["warped_labels"], force=force, inputs=inputs)
+            if "inverse_field" in outputs:
+                inverse = result.inverse(moving_image.grid)
+                write_field(inverse, outputs["inverse_field"], force=force, inputs=inputs)
+            jacobian = jacobian_summary(jacobian_determinant(result.field))
+            for job in written:
+                job.result()  # its error, if any, raised here
     for stage in result.stages:
         if "warning" in stage.detail:
             console.print(f"warning: {stage.detail['warning']}")

@@ -425,16 +425,18 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(
     assert not list(tmp_path.glob(".carctl-*"))  # the staging folder is gone
 
 
-def test_register_writes_all_its_outputs_or_none(cli, pair, tmp_path, monkeypatch):
+@pytest.mark.parametrize("writer", ["write_affine", "write_field"])
+def test_register_writes_all_its_outputs_or_none(cli, pair, tmp_path, monkeypatch, writer):
     """An error (or Ctrl-C) while writing register's third output left the first two in
-    place; they now appear together, when all are written."""
+    place; they now appear together, when all are written (the field is written in a
+    thread beside the warped image: its error is raised too)."""
     import carctl.spatial.files
     from carctl.errors import OutputError
 
     def failing(*args, **kwargs):
-        raise OutputError("cannot write the affine: no space left")
+        raise OutputError("cannot write the output: no space left")
 
-    monkeypatch.setattr(carctl.spatial.files, "write_affine", failing)
+    monkeypatch.setattr(carctl.spatial.files, writer, failing)
     moving, fixed = pair
     out = tmp_path / "out"
     result = cli("register", moving, fixed, "-o", out, "--method", "rigid", "-q")
