@@ -100,18 +100,17 @@ NETWORK_MIN_GAIN = 0.1
 # through the pyramid on every pair tried: chest CT 8 / 12 / 16 mm RMS 1.02 / 2.39 / 5.22 ->
 # 0.92 / 2.11 / 4.70 mm, brains deformed twice the benchmark's size 0.01-0.54 mm on all six.
 NETWORK_MAX_CORRECTION_MM = 4.0
-# Under ``auto`` the network is not run when the moving image's coarsest voxel spacing is
-# over this many times both the fixed image's and the network's working grid's (thick slices
-# onto a finer image: 3 mm and more onto a 1 mm brain, whose working grid is about 2 mm).
-# It was trained on images of near-isotropic
-# voxels; from its field the deformable stage ended 0-0.11 mm behind its whole pyramid on
-# every thick moving stack tried (BraTS contrasts in 3, 5 and 7 mm slices, axial, coronal,
-# sagittal and oblique, onto a deformed 1 mm contrast; 5 mm FLAIR onto T1n 1.53 / 1.48 mm,
-# coronal 1.63 / 1.52, sagittal 1.73 / 1.63, 0.45 x 0.45 x 6 mm at 20 degrees 1.77 / 1.66)
-# in about the same time, while on a 2 mm stack it helped (1.41 / 1.43). Nor is it run when
-# the moving image's voxels are coarser than the fixed image's by as much: where both are
-# thick, or the fixed one only, the network helped (5 mm FLAIR onto the T1n in 5 mm slices
-# 1.78 / 1.87 mm, tilted 30 degrees 1.90 / 2.04; 1 mm FLAIR onto it 1.77 / 1.84).
+# Under ``auto`` the network is not run when the moving image's coarsest voxel spacing is over
+# this many times both the fixed image's and the network's working grid's (thick slices onto a
+# finer image: 3 mm and more onto a 1 mm brain, whose working grid is about 2 mm). It was trained
+# on images of near-isotropic voxels; from its field the deformable stage ended 0-0.11 mm behind
+# its whole pyramid on every thick moving stack tried (BraTS contrasts in 3, 5 and 7 mm slices,
+# axial, coronal, sagittal and oblique, onto a deformed 1 mm contrast; 5 mm FLAIR onto T1n 1.53 /
+# 1.48 mm, coronal 1.63 / 1.52, sagittal 1.73 / 1.63, 0.45 x 0.45 x 6 mm at 20 degrees 1.77 /
+# 1.66) in about the same time, while on a 2 mm stack it helped (1.41 / 1.43). It still runs when
+# the fixed image's voxels are about as coarse as the moving image's: where both are thick, or
+# the fixed one only, the network helped (5 mm FLAIR onto the T1n in 5 mm slices 1.78 / 1.87
+# mm, tilted 30 degrees 1.90 / 2.04; 1 mm FLAIR onto it 1.77 / 1.84).
 NETWORK_THICK = 1.25
 # The check runs this many iterations (or the coarsest level's count, when fewer): half the
 # level's default. It decides, it does not register (its correction is dropped either way),
