@@ -463,6 +463,7 @@ def build_level(
     reach: int = 0,
     fill_pulls: bool = False,
     frame: np.ndarray | None = None,
+    match_resolution: bool = True,
 ) -> Level:
     """Resample both (normalised) images to ``spacing / oversample`` mm (never finer than
     the fixed image's own voxels; the moving image at the fixed one's spacing, blurring the
@@ -495,12 +496,15 @@ def build_level(
     # axes along which the moving image's voxels are coarser than the features' spacing: up
     # to the level's spacing both images' features are taken at the moving image's; beyond
     # it (thick slices) see MOVING_GROWTH
-    coarser = m_own > want * (1 + NEAR_OWN)
+    # (without ``match_resolution``, each image's features on its own voxels where coarser)
+    coarser = (m_own > want * (1 + NEAR_OWN)) & match_resolution
     thick = coarser & (m_own > steps * (1 + NEAR_OWN))
     want = np.where(coarser & ~thick, m_own, want)
     same = np.isclose(fixed_grid.spacing, m_own, rtol=_SAME_SPACING)
     fine = fixed_level_grid(fixed_grid, np.where(same, own_if_near(want, fixed_grid), want), f_box)
-    m_fine = moving_level_grid(moving_grid, direction, np.asarray(fine.spacing), m_box)
+    m_spacing = np.asarray(fine.spacing)
+    m_spacing = m_spacing if match_resolution else np.maximum(m_spacing, m_own)
+    m_fine = moving_level_grid(moving_grid, direction, m_spacing, m_box)
     resolution = np.where(thick, m_own, 0.0)
     if thick.any() and math.prod(m_fine.size) > MOVING_GROWTH * math.prod(fine.size):
         fine = fixed_level_grid(fixed_grid, np.maximum(want, m_own), f_box)

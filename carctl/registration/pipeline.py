@@ -265,6 +265,7 @@ class _State:
                 spec.reach,
                 pulls,
                 self.frame,
+                spec.match_resolution,
             )
         return self._levels[key]
 

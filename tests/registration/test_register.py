@@ -195,7 +195,7 @@ def test_a_thick_moving_stack_meets_the_fixed_image_blurred_to_its_slices():
     interpolated onto the fixed features' 1 mm and the fixed image blurred to its slices, so
     the two agree where they show the same anatomy. Before, the stack's features compared
     neighbours a slice (5 mm) apart and the fixed image's 1 mm apart."""
-    from carctl.losses import similarity
+    from carctl.losses import loss_spec, similarity
 
     array = smooth_volume((32, 32, 40), seed=3, sigma=1.5)  # (z, y, x) = (40, 32, 32)
     grid = Grid((32, 32, 40), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
@@ -212,6 +212,12 @@ def test_a_thick_moving_stack_meets_the_fixed_image_blurred_to_its_slices():
     sharp = levels.resample_band_limited(array, grid, level.grid, per_axis=True).reshape(-1)
     before = (moving - sharp)[inside].abs().mean()
     assert float(gap) < 0.6 * float(before)  # 0.95 against 2.05
+    # the voxel-by-voxel losses (MI, NCC, MSE) compare each image at its own voxels
+    assert not loss_spec("mse").match_resolution and loss_spec("mind").match_resolution
+    plain = levels.build_level(
+        array, grid, thick, stack, 2.0, similarity.intensity, box, match_resolution=False
+    )
+    assert plain.moving_grid.spacing[2] == 5.0 and plain.grid.spacing[2] == 2.0
     # a moving field of view far larger than the fixed image's: both at the stack's spacing
     wide = Grid((320, 320, 8), (1.0, 1.0, 5.0), (-150.0, -150.0, 2.0), tuple(np.eye(3).ravel()))
     other = np.resize(thick, (8, 320, 320))
