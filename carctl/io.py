@@ -447,7 +447,12 @@ def _check_writable(path: Path) -> None:
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".carctl-", dir=folder))
     except OSError as error:
-        raise OutputError(f"cannot write '{path}': {error.strerror or error}") from error
+        raise _cannot_write(path, error) from error
+
+
+def _cannot_write(path: str | os.PathLike, error: OSError) -> OutputError:
+    """The one-line refusal of an output the system would not take (``error``'s reason)."""
+    return OutputError(f"cannot write '{path}': {error.strerror or error}")
 
 
 def check_distinct(outputs: dict[str, str | os.PathLike | None]) -> None:
@@ -498,7 +503,7 @@ def _move_into_place(staging: Path, path: Path) -> None:
         for produced in written:
             os.replace(produced, path.parent / produced.name)
     except OSError as error:
-        raise OutputError(f"cannot write '{path}': {error.strerror or error}") from error
+        raise _cannot_write(path, error) from error
 
 
 @contextlib.contextmanager
@@ -521,7 +526,7 @@ def atomic_output(
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".carctl-", dir=path.parent))
     except OSError as error:
-        raise OutputError(f"cannot write '{path}': {error.strerror or error}") from error
+        raise _cannot_write(path, error) from error
     grouped = False
     try:
         yield staging / path.name
@@ -531,7 +536,7 @@ def atomic_output(
         else:
             _move_into_place(staging, path)
     except OSError as error:  # a full disk, a folder gone read-only meanwhile
-        raise OutputError(f"cannot write '{path}': {error.strerror or error}") from error
+        raise _cannot_write(path, error) from error
     finally:
         if not grouped:
             shutil.rmtree(staging, ignore_errors=True)

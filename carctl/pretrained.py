@@ -177,8 +177,9 @@ def write(model, folder: Path, name: str, card_data: dict) -> Card:
     """Save ``model``'s weights as ``folder/name.safetensors`` with its card (sha256 added)."""
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / f"{name}{WEIGHTS_SUFFIX}"
-    _require_finite(model.state_dict(), weights.name)
-    save_tensors(model.state_dict(), weights)
+    tensors = model.state_dict()
+    _require_finite(tensors, weights.name)
+    save_tensors(tensors, weights)
     data = {"name": name, "file": weights.name, "sha256": sha256(weights), **card_data}
     path = folder / f"{name}{CARD_SUFFIX}"
     tmp = path.with_name(f".{path.name}.tmp")

@@ -29,6 +29,16 @@ def _default_data() -> Path:
     return Path("../shared/data")
 
 
+def require_non_negative(option: str, value: float) -> None:
+    """Refuse a value of ``option`` below 0, NaN or infinite (one-line usage error)."""
+    import math
+
+    from carctl.errors import UsageError
+
+    if not (value >= 0 and math.isfinite(value)):
+        raise UsageError(f"{option} must be a number, at least 0")
+
+
 def _common(
     data_dir: Path | None,
     steps: int,
@@ -39,8 +49,6 @@ def _common(
     validate_every: int,
 ):
     """Checks shared by every ``train`` command; returns (data folder, device)."""
-    import math
-
     from carctl.config import DEVICES
     from carctl.errors import InputError, UsageError
     from carctl.runtime import resolve_device, set_threads
@@ -50,8 +58,7 @@ def _common(
         raise UsageError("--steps must be at least 1")
     if validate_every < 1:
         raise UsageError("--validate-every must be at least 1")
-    if not (learning_rate >= 0 and math.isfinite(learning_rate)):
-        raise UsageError("--lr must be a number, at least 0")
+    require_non_negative("--lr", learning_rate)
     if device not in DEVICES:
         raise UsageError(f"unknown --device '{device}'; choose from {', '.join(DEVICES)}")
     if not name or name != Path(name).name or name in (".", ".."):
@@ -416,8 +423,6 @@ def car(
     Writes checkpoints to --out every --validate-every steps (resume with --resume) and, at
     the end, NAME.safetensors with its model card NAME.json; copy both into weights/ to ship.
     """
-    import math
-
     from carctl.errors import UsageError
     from carctl.networks.car import CarConfig
     from carctl.training import car as training
@@ -435,8 +440,7 @@ def car(
         ("--bias", bias),
         ("--blur", blur),
     ):
-        if not (value >= 0 and math.isfinite(value)):
-            raise UsageError(f"{option} must be a number, at least 0")
+        require_non_negative(option, value)
     for option, value in (("--same-contrast", same_contrast), ("--unpaired", unpaired)):
         if not 0 <= value <= 1:
             raise UsageError(f"{option} must be between 0 and 1")

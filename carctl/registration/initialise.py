@@ -41,6 +41,11 @@ SCORE_VOXELS, SCORED_TOGETHER = 1 << 13, 4
 MIN_OVERLAP = 0.05
 
 
+def least_overlap(scored: list[Start]) -> float:
+    """The overlap under which a scored start is set aside (see :data:`MIN_OVERLAP`)."""
+    return MIN_OVERLAP * max(s.overlap for s in scored)
+
+
 @dataclass(frozen=True)
 class Start:
     name: str
@@ -152,11 +157,11 @@ def initialise(
             "the images do not overlap under their headers, with their centres matched or "
             "with their centres of mass matched: is one of them empty where it matters?"
         )
-    least = MIN_OVERLAP * max(overlaps)
     scored = [
         Start(s.name, s.matrix, score, overlap)
         for s, score, overlap in zip(starts, scores, overlaps, strict=True)
     ]
+    least = least_overlap(scored)
     scored.sort(key=lambda s: (s.overlap < least, s.score))
     header = next(s for s in scored if s.name == "header")
     chosen: list[Start] = []

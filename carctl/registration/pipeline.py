@@ -337,7 +337,7 @@ def _stage_initialise(state: _State, progress: Progress) -> StageReport:
     header = next(s for s in scored if s.name == "header")
     state.affine = best.matrix
     detail = {"start": best.name, "candidates": len(scored), "spacing_mm": level.spacing}
-    if header.overlap < init_stage.MIN_OVERLAP * max(s.overlap for s in scored):
+    if header.overlap < init_stage.least_overlap(scored):
         detail["set_aside"] = (
             f"the header: the images overlap on {100 * header.overlap:.1f} % of the fixed "
             "level under it"
@@ -624,8 +624,6 @@ def _stage_network(state: _State, progress: Progress) -> StageReport:
     )
     progress.advance()
     if not bool(u.isfinite().all()):  # never hand on NaN: it wiped out the affine too
-        from carctl.errors import InputError
-
         if state.options.method == "net":
             raise InputError("the network's field is not finite (NaN): its weights are unusable")
         warning = "the network's field was not finite (NaN); the registration went on without it"

@@ -54,8 +54,8 @@ def read_field(path: str | os.PathLike, finite: bool = True) -> DisplacementFiel
     grid = grid or Grid.from_sitk(image)
     # A channel-first view of the channel-last voxels: no copy (the tensor is not contiguous).
     data = torch.from_numpy(array).movedim(-1, 0)
-    usable = torch.isfinite(data).all(dim=0) if finite else None
-    if usable is not None and not bool(usable.all()):  # NaN points, and 0 % folding
+    if finite and not bool(torch.isfinite(data).all()):  # NaN points, and 0 % folding
+        usable = torch.isfinite(data).all(dim=0)
         bad = int((~usable).sum())
         raise InputError(
             f"displacement field '{path}' has {bad} voxel{'s' * (bad > 1)} with a non-finite "

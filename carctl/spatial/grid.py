@@ -165,13 +165,9 @@ class Grid:
         )
 
     def same_as(self, other: Grid, tolerance: float = 1e-4) -> bool:
-        """Same size and, within ``tolerance`` (mm, or relative for spacing), same geometry."""
-        return (
-            self.size == other.size
-            and np.allclose(self.spacing, other.spacing, rtol=tolerance, atol=0)
-            and np.allclose(self.origin, other.origin, rtol=0, atol=tolerance)
-            and np.allclose(self.direction, other.direction, rtol=0, atol=tolerance)
-        )
+        """Same size and, within ``tolerance`` (mm, or relative for spacing), same geometry
+        (nothing in :meth:`differences`)."""
+        return not self.differences(other, tolerance)
 
     def differences(self, other: Grid, tolerance: float = 1e-4) -> str:
         """What differs from ``other`` (as :meth:`same_as` judges), in words: "size 20x20x9
