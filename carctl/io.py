@@ -207,6 +207,12 @@ def read_sitk(
     """
     path, volume = split_volume(spec)
     if not path.exists():
+        head, colon, tail = os.fspath(spec).rpartition(":")
+        if colon and head and os.path.exists(head):
+            raise InputError(
+                f"'{spec}': the volume after ':' must be a whole number, 0 or more (FILE:N), "
+                f"not '{tail}'"
+            )
         raise InputError(f"no such file or directory: '{path}'")
     if path.is_dir():
         try:
@@ -353,9 +359,15 @@ def read_image(
 ) -> Image:
     """Read a 2-D or 3-D scalar image with its geometry; see :func:`read_sitk`."""
     image = read_sitk(spec, series, series_option=series_option)
+    return Image(load_sitk().GetArrayFromImage(image), grid_of(image, spec))
+
+
+def grid_of(image: sitk.Image, spec: str | os.PathLike) -> Grid:
+    """The grid of ``image`` (read from ``spec``); a header no grid can come from (a
+    singular direction, a NaN origin) refused in one line."""
     try:
-        return Image.from_sitk(image)
-    except ValueError as error:  # e.g. a singular direction matrix
+        return Grid.from_sitk(image)
+    except ValueError as error:
         raise InputError(f"'{spec}' has an unusable geometry: {error}") from error
 
 
@@ -372,14 +384,21 @@ def read_grid(spec: str | os.PathLike, series: str | None = None) -> Grid:
             pass  # read_image below says why, in one line
         else:
             if reader.GetDimension() in (2, 3):
-                return Grid(
-                    reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()
-                )
+                try:
+                    return Grid(
+                        reader.GetSize(),
+                        reader.GetSpacing(),
+                        reader.GetOrigin(),
+                        reader.GetDirection(),
+                    )
+                except ValueError:
+                    pass  # read_image below says why, in one line
     return read_image(spec, series).grid
 
 
 def input_files(spec: str | os.PathLike) -> list[Path]:
-    """Every file an input reads: the file itself, its data file, or a directory's files."""
+    """Every file an input reads: the file itself, its data files (those its format's writer
+    names after it, and those its header names), or a directory's files."""
     path, _ = split_volume(spec)
     if path.is_dir():
         return [p for p in path.iterdir() if p.is_file()]
@@ -387,7 +406,61 @@ def input_files(spec: str | os.PathLike) -> list[Path]:
     suffix = image_suffix(path)
     for companion in _COMPANIONS.get(suffix, ()):
         files.append(path.with_name(path.name[: -len(suffix)] + companion))
+    if suffix in _DATA_FILE_KEYS:
+        files += header_data_files(path)
     return files
+
+
+# Header fields that name a separate data file: MetaImage's (its last field, "KEY = value")
+# and NRRD's ("key: value", a detached header).
+# Names the NIfTI writer cuts at the first of these words (w.nii.nii.gz -> w.nii.gz,
+# j.hdr.nii.gz -> j.hdr.gz, n.NII.nii.gz -> n.NII.GZ), as it determines a name's extension.
+_NIFTI_SUFFIXES = (".nii.gz", ".nii", ".hdr")
+_NIFTI_WORDS = {"nii", "hdr", "img"}
+_DATA_FILE_KEYS = {
+    ".mhd": ("elementdatafile",),
+    ".mha": ("elementdatafile",),
+    ".nhdr": ("data file", "datafile"),
+    ".nrrd": ("data file", "datafile"),
+}
+_HEADER_BYTES = 1 << 16
+
+
+def header_data_files(path: Path) -> list[Path]:
+    """The data files a MetaImage or NRRD header at ``path`` names (relative to its folder):
+    one file, a ``LIST`` of them on the lines after, or a printf pattern with its first,
+    last and step numbers; none for data inside the file (``LOCAL``) or an unreadable
+    header. A writer told to write ``w.mhd`` writes ``w.zraw``; the header of an input
+    ``in.mhd`` may name that same ``w.zraw``."""
+    keys = _DATA_FILE_KEYS.get(image_suffix(path), ())
+    try:
+        with open(path, "rb") as stream:
+            text = stream.read(_HEADER_BYTES).decode("latin-1")
+    except OSError:
+        return []
+    lines = text.splitlines()
+    for number, line in enumerate(lines):
+        separator = "=" if keys == ("elementdatafile",) else ":"
+        key, found, value = line.partition(separator)
+        if not found or key.strip().lower() not in keys:
+            continue
+        value = value.strip()
+        words = value.split()
+        if not words or value.upper() == "LOCAL":
+            return []
+        if words[0].upper() == "LIST":
+            names = [n.strip() for n in lines[number + 1 :] if n.strip()]
+        elif "%" in words[0] and len(words) >= 3:
+            try:
+                first, last = int(words[1]), int(words[2])
+                step = int(words[3]) if len(words) > 3 else 1
+                names = [words[0] % i for i in range(first, last + 1, step or 1)]
+            except (ValueError, TypeError):
+                return []
+        else:
+            names = [value]
+        return [path.parent / name for name in names]
+    return []
 
 
 # --- writing --------------------------------------------------------------------------------
@@ -420,6 +493,12 @@ def check_output(
     if suffix not in extensions:
         raise OutputError(
             f"cannot write '{path}': unknown extension; use one of {', '.join(extensions)}"
+        )
+    stem = path.name[: -len(suffix)] if suffix else path.name
+    if suffix in _NIFTI_SUFFIXES and set(stem.lower().split(".")[1:]) & _NIFTI_WORDS:
+        raise OutputError(
+            f"cannot write '{path}': ITK's NIfTI writer would write another file name (it "
+            f"treats '.nii', '.hdr' and '.img' inside the name as the extension); rename it"
         )
     protected = {os.path.realpath(f) for spec in inputs for f in input_files(spec)}
     for target in input_files(path):  # the file and the data files its format writes
@@ -485,6 +564,8 @@ def output_group() -> Iterator[None]:
     _group = []
     try:
         yield
+        for staging, path in _group:  # every one written, before any is moved
+            _require_written(staging, path)
         for staging, path in _group:
             _move_into_place(staging, path)
     finally:
@@ -493,12 +574,16 @@ def output_group() -> Iterator[None]:
         _group = None
 
 
+def _require_written(staging: Path, path: Path) -> None:
+    if not (staging / path.name).exists():
+        raise OutputError(f"nothing was written to '{path}'")
+
+
 def _move_into_place(staging: Path, path: Path) -> None:
     """What was written in ``staging`` moved next to ``path`` (its companions first, the
     file named ``path`` last)."""
+    _require_written(staging, path)
     written = sorted(staging.iterdir(), key=lambda p: p.name == path.name)
-    if not any(p.name == path.name for p in written):
-        raise OutputError(f"nothing was written to '{path}'")
     try:
         for produced in written:
             os.replace(produced, path.parent / produced.name)
@@ -610,7 +695,7 @@ def load_points(
     path = Path(path)
     require_file(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark from spreadsheets
     except (OSError, UnicodeDecodeError) as error:
         raise InputError(f"cannot read points '{path}': {error}") from error
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]

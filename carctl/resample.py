@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
+
+import numpy as np
 
 from carctl.errors import InputError
 from carctl.io import Image
@@ -54,5 +57,13 @@ def resample_image(
             )
     if image.grid.ndim != reference.ndim:
         raise InputError(f"the image is {image.grid.ndim}-D and the reference {reference.ndim}-D")
+    kind = image.array.dtype
+    if INTERPOLATORS[interpolation].keeps_type and np.issubdtype(kind, np.integer):
+        limits = np.iinfo(kind)
+        if not (math.isfinite(fill) and fill == int(fill) and limits.min <= fill <= limits.max):
+            raise InputError(
+                f"the fill value {fill:g} does not fit the image's {kind} voxels ({interpolation} "
+                f"keeps their type): give a whole number from {limits.min} to {limits.max}"
+            )
     out = warp(image.tensor(), image.grid, reference, transforms, mode=interpolation, fill=fill)
     return Image(out[0, 0].numpy(), reference)

@@ -361,3 +361,74 @@ def test_an_output_group_writes_all_or_nothing(tmp_path):
             assert not path.exists()  # staged until the group ends
     assert all(p.read_text() == "{}" for p in paths)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json", "c.json"]
+
+
+# --- refusals found by a sweep of odd inputs (nineteenth session) -----------------------------
+
+
+def test_data_file_named_in_a_header_is_protected(tmp_path):
+    """A MetaImage input whose header names another data file (``in.mhd`` reading ``w.zraw``,
+    as a renamed header does): writing ``w.mhd`` would write ``w.zraw`` over it. Guessing the
+    data file from the header's own name let it through, and the input changed."""
+    sitk.WriteImage(make_image((4, 4, 4)), str(tmp_path / "w.mhd"), useCompression=True)
+    (tmp_path / "w.mhd").rename(tmp_path / "in.mhd")
+    before = (tmp_path / "w.zraw").read_bytes()
+    image = read_image(tmp_path / "in.mhd")
+    with pytest.raises(OutputError, match="'.*w.zraw': it is one of the inputs"):
+        write_image(image, tmp_path / "w.mhd", force=True, inputs=[tmp_path / "in.mhd"])
+    assert (tmp_path / "w.zraw").read_bytes() == before
+    # an NRRD detached header's "data file:" too
+    (tmp_path / "in.nhdr").write_text(
+        "NRRD0004\ntype: float\ndimension: 3\nsizes: 4 4 4\nencoding: raw\ndata file: payload.raw\n"
+    )
+    from carctl.io import input_files
+
+    assert tmp_path / "payload.raw" in input_files(tmp_path / "in.nhdr")
+
+
+@pytest.mark.parametrize(
+    "name", ["w.nii.nii.gz", "x.nii.gz.nii.gz", "j.hdr.nii.gz", "n.NII.nii.gz", "h.nii.hdr"]
+)
+def test_nifti_names_the_writer_would_change_are_refused_before_any_work(name, tmp_path):
+    """ITK's NIfTI writer cuts a name at '.nii', '.hdr' or '.img' inside it (w.nii.nii.gz
+    became w.nii.gz): the run failed only at its end ("nothing was written")."""
+    with pytest.raises(OutputError, match="would write another file name"):
+        check_output(tmp_path / name)
+    for fine in ("o.nii_x.nii.gz", "k.v1.nii.gz", "d.nii.mha"):
+        check_output(tmp_path / fine)
+
+
+def test_an_output_group_moves_nothing_when_one_output_is_missing(tmp_path):
+    """One output of a group not written (as a writer that names its file otherwise): the
+    others were moved into place before the error."""
+    from carctl.io import write_text
+
+    with pytest.raises(OutputError, match="nothing was written to"), output_group():
+        write_text("{}", tmp_path / "a.json")
+        with atomic_output(tmp_path / "b.json", extensions=(".json",)):
+            pass  # writes nothing
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_header_with_a_nan_origin_is_refused_in_one_line(tmp_path):
+    image = make_image((4, 4, 4))
+    image.SetOrigin((float("nan"), 0.0, 0.0))
+    sitk.WriteImage(image, str(tmp_path / "nan.nii.gz"))
+    with pytest.raises(InputError, match="unusable geometry: grid origin must be finite"):
+        read_image(tmp_path / "nan.nii.gz")
+    with pytest.raises(ValueError, match="spacing must be positive and finite"):
+        Grid((4, 4, 4), (1.0, np.inf, 1.0), (0.0,) * 3, tuple(np.eye(3).ravel()))
+
+
+def test_a_bad_volume_index_is_named(tmp_path):
+    path = write(make_image((4, 4, 4)), tmp_path / "m.nii.gz")
+    for spec in (f"{path}:-1", f"{path}:x"):
+        with pytest.raises(InputError, match="the volume after ':' must be a whole number"):
+            read_image(spec)
+    with pytest.raises(InputError, match="no such file or directory"):
+        read_image(tmp_path / "none.nii.gz:1")
+
+
+def test_points_csv_with_a_byte_order_mark(tmp_path):
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbfx,y,z\r\n1,2,3\r\n")
+    np.testing.assert_allclose(read_points(tmp_path / "bom.csv"), [[1, 2, 3]])

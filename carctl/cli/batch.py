@@ -101,6 +101,13 @@ def command(
         raise InputError(f"a pair named '{RECORD}' would take the record's place: rename it")
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"cannot write into '{out_dir}': it is a file")
+    for pair in listed:
+        folder = out_dir / pair.name
+        if folder.exists() and not folder.is_dir():
+            raise OutputError(
+                f"{pairs}:{pair.line}: the pair's output folder '{folder}' is a file; give the "
+                "pair another name (the 'name' column)"
+            )
     everything = [pairs] + [path for pair in listed for path in pair.inputs()]
     check_output(out_dir / RECORD, force=True, inputs=everything, extensions=(".csv",))
     # the list is never written over, as no input is

@@ -65,7 +65,7 @@ def command(
                 _show_series(payload["dicom_series"])
             emit_json(payload, json_out, force=force, inputs=[image])
             return
-    facts = describe(read_sitk(image, series))
+    facts = describe(read_sitk(image, series), image)
     payload.update(facts)
     if json_out != "-":
         rows = [(k.replace("_", " "), _format(v)) for k, v in facts.items()]
@@ -75,14 +75,14 @@ def command(
     emit_json(payload, json_out, force=force, inputs=[image])
 
 
-def describe(image) -> dict:
-    """Facts about a SimpleITK image, JSON-ready."""
+def describe(image, spec: str) -> dict:
+    """Facts about a SimpleITK image (read from ``spec``), JSON-ready."""
     import numpy as np
     import SimpleITK as sitk
 
-    from carctl.spatial.grid import Grid
+    from carctl.io import grid_of
 
-    grid = Grid.from_sitk(image)
+    grid = grid_of(image, spec)
     array = sitk.GetArrayViewFromImage(image)
     finite = array[np.isfinite(array)] if array.dtype.kind == "f" else array
     return {

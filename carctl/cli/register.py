@@ -218,6 +218,7 @@ def run(
     import numpy as np
 
     from carctl.cli.console import stderr
+    from carctl.errors import InputError
     from carctl.io import (
         AFFINE_EXTENSIONS,
         FIELD_EXTENSIONS,
@@ -245,6 +246,11 @@ def run(
     fixed_mask = read_image(options["fixed_mask"]) if options["fixed_mask"] else None
     moving_mask = read_image(options["moving_mask"]) if options["moving_mask"] else None
     labels = read_image(options["labels"]) if options["labels"] else None
+    if labels is not None and labels.grid.ndim != moving_image.grid.ndim:
+        raise InputError(
+            f"--labels: the label map is {labels.grid.ndim}-D and the moving image "
+            f"{moving_image.grid.ndim}-D"
+        )
     require_file(options.get("initial_affine"))
 
     from carctl.metrics import jacobian_summary

@@ -39,6 +39,10 @@ SCORE_VOXELS, SCORED_TOGETHER = 1 << 13, 4
 # 0 and won, and `register` wrote an empty image. Starts on real pairs cover 0.2-1.0 of
 # the fixed level, each within 0.3-1x of the best one.
 MIN_OVERLAP = 0.05
+# Under the best-covering start the images must share at least this many voxels of the level
+# (weighted by the fixed mask): a moving image of 1e-6 mm voxels, 0.03 mm across, covered a
+# fraction of one voxel, every loss read 0 and `register` wrote an empty image.
+MIN_OVERLAP_VOXELS = 8
 
 
 def least_overlap(scored: list[Start]) -> float:
@@ -152,10 +156,13 @@ def initialise(
             matrices = torch.as_tensor(matrices)
             scores += level_loss(level, matrices, function, index).tolist()
             overlaps += level_overlap(level, matrices, index).tolist()
-    if max(overlaps) <= 0:
+    fixed_voxels = level.voxels if level.weight is None else float(level.weight.sum())
+    if max(overlaps) * fixed_voxels < MIN_OVERLAP_VOXELS:
         raise InputError(
             "the images do not overlap under their headers, with their centres matched or "
-            "with their centres of mass matched: is one of them empty where it matters?"
+            "with their centres of mass matched (on fewer than "
+            f"{MIN_OVERLAP_VOXELS} voxels of {max(level.spacing):g} mm): is one of them empty "
+            "where it matters, or far smaller than the other?"
         )
     scored = [
         Start(s.name, s.matrix, score, overlap)

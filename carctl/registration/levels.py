@@ -89,6 +89,26 @@ def require_contrast(name: str, array: np.ndarray, normalised: np.ndarray | None
     raise InputError(f"the {name} image is constant ({what}): there is nothing to align")
 
 
+# An image needs this many voxels along two of its axes (both, in 2-D) to be registered: a
+# 2 x 2 x 2 fixed image gave a mirroring, nearly singular affine and a field folded everywhere
+# (exit 0). 3 x 3 x 3 pairs still register (rigidly well; the affine stage may shrink them, and
+# `register` warns of that).
+LEAST_VOXELS_ACROSS = 3
+
+
+def require_size(name: str, grid: Grid) -> None:
+    """Refuse (:class:`~carctl.errors.InputError`) an image too small to register (see
+    :data:`LEAST_VOXELS_ACROSS`); thin stacks (one or a few slices of a large plane) pass."""
+    from carctl.errors import InputError
+
+    if sorted(grid.size)[-2] < LEAST_VOXELS_ACROSS:
+        size = "x".join(str(n) for n in grid.size)
+        raise InputError(
+            f"the {name} image ({size} voxels) is too small to register: it needs at least "
+            f"{LEAST_VOXELS_ACROSS} voxels along two of its axes"
+        )
+
+
 def gaussian_blur(image: torch.Tensor, sigma: Sequence[float]) -> torch.Tensor:
     """Separable Gaussian blur of ``(N, C, *spatial)``; ``sigma`` in voxels, index order;
     borders repeated. Each axis is a weighted sum of shifted views (a kernel of a few taps:

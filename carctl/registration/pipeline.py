@@ -34,6 +34,7 @@ from carctl.registration.levels import (
     foreground_box,
     normalise,
     require_contrast,
+    require_size,
 )
 from carctl.runtime import resolve_device
 from carctl.spatial.grid import Grid, apply_homogeneous
@@ -724,6 +725,10 @@ def _register(
     def mask_on(mask: Image | None, grid: Grid, name: str) -> np.ndarray | None:
         if mask is None:
             return None
+        if mask.grid.ndim != grid.ndim:
+            raise InputError(
+                f"the {name} mask is {mask.grid.ndim}-D and the {name} image {grid.ndim}-D"
+            )
         given = int((mask.array > 0).sum())
         if given and not mask.grid.same_as(grid):
             mask = resample_image(mask, grid, interpolation="nearest")
@@ -741,6 +746,7 @@ def _register(
     fixed_norm = normalise(fixed.array)
     moving_norm = normalise(moving.array)
     for name, image, norm in (("moving", moving, moving_norm), ("fixed", fixed, fixed_norm)):
+        require_size(name, image.grid)
         require_contrast(name, image.array, norm)
     f_mask = mask_on(fixed_mask, fixed.grid, "fixed")
     m_mask = mask_on(moving_mask, moving.grid, "moving")

@@ -24,6 +24,7 @@ from carctl.io import (
     FIELD_EXTENSIONS,
     IMAGE_EXTENSIONS,
     atomic_output,
+    grid_of,
     image_suffix,
     load_sitk,
     native_output_silenced,
@@ -51,7 +52,7 @@ def read_field(path: str | os.PathLike, finite: bool = True) -> DisplacementFiel
     array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)  # (*shape, D)
     if grid is not None:  # the slice's own axis back in front
         array = array[None]
-    grid = grid or Grid.from_sitk(image)
+    grid = grid or grid_of(image, path)
     # A channel-first view of the channel-last voxels: no copy (the tensor is not contiguous).
     data = torch.from_numpy(array).movedim(-1, 0)
     if finite and not bool(torch.isfinite(data).all()):  # NaN points, and 0 % folding

@@ -26,6 +26,7 @@ rule ITK's interpolators use, so that carctl samples the same voxels as ITK and 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -64,8 +65,11 @@ class Grid:
             raise ValueError("size, spacing, origin and direction disagree on the dimension")
         if any(s < 1 for s in self.size):
             raise ValueError(f"grid size must be positive, got {self.size}")
-        if any(not s > 0 for s in self.spacing):
-            raise ValueError(f"grid spacing must be positive, got {self.spacing}")
+        if any(not 0 < s < math.inf for s in self.spacing):
+            raise ValueError(f"grid spacing must be positive and finite, got {self.spacing}")
+        for name, values in (("origin", self.origin), ("direction", self.direction)):
+            if not all(math.isfinite(x) for x in values):
+                raise ValueError(f"grid {name} must be finite, got {values}")
         if abs(np.linalg.det(self.direction_matrix)) < 1e-6:
             raise ValueError(f"grid direction is singular: {self.direction}")
 

@@ -243,6 +243,15 @@ def test_batch_refuses_a_bad_list_or_option_before_any_work(cli, listing, tmp_pa
     (tmp_path / "file").write_text("")
     result = cli("batch", listing, "-o", tmp_path / "file")
     assert result.code == 1 and "it is a file" in result.err
+    # a file where a pair's folder goes: "[Errno 17] File exists" recorded after the others ran
+    out.mkdir()
+    (out / "two").write_text("")
+    result = cli("batch", listing, "-o", out)
+    assert result.code == 1 and result.err.strip() == (
+        f"carctl: error: {listing}:4: the pair's output folder '{out / 'two'}' is a file; give "
+        "the pair another name (the 'name' column)"
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["two"]
     # a list kept where the record goes is not written over
     kept = listing.parent / "batch.csv"
     kept.write_text(listing.read_text())

@@ -311,6 +311,31 @@ def test_apply_label_interpolation_keeps_pixel_type_and_labels(cli, pair, tmp_pa
     assert set(np.unique(sitk.GetArrayViewFromImage(warped))) <= {0, 3}
 
 
+def test_apply_refuses_a_fill_the_kept_pixel_type_cannot_hold(cli, pair, tmp_path):
+    """``--fill -5`` on a uint8 label map wrote 251 outside the image (a label invented), 2.7
+    was cut to 2, both with exit 0."""
+    moving, fixed = pair
+    labels = sitk.Cast(sitk.ReadImage(str(moving)) > 50, sitk.sitkUInt8) * 3
+    labels_path = write(labels, tmp_path / "labels.nii.gz")
+    out = tmp_path / "warped.nii.gz"
+    for interp, fill in (("label", "-5"), ("nearest", "1000"), ("nearest", "2.7")):
+        result = cli(
+            "apply", labels_path, "-r", fixed, "-o", out, "--interp", interp, "--fill", fill
+        )
+        _assert_one_line_error(result, 1, "does not fit the image's uint8 voxels", "0 to 255")
+    assert not out.exists()
+    assert (
+        cli("apply", labels_path, "-r", fixed, "-o", out, "--interp", "label", "--fill", "7").code
+        == 0
+    )
+    assert 7 in np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(str(out))))
+    # linear interpolation writes floats: any fill
+    assert (
+        cli("apply", labels_path, "-r", fixed, "-o", tmp_path / "f.nii.gz", "--fill", "-5").code
+        == 0
+    )
+
+
 def _assert_one_line_error(result, code: int, *fragments: str) -> None:
     assert result.code == code, (result.code, result.err)
     lines = result.err.strip().splitlines()

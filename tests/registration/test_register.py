@@ -905,6 +905,43 @@ def test_inputs_refused_by_the_pipeline_for_api_and_cli(tmp_path, cli, phantom):
         assert sum("error" in line for line in lines) == 1 and "Traceback" not in result.err
 
 
+def test_images_too_small_or_too_far_apart_and_masks_of_another_dimension(tmp_path, cli, phantom):
+    """Found by a sweep of odd inputs: a 2 x 2 x 2 fixed image gave a mirroring, nearly
+    singular affine and a field folded everywhere (exit 0); a moving image of 1e-6 mm voxels
+    covered a fraction of one voxel under every start, every loss read 0 and an empty image
+    was written (exit 0); a 2-D mask with 3-D images was an internal error."""
+    from carctl.errors import InputError
+
+    tiny = Image(
+        np.random.default_rng(0).random((2, 2, 2)).astype(np.float32),
+        Grid((2, 2, 2), (1.0,) * 3, (0.0,) * 3, tuple(np.eye(3).ravel())),
+    )
+    with pytest.raises(InputError, match=r"fixed image \(2x2x2 voxels\) is too small"):
+        register(phantom, tiny, RegistrationOptions(method="rigid"))
+    g = phantom.grid
+    micro = Image(phantom.array, Grid(g.size, (1e-6,) * 3, g.origin, g.direction))
+    with pytest.raises(InputError, match=r"do not overlap .* \(on fewer than 8 voxels"):
+        register(micro, phantom, RegistrationOptions(method="rigid"))
+    # a thin stack passes the size check (one slice of a large plane)
+    levels.require_size("moving", Grid((40, 40, 1), (1.0,) * 3, (0.0,) * 3, g.direction))
+    plane = Image(phantom.array[14], Grid((28, 28), (2.5, 2.5), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0)))
+    with pytest.raises(InputError, match="the fixed mask is 2-D and the fixed image 3-D"):
+        register(phantom, phantom, fixed_mask=plane)
+    phantom_path = write(phantom.to_sitk(), tmp_path / "phantom.nii.gz")
+    plane_path = write(plane.to_sitk(), tmp_path / "plane.nii.gz")
+    result = cli(
+        "register", phantom_path, phantom_path, "--moving-mask", plane_path, "-o", tmp_path / "a"
+    )
+    assert result.code == 1 and result.err.strip().splitlines()[-1] == (
+        "carctl: error: the moving mask is 2-D and the moving image 3-D"
+    )
+    result = cli("register", phantom_path, phantom_path, "--labels", plane_path, "-o", tmp_path)
+    assert result.code == 1 and result.err.strip().splitlines()[-1] == (
+        "carctl: error: --labels: the label map is 2-D and the moving image 3-D"
+    )
+    assert not list(tmp_path.glob("phantom_*"))  # refused before registering: nothing written
+
+
 def test_a_constant_image_is_refused_before_any_stage(tmp_path, cli, phantom):
     """An image with one value everywhere has nothing to align to: every loss is flat there,
     and the stages used to run anyway and write a deformed result without a word."""
