@@ -439,9 +439,11 @@ def header_data_files(path: Path) -> list[Path]:
     except OSError:
         return []
     lines = text.splitlines()
+    meta = keys == ("elementdatafile",)
     for number, line in enumerate(lines):
-        separator = "=" if keys == ("elementdatafile",) else ":"
-        key, found, value = line.partition(separator)
+        if not meta and not line.strip():
+            return []  # the end of an NRRD header: its data follows in the file
+        key, found, value = line.partition("=" if meta else ":")
         if not found or key.strip().lower() not in keys:
             continue
         value = value.strip()

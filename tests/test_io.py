@@ -384,6 +384,11 @@ def test_data_file_named_in_a_header_is_protected(tmp_path):
     from carctl.io import input_files
 
     assert tmp_path / "payload.raw" in input_files(tmp_path / "in.nhdr")
+    # an attached NRRD: its header ends at the first blank line, the data may read as anything
+    (tmp_path / "att.nrrd").write_bytes(
+        b"NRRD0004\ntype: uint8\ndimension: 1\nsizes: 16\nencoding: raw\n\ndata file: x.raw\n"
+    )
+    assert input_files(tmp_path / "att.nrrd") == [tmp_path / "att.nrrd"]
 
 
 @pytest.mark.parametrize(
