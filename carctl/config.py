@@ -6,6 +6,7 @@ read, whether it comes from the command line or from Python.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -15,6 +16,15 @@ DEVICES = ("auto", "cpu", "cuda")
 METHODS = ("auto", "net", "io", "affine", "rigid")
 LOSSES = ("mind", "mi", "lncc", "ncc", "mse", "imse", "mind+imse")
 REGULARISERS = ("diffusion", "bending")
+
+
+def check_seed(seed: int) -> None:
+    """Refuse a ``--seed`` torch's generators cannot take (one-line usage error; a seed of
+    20 digits was an internal error)."""
+    from carctl.errors import UsageError
+
+    if not 0 <= seed < 2**63:
+        raise UsageError(f"--seed must be from 0 to {2**63 - 1}")
 
 
 @dataclass(frozen=True)
@@ -44,7 +54,8 @@ class RegistrationOptions:
                 raise UsageError(f"unknown {option} '{value}'; choose from {', '.join(choices)}")
         if self.iterations is not None and self.iterations < 0:
             raise UsageError("--iterations must be at least 0")
-        if self.resolution is not None and not self.resolution > 0:
-            raise UsageError("--resolution must be positive")
-        if self.regularization is not None and not self.regularization >= 0:
-            raise UsageError("--regularization must be at least 0")
+        if self.resolution is not None and not 0 < self.resolution < math.inf:
+            raise UsageError("--resolution must be positive and finite")
+        if self.regularization is not None and not 0 <= self.regularization < math.inf:
+            raise UsageError("--regularization must be at least 0 and finite")
+        check_seed(self.seed)

@@ -773,6 +773,8 @@ def _csv_table(lines: list[str], ndim: int) -> CsvTable:
     names them, else the first ``ndim`` columns."""
     reader = [row for row in csv.reader(lines) if row]
     header = [h.strip().lower() for h in reader[0]]
+    if ndim == 2 and {"x", "y", "z"} <= set(header):
+        raise ValueError("its header names x, y and z: 3-D points, where the transform is 2-D")
     axes = ["x", "y", "z"][:ndim]
     if all(a in header for a in axes):
         return reader[:1], reader[1:], [header.index(a) for a in axes]

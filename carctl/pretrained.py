@@ -29,9 +29,14 @@ class WeightsError(CarctlError):
 
 
 def search_path() -> list[Path]:
+    """The folders weights are looked for in, in order (see the module docstring); a
+    ``$CARCTL_WEIGHTS`` that is not a folder is refused rather than passed over."""
     folders = []
     if os.environ.get("CARCTL_WEIGHTS"):
-        folders.append(Path(os.environ["CARCTL_WEIGHTS"]))
+        given = Path(os.environ["CARCTL_WEIGHTS"])
+        if not given.is_dir():
+            raise WeightsError(f"$CARCTL_WEIGHTS: '{given}' is not a folder")
+        folders.append(given)
     folders.append(Path(__file__).resolve().parent.parent / "weights")
     folders.append(Path(sys.prefix) / "share" / "carctl" / "weights")
     return folders
@@ -55,27 +60,71 @@ class Card:
 def read_card(path: Path) -> Card | None:
     """The model card at ``path``; None when it is missing, unreadable or not a card."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        return _checked_card(path)
+    except WeightsError:
         return None
-    if isinstance(data, dict) and {"file", "sha256", "architecture"} <= data.keys():
-        return Card(path.stem, path, data)
-    return None
+
+
+def _checked_card(path: Path) -> Card:
+    """The model card at ``path``, or :class:`WeightsError` saying what is wrong with it (a
+    card whose sha256 was null stopped `weights verify` and `register --method net` with an
+    internal error)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise WeightsError(f"model card {path} is unreadable: {error}") from error
+    if not isinstance(data, dict):
+        raise WeightsError(f"model card {path} is not a JSON object")
+    problems = [key for key, kind in _CARD_FIELDS.items() if not isinstance(data.get(key), kind)]
+    if not problems and not isinstance(data["architecture"].get("kind"), str):
+        problems = ["architecture.kind"]
+    if problems:
+        raise WeightsError(f"model card {path}: {', '.join(problems)} missing or malformed")
+    return Card(path.stem, path, data)
+
+
+# What a card must hold, and of which type.
+_CARD_FIELDS = {"file": str, "sha256": str, "architecture": dict}
+
+
+def _folder_cards(folder: Path) -> dict[str, Card | WeightsError]:
+    """The cards of one folder by name, or the error of each broken one: a card that cannot
+    be read, or a weights file without its card. Other JSON files are not cards."""
+    found: dict[str, Card | WeightsError] = {}
+    for path in sorted(folder.glob(f"*{CARD_SUFFIX}")):
+        try:
+            found[path.stem] = _checked_card(path)
+        except WeightsError as error:
+            if path.with_suffix(WEIGHTS_SUFFIX).is_file():
+                found[path.stem] = error
+    for path in sorted(folder.glob(f"*{WEIGHTS_SUFFIX}")):
+        if path.stem not in found and not path.with_suffix(CARD_SUFFIX).is_file():
+            found[path.stem] = WeightsError(f"{path} has no model card {path.stem}{CARD_SUFFIX}")
+    return found
 
 
 def cards() -> list[Card]:
-    """Every model card found, first folder of :func:`search_path` winning per name."""
-    found: dict[str, Card] = {}
+    """Every model card found, first folder of :func:`search_path` winning per name; a broken
+    one that would win is refused (:class:`WeightsError`), not passed over for another
+    folder's."""
+    found: dict[str, Card | WeightsError] = {}
     for folder in search_path():
-        for path in sorted(folder.glob(f"*{CARD_SUFFIX}")) if folder.is_dir() else []:
-            if (c := read_card(path)) is not None:
-                found.setdefault(c.name, c)
+        if folder.is_dir():
+            for name, c in _folder_cards(folder).items():
+                found.setdefault(name, c)
+    for c in found.values():
+        if isinstance(c, WeightsError):
+            raise c
     return list(found.values())
 
 
 def card(name: str) -> Card:
-    for c in cards():
-        if c.name == name:
+    """The card named ``name`` that :func:`search_path` finds first (a broken one refused)."""
+    for folder in search_path():
+        c = _folder_cards(folder).get(name) if folder.is_dir() else None
+        if isinstance(c, WeightsError):
+            raise c
+        if c is not None:
             return c
     where = ", ".join(str(p) for p in search_path())
     raise WeightsError(f"no weights named {name!r} (looked in {where})")

@@ -17,18 +17,24 @@ from carctl.spatial.transform import Transform
 
 
 def load_chain(
-    field: str | os.PathLike | None = None, affine: str | os.PathLike | None = None
+    field: str | os.PathLike | None = None,
+    affine: str | os.PathLike | None = None,
+    ndim: int | None = None,
 ) -> list[Transform]:
-    """The pull-back chain of a field and an affine: the field first, then the affine.
+    """The pull-back chain of a field and an affine: the field first, then the affine; with
+    ``ndim``, each must be of that dimension (that of the images it maps).
 
     This is what ``antsApplyTransforms -t FIELD -t AFFINE`` means, and how ANTs'
     ``1Warp.nii.gz`` and ``0GenericAffine.mat`` combine.
     """
     chain: list[Transform] = []
-    if field is not None:
-        chain.append(read_field(field))
-    if affine is not None:
-        chain.append(read_affine(affine))
+    for path, read in ((field, read_field), (affine, read_affine)):
+        if path is None:
+            continue
+        transform = read(path)
+        if ndim is not None and transform.ndim != ndim:
+            raise InputError(f"'{path}' is a {transform.ndim}-D transform; the images are {ndim}-D")
+        chain.append(transform)
     return chain
 
 

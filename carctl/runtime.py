@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import os
 
+# The most --threads takes (100 000 crashed torch's thread pool, 10 000 hung); within it, no
+# more threads are started than the CPUs this process may run on (more only wait on each
+# other: two OpenMP teams on two cores made every stage several times slower).
+MAX_THREADS = 1024
+
 
 def check_threads(threads: int | None) -> int | None:
     """The thread count to use: ``threads``, else ``$CARCTL_THREADS``, else None (the
@@ -20,16 +25,26 @@ def check_threads(threads: int | None) -> int | None:
             threads = int(env)
         except ValueError:
             raise UsageError(f"CARCTL_THREADS must be a whole number, not '{env}'") from None
-    if threads < 1:
-        raise UsageError(f"{option} must be at least 1, not {threads}")
+    if not 1 <= threads <= MAX_THREADS:
+        raise UsageError(f"{option} must be from 1 to {MAX_THREADS}, not {threads}")
     return threads
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the system has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def set_threads(threads: int | None) -> None:
-    """Use ``threads`` CPU threads in torch and SimpleITK (see :func:`check_threads`)."""
+    """Use ``threads`` CPU threads in torch and SimpleITK (see :func:`check_threads`), at most
+    :func:`available_cpus`."""
     threads = check_threads(threads)
     if threads is None:
         return
+    threads = min(threads, available_cpus())
     import SimpleITK as sitk
     import torch
 

@@ -114,7 +114,7 @@ def _transform_kind(spec: str) -> str | None:
     path = Path(spec)
     if not path.is_file():
         return None
-    if image_suffix(path) in (".mat", ".tfm") or (
+    if image_suffix(path) in (".mat", ".tfm", ".h5") or (
         image_suffix(path) in AFFINE_EXTENSIONS and path.read_bytes()[:64].startswith(b"#Insight")
     ):
         return "affine"
@@ -147,15 +147,24 @@ def describe_affine(path: str) -> dict:
     a = affine.matrix
     d = affine.ndim
     u, scales, vt = np.linalg.svd(a)
-    rotation = u @ vt
-    reflection = bool(np.linalg.det(rotation) < 0)
-    if reflection:  # the nearest rotation after flipping the weakest axis
-        u[:, -1] = -u[:, -1]
-        rotation = u @ vt
-    if d == 3:
-        angle = np.degrees(np.arccos(np.clip((np.trace(rotation) - 1) / 2, -1.0, 1.0)))
+
+    def degrees(rotation: np.ndarray) -> float:
+        if d == 3:
+            return float(np.degrees(np.arccos(np.clip((np.trace(rotation) - 1) / 2, -1.0, 1.0))))
+        return float(np.degrees(np.arctan2(rotation[1, 0], rotation[0, 0])))
+
+    reflection = bool(np.linalg.det(u @ vt) < 0)
+    if reflection:  # the nearest rotation after flipping the weakest axis (of equal ones, the
+        # flip that turns least: diag(-1, 1, 1) is a mirror that turns by 0, not 180 degrees)
+        weakest = np.flatnonzero(scales <= scales.min() * (1 + 1e-9))
+        turns = []
+        for axis in weakest:
+            flipped = u.copy()
+            flipped[:, axis] = -flipped[:, axis]
+            turns.append(degrees(flipped @ vt))
+        angle = min(turns, key=abs)
     else:
-        angle = np.degrees(np.arctan2(rotation[1, 0], rotation[0, 0]))
+        angle = degrees(u @ vt)
     return {
         "kind": "affine transform (pull-back, LPS mm)",
         "dimension": d,

@@ -132,7 +132,7 @@ def run(moving, fixed, field, affine, warped, outputs, device, threads, force, i
     require_contrast("fixed", fixed_image.array)
     alignments = [(moving_image, [])]  # through the headers
     if field or affine:
-        alignments.append((moving_image, load_chain(field, affine)))
+        alignments.append((moving_image, load_chain(field, affine, fixed_image.grid.ndim)))
     elif warped_image is not None:
         alignments.append((qa.content(warped_image), []))
     assessments = qa.assess_alignments(model, fixed_image, alignments, device)

@@ -207,6 +207,17 @@ def command(
     emit_json(summary, json_out, force=force, inputs=inputs)
 
 
+def finish(pool) -> None:
+    """Wait for every job of the executor ``pool`` to end, through any number of Ctrl-C (the
+    jobs here write files for a few tenths of a second)."""
+    while True:
+        try:
+            pool.shutdown(wait=True)
+            return
+        except KeyboardInterrupt:
+            continue
+
+
 def run(
     moving: str, fixed: str, outputs: dict[str, str], settings: RegistrationOptions, **options
 ) -> dict:
@@ -280,7 +291,8 @@ def run(
         # the two large files are written (compressed, copied) in threads while the rest is
         # computed: on a 1 mm brain the two and the Jacobian summary 1.0-1.4 -> 0.6-0.75 s
         # alone; in `register --method net` 1.0-1.3 s (without the Jacobian) -> 0.76-0.88
-        with ThreadPoolExecutor(max_workers=2) as writers:
+        writers = ThreadPoolExecutor(max_workers=2)
+        try:
             written = [
                 writers.submit(write_image, warped, outputs["warped"], force=force, inputs=inputs),
                 writers.submit(
@@ -295,8 +307,13 @@ def run(
                 inverse = result.inverse(moving_image.grid)
                 write_field(inverse, outputs["inverse_field"], force=force, inputs=inputs)
             jacobian = jacobian_summary(jacobian_determinant(result.field))
-            for job in written:
-                job.result()  # its error, if any, raised here
+        finally:
+            # the writers end before the group removes its staging folders, even on Ctrl-C:
+            # a writer still at work then left a partial field in a `.carctl-*` folder, or
+            # moved its file into place after the group had given up
+            finish(writers)
+        for job in written:
+            job.result()  # its error, if any, raised here
     for stage in result.stages:
         if "warning" in stage.detail:
             console.print(f"warning: {stage.detail['warning']}")

@@ -47,9 +47,10 @@ def _common(
     name: str,
     learning_rate: float,
     validate_every: int,
+    seed: int,
 ):
     """Checks shared by every ``train`` command; returns (data folder, device)."""
-    from carctl.config import DEVICES
+    from carctl.config import DEVICES, check_seed
     from carctl.errors import InputError, UsageError
     from carctl.runtime import resolve_device, set_threads
 
@@ -59,13 +60,15 @@ def _common(
     if validate_every < 1:
         raise UsageError("--validate-every must be at least 1")
     require_non_negative("--lr", learning_rate)
+    check_seed(seed)
     if device not in DEVICES:
         raise UsageError(f"unknown --device '{device}'; choose from {', '.join(DEVICES)}")
     if not name or name != Path(name).name or name in (".", ".."):
         raise UsageError(f"--name '{name}' must be a plain file name (written into --out)")
     root = data_dir or _default_data()
     if not root.is_dir():
-        raise InputError(f"data folder {root} does not exist")
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise InputError(f"data folder {root} {what}")
     return root, resolve_device(device)
 
 
@@ -293,7 +296,9 @@ def imse(
     from carctl.networks.evaluator import EvaluatorConfig
     from carctl.training import imse as training
 
-    root, device = _common(data_dir, steps, threads, device, name, learning_rate, validate_every)
+    root, device = _common(
+        data_dir, steps, threads, device, name, learning_rate, validate_every, seed
+    )
     for option, value in (("--batch", batch), ("--width", width)):
         if value < 1:
             raise UsageError(f"{option} must be at least 1")
@@ -427,7 +432,9 @@ def car(
     from carctl.networks.car import CarConfig
     from carctl.training import car as training
 
-    root, device = _common(data_dir, steps, threads, device, name, learning_rate, validate_every)
+    root, device = _common(
+        data_dir, steps, threads, device, name, learning_rate, validate_every, seed
+    )
     if width < 2:
         raise UsageError("--width must be at least 2")
     if patch < 16 or patch % 16:

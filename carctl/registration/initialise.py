@@ -58,6 +58,19 @@ class Start:
     overlap: float = float("nan")  # share of the scored fixed voxels the moving image covers
 
 
+def require_overlap(level: Level, overlap: float, under: str) -> None:
+    """Refuse (:class:`InputError`) images that share fewer than :data:`MIN_OVERLAP_VOXELS`
+    voxels of ``level`` when the moving image covers the share ``overlap`` of it (weighted by
+    the fixed mask) ``under`` the start(s) said."""
+    fixed_voxels = level.voxels if level.weight is None else float(level.weight.sum())
+    if overlap * fixed_voxels < MIN_OVERLAP_VOXELS:
+        raise InputError(
+            f"the images do not overlap {under} (on fewer than {MIN_OVERLAP_VOXELS} voxels of "
+            f"{max(level.spacing):g} mm): is one of them empty where it matters, or far smaller "
+            "than the other?"
+        )
+
+
 def grid_centre(grid: Grid) -> np.ndarray:
     middle = np.append((np.asarray(grid.size) - 1) / 2.0, 1.0)
     return (grid.index_to_physical @ middle)[:-1]
@@ -156,14 +169,11 @@ def initialise(
             matrices = torch.as_tensor(matrices)
             scores += level_loss(level, matrices, function, index).tolist()
             overlaps += level_overlap(level, matrices, index).tolist()
-    fixed_voxels = level.voxels if level.weight is None else float(level.weight.sum())
-    if max(overlaps) * fixed_voxels < MIN_OVERLAP_VOXELS:
-        raise InputError(
-            "the images do not overlap under their headers, with their centres matched or "
-            "with their centres of mass matched (on fewer than "
-            f"{MIN_OVERLAP_VOXELS} voxels of {max(level.spacing):g} mm): is one of them empty "
-            "where it matters, or far smaller than the other?"
-        )
+    require_overlap(
+        level,
+        max(overlaps),
+        "under their headers, with their centres matched or with their centres of mass matched",
+    )
     scored = [
         Start(s.name, s.matrix, score, overlap)
         for s, score, overlap in zip(starts, scores, overlaps, strict=True)

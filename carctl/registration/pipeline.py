@@ -316,6 +316,10 @@ def _stage_initialise(state: _State, progress: Progress) -> StageReport:
         function = LOSSES["mind"].function
         header = optimize.similarity(level, np.eye(level.ndim + 1), None, function, INIT_VOXELS)
         state.affine = np.array(state.initial, dtype=float)
+        index = level.sample_index(init_stage.SCORE_VOXELS, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            overlap = affine_stage.level_overlap(level, torch.as_tensor(state.affine), index)
+        init_stage.require_overlap(level, float(overlap), "under the given initial affine")
         given = optimize.similarity(level, state.affine, None, function, INIT_VOXELS)
         detail = {"start": "given", "candidates": 0, "spacing_mm": level.spacing}
         _turn_frame(state, detail)

@@ -202,6 +202,8 @@ def read_affine(path: str | os.PathLike) -> Affine:
         center = np.asarray(fixed[:d])
     homogeneous = np.eye(d + 1)
     homogeneous[:d, :d], homogeneous[:d, d] = matrix, offset
+    if not (np.isfinite(homogeneous).all() and np.isfinite(center).all()):
+        raise InputError(f"'{path}' holds an affine that is not finite (NaN or infinite values)")
     return Affine.from_homogeneous(homogeneous, center)
 
 

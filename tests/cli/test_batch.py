@@ -233,7 +233,7 @@ def test_batch_refuses_a_bad_list_or_option_before_any_work(cli, listing, tmp_pa
     for args, code, words in (
         ([tmp_path / "absent.csv"], 1, "no such pair list"),
         ([listing, "--method", "bogus"], 2, "unknown --method 'bogus'"),
-        ([listing, "--threads", "0"], 2, "--threads must be at least 1"),
+        ([listing, "--threads", "0"], 2, "--threads must be from 1 to 1024"),
     ):
         result = cli("batch", *args, "-o", out)
         assert result.code == code, result.err

@@ -70,7 +70,7 @@ def test_bad_input_is_refused_before_loading_torch(tmp_path):
         (["register", image, str(text), *out], "cannot read image"),
         (["register", image, image, "--method", "bogus", *out], "unknown --method 'bogus'"),
         (["register", image, image, "--loss", "bogus", *out], "unknown --loss 'bogus'"),
-        (["register", image, image, "--threads", "0", *out], "--threads must be at least 1"),
+        (["register", image, image, "--threads", "0", *out], "--threads must be from 1 to 1024"),
         (["register", image, image, "--initial-affine", "a.mat", *out], "no such file: 'a.mat'"),
         (["qa", missing, image, *out], "no such file"),
         (["qa", image, image, "--field", "u.nii", *out], "no such file: 'u.nii'"),
@@ -137,6 +137,64 @@ def test_ctrl_c_says_interrupted(capsys):
 
     assert run_guarded(interrupted) == 130
     assert capsys.readouterr().err == "carctl: error: interrupted\n"
+
+
+def test_ctrl_c_while_writing_leaves_no_partial_output(tmp_path, monkeypatch):
+    """Ctrl-C while register wrote its field in a thread: twice in 13 tries a `.carctl-*`
+    folder with a partial field stayed behind (the group removed its staging folders while
+    the writer went on). Now the writers end first, through further Ctrl-C too."""
+    import time
+
+    import carctl.spatial.files as files
+    from carctl.cli import register as command
+    from carctl.config import RegistrationOptions
+
+    writes = files.write_field
+
+    def slow_write_field(*args, **kwargs):
+        time.sleep(0.3)
+        return writes(*args, **kwargs)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files, "write_field", slow_write_field)
+    monkeypatch.setattr(files, "write_affine", interrupted)
+    moving = write(make_image((12, 11, 10), seed=1), tmp_path / "m.nii.gz")
+    fixed = write(make_image((12, 11, 10), seed=2), tmp_path / "f.nii.gz")
+    out = tmp_path / "out"
+    outputs = {k: str(out / f"{k}.nii.gz") for k in ("warped", "field")}
+    outputs["affine"] = str(out / "affine.mat")
+    with pytest.raises(KeyboardInterrupt):
+        command.run(
+            str(moving),
+            str(fixed),
+            outputs,
+            RegistrationOptions(method="rigid"),
+            inputs=[moving, fixed],
+            fixed_mask=None,
+            moving_mask=None,
+            labels=None,
+            threads=1,
+            quiet=True,
+            force=False,
+            started=time.perf_counter(),
+            qa=False,
+        )
+    time.sleep(0.5)  # a writer still at work would write now
+    assert list(out.iterdir()) == []
+
+    class Pool:  # a second Ctrl-C while waiting for the writers
+        calls = 0
+
+        def shutdown(self, wait: bool) -> None:
+            self.calls += 1
+            if self.calls == 1:
+                raise KeyboardInterrupt
+
+    pool = Pool()
+    command.finish(pool)
+    assert pool.calls == 2
 
 
 def test_json_holds_null_for_non_finite_numbers(capsys):
@@ -221,6 +279,13 @@ def test_info_describes_affines_and_fields(cli, tmp_path):
     write_affine(flipped, tmp_path / "flip.mat")
     facts = json.loads(cli("info", tmp_path / "flip.mat", "--json", "-").out)
     assert facts["reflection"] is True and facts["determinant"] == pytest.approx(-1.0)
+    assert facts["rotation_degrees"] == pytest.approx(0.0, abs=1e-6)  # a mirror: it said 180
+    # an ITK composite of affines in HDF5, as apply and register --initial-affine read it
+    shift = sitk.TranslationTransform(3, (1.0, 2.0, 3.0))
+    composite = sitk.CompositeTransform([sitk.AffineTransform(3), shift])
+    sitk.WriteTransform(composite, str(tmp_path / "composite.h5"))
+    facts = json.loads(cli("info", tmp_path / "composite.h5", "--json", "-").out)
+    assert facts["translation"] == pytest.approx([1.0, 2.0, 3.0])
 
     grid = Grid((10, 8, 6), (2.0, 2.0, 3.0), (-5.0, 0.0, 5.0), tuple(np.eye(3).ravel()))
     shift = Affine(np.eye(3) * 1.05, [3.0, 4.0, 0.0], [0.0, 0.0, 0.0])
@@ -334,6 +399,38 @@ def test_apply_refuses_a_fill_the_kept_pixel_type_cannot_hold(cli, pair, tmp_pat
         cli("apply", labels_path, "-r", fixed, "-o", tmp_path / "f.nii.gz", "--fill", "-5").code
         == 0
     )
+
+
+def test_affines_that_are_not_finite_or_of_another_dimension(cli, pair, tmp_path):
+    """Found by a sweep: an affine with a NaN translation was an internal error in `info` and
+    `qa`, an all-zero image from `apply` and NaN points from `points` and `evaluate` (exit 0);
+    a 2-D affine was an internal error in `qa` and mapped x and y of 3-D points alone."""
+    moving, fixed = pair
+    nan = sitk.AffineTransform(3)
+    nan.SetTranslation((float("nan"), 0.0, 0.0))
+    sitk.WriteTransform(nan, str(tmp_path / "nan.mat"))
+    flat = sitk.AffineTransform(2)
+    flat.SetTranslation((1.0, 2.0))
+    sitk.WriteTransform(flat, str(tmp_path / "flat.mat"))
+    points = tmp_path / "p.csv"
+    points.write_text("x,y,z\n1,2,3\n4,5,6\n")
+    out = tmp_path / "out"
+    landmarks = ["evaluate", "--fixed-points", points, "--moving-points", points, "-a"]
+    for args in (
+        ["info"],
+        ["qa", moving, fixed, "-o", out, "-a"],
+        ["apply", moving, "-r", fixed, "-o", out / "w.nii.gz", "-a"],
+        ["points", points, "-o", out / "p.csv", "-a"],
+        landmarks,
+    ):
+        result = cli(*args, tmp_path / "nan.mat")
+        _assert_one_line_error(result, 1, "holds an affine that is not finite")
+    result = cli("qa", moving, fixed, "-o", out, "-a", tmp_path / "flat.mat")
+    _assert_one_line_error(result, 1, "is a 2-D transform; the images are 3-D")
+    for args in (["points", points, "-o", out / "p.csv", "-a"], landmarks):
+        result = cli(*args, tmp_path / "flat.mat")
+        _assert_one_line_error(result, 1, "3-D points, where the transform is 2-D")
+    assert not out.exists() or not any(out.iterdir())
 
 
 def _assert_one_line_error(result, code: int, *fragments: str) -> None:

@@ -419,6 +419,42 @@ def test_weights_holding_nan_are_refused(tmp_path, monkeypatch, cli):
         pretrained.write(net, tmp_path / "other", "car", card)
 
 
+def test_broken_cards_in_carctl_weights_are_refused_not_passed_over(cli, tmp_path, monkeypatch):
+    """Found by a sweep: a card whose sha256 was null was an internal error; a card that did
+    not parse, or a weights file without its card, in $CARCTL_WEIGHTS was passed over for the
+    checkout's weights without a word (`weights verify`: ok); so was a $CARCTL_WEIGHTS that
+    is not a folder."""
+    from carctl import pretrained
+    from carctl.networks.car import CarConfig, CarNet
+
+    net = CarNet(CarConfig(width=4))
+    card = {"architecture": {"kind": "car-registration", "config": net.config.to_dict()}}
+    folder = tmp_path / "weights"
+    written = pretrained.write(net, folder, "car", card)
+    monkeypatch.setenv("CARCTL_WEIGHTS", str(folder))
+    assert pretrained.card("car").path == written.path
+    data = json.loads(written.path.read_text())
+    for broken, words in (
+        (json.dumps({**data, "sha256": None}), "sha256 missing or malformed"),
+        ("{bad", "is unreadable"),
+        (None, "has no model card car.json"),
+    ):
+        if broken is None:
+            written.path.unlink()
+        else:
+            written.path.write_text(broken)
+        result = cli("weights", "verify")
+        assert result.code == 1 and words in result.err and "internal" not in result.err
+        with pytest.raises(pretrained.WeightsError, match=words):
+            pretrained.card("car")
+    (folder / "notes.json").write_text("{}")  # a JSON file beside no weights is no card
+    written.path.write_text(json.dumps(data))
+    assert pretrained.card("car").path == written.path
+    monkeypatch.setenv("CARCTL_WEIGHTS", str(tmp_path / "absent"))
+    result = cli("weights", "list")
+    assert result.code == 1 and "$CARCTL_WEIGHTS" in result.err and "is not a folder" in result.err
+
+
 def test_train_car_views_at_the_scales_asked(cli, tmp_path, monkeypatch):
     """``--scales``: the training views' spacings (units of each volume's working spacing),
     recorded in the card, none finer than the image's own; by default the volume and a 1.5

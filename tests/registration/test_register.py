@@ -922,6 +922,9 @@ def test_images_too_small_or_too_far_apart_and_masks_of_another_dimension(tmp_pa
     micro = Image(phantom.array, Grid(g.size, (1e-6,) * 3, g.origin, g.direction))
     with pytest.raises(InputError, match=r"do not overlap .* \(on fewer than 8 voxels"):
         register(micro, phantom, RegistrationOptions(method="rigid"))
+    far = initialise.about(np.eye(3), np.zeros(3), np.array([1e9, 0.0, 0.0]))
+    with pytest.raises(InputError, match="do not overlap under the given initial affine"):
+        register(phantom, phantom, RegistrationOptions(method="rigid"), initial=far)
     # a thin stack passes the size check (one slice of a large plane)
     levels.require_size("moving", Grid((40, 40, 1), (1.0,) * 3, (0.0,) * 3, g.direction))
     plane = Image(phantom.array[14], Grid((28, 28), (2.5, 2.5), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0)))
@@ -1165,7 +1168,7 @@ def test_option_names_match_their_tables():
         ("", None),
         ("3", 3),
         ("x", "CARCTL_THREADS must be a whole number, not 'x'"),
-        ("0", "CARCTL_THREADS must be at least 1, not 0"),
+        ("0", "CARCTL_THREADS must be from 1 to 1024, not 0"),
     ],
 )
 def test_thread_count_from_the_environment(monkeypatch, value, message):
@@ -1179,8 +1182,39 @@ def test_thread_count_from_the_environment(monkeypatch, value, message):
     else:
         with pytest.raises(UsageError, match=message):
             check_threads(None)
-    with pytest.raises(UsageError, match="--threads must be at least 1, not 0"):
+    with pytest.raises(UsageError, match="--threads must be from 1 to 1024, not 0"):
         check_threads(0)
+
+
+def test_thread_seed_and_weight_limits(monkeypatch):
+    """Found by a sweep: --threads 100000 crashed (segmentation fault), 10000 hung, a 20-digit
+    value (or seed) was an internal error; --regularization inf wrote an all-zero field
+    with exit 0; --resolution inf was taken."""
+    import torch
+
+    from carctl.errors import UsageError
+    from carctl.runtime import available_cpus, check_threads, set_threads
+
+    for value in (1025, 10**20):
+        with pytest.raises(UsageError, match="--threads must be from 1 to 1024"):
+            check_threads(value)
+    monkeypatch.setenv("CARCTL_THREADS", str(10**20))
+    with pytest.raises(UsageError, match="CARCTL_THREADS must be from 1 to 1024"):
+        check_threads(None)
+    before = torch.get_num_threads()
+    try:
+        set_threads(1024)  # no more than the CPUs there are
+        assert torch.get_num_threads() == min(1024, available_cpus())
+    finally:
+        torch.set_num_threads(before)
+    for options, words in (
+        ({"seed": 10**20}, "--seed must be from 0 to"),
+        ({"seed": -1}, "--seed must be from 0 to"),
+        ({"regularization": float("inf")}, "--regularization must be at least 0 and finite"),
+        ({"resolution": float("inf")}, "--resolution must be positive and finite"),
+    ):
+        with pytest.raises(UsageError, match=words):
+            RegistrationOptions(**options)
 
 
 def test_default_output_names_follow_the_moving_image():
