@@ -411,12 +411,12 @@ def input_files(spec: str | os.PathLike) -> list[Path]:
     return files
 
 
-# Header fields that name a separate data file: MetaImage's (its last field, "KEY = value")
-# and NRRD's ("key: value", a detached header).
 # Names the NIfTI writer cuts at the first of these words (w.nii.nii.gz -> w.nii.gz,
 # j.hdr.nii.gz -> j.hdr.gz, n.NII.nii.gz -> n.NII.GZ), as it determines a name's extension.
 _NIFTI_SUFFIXES = (".nii.gz", ".nii", ".hdr")
 _NIFTI_WORDS = {"nii", "hdr", "img"}
+# Header fields that name a separate data file: MetaImage's (its last field, "KEY = value")
+# and NRRD's ("key: value", a detached header).
 _DATA_FILE_KEYS = {
     ".mhd": ("elementdatafile",),
     ".mha": ("elementdatafile",),
@@ -774,7 +774,7 @@ def _csv_table(lines: list[str], ndim: int) -> CsvTable:
     reader = [row for row in csv.reader(lines) if row]
     header = [h.strip().lower() for h in reader[0]]
     if ndim == 2 and {"x", "y", "z"} <= set(header):
-        raise ValueError("its header names x, y and z: 3-D points, where the transform is 2-D")
+        raise ValueError("its header names x, y and z: 3-D points, where 2-D ones are read")
     axes = ["x", "y", "z"][:ndim]
     if all(a in header for a in axes):
         return reader[:1], reader[1:], [header.index(a) for a in axes]

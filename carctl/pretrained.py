@@ -57,6 +57,10 @@ class Card:
         return self.data["architecture"]["kind"]
 
 
+# What a card must hold, and of which type.
+_CARD_FIELDS = {"file": str, "sha256": str, "architecture": dict}
+
+
 def read_card(path: Path) -> Card | None:
     """The model card at ``path``; None when it is missing, unreadable or not a card."""
     try:
@@ -81,10 +85,6 @@ def _checked_card(path: Path) -> Card:
     if problems:
         raise WeightsError(f"model card {path}: {', '.join(problems)} missing or malformed")
     return Card(path.stem, path, data)
-
-
-# What a card must hold, and of which type.
-_CARD_FIELDS = {"file": str, "sha256": str, "architecture": dict}
 
 
 def _folder_cards(folder: Path) -> dict[str, Card | WeightsError]:

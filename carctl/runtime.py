@@ -12,7 +12,7 @@ MAX_THREADS = 1024
 
 def check_threads(threads: int | None) -> int | None:
     """The thread count to use: ``threads``, else ``$CARCTL_THREADS``, else None (the
-    libraries' defaults); refuses fewer than one. Loads nothing."""
+    libraries' defaults); refuses a count outside 1 to :data:`MAX_THREADS`. Loads nothing."""
     from carctl.errors import UsageError
 
     option = "--threads"

@@ -429,7 +429,7 @@ def test_affines_that_are_not_finite_or_of_another_dimension(cli, pair, tmp_path
     _assert_one_line_error(result, 1, "is a 2-D transform; the images are 3-D")
     for args in (["points", points, "-o", out / "p.csv", "-a"], landmarks):
         result = cli(*args, tmp_path / "flat.mat")
-        _assert_one_line_error(result, 1, "3-D points, where the transform is 2-D")
+        _assert_one_line_error(result, 1, "3-D points, where 2-D ones are read")
     assert not out.exists() or not any(out.iterdir())
 
 
