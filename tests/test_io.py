@@ -437,3 +437,59 @@ def test_a_bad_volume_index_is_named(tmp_path):
 def test_points_csv_with_a_byte_order_mark(tmp_path):
     (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbfx,y,z\r\n1,2,3\r\n")
     np.testing.assert_allclose(read_points(tmp_path / "bom.csv"), [[1, 2, 3]])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int16, np.uint8, np.float64])
+def test_large_nifti_gz_written_in_parallel_reads_back_as_itk_writes_it(
+    dtype, tmp_path, monkeypatch
+):
+    """A large .nii.gz is written by carctl (ITK's header, the voxels as gzip members
+    compressed side by side): ITK reads it back whole, with the geometry and the header ITK
+    itself writes."""
+    import carctl.io as io
+
+    monkeypatch.setattr(io, "PARALLEL_GZIP_BYTES", 1000)
+    monkeypatch.setattr(io, "_GZIP_PIECE", 4096)  # many members
+    rng = np.random.default_rng(0)
+    array = (rng.random((13, 11, 9)) * 100).astype(dtype)
+    grid = Grid(
+        (9, 11, 13), (0.7, 1.1, 2.5), (-3.0, 4.0, 5.5), tuple(rotation(0.2, -0.1, 0.3).ravel())
+    )
+    from carctl.io import Image
+
+    image = Image(array, grid)
+    written = write_image(image, tmp_path / "big.nii.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.nii.gz"]
+    back = read_image(written)
+    np.testing.assert_array_equal(back.array, array)
+    assert back.grid.same_as(grid)
+    sitk.WriteImage(image.to_sitk(), str(tmp_path / "itk.nii"), useCompression=False)
+    with gzip.open(written, "rb") as stream:
+        ours = stream.read()
+    itk = (tmp_path / "itk.nii").read_bytes()
+    assert ours[:352] == itk[:352] and ours == itk
+
+
+def test_a_dicom_series_off_a_regular_grid_is_refused(shared_data, tmp_path):
+    """Found by a sweep: a series missing a slice was read on ITK's regular grid (slices up to
+    1 mm from where their headers put them) without a word; a gantry tilt likewise."""
+    import shutil
+
+    series = tmp_path / "ct"
+    shutil.copytree(shared_data / "dicom" / "ct-chest-40", series)
+    assert read_image(series).grid.size == (512, 512, 40)  # the whole series is regular
+    sorted(series.iterdir())[19].unlink()
+    with pytest.raises(InputError, match=r"not on a regular grid: its slices step by 2 to 4 mm"):
+        read_image(series)
+
+
+def test_a_singular_direction_is_named_not_a_matrix_row(tmp_path):
+    """ITK's message ends with the refused matrix: the error read "... 'sing.mha': 0 0 0"."""
+    path = tmp_path / "sing.mha"
+    path.write_bytes(
+        b"ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
+        b"TransformMatrix = 1 0 0 0 1 0 0 0 0\nOffset = 0 0 0\nElementSpacing = 1 1 1\n"
+        b"DimSize = 4 5 6\nElementType = MET_SHORT\nElementDataFile = LOCAL\n" + bytes(240)
+    )
+    with pytest.raises(InputError, match="its direction matrix is singular"):
+        read_image(path)

@@ -945,6 +945,25 @@ def test_images_too_small_or_too_far_apart_and_masks_of_another_dimension(tmp_pa
     assert not list(tmp_path.glob("phantom_*"))  # refused before registering: nothing written
 
 
+def test_a_field_one_voxel_thick_is_not_written_as_nifti(tmp_path, cli, phantom):
+    """Found by a sweep: on a single-slice 3-D fixed image the field in NIfTI (x, y, 1 voxels
+    of 3-vectors) is read by ITK and ANTs as a 2-D image, its third axis and origin lost:
+    antsApplyTransforms ignored it. The default name becomes .mha; a NIfTI name is refused."""
+    g = phantom.grid
+    thin = Grid((g.size[0], g.size[1], 1), g.spacing, g.origin, g.direction)
+    moving = write(Image(phantom.array[14:15], thin).to_sitk(), tmp_path / "m.nii.gz")
+    fixed = write(Image(contrast(phantom).array[14:15], thin).to_sitk(), tmp_path / "f.nii.gz")
+    result = cli("register", moving, fixed, "-o", tmp_path / "out", "--method", "rigid", "-q")
+    assert result.code == 0, result.err
+    field = sitk.ReadImage(str(tmp_path / "out" / "m_field.mha"))
+    assert field.GetDimension() == 3 and field.GetSize() == thin.size
+    assert field.GetOrigin() == pytest.approx(thin.origin)
+    given = cli(
+        "register", moving, fixed, "-o", tmp_path / "b", "--field", tmp_path / "b" / "f.nii.gz"
+    )
+    assert given.code == 1 and "one voxel thick" in given.err and "Traceback" not in given.err
+
+
 def test_a_constant_image_is_refused_before_any_stage(tmp_path, cli, phantom):
     """An image with one value everywhere has nothing to align to: every loss is flat there,
     and the stages used to run anyway and write a deformed result without a word."""
