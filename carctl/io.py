@@ -756,11 +756,12 @@ def _write_nifti_gz(image: Image, temporary: Path, path: str | os.PathLike) -> N
     from concurrent.futures import ThreadPoolExecutor
 
     sitk = load_sitk()
+    array = np.ascontiguousarray(image.array, dtype=image.array.dtype.newbyteorder("="))
     try:
-        header = nifti_header(image.grid, image.array.dtype, temporary.parent)
+        header = nifti_header(image.grid, array.dtype, temporary.parent)
     except RuntimeError as error:
         raise OutputError(f"cannot write '{path}': {one_line_reason(error)}") from error
-    voxels = memoryview(np.ascontiguousarray(image.array)).cast("B")
+    voxels = memoryview(array).cast("B")
     pieces = [header] + [voxels[i : i + _GZIP_PIECE] for i in range(0, len(voxels), _GZIP_PIECE)]
 
     def member(piece) -> bytes:  # zlib releases the interpreter lock while it compresses
