@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -110,6 +111,7 @@ def command(
             )
     everything = [pairs] + [path for pair in listed for path in pair.inputs()]
     check_output(out_dir / RECORD, force=True, inputs=everything, extensions=(".csv",))
+    _refuse_outputs_over_inputs(listed, out_dir, everything, pairs, inverse)
     # the list is never written over, as no input is
     options = {"threads": threads, "qa": qa, "inverse": inverse, "force": force, "list": pairs}
     counts = _run_all(listed, out_dir, settings, options, stop_on_error, quiet)
@@ -179,12 +181,46 @@ def _recipe(pair: Pair, settings: RegistrationOptions, options: dict) -> dict:
     }
 
 
+def _outputs(pair: Pair, out_dir: Path, inverse: bool) -> dict[str, str]:
+    """The files a pair writes into its folder (as ``register`` names them)."""
+    from carctl.cli.register import _default_names
+
+    folder = out_dir / pair.name
+    names = _default_names(pair.moving)
+    outputs = {key: str(folder / names[key]) for key in ("warped", "field", "affine")}
+    if pair.labels:
+        outputs["warped_labels"] = str(folder / names["warped_labels"])
+    if inverse:
+        outputs["inverse_field"] = str(folder / f"{Path(names['field']).stem}_inverse.nii")
+    return outputs
+
+
+def _refuse_outputs_over_inputs(
+    listed: list[Pair], out_dir: Path, inputs: list[str], listing: Path, inverse: bool
+) -> None:
+    """Refuse, before any work, a pair whose outputs would replace an input of the list
+    (another pair's image, chained onto an earlier pair's warped image): each pair checked
+    its own inputs only, and wrote over the other's (its folder is written with force)."""
+    from carctl.errors import OutputError
+    from carctl.io import input_files
+
+    protected = {os.path.realpath(f) for spec in inputs for f in input_files(spec)}
+    for pair in listed:
+        for path in _outputs(pair, out_dir, inverse).values():
+            for target in input_files(path):
+                if os.path.realpath(target) in protected:
+                    raise OutputError(
+                        f"{listing}:{pair.line}: the pair would write '{target}', an input of "
+                        "the list; give the pair another name or -o another folder"
+                    )
+
+
 def _one(pair: Pair, out_dir: Path, settings: RegistrationOptions, options: dict) -> dict:
     """Register one pair into its folder (or skip it when done before); its record row."""
     import json
 
     from carctl.cli.console import emit_json, is_debug
-    from carctl.cli.register import _default_names, run
+    from carctl.cli.register import run
     from carctl.errors import CarctlError
 
     folder = out_dir / pair.name
@@ -206,12 +242,7 @@ def _one(pair: Pair, out_dir: Path, settings: RegistrationOptions, options: dict
             what = " and ".join(differs) or "options"
             error = f"done before with other {what} ({folder / SUMMARY}); --force redoes it"
             return row | {"status": "failed", "error": error}
-    names = _default_names(pair.moving)
-    outputs = {key: str(folder / names[key]) for key in ("warped", "field", "affine")}
-    if pair.labels:
-        outputs["warped_labels"] = str(folder / names["warped_labels"])
-    if options["inverse"]:
-        outputs["inverse_field"] = str(folder / f"{Path(names['field']).stem}_inverse.nii")
+    outputs = _outputs(pair, out_dir, options["inverse"])
     started = time.perf_counter()
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,10 @@ def command(
     field: its grid, displacement lengths, folding and Jacobian range.
     """
     from carctl.cli.console import emit_json, key_value_table, stdout
-    from carctl.io import list_dicom_series, read_sitk
+    from carctl.io import check_output, list_dicom_series, read_sitk
+
+    if json_out not in (None, "-"):  # refused before the table is printed
+        check_output(json_out, force=force, inputs=[image], extensions=(".json",))
 
     payload: dict = {"path": image}
     kind = _transform_kind(image)

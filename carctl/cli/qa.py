@@ -130,6 +130,8 @@ def run(moving, fixed, field, affine, warped, outputs, device, threads, force, i
     # a constant image validates nothing (register refuses it before any stage)
     require_contrast("moving", moving_image.array)
     require_contrast("fixed", fixed_image.array)
+    if warped_image is not None:  # one value everywhere read as perfectly aligned ("ok", 0)
+        require_contrast("warped", warped_image.array)
     alignments = [(moving_image, [])]  # through the headers
     if field or affine:
         alignments.append((moving_image, load_chain(field, affine, fixed_image.grid.ndim)))

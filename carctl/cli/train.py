@@ -147,6 +147,11 @@ def _run(
             f"{out} holds a training checkpoint: --resume continues it, another --out starts "
             "a new run"
         )
+    if resume and not (out / "state.json").exists():  # a mistyped --out began a new run
+        raise UsageError(
+            f"--resume: {out} holds no training checkpoint to continue; leave --resume out "
+            "to start a run there"
+        )
     if resume:
         _warn_of_changes(out, loop.settings_dict(settings))
     rank = loop.distributed()[0]  # under torchrun: joins the group, takes its GPU

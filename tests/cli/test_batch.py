@@ -221,6 +221,47 @@ def test_a_pair_named_as_the_record_is_refused_first(cli, listing, tmp_path):
     assert not (tmp_path / "out" / "batch.csv").exists()
 
 
+def test_a_pair_never_writes_over_another_pairs_input(cli, listing, tmp_path):
+    """Found by a sweep: a list chaining a pair onto an earlier pair's warped image had that
+    input replaced by the first pair's output (each pair checked its own inputs only), and
+    the second pair registered onto the wrong image, exit 0."""
+    out = tmp_path / "out"
+    (out / "p1").mkdir(parents=True)
+    chained = out / "p1" / "moving_warped.nii.gz"
+    chained.write_bytes((listing.parent / "fixed.nii.gz").read_bytes())
+    before = chained.read_bytes()
+    chain = listing.parent / "chain.csv"
+    chain.write_text(
+        f"name,moving,fixed\np1,moving.nii.gz,fixed.nii.gz\np2,moving.nii.gz,{chained}\n"
+    )
+    for extra in ([], ["--force"]):
+        result = cli("batch", chain, "-o", out, "--method", "rigid", *extra)
+        assert result.code == 1 and "an input of the list" in result.err, result.err
+    assert chained.read_bytes() == before and not (out / "batch.csv").exists()
+
+
+def test_qa_refuses_a_blank_warped_image_and_info_an_existing_json_first(cli, listing, tmp_path):
+    """Found by a sweep: `qa -w` rated a one-value warped image as aligned ("ok", 0); `info
+    --json EXISTING` printed its table, then failed."""
+    data = listing.parent
+    blank = sitk.ReadImage(str(data / "fixed.nii.gz")) * 0
+    write(blank, tmp_path / "blank.nii.gz")
+    result = cli(
+        "qa",
+        data / "moving.nii.gz",
+        data / "fixed.nii.gz",
+        "-w",
+        tmp_path / "blank.nii.gz",
+        "-o",
+        tmp_path / "qa",
+    )
+    assert result.code == 1 and "the warped image is constant" in result.err, result.err
+    (tmp_path / "j.json").write_text("old")
+    result = cli("info", data / "fixed.nii.gz", "--json", tmp_path / "j.json")
+    assert result.code == 1 and result.out == "" and "exists" in result.err
+    assert (tmp_path / "j.json").read_text() == "old"
+
+
 def test_batch_stops_on_error_when_asked(cli, listing, tmp_path):
     out = tmp_path / "out"
     result = cli("batch", listing, "-o", out, "--method", "rigid", "--stop-on-error", "-q")

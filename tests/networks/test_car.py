@@ -357,6 +357,7 @@ def test_train_refusals_and_a_kept_checkpoint(cli, tmp_path, monkeypatch):
         (["--contrast", "inf"], "--contrast must be a number"),
         (["--name", "../x"], "must be a plain file name"),
         (["--seed", str(10**20)], "--seed must be from 0 to"),  # an internal error
+        (["--resume", "--out", str(tmp_path / "typo")], "holds no training checkpoint"),
         ([], "holds a training checkpoint: --resume continues it"),
         (["--resume", "--width", "8", "--steps", "4"], "of another network than these options"),
     ):
