@@ -242,7 +242,9 @@ def _one(pair: Pair, out_dir: Path, settings: RegistrationOptions, options: dict
             what = " and ".join(differs) or "options"
             error = f"done before with other {what} ({folder / SUMMARY}); --force redoes it"
             return row | {"status": "failed", "error": error}
-    outputs = _outputs(pair, out_dir, options["inverse"])
+    # whole paths, as the inputs': summary.json lists them, and a batch resumed from another
+    # working directory found none of them there and redid every pair
+    outputs = _outputs(pair, out_dir.absolute(), options["inverse"])
     started = time.perf_counter()
     try:
         folder.mkdir(parents=True, exist_ok=True)

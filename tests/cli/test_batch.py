@@ -262,6 +262,18 @@ def test_qa_refuses_a_blank_warped_image_and_info_an_existing_json_first(cli, li
     assert (tmp_path / "j.json").read_text() == "old"
 
 
+def test_batch_resumes_from_another_working_directory(cli, listing, tmp_path, monkeypatch):
+    """summary.json listed the outputs relative to the first run's working directory: a
+    batch resumed from another one found none of them and redid every pair."""
+    single = listing.parent / "single.csv"
+    single.write_text("name,moving,fixed\np1,moving.nii.gz,fixed.nii.gz\n")
+    monkeypatch.chdir(tmp_path)
+    assert cli("batch", single, "-o", "out", "--method", "rigid", "-q").code == 0
+    monkeypatch.chdir(tmp_path / "out")
+    assert cli("batch", single, "-o", ".", "--method", "rigid", "-q").code == 0
+    assert _record(tmp_path / "out")["p1"]["status"] == "skipped"
+
+
 def test_batch_stops_on_error_when_asked(cli, listing, tmp_path):
     out = tmp_path / "out"
     result = cli("batch", listing, "-o", out, "--method", "rigid", "--stop-on-error", "-q")
