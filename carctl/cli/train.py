@@ -205,6 +205,14 @@ def _run(
         loop.finish()
     if rank != 0:
         return  # process 0 writes the weights
+    if not validation:  # said even with --quiet: the card's metrics mean less
+        from carctl.cli.console import stderr
+
+        stderr().print(
+            f"warning: no validation volumes under {root} "
+            f"({', '.join(str(v) for v in data.VALIDATION_IMAGES)}): validated on training "
+            "volumes"
+        )
     command = (
         f"carctl train {kind} " + shlex.join(sys.argv[sys.argv.index(kind) + 1 :])
         if kind in sys.argv
