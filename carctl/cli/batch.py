@@ -245,6 +245,7 @@ def _one(pair: Pair, out_dir: Path, settings: RegistrationOptions, options: dict
     # whole paths, as the inputs': summary.json lists them, and a batch resumed from another
     # working directory found none of them there and redid every pair
     outputs = _outputs(pair, out_dir.absolute(), options["inverse"])
+    earlier = _listed_outputs(summary_path)
     started = time.perf_counter()
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -267,6 +268,7 @@ def _one(pair: Pair, out_dir: Path, settings: RegistrationOptions, options: dict
         summary["name"], summary["options"] = pair.name, _chosen(settings)
         summary["batch"] = recipe
         emit_json(summary, str(summary_path), force=True, inputs=pair.inputs())
+        _remove_stale(earlier, list(summary["outputs"].values()), folder)
     except (CarctlError, OSError, MemoryError) as error:
         return row | {"status": "failed", "error": " ".join(str(error).split())}
     except Exception as error:  # a bug: recorded in one line like the rest (--debug: traced)
@@ -280,6 +282,32 @@ def _one(pair: Pair, out_dir: Path, settings: RegistrationOptions, options: dict
             "error": f"internal error: {type(error).__name__}: {message}",
         }
     return row | {"status": "done"} | _measures(summary)
+
+
+def _listed_outputs(summary_path: Path) -> list[str]:
+    """The outputs an earlier run of the pair listed in its summary (none when unreadable)."""
+    import json
+
+    try:
+        listed = json.loads(summary_path.read_text()).get("outputs", {})
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [p for p in listed.values() if isinstance(p, str)] if isinstance(listed, dict) else []
+
+
+def _remove_stale(earlier: list[str], now: list[str], folder: Path) -> None:
+    """Remove from the pair's ``folder`` what an earlier run wrote and this one did not (with
+    fewer outputs asked for, e.g. no --inverse: the old inverse field stayed beside the new
+    results), with the data files of its format; nothing outside the folder."""
+    from carctl.io import input_files
+
+    keep = {os.path.realpath(p) for path in now for p in input_files(path)}
+    home = os.path.realpath(folder)
+    for path in earlier:
+        for stale in input_files(path):
+            where = os.path.realpath(stale)
+            if where not in keep and os.path.dirname(where) == home and os.path.isfile(where):
+                os.remove(where)
 
 
 def _measures(summary: dict) -> dict:

@@ -274,6 +274,25 @@ def test_batch_resumes_from_another_working_directory(cli, listing, tmp_path, mo
     assert _record(tmp_path / "out")["p1"]["status"] == "skipped"
 
 
+def test_a_redone_pair_folder_holds_only_the_new_outputs(cli, listing, tmp_path):
+    """`--force` without `--inverse` after a run with it left the old inverse field beside
+    the new results (summary.json no longer listed it)."""
+    single = listing.parent / "single.csv"
+    single.write_text("name,moving,fixed\np1,moving.nii.gz,fixed.nii.gz\n")
+    out = tmp_path / "out"
+    assert cli("batch", single, "-o", out, "--method", "rigid", "-q", "--inverse").code == 0
+    assert (out / "p1" / "moving_field_inverse.nii").is_file()
+    (out / "p1" / "notes.txt").write_text("mine")  # not an output: kept
+    assert cli("batch", single, "-o", out, "--method", "rigid", "-q", "--force").code == 0
+    assert sorted(p.name for p in (out / "p1").iterdir()) == [
+        "moving_affine.mat",
+        "moving_field.nii",
+        "moving_warped.nii.gz",
+        "notes.txt",
+        "summary.json",
+    ]
+
+
 def test_batch_stops_on_error_when_asked(cli, listing, tmp_path):
     out = tmp_path / "out"
     result = cli("batch", listing, "-o", out, "--method", "rigid", "--stop-on-error", "-q")
