@@ -111,9 +111,10 @@ def command(
             )
     everything = [pairs] + [path for pair in listed for path in pair.inputs()]
     check_output(out_dir / RECORD, force=True, inputs=everything, extensions=(".csv",))
-    _refuse_outputs_over_inputs(listed, out_dir, everything, pairs, inverse)
+    protected = _refuse_outputs_over_inputs(listed, out_dir, everything, pairs, inverse)
     # the list is never written over, as no input is
     options = {"threads": threads, "qa": qa, "inverse": inverse, "force": force, "list": pairs}
+    options["protected"] = protected  # never removed as a stale output either
     counts = _run_all(listed, out_dir, settings, options, stop_on_error, quiet)
     if not quiet:
         from carctl.cli.console import stderr
@@ -197,10 +198,11 @@ def _outputs(pair: Pair, out_dir: Path, inverse: bool) -> dict[str, str]:
 
 def _refuse_outputs_over_inputs(
     listed: list[Pair], out_dir: Path, inputs: list[str], listing: Path, inverse: bool
-) -> None:
+) -> set[str]:
     """Refuse, before any work, a pair whose outputs would replace an input of the list
     (another pair's image, chained onto an earlier pair's warped image): each pair checked
-    its own inputs only, and wrote over the other's (its folder is written with force)."""
+    its own inputs only, and wrote over the other's (its folder is written with force).
+    Returns the real paths of every file the inputs read."""
     from carctl.errors import OutputError
     from carctl.io import input_files
 
@@ -213,6 +215,7 @@ def _refuse_outputs_over_inputs(
                         f"{listing}:{pair.line}: the pair would write '{target}', an input of "
                         "the list; give the pair another name or -o another folder"
                     )
+    return protected
 
 
 def _one(pair: Pair, out_dir: Path, settings: RegistrationOptions, options: dict) -> dict:
@@ -268,7 +271,8 @@ def _one(pair: Pair, out_dir: Path, settings: RegistrationOptions, options: dict
         summary["name"], summary["options"] = pair.name, _chosen(settings)
         summary["batch"] = recipe
         emit_json(summary, str(summary_path), force=True, inputs=pair.inputs())
-        _remove_stale(earlier, list(summary["outputs"].values()), folder)
+        now = list(summary["outputs"].values())
+        _remove_stale(earlier, now, folder, options.get("protected", set()))
     except (CarctlError, OSError, MemoryError) as error:
         return row | {"status": "failed", "error": " ".join(str(error).split())}
     except Exception as error:  # a bug: recorded in one line like the rest (--debug: traced)
@@ -295,13 +299,14 @@ def _listed_outputs(summary_path: Path) -> list[str]:
     return [p for p in listed.values() if isinstance(p, str)] if isinstance(listed, dict) else []
 
 
-def _remove_stale(earlier: list[str], now: list[str], folder: Path) -> None:
+def _remove_stale(earlier: list[str], now: list[str], folder: Path, inputs: set[str]) -> None:
     """Remove from the pair's ``folder`` what an earlier run wrote and this one did not (with
     fewer outputs asked for, e.g. no --inverse: the old inverse field stayed beside the new
-    results), with the data files of its format; nothing outside the folder."""
+    results), with the data files of its format; nothing outside the folder, and no file
+    among ``inputs`` (real paths of the list's inputs)."""
     from carctl.io import input_files
 
-    keep = {os.path.realpath(p) for path in now for p in input_files(path)}
+    keep = inputs | {os.path.realpath(p) for path in now for p in input_files(path)}
     home = os.path.realpath(folder)
     for path in earlier:
         for stale in input_files(path):
