@@ -241,8 +241,7 @@ def _one(pair: Pair, out_dir: Path, settings: RegistrationOptions, options: dict
                 return row | {"status": "skipped"} | _measures(before)
             # an output gone: the pair is done again, over its own folder
         elif before is not None:  # never overwrite results of another recipe unasked
-            differs = [k for k in recipe if not isinstance(done, dict) or done.get(k) != recipe[k]]
-            what = " and ".join(differs) or "options"
+            what = _differences(done, recipe) or "options"
             error = f"done before with other {what} ({folder / SUMMARY}); --force redoes it"
             return row | {"status": "failed", "error": error}
     # whole paths, as the inputs': summary.json lists them, and a batch resumed from another
@@ -286,6 +285,22 @@ def _one(pair: Pair, out_dir: Path, settings: RegistrationOptions, options: dict
             "error": f"internal error: {type(error).__name__}: {message}",
         }
     return row | {"status": "done"} | _measures(summary)
+
+
+def _differences(done, recipe: dict) -> str:
+    """What differs between an earlier run's recipe and this one, named down to the option or
+    input ("options (method, seed) and inputs (fixed)"); the error named the category only."""
+    parts = []
+    for key, now in recipe.items():
+        before = done.get(key) if isinstance(done, dict) else None
+        if before == now:
+            continue
+        if isinstance(before, dict) and isinstance(now, dict):
+            names = sorted(n for n in before.keys() | now.keys() if before.get(n) != now.get(n))
+            parts.append(f"{key} ({', '.join(names)})")
+        else:
+            parts.append(key)
+    return " and ".join(parts)
 
 
 def _listed_outputs(summary_path: Path) -> list[str]:

@@ -180,7 +180,7 @@ def test_batch_registers_records_and_resumes(cli, listing, tmp_path):
     # other options: the pairs done are not redone over their results unless forced
     other = cli("batch", listing, *options, "--seed", "1", "-q")
     assert other.code == 1 and _record(out)["one"]["status"] == "failed"
-    assert "done before with other options" in _record(out)["one"]["error"]
+    assert "done before with other options (seed)" in _record(out)["one"]["error"]
     assert (out / "one" / "moving_field.nii").stat().st_mtime_ns == stamp
     # --force redoes them
     redo = cli("batch", listing, *options, "--force", "--quiet", "--inverse")
@@ -202,13 +202,16 @@ def test_batch_resumes_only_what_is_the_same_and_whole(cli, listing, tmp_path):
     warped.unlink()
     again = cli("batch", listing, *options)
     assert _record(out)["one"]["status"] == "done" and warped.is_file(), again.err
-    for extra, what in ((["--qa"], "other outputs"), (["--inverse"], "other outputs")):
+    for extra, what in (
+        (["--qa"], "other outputs (qa)"),
+        (["--inverse"], "other outputs (inverse)"),
+    ):
         cli("batch", listing, *options, *extra)
         assert what in _record(out)["one"]["error"]
     data = listing.parent
     write(sitk.ReadImage(str(data / "fixed.nii.gz")), data / "moving.nii.gz")  # replaced
     cli("batch", listing, *options)
-    assert "done before with other inputs" in _record(out)["one"]["error"]
+    assert "done before with other inputs (moving)" in _record(out)["one"]["error"]
 
 
 def test_a_pair_named_as_the_record_is_refused_first(cli, listing, tmp_path):
