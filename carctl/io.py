@@ -550,10 +550,9 @@ def check_output(
             f"cannot write '{path}': ITK's NIfTI writer would write another file name (it "
             f"treats '.nii', '.hdr' and '.img' inside the name as the extension); rename it"
         )
-    protected = {os.path.realpath(f) for spec in inputs for f in input_files(spec)}
-    for target in input_files(path):  # the file and the data files its format writes
-        if os.path.realpath(target) in protected:
-            raise OutputError(f"refusing to write '{target}': it is one of the inputs")
+    target = over_input(path, input_paths(inputs))
+    if target is not None:
+        raise OutputError(f"refusing to write '{target}': it is one of the inputs")
     if path.is_dir():
         raise OutputError(f"cannot write '{path}': it is a directory")
     if path.exists() and not force:
@@ -561,6 +560,17 @@ def check_output(
     if probe:
         _check_writable(path)
     return path
+
+
+def input_paths(inputs: Iterable[str | os.PathLike]) -> set[str]:
+    """The real paths of every file the ``inputs`` read (see :func:`input_files`)."""
+    return {os.path.realpath(f) for spec in inputs for f in input_files(spec)}
+
+
+def over_input(path: str | os.PathLike, protected: set[str]) -> Path | None:
+    """The file writing ``path`` would write (it, or a data file its format writes) that is
+    among ``protected`` (:func:`input_paths`), or None."""
+    return next((t for t in input_files(path) if os.path.realpath(t) in protected), None)
 
 
 def _check_writable(path: Path) -> None:

@@ -204,17 +204,16 @@ def _refuse_outputs_over_inputs(
     its own inputs only, and wrote over the other's (its folder is written with force).
     Returns the real paths of every file the inputs read."""
     from carctl.errors import OutputError
-    from carctl.io import input_files
+    from carctl.io import input_paths, over_input
 
-    protected = {os.path.realpath(f) for spec in inputs for f in input_files(spec)}
+    protected = input_paths(inputs)
     for pair in listed:
         for path in _outputs(pair, out_dir, inverse).values():
-            for target in input_files(path):
-                if os.path.realpath(target) in protected:
-                    raise OutputError(
-                        f"{listing}:{pair.line}: the pair would write '{target}', an input of "
-                        "the list; give the pair another name or -o another folder"
-                    )
+            if (target := over_input(path, protected)) is not None:
+                raise OutputError(
+                    f"{listing}:{pair.line}: the pair would write '{target}', an input of "
+                    "the list; give the pair another name or -o another folder"
+                )
     return protected
 
 
@@ -319,9 +318,9 @@ def _remove_stale(earlier: list[str], now: list[str], folder: Path, inputs: set[
     fewer outputs asked for, e.g. no --inverse: the old inverse field stayed beside the new
     results), with the data files of its format; nothing outside the folder, and no file
     among ``inputs`` (real paths of the list's inputs)."""
-    from carctl.io import input_files
+    from carctl.io import input_files, input_paths
 
-    keep = inputs | {os.path.realpath(p) for path in now for p in input_files(path)}
+    keep = inputs | input_paths(now)
     home = os.path.realpath(folder)
     for path in earlier:
         for stale in input_files(path):

@@ -207,27 +207,22 @@ def command(
     emit_json(summary, json_out, force=force, inputs=inputs)
 
 
-def _thin_field_path(path: str, grid, key: str, moving: str, force: bool, inputs) -> str:
-    """Where the field of ``key`` on ``grid`` goes: ``path``, unless the grid is 3-D and one
-    voxel thick (a single slice) and ``path`` NIfTI, which ITK and ANTs read back as a 2-D
-    image of 3-vectors (the third axis and its origin lost; ``antsApplyTransforms`` then
-    ignored the field). A default name becomes ``.mha``; a given one is refused."""
-    from carctl.errors import OutputError
+def _field_path(path: str, grid, moving: str, force: bool, inputs) -> str:
+    """Where a field on ``grid`` goes: ``path``, or for a default NIfTI name that would not
+    read back (:func:`carctl.spatial.files.thin_in_nifti`) the same name in ``.mha``; a
+    given name that would not is refused before any work."""
     from carctl.io import check_output, image_suffix
+    from carctl.spatial.files import require_field_format, thin_in_nifti
 
-    suffix = image_suffix(path)
-    if grid.ndim != 3 or min(grid.size) > 1 or suffix not in (".nii", ".nii.gz"):
-        return path
     default = Path(_default_names(moving)["field"])
-    if Path(path).name in (default.name, f"{default.stem}_inverse.nii"):
-        thin = str(Path(path).with_name(Path(path).name[: -len(suffix)] + ".mha"))
-        check_output(thin, force=force, inputs=inputs)
-        return thin
-    raise OutputError(
-        f"--{key.replace('_', '-')} '{path}': the grid is one voxel thick, and ITK and ANTs "
-        "read such a field in NIfTI as a 2-D image (its third axis lost); write it as .mha "
-        "or .nrrd"
-    )
+    if thin_in_nifti(path, grid) and Path(path).name in (
+        default.name,
+        f"{default.stem}_inverse.nii",
+    ):
+        path = str(Path(path).with_name(Path(path).name[: -len(image_suffix(path))] + ".mha"))
+        check_output(path, force=force, inputs=inputs)
+    require_field_format(path, grid)
+    return path
 
 
 def finish(pool) -> None:
@@ -288,7 +283,7 @@ def run(
     require_file(options.get("initial_affine"))
     for key, grid in (("field", fixed_image.grid), ("inverse_field", moving_image.grid)):
         if key in outputs:
-            outputs[key] = _thin_field_path(outputs[key], grid, key, moving, force, inputs)
+            outputs[key] = _field_path(outputs[key], grid, moving, force, inputs)
 
     from carctl.metrics import jacobian_summary
     from carctl.registration.pipeline import register

@@ -128,11 +128,30 @@ def write_field(
     suffix = image_suffix(path)
     if suffix not in FIELD_EXTENSIONS:
         raise OutputError(f"cannot write field '{path}': use one of {', '.join(FIELD_EXTENSIONS)}")
+    require_field_format(path, field.grid)
     if suffix == ".nii" and max(field.grid.size) <= NIFTI1_MAX_SIZE:
         return _write_nifti_field(field, path, force=force, inputs=inputs)
     array = field.data.detach().to(torch.float32).movedim(0, -1).contiguous().numpy()
     image = field.grid.copy_to(sitk.GetImageFromArray(array, isVector=True))
     return write_sitk(image, path, force=force, inputs=inputs)
+
+
+def thin_in_nifti(path: str | os.PathLike, grid: Grid) -> bool:
+    """Whether a field on ``grid`` written to ``path`` would not read back as written: a 3-D
+    grid one voxel thick in NIfTI, which ITK and ANTs read as a 2-D image of 3-vectors (its
+    third axis and origin lost: ``antsApplyTransforms`` ignored such a field)."""
+    return grid.ndim == 3 and min(grid.size) == 1 and image_suffix(path) in (".nii", ".nii.gz")
+
+
+def require_field_format(path: str | os.PathLike, grid: Grid) -> None:
+    """Refuse (:class:`OutputError`) a field file that would not read back (see
+    :func:`thin_in_nifti`)."""
+    if thin_in_nifti(path, grid):
+        raise OutputError(
+            f"cannot write field '{path}': its grid is one voxel thick, and ITK and ANTs read "
+            "such a field in NIfTI as a 2-D image (its third axis lost); write it as .mha or "
+            ".nrrd"
+        )
 
 
 # NIfTI-1: bits per voxel (int16) and the data's offset (float32) in the header.
