@@ -634,6 +634,59 @@ def output_group() -> Iterator[None]:
         _group = None
 
 
+LOCK_NAME = ".carctl.lock"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, what: str) -> Iterator[None]:
+    """Hold ``folder`` (made if missing) for one carctl process: a second ``what`` (e.g.
+    "carctl batch") run into the same folder meanwhile is refused instead of writing over
+    the first one's record and outputs. The lock is the operating system's
+    (``flock``), so a process that dies releases it; the lock file is removed on leaving."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here; runs are not guarded
+        yield
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _cannot_write(folder, error) from error
+    path = folder / LOCK_NAME
+    while True:
+        try:
+            handle = open(path, "a+")  # noqa: SIM115 (held until the block ends)
+        except OSError as error:
+            raise _cannot_write(path, error) from error
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            handle.close()
+            raise OutputError(
+                f"another {what} ({holder or 'a process'}) is writing into '{folder}'; wait "
+                "for it to end or give another folder"
+            ) from None
+        try:  # the file locked is still the one at the path (a leaving run removes it)
+            same = os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+        except OSError:
+            same = False
+        if same:
+            break
+        handle.close()
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        handle.close()
+
+
 def _require_written(staging: Path, path: Path) -> None:
     if not (staging / path.name).exists():
         raise OutputError(f"nothing was written to '{path}'")

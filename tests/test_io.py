@@ -493,3 +493,24 @@ def test_a_singular_direction_is_named_not_a_matrix_row(tmp_path):
     )
     with pytest.raises(InputError, match="its direction matrix is singular"):
         read_image(path)
+
+
+def test_a_folder_lock_refuses_a_second_holder_and_is_gone_after(tmp_path):
+    """Two runs writing into one folder overwrote each other's record (``batch``) or
+    checkpoints (``train``): the second is refused while the first holds the folder."""
+    import os
+
+    from carctl.io import LOCK_NAME, folder_lock
+
+    folder = tmp_path / "new" / "out"
+    with folder_lock(folder, "carctl batch"):
+        assert (folder / LOCK_NAME).read_text() == f"process {os.getpid()}\n"
+        with pytest.raises(OutputError) as refused, folder_lock(folder, "carctl batch"):
+            pass
+        assert str(refused.value) == (
+            f"another carctl batch (process {os.getpid()}) is writing into '{folder}'; wait "
+            "for it to end or give another folder"
+        )
+    assert list(folder.iterdir()) == []
+    with folder_lock(folder, "carctl batch"):  # free again
+        pass

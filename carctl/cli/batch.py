@@ -82,7 +82,7 @@ def command(
     from carctl.batch import read_pairs
     from carctl.config import RegistrationOptions
     from carctl.errors import InputError, OutputError
-    from carctl.io import check_output
+    from carctl.io import check_output, folder_lock
     from carctl.runtime import check_threads
 
     started = time.perf_counter()
@@ -115,7 +115,8 @@ def command(
     # the list is never written over, as no input is
     options = {"threads": threads, "qa": qa, "inverse": inverse, "force": force, "list": pairs}
     options["protected"] = protected  # never removed as a stale output either
-    counts = _run_all(listed, out_dir, settings, options, stop_on_error, quiet)
+    with folder_lock(out_dir, "carctl batch"):  # two batches in one folder: one record
+        counts = _run_all(listed, out_dir, settings, options, stop_on_error, quiet)
     if not quiet:
         from carctl.cli.console import stderr
 

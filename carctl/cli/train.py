@@ -65,6 +65,8 @@ def _common(
         raise UsageError(f"unknown --device '{device}'; choose from {', '.join(DEVICES)}")
     if not name or name != Path(name).name or name in (".", ".."):
         raise UsageError(f"--name '{name}' must be a plain file name (written into --out)")
+    if name in RESERVED:  # its weights or card would replace the checkpoint's files
+        raise UsageError(f"--name '{name}' names a checkpoint file in --out; choose another")
     root = data_dir or _default_data()
     if not root.is_dir():
         what = "is a file, not a folder" if root.exists() else "does not exist"
@@ -84,6 +86,47 @@ def _recipe(card: Path) -> tuple[list[str], int]:
         return [], 0
     commands = training.get("commands") or ([training["command"]] if "command" in training else [])
     return list(commands), int(training.get("steps_done", 0))
+
+
+COMMANDS = "commands.json"  # in --out: the commands of the run so far, in order
+# File stems of a checkpoint in --out (carctl.training.loop), which no --name may take.
+RESERVED = ("model", "optimizer", "state", "commands")
+
+
+def _card_of(weights: str | Path) -> Path:
+    from carctl import pretrained
+
+    return Path(weights).with_suffix(pretrained.CARD_SUFFIX)
+
+
+def _commands(out: Path, name: str, resume: bool, init: str | None, command: str) -> list[str]:
+    """The commands that made the run in ``out``, this one last, kept in ``out`` as they
+    grow: a fine-tuning run's start with its starting weights' (``init``), a resumed run's
+    with the commands before it. Written before training, so that a run stopped before it
+    wrote its card still passes its command on; a resumed run under another ``--name``
+    found no card of that name and recorded its own command alone."""
+    import json
+
+    from carctl import pretrained
+    from carctl.io import write_text
+
+    commands: list[str] = []
+    if resume:
+        try:
+            kept = json.loads((out / COMMANDS).read_text())
+        except (OSError, ValueError):
+            kept = None
+        if isinstance(kept, list) and all(isinstance(c, str) for c in kept):
+            commands = kept
+        else:  # a checkpoint from before commands.json: its card, if it has this name
+            commands = _recipe(out / f"{name}{pretrained.CARD_SUFFIX}")[0]
+    if not commands and init:  # a fresh fine-tuning run starts with its weights' recipe
+        commands = _recipe(_card_of(init))[0]
+    if not commands or commands[-1] != command:
+        commands.append(command)
+    text = json.dumps(commands, indent=1) + "\n"
+    write_text(text, out / COMMANDS, force=True, extensions=(".json",))
+    return commands
 
 
 def _warn_of_changes(out: Path, settings: dict) -> None:
@@ -131,6 +174,7 @@ def _run(
 ) -> None:
     """Load the data (each volume at ``scales``, default :data:`carctl.training.data.SCALES`),
     train with a progress bar, write the weights and their card."""
+    import contextlib
     import shlex
     import sys
     import time
@@ -140,6 +184,7 @@ def _run(
     from carctl import __version__, pretrained
     from carctl.cli.console import stdout
     from carctl.errors import InputError, UsageError
+    from carctl.io import folder_lock
     from carctl.training import data, loop
 
     if (out / "state.json").exists() and not resume:  # a fresh run would replace it
@@ -186,25 +231,57 @@ def _run(
         def progress_fn(step: int, metrics: dict) -> None:
             bar.update(task, completed=step, info=shown(metrics))
 
-    if bar is not None:
-        bar.start()
-    try:
-        model, metrics = module.train(
-            settings,
-            volumes,
-            validation,
-            out,
-            resume=resume,
-            device=device,
-            progress=progress_fn,
-            stop=stop_at,
-        )
-    finally:
+    command = (
+        f"carctl train {kind} " + shlex.join(sys.argv[sys.argv.index(kind) + 1 :])
+        if kind in sys.argv
+        else f"carctl train {kind}"
+    ).strip()
+    # one run at a time in --out (two wrote each other's checkpoints)
+    with folder_lock(out, f"carctl train {kind}") if rank == 0 else contextlib.nullcontext():
+        if rank == 0:
+            commands = _commands(out, name, resume, getattr(settings, "init", None), command)
         if bar is not None:
-            bar.stop()
-        loop.finish()
-    if rank != 0:
-        return  # process 0 writes the weights
+            bar.start()
+        try:
+            model, metrics = module.train(
+                settings,
+                volumes,
+                validation,
+                out,
+                resume=resume,
+                device=device,
+                progress=progress_fn,
+                stop=stop_at,
+            )
+        finally:
+            if bar is not None:
+                bar.stop()
+            loop.finish()
+        if rank != 0:
+            return  # process 0 writes the weights
+        init = getattr(settings, "init", None)
+        card = pretrained.write(
+            model,
+            out,
+            name,
+            {
+                "architecture": {"kind": architecture, "config": settings.network.to_dict()},
+                "description": description,
+                "training": {
+                    "command": " && ".join(commands),
+                    "commands": commands,
+                    "settings": loop.settings_dict(settings),
+                    "steps_done": metrics["step"] + (_recipe(_card_of(init))[1] if init else 0),
+                    **({"init_sha256": pretrained.sha256(Path(init))} if init else {}),
+                    "data": sorted({v.name.split("@")[0] for v in volumes}),
+                    "validation_data": sorted({v.name.split("@")[0] for v in validation}),
+                    "device": device,
+                    "torch": torch.__version__,
+                    "carctl": __version__,
+                },
+                "validation": metrics,
+            },
+        )
     if not validation:  # said even with --quiet: the card's metrics mean less
         from carctl.cli.console import stderr
 
@@ -213,40 +290,6 @@ def _run(
             f"({', '.join(str(v) for v in data.VALIDATION_IMAGES)}): validated on training "
             "volumes"
         )
-    command = (
-        f"carctl train {kind} " + shlex.join(sys.argv[sys.argv.index(kind) + 1 :])
-        if kind in sys.argv
-        else f"carctl train {kind}"
-    ).strip()
-    init = getattr(settings, "init", None)
-    # a fine-tuning run's recipe and steps start with its starting weights'
-    commands, before = _recipe(Path(init).with_suffix(pretrained.CARD_SUFFIX)) if init else ([], 0)
-    if resume and (out / f"{name}{pretrained.CARD_SUFFIX}").exists():
-        commands = _recipe(out / f"{name}{pretrained.CARD_SUFFIX}")[0]  # already headed by them
-    if not commands or commands[-1] != command:
-        commands.append(command)
-    card = pretrained.write(
-        model,
-        out,
-        name,
-        {
-            "architecture": {"kind": architecture, "config": settings.network.to_dict()},
-            "description": description,
-            "training": {
-                "command": " && ".join(commands),
-                "commands": commands,
-                "settings": loop.settings_dict(settings),
-                "steps_done": metrics["step"] + before,
-                **({"init_sha256": pretrained.sha256(Path(init))} if init else {}),
-                "data": sorted({v.name.split("@")[0] for v in volumes}),
-                "validation_data": sorted({v.name.split("@")[0] for v in validation}),
-                "device": device,
-                "torch": torch.__version__,
-                "carctl": __version__,
-            },
-            "validation": metrics,
-        },
-    )
     if not quiet:
         console.print(f"wrote {card.weights} and {card.path}: validation {shown(metrics)}")
 

@@ -296,6 +296,22 @@ def test_a_redone_pair_folder_holds_only_the_new_outputs(cli, listing, tmp_path)
     ]
 
 
+def test_a_second_batch_into_the_same_folder_is_refused(cli, listing, tmp_path):
+    """Two batches run at once into one -o rewrote each other's batch.csv and pair folders:
+    the second is refused, one line, before it writes anything."""
+    from carctl.io import folder_lock
+
+    out = tmp_path / "out"
+    with folder_lock(out, "carctl batch"):  # a first batch at work
+        result = cli("batch", listing, "-o", out, "--method", "rigid", "-q")
+        assert result.code == 1 and len(result.err.strip().splitlines()) == 1
+        assert "another carctl batch (process " in result.err and str(out) in result.err
+        assert [p.name for p in out.iterdir()] == [".carctl.lock"]
+    result = cli("batch", listing, "-o", out, "--method", "rigid", "-q", "--threads", "1")
+    assert result.code == 1 and _record(out)["one"]["status"] == "done"  # 'broken' fails
+    assert ".carctl.lock" not in [p.name for p in out.iterdir()]
+
+
 def test_batch_stops_on_error_when_asked(cli, listing, tmp_path):
     out = tmp_path / "out"
     result = cli("batch", listing, "-o", out, "--method", "rigid", "--stop-on-error", "-q")

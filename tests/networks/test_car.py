@@ -596,3 +596,30 @@ def test_torchrun_trains_with_two_processes(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((out / "state.json").read_text())["step"] == 2
     assert json.loads((out / "car.json").read_text())["training"]["steps_done"] == 2
+
+
+def test_a_run_resumed_under_another_name_keeps_the_whole_recipe(cli, tmp_path, monkeypatch):
+    """A run stopped before its end and resumed with ``--name other`` wrote a card listing
+    the resuming command alone (no card of that name was there to read the first from); a
+    name of a checkpoint file (``state``: the card replaced the checkpoint) is refused."""
+    import sys
+
+    _tiny_data(tmp_path)
+    out = tmp_path / "run"
+    args = ["train", "car", "--data", str(tmp_path / "data"), "--out", str(out)]
+    args += ["--patch", "16", "--width", "4", "--validate-every", "2", "--steps", "4", "-q"]
+    first = [*args, "--stop-at", "2"]
+    monkeypatch.setattr(sys, "argv", ["carctl", *first])
+    assert cli(*first).code == 0
+    again = [*args, "--resume", "--name", "other"]
+    monkeypatch.setattr(sys, "argv", ["carctl", *again])
+    assert cli(*again).code == 0
+    training = json.loads((out / "other.json").read_text())["training"]
+    assert training["commands"] == [
+        "carctl train car " + " ".join(first[2:]),
+        "carctl train car " + " ".join(again[2:]),
+    ]
+    assert training["steps_done"] == 4
+    for name in ("state", "model", "commands"):
+        refused = cli(*args, "--resume", "--name", name)
+        assert refused.code == 2 and "names a checkpoint file in --out" in refused.err
