@@ -75,8 +75,10 @@ def field_on_grid(field: torch.Tensor, source: Grid, target: Grid) -> torch.Tens
 
     When the two grids' axes are parallel (target index -> source index is a scaling and a
     shift per axis, as for working grids cut from the fixed grid) it interpolates one axis
-    at a time (about 4x faster than ``grid_sample`` on a 1 mm brain); otherwise it samples
-    at every voxel's mapped index."""
+    at a time, each as a product with that axis' interpolation matrix (two weights a row),
+    the axis that grows least first; otherwise it samples at every voxel's mapped index.
+    On a 1 mm brain from a 96 x 128 x 96 field: ``grid_sample`` about 4x slower than one axis
+    at a time by gathers and ``lerp``, which took 0.34-0.43 s, the products 0.14-0.15 s."""
     d = source.ndim
     matrix = source.physical_to_index @ target.index_to_physical
     linear = matrix[:d, :d]
@@ -84,19 +86,26 @@ def field_on_grid(field: torch.Tensor, source: Grid, target: Grid) -> torch.Tens
         index = target.map_indices(matrix, field.dtype, field.device)
         return sample_field(field, source, index)
     out = field[0]
-    for axis in range(d):  # index axis i, j, k is tensor dimension D, D-1, ... (after channels)
+    # index axis i, j, k is tensor dimension D, D-1, ... (after the channels)
+    growth = [target.size[axis] / source.size[axis] for axis in range(d)]
+    for axis in sorted(range(d), key=lambda a: growth[a]):
         dim = d - axis
         n = out.shape[dim]
         steps = torch.arange(target.size[axis], dtype=torch.float64)
         where = (steps * linear[axis, axis] + matrix[axis, d]).clamp(0, n - 1)
         low = where.floor().clamp(max=max(n - 2, 0))
-        fraction = (where - low).to(out.dtype).to(out.device)
-        low = low.long().to(out.device)
-        shape = [1] * out.dim()
-        shape[dim] = -1
-        fraction = fraction.reshape(shape)
-        above = out.index_select(dim, (low + 1).clamp(max=n - 1))
-        out = torch.lerp(out.index_select(dim, low), above, fraction)
+        fraction = where - low
+        low = low.long()
+        weights = torch.zeros(len(steps), n, dtype=torch.float64)
+        weights[steps.long(), low] = 1 - fraction
+        weights[steps.long(), (low + 1).clamp(max=n - 1)] += fraction  # n == 1: one column
+        weights = weights.to(out.dtype).to(out.device)
+        shape = list(out.shape)
+        if dim == out.dim() - 1:  # the last dimension: (rows, n) x (n, m)
+            out = (out.reshape(-1, n) @ weights.T).reshape(*shape[:-1], -1)
+        else:  # (m, n) x (batch, n, rest)
+            rows = out.reshape(int(np.prod(shape[:dim])), n, -1)
+            out = torch.matmul(weights, rows).reshape(*shape[:dim], -1, *shape[dim + 1 :])
     return out
 
 

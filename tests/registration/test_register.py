@@ -1353,3 +1353,13 @@ def test_inside_and_interior_match_the_point_by_point_answer(parallel):
     within = Grid((5, 5, 3), (1.0, 1.0, 2.0), (5.0, 10.0, 7.0), tuple(np.eye(3).ravel()))
     assert float(levels.interior(image, within, 1, beyond=1.0).min()) == 1.0
     assert float(levels.interior(image, within, 1).min()) == 0.0  # the grid's own edge
+
+
+def test_field_on_grid_in_2d_matches_sampling_at_every_voxel():
+    """The one-axis-at-a-time products on 2-D grids, one axis shrinking and one growing."""
+    source = Grid((7, 12), (2.0, 1.5), (1.0, -4.0), (1.0, 0.0, 0.0, 1.0))
+    grid = Grid((5, 30), (3.1, 0.5), (-1.0, -6.0), (1.0, 0.0, 0.0, 1.0))
+    u = torch.randn(1, 2, 12, 7, generator=torch.Generator().manual_seed(1))
+    index = grid.map_indices(source.physical_to_index @ grid.index_to_physical, torch.float32)
+    expected = optimize.sample_field(u, source, index)
+    torch.testing.assert_close(optimize.field_on_grid(u, source, grid), expected, atol=1e-5, rtol=0)
