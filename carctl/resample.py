@@ -10,10 +10,10 @@ import numpy as np
 
 from carctl.errors import InputError
 from carctl.io import Image
-from carctl.spatial.files import read_affine, read_field
+from carctl.spatial.files import read_affine, read_field, read_transform
 from carctl.spatial.grid import Grid
 from carctl.spatial.sample import INTERPOLATORS, warp
-from carctl.spatial.transform import Transform
+from carctl.spatial.transform import Affine, Transform
 
 
 def load_chain(
@@ -36,6 +36,48 @@ def load_chain(
             raise InputError(f"'{path}' is a {transform.ndim}-D transform; the images are {ndim}-D")
         chain.append(transform)
     return chain
+
+
+def transform_spec(spec: str) -> tuple[str, bool]:
+    """ANTs' ``-t`` syntax: ``PATH``, or ``[PATH,1]`` for its inverse (``[PATH,0]``: PATH)."""
+    text = spec.strip()
+    if not (text.startswith("[") and text.endswith("]")):
+        return spec, False
+    path, comma, flag = text[1:-1].rpartition(",")
+    if not comma or flag.strip() not in ("0", "1") or not path.strip():
+        raise InputError(f"-t '{spec}': write a transform as PATH or [PATH,1] (its inverse)")
+    return path.strip(), flag.strip() == "1"
+
+
+def load_transforms(specs: Sequence[str], ndim: int | None = None) -> list[Transform]:
+    """The pull-back chain of ``-t`` transforms in ANTs' order (``antsApplyTransforms -t
+    W2 -t A2 -t W1 -t A1``): a point of the reference goes through the first listed first,
+    so the outputs of two registrations chain as the later one's field and affine, then
+    the earlier one's. ``[AFFINE,1]`` is the affine's inverse; a field's inverse is
+    register's ``--inverse-field``."""
+    chain: list[Transform] = []
+    for spec in specs:
+        path, inverse = transform_spec(spec)
+        transform = read_transform(path)
+        if ndim is not None and transform.ndim != ndim:
+            raise InputError(f"'{path}' is a {transform.ndim}-D transform; the images are {ndim}-D")
+        if inverse:
+            if not isinstance(transform, Affine):
+                raise InputError(
+                    f"-t '{spec}': a displacement field is not inverted here; give the inverse "
+                    "field (register's --inverse-field) instead"
+                )
+            try:
+                transform = transform.inverse()
+            except InputError as error:
+                raise InputError(f"-t '{spec}': {error}") from error
+        chain.append(transform)
+    return chain
+
+
+def transform_paths(specs: Sequence[str]) -> list[str]:
+    """The files ``-t`` specs read (inputs, never written over)."""
+    return [transform_spec(spec)[0] for spec in specs]
 
 
 def check_interpolation(name: str) -> None:

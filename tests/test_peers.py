@@ -175,6 +175,78 @@ def test_apply_field_then_affine_matches_simpleitk_and_ants(case, cli, tmp_path)
     assert relative_difference(ours, field_only, case.moving) > 100 * RELATIVE_TOLERANCE
 
 
+def test_apply_and_points_chain_transforms_in_ants_order(case, cli, tmp_path):
+    """``-t F -t A2 -t [A,1]``: a reference point goes through F, then A2, then A's inverse,
+    as antsApplyTransforms (``whichtoinvert``) and a SimpleITK composite do; ``carctl
+    points`` maps points through the same chain."""
+    second = small_affine(case.fixed.GetDimension(), image_centre(case.fixed) - 6.0)
+    second.SetTranslation(tuple(-2.0 * np.asarray(second.GetTranslation())))
+    second_path = tmp_path / "second.tfm"
+    sitk.WriteTransform(second, str(second_path))
+    specs = [str(case.field_path), str(second_path), f"[{case.affine_path},1]"]
+    options = [x for spec in specs for x in ("-t", spec)]
+    warped = run_apply(cli, case.moving_path, case.fixed_path, tmp_path / "out.nii.gz", *options)
+    ours = sitk.GetArrayFromImage(warped)
+    # SimpleITK applies the transform added last first
+    chain = [case.affine.GetInverse(), second, field_transform(case.field)]
+    itk = sitk_resample(case.moving, case.fixed, sitk.CompositeTransform(chain))
+    antspy = ants.apply_transforms(
+        fixed=ants.image_read(str(case.fixed_path)),
+        moving=ants.image_read(str(case.moving_path)),
+        transformlist=[str(case.field_path), str(second_path), str(case.affine_path)],
+        whichtoinvert=[False, False, True],
+    )
+    assert relative_difference(itk, np.transpose(antspy.numpy()), case.moving) < RELATIVE_TOLERANCE
+    assert relative_difference(ours, itk, case.moving) < RELATIVE_TOLERANCE
+    plain = sitk_resample(case.moving, case.fixed, case.chain())  # not the same chain
+    assert relative_difference(ours, plain, case.moving) > 100 * RELATIVE_TOLERANCE
+
+    d = case.fixed.GetDimension()
+    rng = np.random.default_rng(0)
+    corners = [np.asarray(case.fixed.TransformIndexToPhysicalPoint((0,) * d))]
+    corners.append(
+        np.asarray(
+            case.fixed.TransformIndexToPhysicalPoint(tuple(n - 1 for n in case.fixed.GetSize()))
+        )
+    )
+    points = corners[0] + rng.uniform(0.3, 0.7, (12, d)) * (corners[1] - corners[0])
+    names = "xyz"[:d]
+    (tmp_path / "p.csv").write_text(
+        ",".join(names) + "\n" + "".join(",".join(f"{v:.6f}" for v in p) + "\n" for p in points)
+    )
+    result = cli("points", tmp_path / "p.csv", "-o", tmp_path / "q.csv", *options)
+    assert result.code == 0, result.err
+    mapped = np.loadtxt(tmp_path / "q.csv", delimiter=",", skiprows=1)
+    composite = sitk.CompositeTransform(chain)
+    expected = np.array([composite.TransformPoint(tuple(float(v) for v in p)) for p in points])
+    np.testing.assert_allclose(mapped, expected, atol=1e-3)
+
+
+def test_transform_chains_refuse_what_they_cannot_mean(case, cli, tmp_path):
+    """-t beside --field, a field's inverse and a malformed spec: one-line errors."""
+    out = tmp_path / "out.nii.gz"
+    base = ["apply", case.moving_path, "-r", case.fixed_path, "-o", out]
+    for extra, code, words in (
+        (["-t", case.affine_path, "--field", case.field_path], 2, "as --field/--affine or as -t"),
+        (["-t", f"[{case.field_path},1]"], 1, "a displacement field is not inverted here"),
+        (["-t", f"[{case.affine_path},2]"], 1, "write a transform as PATH or [PATH,1]"),
+    ):
+        result = cli(*base, *extra)
+        assert result.code == code and words in result.err, (extra, result.err)
+        assert len(result.err.strip().splitlines()) == 1
+    assert not out.exists()
+    result = cli(
+        "points",
+        case.fixed_path,
+        "-o",
+        tmp_path / "q.csv",
+        "-t",
+        case.affine_path,
+        "--invert-affine",
+    )
+    assert result.code == 2 and "'[AFFINE,1]'" in result.err
+
+
 # --- nearest neighbour -----------------------------------------------------------------
 
 

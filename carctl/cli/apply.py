@@ -37,6 +37,16 @@ def command(
             "(as antsApplyTransforms -t FIELD -t AFFINE).",
         ),
     ] = None,
+    transform: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--transform",
+            "-t",
+            help="A transform in ANTs' order and syntax, repeatable: -t FIELD -t AFFINE, "
+            "'[AFFINE,1]' for its inverse; two registrations chain as -t W2 -t A2 -t W1 -t A1. "
+            "Instead of --field/--affine.",
+        ),
+    ] = None,
     interp: Annotated[
         str,
         typer.Option(
@@ -54,23 +64,45 @@ def command(
     threads: Annotated[int | None, typer.Option("--threads", help="CPU threads.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
 ) -> None:
-    """Resample IMAGE onto the grid of --reference through --field and/or --affine.
+    """Resample IMAGE onto the grid of --reference through --field and/or --affine, or
+    through a chain of -t transforms.
 
     Each reference voxel is mapped through physical space: first by the field, then by the
-    affine; with neither, the image is resampled through the scanner headers alone.
+    affine (-t: in the order given); with neither, the image is resampled through the
+    scanner headers alone.
     """
     from carctl.cli.console import stderr
     from carctl.io import check_output, read_image, write_image
-    from carctl.resample import check_interpolation, load_chain, resample_image
+    from carctl.resample import (
+        check_interpolation,
+        load_chain,
+        load_transforms,
+        resample_image,
+        transform_paths,
+    )
     from carctl.runtime import set_threads
 
+    transforms = _only_one_way(field, affine, transform)
     inputs = [i for i in (image, reference, field, affine) if i is not None]
+    inputs += transform_paths(transforms)
     check_output(output, force=force, inputs=inputs)
     check_interpolation(interp)
     set_threads(threads)
     moving = read_image(image, series)
     fixed = read_image(reference, reference_series, series_option="--reference-series")
-    chain = load_chain(field, affine)
+    if transforms:
+        chain = load_transforms(transforms, moving.grid.ndim)
+    else:
+        chain = load_chain(field, affine, moving.grid.ndim)
     warped = resample_image(moving, fixed.grid, chain, interpolation=interp, fill=fill)
     write_image(warped, output, force=force, inputs=inputs)
     stderr().print(f"wrote {output} ({fixed.grid.describe()})")
+
+
+def _only_one_way(field: str | None, affine: str | None, transforms: list[str] | None) -> list:
+    """The -t transforms, refused beside --field or --affine (which order would hold?)."""
+    from carctl.errors import UsageError
+
+    if transforms and (field is not None or affine is not None):
+        raise UsageError("give the transforms as --field/--affine or as -t, not both")
+    return list(transforms or [])

@@ -41,6 +41,15 @@ def command(
             "--invert-affine", help="Map through the affine's inverse (moving -> fixed points)."
         ),
     ] = False,
+    transform: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--transform",
+            "-t",
+            help="A transform in ANTs' order and syntax, repeatable (as carctl apply -t): "
+            "-t FIELD -t AFFINE, '[AFFINE,1]' for its inverse. Instead of --field/--affine.",
+        ),
+    ] = None,
     image: Annotated[
         str | None,
         typer.Option("--image", help="Image whose grid 'index' points refer to."),
@@ -55,28 +64,34 @@ def command(
     with an affine alone. A CSV keeps its header and other columns; 'index' points are
     read on --image's grid and written as physical points.
     """
+    from carctl.cli.apply import _only_one_way
     from carctl.cli.console import stderr
     from carctl.errors import UsageError
     from carctl.io import POINT_EXTENSIONS, check_output, load_points, read_grid, write_points
+    from carctl.resample import transform_paths
 
-    if field is None and affine is None:
-        raise UsageError("nothing to map the points through: give --field and/or --affine")
+    transforms = _only_one_way(field, affine, transform)
+    if field is None and affine is None and not transforms:
+        raise UsageError("nothing to map the points through: give --field and/or --affine, or -t")
+    if invert_affine and transforms:
+        raise UsageError("--invert-affine: with -t, write the affine as '[AFFINE,1]'")
     if invert_affine and (affine is None or field is not None):
         raise UsageError(
             "--invert-affine takes an --affine alone; to map moving points with a field, "
             "give register's --inverse-field as --field"
         )
     inputs = [p for p in (points, field, affine, image) if p is not None]
+    inputs += transform_paths(transforms)
     check_output(output, force=force, inputs=inputs, extensions=POINT_EXTENSIONS)
 
     import numpy as np
     import torch
 
     from carctl.errors import InputError
-    from carctl.resample import load_chain
+    from carctl.resample import load_chain, load_transforms
     from carctl.spatial.transform import DisplacementField
 
-    chain = load_chain(field, affine)
+    chain = load_transforms(transforms) if transforms else load_chain(field, affine)
     if invert_affine:
         try:
             chain = [chain[0].inverse()]

@@ -217,7 +217,7 @@ def test_help_paragraphs_are_not_broken_mid_sentence(cli, monkeypatch):
     assert "every input are checked first, then each pair" in listing
     own = cli("points", "--help").out
     assert "points of the FIXED image come out where they lie in the MOVING image." in own
-    assert "then by the affine; with neither" in cli("apply", "--help").out
+    assert "then by the affine (-t: in the order given); with neither" in cli("apply", "--help").out
     assert "contrast-invariance loss" in cli("train", "--help").out.split("car ")[-1]
 
 
