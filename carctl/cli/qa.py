@@ -21,6 +21,15 @@ def command(
     affine: Annotated[
         str | None, typer.Option("--affine", "-a", help="Affine to assess (after --field).")
     ] = None,
+    transform: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--transform",
+            "-t",
+            help="Transforms to assess, repeatable, as carctl apply -t (ANTs' order; "
+            "'[AFFINE,1]' for an inverse). Instead of --field/--affine.",
+        ),
+    ] = None,
     warped: Annotated[
         str | None,
         typer.Option("--warped", "-w", help="Assess this already-warped moving image instead."),
@@ -59,18 +68,21 @@ def command(
 ) -> None:
     """Score how well MOVING is aligned to FIXED, without labels: ok, suspect or failed.
 
-    Assesses the alignment through the scanner headers (before) and, with --field/--affine
-    or --warped, the registered one (after). The score estimates the remaining misalignment
+    Assesses the alignment through the scanner headers (before) and, with --field/--affine,
+    -t or --warped, the registered one (after). The score estimates the remaining misalignment
     in mm (how far two quick independent re-registrations agree they would still move the
     image, averaged over the anatomy; lower is better). Writes that map (NIfTI, on a working
     grid over the fixed image's anatomy) and a PNG overlay.
     """
+    from carctl.cli.apply import _only_one_way
     from carctl.cli.console import emit_json, key_value_table, stdout
     from carctl.errors import UsageError
     from carctl.io import check_distinct, check_output, output_stem
+    from carctl.resample import transform_paths
 
-    if warped and (field or affine):
-        raise UsageError("give either --warped or --field/--affine, not both")
+    transforms = _only_one_way(field, affine, transform)
+    if warped and (field or affine or transforms):
+        raise UsageError("give either --warped or --field/--affine (or -t), not both")
     if fail_on not in (None, "suspect", "failed"):
         raise UsageError("--fail-on takes suspect or failed")
     stem = output_stem(moving)
@@ -80,12 +92,14 @@ def command(
     }
     check_distinct({**outputs, "json": json_out})
     inputs = [p for p in (moving, fixed, field, affine, warped) if p]
+    inputs += transform_paths(transforms)
     check_output(outputs["error_map"], force=force, inputs=inputs)
     check_output(outputs["png"], force=force, inputs=inputs, extensions=(".png",))
     if json_out not in (None, "-"):
         check_output(json_out, force=force, inputs=inputs, extensions=(".json",))
 
-    result = run(moving, fixed, field, affine, warped, outputs, device, threads, force, inputs)
+    chain = (field, affine, transforms)
+    result = run(moving, fixed, chain, warped, outputs, device, threads, force, inputs)
     emit_json(result, json_out, force=force, inputs=inputs)
     if not quiet and json_out != "-":
         from carctl import qa
@@ -108,20 +122,23 @@ def command(
         raise typer.Exit(FAILED_EXIT)
 
 
-def run(moving, fixed, field, affine, warped, outputs, device, threads, force, inputs) -> dict:
+def run(moving, fixed, chain, warped, outputs, device, threads, force, inputs) -> dict:
+    """The assessment; ``chain`` is ``(field, affine, -t transforms)``."""
     from carctl.io import atomic_output, read_image, require_file, write_image
+    from carctl.resample import transform_paths
     from carctl.runtime import check_threads
 
+    field, affine, transforms = chain
     # inputs before torch: a missing or unreadable one is refused at once
     check_threads(threads)
     moving_image, fixed_image = read_image(moving), read_image(fixed)
     warped_image = read_image(warped) if warped else None
-    require_file(field)
-    require_file(affine)
+    for path in [field, affine, *transform_paths(transforms)]:
+        require_file(path)
 
     from carctl import pretrained, qa
     from carctl.registration.levels import require_contrast
-    from carctl.resample import load_chain
+    from carctl.resample import load_chain, load_transforms
     from carctl.runtime import resolve_device, set_threads
 
     set_threads(threads)
@@ -133,7 +150,9 @@ def run(moving, fixed, field, affine, warped, outputs, device, threads, force, i
     if warped_image is not None:  # one value everywhere read as perfectly aligned ("ok", 0)
         require_contrast("warped", warped_image.array)
     alignments = [(moving_image, [])]  # through the headers
-    if field or affine:
+    if transforms:
+        alignments.append((moving_image, load_transforms(transforms, fixed_image.grid.ndim)))
+    elif field or affine:
         alignments.append((moving_image, load_chain(field, affine, fixed_image.grid.ndim)))
     elif warped_image is not None:
         alignments.append((qa.content(warped_image), []))

@@ -71,6 +71,26 @@ def test_qa_before_and_after_with_a_field(cli, tiny_weights, images, tmp_path):
     assert report["before"]["score"] == pytest.approx(report["score"], rel=1e-4)
 
 
+def test_qa_assesses_a_chain_of_transforms_as_apply_takes_it(cli, tiny_weights, images, tmp_path):
+    """``qa -t A -t '[A,1]'`` (an affine and its inverse: the headers again) scores what the
+    headers score; ``-t A`` alone what ``-a A`` scores."""
+    moving, fixed = images
+    affine = tmp_path / "a.tfm"
+    turn = sitk.Euler3DTransform((12.0, 11.0, 10.0), 0.2, -0.1, 0.15, (3.0, -2.0, 1.0))
+    sitk.WriteTransform(turn, str(affine))
+
+    def score(*options):
+        result = cli("qa", moving, fixed, *options, "-o", tmp_path, "--json", "-", "--force")
+        assert result.code == 0, result.err
+        return json.loads(result.out)
+
+    both = score("-t", affine, "-t", f"[{affine},1]")
+    assert both["before"]["score"] == pytest.approx(both["score"], rel=1e-3)
+    assert score("-t", affine)["score"] == pytest.approx(score("-a", affine)["score"], rel=1e-6)
+    result = cli("qa", moving, fixed, "-w", fixed, "-t", affine, "-o", tmp_path)
+    assert result.code == 2 and "either --warped" in result.err
+
+
 def test_qa_fail_on_exits_with_its_own_status(cli, tiny_weights, images, tmp_path, monkeypatch):
     from carctl import qa
 
