@@ -52,6 +52,11 @@ DEFAULT_REGULARIZATION = {
     "imse": 0.2,
     "mind+imse": 0.2,
 }
+# The defaults on 2-D images where they differ: MIND compares four neighbours there instead of
+# six, and its noisier descriptors bent cross-contrast slices under the 3-D weight
+# (benchmarks/bench_2d.py, BraTS slices with a known deformation: mean end-point error 1.41
+# -> 1.26 mm over 15 contrast pairs, better on 11; the same contrast 0.225 -> 0.254 mm).
+DEFAULT_REGULARIZATION_2D = {"mind": 0.5}
 # The finest level has 2 mm voxels, or this many voxels across a small image (never finer
 # than the image's own).
 FINEST_VOXELS = 96
@@ -419,9 +424,15 @@ def after_network(counts: list[int]) -> list[int]:
 
 
 def _regularization(state: _State) -> float:
-    """The deformable stage's regularisation weight: the option, or the loss's default."""
+    """The deformable stage's regularisation weight: the option, or the loss's default (on
+    2-D images, :data:`DEFAULT_REGULARIZATION_2D` where it names the loss)."""
     given = state.options.regularization
-    return given if given is not None else DEFAULT_REGULARIZATION[state.spec.name]
+    if given is not None:
+        return given
+    name = state.spec.name
+    if state.fixed.grid.ndim == 2 and name in DEFAULT_REGULARIZATION_2D:
+        return DEFAULT_REGULARIZATION_2D[name]
+    return DEFAULT_REGULARIZATION[name]
 
 
 def _optimise_levels(
