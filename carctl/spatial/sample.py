@@ -322,7 +322,12 @@ def _sample_label(image: torch.Tensor, grid: Grid, index: torch.Tensor) -> torch
             lab = flat_labels[:, mixed]
             w = weights_t.reshape(len(weights), -1)[:, mixed]
             votes = ((lab[:, None] == lab[None, :]) * w[None, :]).sum(dim=1)  # (K, m)
-            result[mixed] = torch.take_along_dim(lab, votes.argmax(dim=0, keepdim=True), dim=0)[0]
+            # a tie goes to the smallest label, as in ANTs (whose labels vote in ascending
+            # order, a later one winning only with more): the first corner's won before, so
+            # the answer depended on the file's axis order (5 % of voxels off a half-voxel
+            # shift)
+            best = votes.max(dim=0, keepdim=True).values
+            result[mixed] = torch.where(votes == best, lab, lab.max()).min(dim=0).values
         return result.reshape(n, c, -1)
 
     return _chunked(one_chunk, index)
