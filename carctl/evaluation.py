@@ -40,6 +40,8 @@ def evaluate(
     if fixed_labels is not None and warped_labels is not None:
         report.update(_label_report(fixed_labels, warped_labels))
     chain = load_chain(field, affine)
+    if len({t.ndim for t in chain}) > 1:
+        raise InputError(f"--field is {chain[0].ndim}-D and --affine {chain[1].ndim}-D")
     if field is not None:
         determinant = jacobian_determinant(chain[0])
         report["field"] = metrics.jacobian_summary(determinant)
@@ -71,11 +73,17 @@ def _label_report(fixed_path: PathLike, warped_path: PathLike) -> dict:
     if not scores:
         raise InputError(f"no labels (non-zero voxels) in '{fixed_path}' or '{warped_path}'")
     hd95 = [s.hd95 for s in scores if s.hd95 is not None]
-    return {
+    report = {
         "labels": [vars(s) for s in scores],
         "dice_mean": float(np.mean([s.dice for s in scores])),
         "hd95_mean": float(np.mean(hd95)) if hd95 else None,
     }
+    if metrics.sheared(fixed.grid):
+        report["hd_note"] = (
+            "HD95 and HD not computed: the label maps' grid is sheared (its axes are not "
+            "orthogonal); resample them onto an orthogonal grid (carctl apply --interp label)"
+        )
+    return report
 
 
 def _landmark_report(
@@ -85,11 +93,19 @@ def _landmark_report(
     fixed_image: PathLike | None,
     moving_image: PathLike | None,
 ) -> dict:
-    ndim = chain[0].ndim if chain else 3
     fixed_grid = read_grid(fixed_image) if fixed_image is not None else None
     moving_grid = read_grid(moving_image) if moving_image is not None else None
-    if fixed_grid is not None:
-        ndim = fixed_grid.ndim
+    named: list[tuple[str, int]] = []  # what fixes the points' dimension
+    if chain:
+        named.append(("the transforms", chain[0].ndim))
+    for what, grid in ((fixed_image, fixed_grid), (moving_image, moving_grid)):
+        if grid is not None:
+            named.append((f"'{what}'", grid.ndim))
+    if len({n for _, n in named}) > 1:
+        raise InputError(
+            "landmarks: " + " and ".join(f"{what} {n}-D" for what, n in named) + " do not match"
+        )
+    ndim = named[0][1] if named else 3
     p_fixed = read_points(fixed_points, ndim, fixed_grid)
     p_moving = read_points(moving_points, ndim, moving_grid)
     if p_fixed.shape != p_moving.shape:

@@ -33,6 +33,8 @@ def as_label_map(array: np.ndarray, name: str = "labels") -> np.ndarray:
         not np.all(np.isfinite(array)) or not np.all(np.equal(np.mod(array, 1), 0))
     ):
         raise ValueError(f"{name} is not a label map: it holds non-integer values")
+    if array.dtype == np.uint64 and array.size and array.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} holds labels of 2^63 or more, beyond what carctl counts")
     labels = array.astype(np.int64)
     if labels.size and labels.min() < 0:
         raise ValueError(f"{name} is not a label map: it holds negative values")
@@ -124,6 +126,15 @@ def surface_distances(
     )
 
 
+def sheared(grid: Grid) -> bool:
+    """Whether ``grid``'s axes are not orthogonal (a sheared direction matrix, as a tilted
+    gantry gives): distances computed along its axes with its spacing are then not mm (on a
+    63-degree shear, 4.0 for 1.8)."""
+    direction = grid.direction_matrix
+    columns = direction / np.linalg.norm(direction, axis=0)
+    return not np.allclose(columns.T @ columns, np.eye(grid.ndim), rtol=0, atol=1e-6)
+
+
 # Label values above this are renumbered before counting (bincount allocates up to the max).
 _LARGEST_DIRECT_LABEL = 1 << 20
 
@@ -134,7 +145,9 @@ def label_scores(fixed: np.ndarray, warped: np.ndarray, grid: Grid) -> list[Labe
     The maps hold non-negative integers (see :func:`as_label_map`).
 
     HD95 is the larger of the two directed 95th percentiles of surface distances (as MONAI and
-    the Learn2Reg evaluation compute it); HD is the largest surface distance.
+    the Learn2Reg evaluation compute it); HD is the largest surface distance. Both are None
+    on a grid whose axes are not orthogonal (:func:`sheared`): the distance transform's
+    millimetres hold only along orthogonal axes.
     """
     if max(fixed.max(initial=0), warped.max(initial=0)) > _LARGEST_DIRECT_LABEL:
         values, codes = np.unique(
@@ -158,7 +171,7 @@ def label_scores(fixed: np.ndarray, warped: np.ndarray, grid: Grid) -> list[Labe
         a, b = fixed[box] == label, warped[box] == label
         na, nb = int(a.sum()), int(b.sum())
         hd95 = hd = None
-        if na and nb:
+        if na and nb and not sheared(grid):
             d_ab, d_ba = surface_distances(a, b, grid.spacing)
             hd95 = float(max(np.percentile(d_ab, 95), np.percentile(d_ba, 95)))
             hd = float(max(d_ab.max(), d_ba.max()))

@@ -153,6 +153,27 @@ def test_label_maps_must_hold_non_negative_integers():
     with pytest.raises(ValueError, match="negative"):
         metrics.as_label_map(np.array([0, -1]))
     np.testing.assert_array_equal(metrics.as_label_map(np.array([0.0, 3.0])), [0, 3])
+    # wrapped to a negative int64 and refused as "negative values"
+    with pytest.raises(ValueError, match="2\\^63 or more"):
+        metrics.as_label_map(np.array([0, 2**63], dtype=np.uint64))
+
+
+def test_no_surface_distance_on_a_sheared_grid():
+    """Distances along a sheared grid's axes with its spacing are not mm (a 63-degree shear:
+    HD95 4.0 for 1.8): none is given there, Dice still is."""
+    a = np.zeros((12, 12, 12), np.int64)
+    a[3:8, 3:8, 3:8] = 1
+    b = np.roll(a, 2, axis=2)
+    shear = np.array([[1.0, 2.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    shear /= np.linalg.norm(shear, axis=0)
+    grids = [
+        Grid((12, 12, 12), (1.0,) * 3, (0.0,) * 3, tuple(d.ravel()))
+        for d in (shear, rotation(0.3, 0.2, -0.4) @ np.diag([1.0, -1.0, 1.0]))
+    ]
+    assert [metrics.sheared(g) for g in grids] == [True, False]
+    on_shear, turned = (metrics.label_scores(a, b, g)[0] for g in grids)
+    assert on_shear.hd95 is None and on_shear.hd is None and on_shear.dice == turned.dice
+    assert turned.hd == pytest.approx(2.0)
 
 
 def _field(reference: sitk.Image, magnitude: float) -> tuple[sitk.Image, DisplacementField]:

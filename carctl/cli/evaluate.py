@@ -148,6 +148,8 @@ def show_report(report: dict, console) -> None:
             "mean", _number(report["dice_mean"]), _number(report["hd95_mean"]), "", "", ""
         )
         console.print(table)
+        if "hd_note" in report:
+            console.print(f"note: {report['hd_note']}")
     if "field" in report:
         f = report["field"]
         console.print(

@@ -180,6 +180,8 @@ class Grid:
         def numbers(values) -> str:
             return "(" + ", ".join(f"{v:g}" for v in values) + ")"
 
+        if self.ndim != other.ndim:  # nothing else compares
+            return f"{self.ndim}-D against {other.ndim}-D"
         words = []
         if self.size != other.size:
             words.append(

@@ -776,6 +776,27 @@ def test_evaluate_refuses_labels_on_another_grid(cli, tmp_path):
     _assert_one_line_error(result, 1, "origin (0, 0, 5) mm against (0, 0, 0)")
 
 
+def test_evaluate_refuses_other_dimensions_in_one_line(cli, tmp_path):
+    """2-D warped labels for 3-D fixed ones, a 3-D field with a 2-D affine, a 2-D affine for
+    3-D landmarks on a 3-D image: internal errors (exit 70) before."""
+    fixed = _labels(tmp_path, "a.nii.gz")
+    plane = sitk.GetImageFromArray(sitk.GetArrayFromImage(sitk.ReadImage(str(fixed)))[5])
+    flat = write(plane, tmp_path / "flat.nii.gz")
+    result = cli("evaluate", "--fixed-labels", fixed, "--warped-labels", flat)
+    _assert_one_line_error(result, 1, "is not on the grid of", "(2-D against 3-D)")
+    field = tmp_path / "field.mha"
+    zero = sitk.Image((6, 6, 6), sitk.sitkVectorFloat64, 3)
+    sitk.WriteImage(zero, str(field))
+    affine = tmp_path / "a2.tfm"
+    sitk.WriteTransform(sitk.AffineTransform(2), str(affine))
+    (tmp_path / "p.csv").write_text("x,y,z\n1,2,3\n4,5,6\n")
+    points = ["--fixed-points", tmp_path / "p.csv", "--moving-points", tmp_path / "p.csv"]
+    result = cli("evaluate", "--field", field, "--affine", affine, *points)
+    _assert_one_line_error(result, 1, "--field is 3-D and --affine 2-D")
+    result = cli("evaluate", "--affine", affine, "--fixed-image", fixed, *points)
+    _assert_one_line_error(result, 1, "landmarks: the transforms 2-D and", "3-D do not match")
+
+
 def test_evaluate_refuses_non_label_images(cli, tmp_path):
     fixed = _labels(tmp_path, "a.nii.gz")
     image = make_image((20, 20, 20))
