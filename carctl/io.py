@@ -516,6 +516,23 @@ def header_data_files(path: Path) -> list[Path]:
 # --- writing --------------------------------------------------------------------------------
 
 
+def transform_spec(spec: str) -> tuple[str, bool]:
+    """ANTs' ``-t`` syntax (here, not in :mod:`carctl.resample`: commands read it before
+    loading torch): ``PATH``, or ``[PATH,1]`` for its inverse (``[PATH,0]``: PATH)."""
+    text = spec.strip()
+    if not (text.startswith("[") and text.endswith("]")):
+        return spec, False
+    path, comma, flag = text[1:-1].rpartition(",")
+    if not comma or flag.strip() not in ("0", "1") or not path.strip():
+        raise InputError(f"-t '{spec}': write a transform as PATH or [PATH,1] (its inverse)")
+    return path.strip(), flag.strip() == "1"
+
+
+def transform_paths(specs: Sequence[str]) -> list[str]:
+    """The files ``-t`` specs read (inputs, never written over)."""
+    return [transform_spec(spec)[0] for spec in specs]
+
+
 def image_suffix(path: str | os.PathLike) -> str:
     name = os.fspath(path).lower()
     return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from carctl.errors import InputError
-from carctl.io import Image
+from carctl.io import Image, transform_spec
 from carctl.spatial.files import read_affine, read_field, read_transform
 from carctl.spatial.grid import Grid
 from carctl.spatial.sample import INTERPOLATORS, warp
@@ -38,17 +38,6 @@ def load_chain(
     return chain
 
 
-def transform_spec(spec: str) -> tuple[str, bool]:
-    """ANTs' ``-t`` syntax: ``PATH``, or ``[PATH,1]`` for its inverse (``[PATH,0]``: PATH)."""
-    text = spec.strip()
-    if not (text.startswith("[") and text.endswith("]")):
-        return spec, False
-    path, comma, flag = text[1:-1].rpartition(",")
-    if not comma or flag.strip() not in ("0", "1") or not path.strip():
-        raise InputError(f"-t '{spec}': write a transform as PATH or [PATH,1] (its inverse)")
-    return path.strip(), flag.strip() == "1"
-
-
 def load_transforms(specs: Sequence[str], ndim: int | None = None) -> list[Transform]:
     """The pull-back chain of ``-t`` transforms in ANTs' order (``antsApplyTransforms -t
     W2 -t A2 -t W1 -t A1``): a point of the reference goes through the first listed first,
@@ -73,11 +62,6 @@ def load_transforms(specs: Sequence[str], ndim: int | None = None) -> list[Trans
                 raise InputError(f"-t '{spec}': {error}") from error
         chain.append(transform)
     return chain
-
-
-def transform_paths(specs: Sequence[str]) -> list[str]:
-    """The files ``-t`` specs read (inputs, never written over)."""
-    return [transform_spec(spec)[0] for spec in specs]
 
 
 def check_interpolation(name: str) -> None:

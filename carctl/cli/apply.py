@@ -72,14 +72,8 @@ def command(
     scanner headers alone.
     """
     from carctl.cli.console import stderr
-    from carctl.io import check_output, read_image, write_image
-    from carctl.resample import (
-        check_interpolation,
-        load_chain,
-        load_transforms,
-        resample_image,
-        transform_paths,
-    )
+    from carctl.io import check_output, read_image, transform_paths, write_image
+    from carctl.resample import check_interpolation, load_chain, load_transforms, resample_image
     from carctl.runtime import set_threads
 
     transforms = _only_one_way(field, affine, transform)

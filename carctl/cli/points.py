@@ -67,8 +67,14 @@ def command(
     from carctl.cli.apply import _only_one_way
     from carctl.cli.console import stderr
     from carctl.errors import UsageError
-    from carctl.io import POINT_EXTENSIONS, check_output, load_points, read_grid, write_points
-    from carctl.resample import transform_paths
+    from carctl.io import (
+        POINT_EXTENSIONS,
+        check_output,
+        load_points,
+        read_grid,
+        transform_paths,
+        write_points,
+    )
 
     transforms = _only_one_way(field, affine, transform)
     if field is None and affine is None and not transforms:

@@ -77,8 +77,7 @@ def command(
     from carctl.cli.apply import _only_one_way
     from carctl.cli.console import emit_json, key_value_table, stdout
     from carctl.errors import UsageError
-    from carctl.io import check_distinct, check_output, output_stem
-    from carctl.resample import transform_paths
+    from carctl.io import check_distinct, check_output, output_stem, transform_paths
 
     transforms = _only_one_way(field, affine, transform)
     if warped and (field or affine or transforms):
@@ -124,8 +123,7 @@ def command(
 
 def run(moving, fixed, chain, warped, outputs, device, threads, force, inputs) -> dict:
     """The assessment; ``chain`` is ``(field, affine, -t transforms)``."""
-    from carctl.io import atomic_output, read_image, require_file, write_image
-    from carctl.resample import transform_paths
+    from carctl.io import atomic_output, read_image, require_file, transform_paths, write_image
     from carctl.runtime import check_threads
 
     field, affine, transforms = chain

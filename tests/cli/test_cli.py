@@ -75,6 +75,7 @@ def test_bad_input_is_refused_before_loading_torch(tmp_path):
         (["qa", missing, image, *out], "no such file"),
         (["qa", image, image, "--field", "u.nii", *out], "no such file: 'u.nii'"),
         (["qa", image, image, "--affine", "a.mat", *out], "no such file: 'a.mat'"),
+        (["qa", image, image, "-t", "[a.mat,1]", *out], "no such file: 'a.mat'"),
         (["translate", missing, "-r", image, "-o", str(tmp_path / "t.nii.gz")], "no such file"),
         (["batch", str(tmp_path / "pairs.csv"), *out], "no such pair list"),
         (["batch", str(listing), *out], "no such fixed: '"),
