@@ -9,7 +9,7 @@ import torch
 
 from carctl import metrics
 from carctl.errors import InputError
-from carctl.io import Image, read_grid, read_image, read_points, write_image
+from carctl.io import Image, points_dimension, read_grid, read_image, read_points, write_image
 from carctl.resample import load_chain
 from carctl.spatial.transform import Transform, jacobian_determinant
 
@@ -105,7 +105,7 @@ def _landmark_report(
         raise InputError(
             "landmarks: " + " and ".join(f"{what} {n}-D" for what, n in named) + " do not match"
         )
-    ndim = named[0][1] if named else 3
+    ndim = named[0][1] if named else (points_dimension(fixed_points) or 3)
     p_fixed = read_points(fixed_points, ndim, fixed_grid)
     p_moving = read_points(moving_points, ndim, moving_grid)
     if p_fixed.shape != p_moving.shape:

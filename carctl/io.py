@@ -930,6 +930,19 @@ def load_points(
     return points, table
 
 
+def points_dimension(path: str | os.PathLike) -> int | None:
+    """2 or 3 where a points CSV's header says (``x,y`` without ``z``: 2), else None: for
+    landmarks with nothing else (image, transform) to fix their dimension."""
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            header = {h.strip().lower() for h in next(csv.reader(f), [])}
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    if {"x", "y"} <= header:
+        return 3 if "z" in header else 2
+    return None
+
+
 POINT_EXTENSIONS = (".csv", ".txt")
 
 

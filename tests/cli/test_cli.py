@@ -798,6 +798,24 @@ def test_evaluate_refuses_other_dimensions_in_one_line(cli, tmp_path):
     _assert_one_line_error(result, 1, "landmarks: the transforms 2-D and", "3-D do not match")
 
 
+def test_evaluate_reads_2d_landmarks_by_their_header(cli, tmp_path):
+    """Landmarks alone (no image or transform to fix their dimension): a CSV headed x,y is
+    2-D ("row 1 has 2 values, not 3 coordinates" before)."""
+    (tmp_path / "f.csv").write_text("x,y\n1,2\n3,4\n")
+    (tmp_path / "m.csv").write_text("x,y\n1,2.5\n3,4\n")
+    result = cli(
+        "evaluate",
+        "--fixed-points",
+        tmp_path / "f.csv",
+        "--moving-points",
+        tmp_path / "m.csv",
+        "--json",
+        "-",
+    )
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["landmarks"]["errors"] == [0.5, 0.0]
+
+
 def test_evaluate_refuses_non_label_images(cli, tmp_path):
     fixed = _labels(tmp_path, "a.nii.gz")
     image = make_image((20, 20, 20))
