@@ -656,10 +656,12 @@ LOCK_NAME = ".carctl.lock"
 
 @contextlib.contextmanager
 def folder_lock(folder: Path, what: str) -> Iterator[None]:
-    """Hold ``folder`` (made if missing) for one carctl process: a second ``what`` (e.g.
-    "carctl batch") run into the same folder meanwhile is refused instead of writing over
-    the first one's record and outputs. The lock is the operating system's
-    (``flock``), so a process that dies releases it; the lock file is removed on leaving."""
+    """Hold ``folder`` (made if missing) for one carctl process: another run into the same
+    folder meanwhile is refused instead of writing over this one's record and outputs
+    (``what``, e.g. "carctl batch", names this run in the refusal the other gets). The lock is
+    the operating system's (``flock``), so a process that dies releases it; the lock file is
+    removed on leaving. A lock file that is not a plain file (a link: it was followed, and
+    an input it pointed to overwritten) is refused."""
     try:
         import fcntl
     except ImportError:  # Windows: no advisory locks here; runs are not guarded
@@ -670,23 +672,29 @@ def folder_lock(folder: Path, what: str) -> Iterator[None]:
     except OSError as error:
         raise _cannot_write(folder, error) from error
     path = folder / LOCK_NAME
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
     while True:
         try:
-            handle = open(path, "a+")  # noqa: SIM115 (held until the block ends)
+            descriptor = os.open(path, flags, 0o644)
         except OSError as error:
+            if os.path.islink(path) or path.is_dir():
+                raise OutputError(
+                    f"'{path}' is not a plain file: remove it if no carctl run is writing into "
+                    f"'{folder}'"
+                ) from None
             raise _cannot_write(path, error) from error
+        handle = os.fdopen(descriptor, "r+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            handle.seek(0)
             holder = handle.read().strip()
             handle.close()
             raise OutputError(
-                f"another {what} ({holder or 'a process'}) is writing into '{folder}'; wait "
-                "for it to end or give another folder"
+                f"{holder or 'another carctl run'} is writing into '{folder}'; wait for it to "
+                "end or give another folder"
             ) from None
         try:  # the file locked is still the one at the path (a leaving run removes it)
-            same = os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+            same = os.path.samestat(os.fstat(handle.fileno()), os.lstat(path))
         except OSError:
             same = False
         if same:
@@ -695,7 +703,7 @@ def folder_lock(folder: Path, what: str) -> Iterator[None]:
     try:
         handle.seek(0)
         handle.truncate()
-        handle.write(f"process {os.getpid()}\n")
+        handle.write(f"{what} (process {os.getpid()})\n")
         handle.flush()
         yield
     finally:

@@ -497,20 +497,28 @@ def test_a_singular_direction_is_named_not_a_matrix_row(tmp_path):
 
 def test_a_folder_lock_refuses_a_second_holder_and_is_gone_after(tmp_path):
     """Two runs writing into one folder overwrote each other's record (``batch``) or
-    checkpoints (``train``): the second is refused while the first holds the folder."""
+    checkpoints (``train``): the second is refused, told which run holds the folder, while
+    the first holds it; a lock file that is a link is refused, never followed (it was: the
+    input it pointed to was overwritten)."""
     import os
 
     from carctl.io import LOCK_NAME, folder_lock
 
     folder = tmp_path / "new" / "out"
-    with folder_lock(folder, "carctl batch"):
-        assert (folder / LOCK_NAME).read_text() == f"process {os.getpid()}\n"
+    with folder_lock(folder, "carctl train car"):
+        assert (folder / LOCK_NAME).read_text() == f"carctl train car (process {os.getpid()})\n"
         with pytest.raises(OutputError) as refused, folder_lock(folder, "carctl batch"):
             pass
         assert str(refused.value) == (
-            f"another carctl batch (process {os.getpid()}) is writing into '{folder}'; wait "
-            "for it to end or give another folder"
+            f"carctl train car (process {os.getpid()}) is writing into '{folder}'; wait for it "
+            "to end or give another folder"
         )
     assert list(folder.iterdir()) == []
     with folder_lock(folder, "carctl batch"):  # free again
         pass
+    victim = tmp_path / "input.nii.gz"
+    victim.write_bytes(b"image")
+    (folder / LOCK_NAME).symlink_to(victim)
+    with pytest.raises(OutputError, match="is not a plain file"), folder_lock(folder, "x"):
+        pass
+    assert victim.read_bytes() == b"image"

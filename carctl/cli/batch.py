@@ -82,7 +82,7 @@ def command(
     from carctl.batch import read_pairs
     from carctl.config import RegistrationOptions
     from carctl.errors import InputError, OutputError
-    from carctl.io import check_output, folder_lock
+    from carctl.io import LOCK_NAME, check_output, folder_lock
     from carctl.runtime import check_threads
 
     started = time.perf_counter()
@@ -98,8 +98,9 @@ def command(
     )
     check_threads(threads)
     listed = read_pairs(pairs)
-    if any(pair.name == RECORD for pair in listed):  # its folder would stop the record
-        raise InputError(f"a pair named '{RECORD}' would take the record's place: rename it")
+    for name, what in ((RECORD, "the record's"), (LOCK_NAME, "the folder's lock's")):
+        if any(pair.name == name for pair in listed):  # its folder would stop the batch
+            raise InputError(f"a pair named '{name}' would take {what} place: rename it")
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"cannot write into '{out_dir}': it is a file")
     for pair in listed:

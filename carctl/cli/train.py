@@ -112,14 +112,23 @@ def _commands(out: Path, name: str, resume: bool, init: str | None, command: str
 
     commands: list[str] = []
     if resume:
+        path = out / COMMANDS
         try:
-            kept = json.loads((out / COMMANDS).read_text())
+            kept = json.loads(path.read_text())
         except (OSError, ValueError):
             kept = None
         if isinstance(kept, list) and all(isinstance(c, str) for c in kept):
             commands = kept
         else:  # a checkpoint from before commands.json: its card, if it has this name
             commands = _recipe(out / f"{name}{pretrained.CARD_SUFFIX}")[0]
+            if path.exists():  # never lost in silence
+                from carctl.cli.console import stderr
+
+                card = f"{name}{pretrained.CARD_SUFFIX}"
+                stderr().print(
+                    f"warning: {path} is not a list of commands: the card lists "
+                    + (f"{card}'s and this one" if commands else "this command alone")
+                )
     if not commands and init:  # a fresh fine-tuning run starts with its weights' recipe
         commands = _recipe(_card_of(init))[0]
     if not commands or commands[-1] != command:
@@ -127,6 +136,22 @@ def _commands(out: Path, name: str, resume: bool, init: str | None, command: str
     text = json.dumps(commands, indent=1) + "\n"
     write_text(text, out / COMMANDS, force=True, extensions=(".json",))
     return commands
+
+
+def _check_checkpoint(out: Path, resume: bool) -> None:
+    """Refuse a fresh run into an ``out`` holding a checkpoint, and a resume without one."""
+    from carctl.errors import UsageError
+
+    if (out / "state.json").exists() and not resume:  # a fresh run would replace it
+        raise UsageError(
+            f"{out} holds a training checkpoint: --resume continues it, another --out starts "
+            "a new run"
+        )
+    if resume and not (out / "state.json").exists():  # a mistyped --out began a new run
+        raise UsageError(
+            f"--resume: {out} holds no training checkpoint to continue; leave --resume out "
+            "to start a run there"
+        )
 
 
 def _warn_of_changes(out: Path, settings: dict) -> None:
@@ -183,20 +208,11 @@ def _run(
 
     from carctl import __version__, pretrained
     from carctl.cli.console import stdout
-    from carctl.errors import InputError, UsageError
+    from carctl.errors import InputError
     from carctl.io import folder_lock
     from carctl.training import data, loop
 
-    if (out / "state.json").exists() and not resume:  # a fresh run would replace it
-        raise UsageError(
-            f"{out} holds a training checkpoint: --resume continues it, another --out starts "
-            "a new run"
-        )
-    if resume and not (out / "state.json").exists():  # a mistyped --out began a new run
-        raise UsageError(
-            f"--resume: {out} holds no training checkpoint to continue; leave --resume out "
-            "to start a run there"
-        )
+    _check_checkpoint(out, resume)
     if resume:
         _warn_of_changes(out, loop.settings_dict(settings))
     rank = loop.distributed()[0]  # under torchrun: joins the group, takes its GPU
@@ -239,6 +255,9 @@ def _run(
     # one run at a time in --out (two wrote each other's checkpoints)
     with folder_lock(out, f"carctl train {kind}") if rank == 0 else contextlib.nullcontext():
         if rank == 0:
+            # again, now that no other run writes here: one that ended while this one loaded
+            # its data left a checkpoint, which a fresh run trained over
+            _check_checkpoint(out, resume)
             commands = _commands(out, name, resume, getattr(settings, "init", None), command)
         if bar is not None:
             bar.start()

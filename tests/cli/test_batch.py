@@ -222,6 +222,11 @@ def test_a_pair_named_as_the_record_is_refused_first(cli, listing, tmp_path):
     result = cli("batch", named, "-o", tmp_path / "out")
     assert result.code == 1 and "would take the record's place" in result.err
     assert not (tmp_path / "out" / "batch.csv").exists()
+    # a pair named as the lock: "[Errno 17] File exists" recorded midway
+    named.write_text("name,moving,fixed\n.carctl.lock,moving.nii.gz,fixed.nii.gz\n")
+    result = cli("batch", named, "-o", tmp_path / "out")
+    assert result.code == 1 and "would take the folder's lock's place" in result.err
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_pair_never_writes_over_another_pairs_input(cli, listing, tmp_path):
@@ -305,7 +310,7 @@ def test_a_second_batch_into_the_same_folder_is_refused(cli, listing, tmp_path):
     with folder_lock(out, "carctl batch"):  # a first batch at work
         result = cli("batch", listing, "-o", out, "--method", "rigid", "-q")
         assert result.code == 1 and len(result.err.strip().splitlines()) == 1
-        assert "another carctl batch (process " in result.err and str(out) in result.err
+        assert "carctl batch (process " in result.err and str(out) in result.err
         assert [p.name for p in out.iterdir()] == [".carctl.lock"]
     result = cli("batch", listing, "-o", out, "--method", "rigid", "-q", "--threads", "1")
     assert result.code == 1 and _record(out)["one"]["status"] == "done"  # 'broken' fails

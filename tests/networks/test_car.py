@@ -623,3 +623,39 @@ def test_a_run_resumed_under_another_name_keeps_the_whole_recipe(cli, tmp_path, 
     for name in ("state", "model", "commands"):
         refused = cli(*args, "--resume", "--name", name)
         assert refused.code == 2 and "names a checkpoint file in --out" in refused.err
+
+
+def test_a_checkpoint_left_while_a_run_loaded_its_data_is_not_trained_over(
+    cli, tmp_path, monkeypatch
+):
+    """A run that finished into --out while a fresh one loaded its data (before it took the
+    folder's lock) was trained over from scratch: the check is repeated under the lock. A
+    resumed run whose commands.json is not a list says so instead of losing it in silence."""
+    import sys
+
+    from carctl.training import data
+
+    _tiny_data(tmp_path)
+    out = tmp_path / "run"
+    args = ["train", "car", "--data", str(tmp_path / "data"), "--out", str(out)]
+    args += ["--patch", "16", "--width", "4", "--validate-every", "2", "--steps", "2", "-q"]
+    monkeypatch.setattr(sys, "argv", ["carctl", *args])
+    loaded = data.load_volumes
+
+    def meanwhile(*a, **k):  # another run finishes into --out as this one loads
+        out.mkdir(exist_ok=True)
+        (out / "state.json").write_text('{"step": 2}')
+        return loaded(*a, **k)
+
+    monkeypatch.setattr(data, "load_volumes", meanwhile)
+    result = cli(*args)
+    assert result.code == 2 and "holds a training checkpoint" in result.err
+    assert (out / "state.json").read_text() == '{"step": 2}'
+    monkeypatch.setattr(data, "load_volumes", loaded)
+    (out / "state.json").unlink()
+    assert cli(*args).code == 0
+    (out / "commands.json").write_text('{"a": 1}')
+    again = [*args, "--resume", "--steps", "3", "--name", "other"]
+    monkeypatch.setattr(sys, "argv", ["carctl", *again])
+    result = cli(*again)
+    assert result.code == 0 and "commands.json is not a list of commands" in result.err
