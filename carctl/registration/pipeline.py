@@ -25,7 +25,7 @@ from carctl.io import Image
 from carctl.losses import LOSSES, REGULARISERS, LossSpec, loss_spec
 from carctl.registration import affine as affine_stage
 from carctl.registration import initialise as init_stage
-from carctl.registration import optimize
+from carctl.registration import optimize, planar
 from carctl.registration.levels import (
     OVERSAMPLE,
     Level,
@@ -703,6 +703,17 @@ def register(
     np.finfo(np.float32), np.finfo(np.float64)
     flushed = torch.set_flush_denormal(True)  # tiny floats would slow every step down
     try:
+        plane = planar.plane_of(moving.grid, fixed.grid)
+        masks = [m for m in (fixed_mask, moving_mask) if m is not None]
+        if plane is not None and all(planar.thin_axis(m.grid) is not None for m in masks):
+            # single slices on parallel planes: in 2-D (see carctl.registration.planar)
+            flat = [None if m is None else plane.image(m) for m in (fixed_mask, moving_mask)]
+            start = None if initial is None else planar.flatten(initial, plane)
+            inside = _register(
+                plane.image(moving), plane.image(fixed), options, *flat, progress, start
+            )
+            inside.stages[0].detail["in_plane"] = True
+            return planar.lift(inside, plane, fixed.grid)
         return _register(moving, fixed, options, fixed_mask, moving_mask, progress, initial)
     finally:
         if flushed:
