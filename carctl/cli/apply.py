@@ -76,7 +76,7 @@ def command(
     from carctl.resample import check_interpolation, load_chain, load_transforms, resample_image
     from carctl.runtime import set_threads
 
-    transforms = _only_one_way(field, affine, transform)
+    transforms = chosen_transforms(field, affine, transform)
     inputs = [i for i in (image, reference, field, affine) if i is not None]
     inputs += transform_paths(transforms)
     check_output(output, force=force, inputs=inputs)
@@ -93,7 +93,7 @@ def command(
     stderr().print(f"wrote {output} ({fixed.grid.describe()})")
 
 
-def _only_one_way(field: str | None, affine: str | None, transforms: list[str] | None) -> list:
+def chosen_transforms(field: str | None, affine: str | None, transforms: list[str] | None) -> list:
     """The -t transforms, refused beside --field or --affine (which order would hold?)."""
     from carctl.errors import UsageError
 

@@ -64,7 +64,7 @@ def command(
     with an affine alone. A CSV keeps its header and other columns; 'index' points are
     read on --image's grid and written as physical points.
     """
-    from carctl.cli.apply import _only_one_way
+    from carctl.cli.apply import chosen_transforms
     from carctl.cli.console import stderr
     from carctl.errors import UsageError
     from carctl.io import (
@@ -76,7 +76,7 @@ def command(
         write_points,
     )
 
-    transforms = _only_one_way(field, affine, transform)
+    transforms = chosen_transforms(field, affine, transform)
     if field is None and affine is None and not transforms:
         raise UsageError("nothing to map the points through: give --field and/or --affine, or -t")
     if invert_affine and transforms:

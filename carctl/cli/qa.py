@@ -74,12 +74,12 @@ def command(
     image, averaged over the anatomy; lower is better). Writes that map (NIfTI, on a working
     grid over the fixed image's anatomy) and a PNG overlay.
     """
-    from carctl.cli.apply import _only_one_way
+    from carctl.cli.apply import chosen_transforms
     from carctl.cli.console import emit_json, key_value_table, stdout
     from carctl.errors import UsageError
     from carctl.io import check_distinct, check_output, output_stem, transform_paths
 
-    transforms = _only_one_way(field, affine, transform)
+    transforms = chosen_transforms(field, affine, transform)
     if warped and (field or affine or transforms):
         raise UsageError("give either --warped or --field/--affine (or -t), not both")
     if fail_on not in (None, "suspect", "failed"):

@@ -103,8 +103,8 @@ def _commands(out: Path, name: str, resume: bool, init: str | None, command: str
     """The commands that made the run in ``out``, this one last, kept in ``out`` as they
     grow: a fine-tuning run's start with its starting weights' (``init``), a resumed run's
     with the commands before it. Written before training, so that a run stopped before it
-    wrote its card still passes its command on; a resumed run under another ``--name``
-    found no card of that name and recorded its own command alone."""
+    wrote its card still passes its command on, and a run resumed under another ``--name``
+    (no card of that name to read them from) keeps them all."""
     import json
 
     from carctl import pretrained
