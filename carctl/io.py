@@ -513,9 +513,6 @@ def header_data_files(path: Path) -> list[Path]:
     return []
 
 
-# --- writing --------------------------------------------------------------------------------
-
-
 def transform_spec(spec: str) -> tuple[str, bool]:
     """ANTs' ``-t`` syntax (here, not in :mod:`carctl.resample`: commands read it before
     loading torch): ``PATH``, or ``[PATH,1]`` for its inverse (``[PATH,0]``: PATH)."""
@@ -531,6 +528,9 @@ def transform_spec(spec: str) -> tuple[str, bool]:
 def transform_paths(specs: Sequence[str]) -> list[str]:
     """The files ``-t`` specs read (inputs, never written over)."""
     return [transform_spec(spec)[0] for spec in specs]
+
+
+# --- writing --------------------------------------------------------------------------------
 
 
 def image_suffix(path: str | os.PathLike) -> str:

@@ -31,11 +31,15 @@ def load_chain(
     for path, read in ((field, read_field), (affine, read_affine)):
         if path is None:
             continue
-        transform = read(path)
-        if ndim is not None and transform.ndim != ndim:
-            raise InputError(f"'{path}' is a {transform.ndim}-D transform; the images are {ndim}-D")
-        chain.append(transform)
+        chain.append(_of_dimension(read(path), path, ndim))
     return chain
+
+
+def _of_dimension(transform: Transform, path, ndim: int | None) -> Transform:
+    """``transform`` (read from ``path``), refused when not ``ndim``-D (None: any)."""
+    if ndim is not None and transform.ndim != ndim:
+        raise InputError(f"'{path}' is a {transform.ndim}-D transform; the images are {ndim}-D")
+    return transform
 
 
 def load_transforms(specs: Sequence[str], ndim: int | None = None) -> list[Transform]:
@@ -47,9 +51,7 @@ def load_transforms(specs: Sequence[str], ndim: int | None = None) -> list[Trans
     chain: list[Transform] = []
     for spec in specs:
         path, inverse = transform_spec(spec)
-        transform = read_transform(path)
-        if ndim is not None and transform.ndim != ndim:
-            raise InputError(f"'{path}' is a {transform.ndim}-D transform; the images are {ndim}-D")
+        transform = _of_dimension(read_transform(path), path, ndim)
         if inverse:
             if not isinstance(transform, Affine):
                 raise InputError(
