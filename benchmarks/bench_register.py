@@ -23,7 +23,8 @@ convention) and scored by this script with carctl's metrics:
   Neuromorphometrics atlas onto the OASIS subject: mean Dice of the 29 structures both
   label (see :func:`atlas_pair`).
 * ``ct-chest``: the chest CT against a copy of itself under a known deformation of 8 mm RMS
-  (see :func:`chest_ct_pair`): mean end-point error inside the thorax (mm).
+  (see :func:`chest_ct_pair`): mean end-point error inside the thorax (mm);
+  ``chest-ct-padded`` the same with both images padded beyond a scanner's circle.
 * ``prostate-*`` (MR -> ultrasound): Dice of the gland and mean Dice of the landmark blobs.
 * every pair: folding (% of fixed voxels where det J of the mapping <= 0).
 
@@ -404,24 +405,48 @@ def thorax(ct: np.ndarray) -> np.ndarray:
     return body | enclosed
 
 
-def chest_ct_pair(data: Path, seed: int, index: int, scale: float = 1.0) -> PairSpec:
+# Scanners store what lies beyond their reconstruction circle as one value far below air.
+CIRCLE_MM, PADDING_HU = 251.0, -3024.0
+
+
+def padded_beyond_circle(image, radius_mm: float = CIRCLE_MM, value: float = PADDING_HU):
+    """``image`` (axial slices) with ``value`` beyond ``radius_mm`` of each slice's centre."""
+    from carctl.io import Image
+
+    array = np.array(image.array, dtype=np.float32)
+    _, y, x = array.shape
+    sx, sy = image.grid.spacing[:2]
+    yy, xx = np.mgrid[:y, :x]
+    array[:, np.hypot((xx - (x - 1) / 2) * sx, (yy - (y - 1) / 2) * sy) > radius_mm] = value
+    return Image(array, image.grid)
+
+
+def chest_ct_pair(
+    data: Path, seed: int, index: int, scale: float = 1.0, padded: bool = False
+) -> PairSpec:
     """The chest CT (40 slices of 0.98 x 0.98 x 2 mm) against a copy of itself deformed by a
     known mapping (as :func:`known_pairs`'s, 8 mm RMS inside the thorax: breathing moves the
-    lungs further than the brain pairs' 5 mm); end-point error inside the thorax."""
+    lungs further than the brain pairs' 5 mm); end-point error inside the thorax. With
+    ``padded`` (``chest-ct-padded``, the same deformation) both images hold -3024 beyond a
+    circle of 251 mm in every slice, the same place in both, as a scanner stores them."""
+    name = "chest-ct-padded" if padded else "ct-chest"
 
     def build(work: Path) -> Pair:
         from carctl.io import read_image, write_image
         from carctl.synthetic import known_pair
 
         ct = read_image(data / "dicom" / "ct-chest-40")
-        write_image(ct, work / "moving.nii.gz")  # every tool reads the same NIfTI file
         made = known_pair(ct, ct, thorax(ct.array), rms_mm=8.0 * scale, seed=seed + index)
-        write_image(continued_beyond(made, ct), work / "fixed.nii.gz")
+        fixed = continued_beyond(made, ct)
+        if padded:
+            ct, fixed = padded_beyond_circle(ct), padded_beyond_circle(fixed)
+        write_image(ct, work / "moving.nii.gz")  # every tool reads the same NIfTI file
+        write_image(fixed, work / "fixed.nii.gz")
         return Pair(
-            "ct-chest", work / "moving.nii.gz", work / "fixed.nii.gz", {}, {}, made.truth, made.mask
+            name, work / "moving.nii.gz", work / "fixed.nii.gz", {}, {}, made.truth, made.mask
         )
 
-    return PairSpec("ct-chest", build)
+    return PairSpec(name, build)
 
 
 def continued_beyond(made, moving):
@@ -602,6 +627,7 @@ def all_pairs(data: Path, seed: int, scale: float = 1.0) -> list[PairSpec]:
         *known,
         atlas_pair(data),
         chest_ct_pair(data, seed, len(known), scale),
+        chest_ct_pair(data, seed, len(known), scale, padded=True),
         *prostate_pairs(data),
         *thick_pairs(data, seed, len(known) + 1, scale),
     ]

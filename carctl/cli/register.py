@@ -474,8 +474,14 @@ def _show(summary: dict, console) -> None:
                 f"{qa.describe(after['score'], 4)} ({after['verdict']}), lower is better",
             )
         )
+    rows.append(("start", str(summary["initialisation"])))
+    padding = next((s["padding"] for s in summary["stages"] if "padding" in s), None)
+    if padding:  # scanner padding, left out (see carctl.registration.levels.padding)
+        found = ", ".join(
+            f"{name} {p['value']:g} ({p['voxels']} voxels)" for name, p in padding.items()
+        )
+        rows.append(("padding", f"{found}: left out, as beyond the scan"))
     rows += [
-        ("start", str(summary["initialisation"])),
         ("folding", f"{summary['folding_percent']:.4f} % of voxels"),
         ("Jacobian", f"{summary['jacobian_min']:.3f} .. {summary['jacobian_max']:.3f}"),
         ("total", f"{summary['total_seconds']:.1f} s"),

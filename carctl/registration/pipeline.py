@@ -33,8 +33,10 @@ from carctl.registration.levels import (
     foreground,
     foreground_box,
     normalise,
+    padding,
     require_contrast,
     require_size,
+    without_padding,
 )
 from carctl.runtime import resolve_device
 from carctl.spatial.grid import Grid, apply_homogeneous
@@ -769,13 +771,19 @@ def _register(
             raise InputError(f"the {name} mask has no voxel above zero")
         return inside.astype(np.float32)
 
-    fixed_norm = normalise(fixed.array)
-    moving_norm = normalise(moving.array)
-    for name, image, norm in (("moving", moving, moving_norm), ("fixed", fixed, fixed_norm)):
+    # scanner padding (see levels.PADDING_BELOW) counts as beyond the image: filled with air
+    # for the descriptors and left out by the masks
+    paddings = {"fixed": padding(fixed.array), "moving": padding(moving.array)}
+    normalised = {}
+    for name, image in (("moving", moving), ("fixed", fixed)):
+        found = paddings[name]
+        array = image.array if found is None else without_padding(image.array, found[1])
+        normalised[name] = normalise(array)
         require_size(name, image.grid)
-        require_contrast(name, image.array, norm)
-    f_mask = mask_on(fixed_mask, fixed.grid, "fixed")
-    m_mask = mask_on(moving_mask, moving.grid, "moving")
+        require_contrast(name, image.array, normalised[name])
+    fixed_norm, moving_norm = normalised["fixed"], normalised["moving"]
+    f_mask = _leave_out(mask_on(fixed_mask, fixed.grid, "fixed"), paddings["fixed"])
+    m_mask = _leave_out(mask_on(moving_mask, moving.grid, "moving"), paddings["moving"])
     box = foreground_box(fixed_norm, f_mask)
     center = init_stage.centre_of_mass(foreground(fixed_norm, f_mask), fixed.grid)
     extent = (np.asarray(box[1]) - np.asarray(box[0]) + 1) * np.asarray(fixed.grid.spacing)
@@ -805,6 +813,12 @@ def _register(
         report = STAGES[name](state, progress)
         report.seconds = time.perf_counter() - start
         reports.append(report)
+    found = {name: value for name, value in paddings.items() if value is not None}
+    if found:  # what was left out, in the initialisation's report
+        reports[0].detail["padding"] = {
+            name: {"value": value, "voxels": int(where.sum())}
+            for name, (value, where) in found.items()
+        }
     start = time.perf_counter()
     result_affine = Affine.from_homogeneous(state.affine, center)
     whole = compose(fixed.grid, state.affine, state.displacement)
@@ -814,6 +828,16 @@ def _register(
         for key, level in state._levels.items()
     ]
     return Registration(result_affine, whole, reports, levels, state.displacement)
+
+
+def _leave_out(
+    mask: np.ndarray | None, found: tuple[float, np.ndarray] | None
+) -> np.ndarray | None:
+    """``mask`` (float32 0/1, or None: everything) without the padding ``found``."""
+    if found is None:
+        return mask
+    keep = (~found[1]).astype(np.float32)  # not empty: an image all padding is constant
+    return keep if mask is None else mask * keep
 
 
 def compose(

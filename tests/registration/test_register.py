@@ -537,6 +537,60 @@ def test_initialisation_recovers_large_offsets(phantom):
     assert result.stages[0].detail["start"] != "header"
 
 
+def ct_like(image: Image, outside: float = -1024.0) -> Image:
+    """``image`` as a CT in Hounsfield units: air ``outside`` the anatomy."""
+    a = image.array
+    return Image(np.where(a > 0, 10 * a - 200, outside).astype(np.float32), image.grid)
+
+
+def padded(image: Image, value: float = -3024.0) -> Image:
+    """``image`` with ``value`` outside a circle in every axial slice, as CT scanners store
+    what lies beyond their reconstruction circle (the same place in every image)."""
+    a = image.array.copy()
+    _, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in a.shape], indexing="ij")
+    a[np.hypot(x, y) > 0.92] = value
+    return Image(a, image.grid)
+
+
+def test_scanner_padding_is_found_and_nothing_else():
+    ct = padded(ct_like(blobs(size=(20, 20, 12))))
+    value, where = levels.padding(ct.array)
+    assert value == -3024.0 and np.array_equal(where, ct.array == -3024.0)
+    assert levels.without_padding(ct.array, where).min() == -1024.0
+    as_int = levels.padding(ct.array.astype(np.int16))
+    assert as_int is not None and as_int[0] == -3024.0
+    with_nan = ct.array.copy()
+    with_nan[0] = np.nan
+    assert levels.padding(with_nan)[0] == -3024.0
+    # air as the least value, MR backgrounds, a lone low voxel: no padding
+    assert levels.padding(ct_like(blobs(size=(20, 20, 12))).array) is None
+    assert levels.padding(blobs(size=(20, 20, 12)).array) is None
+    assert levels.padding(blobs(size=(20, 20, 12)).array.astype(np.uint8)) is None
+    lone = ct_like(blobs(size=(20, 20, 12))).array
+    lone[0, 0, 0] = -3024.0
+    assert levels.padding(lone) is None
+
+
+def test_padded_ct_is_aligned_by_its_anatomy_not_its_padding():
+    """Both CTs padded at the same place (the scanner's circle) while the anatomy moved: the
+    padding's edge held the rigid stage near the header (3.5-5.1 mm left of 4-6 mm, three
+    seeds; `auto` 0.8-1.2 mm). Now the padding is air to the descriptors and left out of the
+    comparison (0.2-0.33 mm; the real chest CT with 4 degrees and 6 mm, padded with -3024
+    beyond 251 mm: 0.72 / 0.92 mm before, 0.21 / 0.16 after, unpadded 0.22 / 0.13)."""
+    ct = ct_like(blobs(size=(40, 40, 24), spacing=2.0))
+    rng = np.random.default_rng(0)
+    truth = initialise.about(
+        rotation(*rng.uniform(-0.05, 0.05, 3)), centre(ct), rng.uniform(-5.0, 5.0, 3)
+    )
+    fixed = moved(ct, truth)
+    fixed = Image(np.where(fixed.array == 0, -1024.0, fixed.array).astype(np.float32), ct.grid)
+    result = register(padded(ct), padded(fixed), RegistrationOptions(method="rigid"))
+    assert mean_error(result.field, truth, fixed.array > -500) < 1.0
+    left_out = result.stages[0].detail["padding"]
+    assert left_out["fixed"]["value"] == -3024.0 == left_out["moving"]["value"]
+    assert left_out["moving"]["voxels"] == int((padded(ct).array == -3024.0).sum())
+
+
 @pytest.mark.parametrize("apart", ["1000 mm", "one plane"])
 def test_images_apart_under_their_headers_are_brought_together(phantom, apart):
     """Moving headers that leave the images apart (its origin 1000 mm off, or its first axis
