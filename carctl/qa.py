@@ -47,9 +47,11 @@ from carctl.registration.levels import (
     foreground_box,
     intensity_range,
     normalise,
+    padding,
     pool,
     resample_band_limited,
     widened,
+    without_padding,
 )
 from carctl.registration.optimize import control_grid, field_on_grid, voxel_indices
 from carctl.spatial.grid import Grid
@@ -120,15 +122,20 @@ class Assessment:
 def working_grid(fixed: Image, mask: np.ndarray | None = None) -> Grid:
     """The fixed image's axes over its foreground box (with the registration levels' margin),
     isotropic voxels of :func:`working_spacing`."""
-    box = widened(foreground_box(normalise(fixed.array), mask), fixed.grid)
+    box = widened(foreground_box(normalise(finite(fixed.array)), mask), fixed.grid)
     size = box[1] - box[0] + 1
     return fixed_level_grid(fixed.grid, working_spacing(fixed.grid.spacing, size), box)
 
 
 def finite(array: np.ndarray) -> np.ndarray:
-    """``array`` with non-finite voxels at 0, as the registration reads them
-    (:func:`~carctl.registration.levels.normalise`): resampling with a band limit spread one
-    NaN voxel over its neighbours, and a NaN block made the score NaN."""
+    """``array`` as the registration reads it: scanner padding as air
+    (:func:`~carctl.registration.levels.padding`: its edge, where the scanner put it in both
+    images, read as alignment) and non-finite voxels at 0
+    (:func:`~carctl.registration.levels.normalise`: resampling with a band limit spread one
+    NaN voxel over its neighbours, and a NaN block made the score NaN)."""
+    found = padding(array)
+    if found is not None:
+        array = without_padding(array, found[1])
     if np.isfinite(array).all():
         return array
     return np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0)

@@ -11,7 +11,7 @@ from carctl import qa
 from carctl.io import Image, read_image
 from carctl.spatial.grid import Grid
 from carctl.spatial.transform import Affine
-from tests.registration.test_register import blobs, contrast
+from tests.registration.test_register import blobs, contrast, ct_like, padded
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,20 @@ def test_score_estimates_a_known_shift_in_mm(phantom, other):
     assert scores[0] < scores[1] < scores[2]
     assert scores[1] == pytest.approx(2.0, rel=0.4)
     assert scores[2] == pytest.approx(5.0, rel=0.4)
+
+
+def test_padded_ct_is_scored_as_its_anatomy(phantom):
+    """Scanner padding (-3024 beyond a circle, the same place in both CTs) read as intensity:
+    the working grid spanned the padding and the circle's edge read as alignment (the shared
+    chest CT under a known 4 mm RMS deformation, scored through the truth: 1.75 mm padded,
+    1.01 unpadded; now 1.04). Now it reads as air, as the registration reads it."""
+    ct = ct_like(phantom)
+    scan = padded(ct)
+    assert qa.finite(scan.array).min() == -1024.0
+    assert qa.working_grid(scan) == qa.working_grid(ct)
+    shift = _shift([0.0, 3.0, 0.0])
+    plain = qa.assess(None, qa.prepare(ct, ct, shift)).score
+    assert qa.assess(None, qa.prepare(scan, scan, shift)).score == pytest.approx(plain, rel=0.05)
 
 
 def test_score_is_deterministic(phantom):

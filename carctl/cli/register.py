@@ -478,7 +478,10 @@ def _show(summary: dict, console) -> None:
     padding = next((s["padding"] for s in summary["stages"] if "padding" in s), None)
     if padding:  # scanner padding, left out (see carctl.registration.levels.padding)
         found = ", ".join(
-            f"{name} {p['value']:g} ({p['voxels']} voxels)" for name, p in padding.items()
+            f"{name} {p['value']:g} ({p['voxels']} voxels)"
+            if isinstance(p["value"], float)
+            else f"{name} {p['value']} ({p['voxels']} voxels)"
+            for name, p in padding.items()
         )
         rows.append(("padding", f"{found}: left out, as beyond the scan"))
     rows += [

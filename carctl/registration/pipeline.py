@@ -816,8 +816,9 @@ def _register(
     found = {name: value for name, value in paddings.items() if value is not None}
     if found:  # what was left out, in the initialisation's report
         reports[0].detail["padding"] = {
-            name: {"value": value, "voxels": int(where.sum())}
-            for name, (value, where) in found.items()
+            # -inf as the string "-inf": JSON has no infinities
+            name: {"value": value if np.isfinite(value) else str(value), "voxels": int(n.sum())}
+            for name, (value, n) in found.items()
         }
     start = time.perf_counter()
     result_affine = Affine.from_homogeneous(state.affine, center)

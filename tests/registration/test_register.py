@@ -562,6 +562,9 @@ def test_scanner_padding_is_found_and_nothing_else():
     with_nan = ct.array.copy()
     with_nan[0] = np.nan
     assert levels.padding(with_nan)[0] == -3024.0
+    with_nan[ct.array == -3024.0] = -np.inf  # some tools' "no data"
+    assert levels.padding(with_nan)[0] == -np.inf
+    assert levels.without_padding(with_nan, levels.padding(with_nan)[1])[1:].min() == -1024.0
     # air as the least value, MR backgrounds, a lone low voxel: no padding
     assert levels.padding(ct_like(blobs(size=(20, 20, 12))).array) is None
     assert levels.padding(blobs(size=(20, 20, 12)).array) is None
