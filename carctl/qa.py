@@ -130,15 +130,18 @@ def working_grid(fixed: Image, mask: np.ndarray | None = None) -> Grid:
 def finite(array: np.ndarray) -> np.ndarray:
     """``array`` as the registration reads it: scanner padding as air
     (:func:`~carctl.registration.levels.padding`: its edge, where the scanner put it in both
-    images, read as alignment) and non-finite voxels at 0
+    images, read as alignment) and non-finite voxels as its least finite value
     (:func:`~carctl.registration.levels.normalise`: resampling with a band limit spread one
     NaN voxel over its neighbours, and a NaN block made the score NaN)."""
     found = padding(array)
     if found is not None:
         array = without_padding(array, found[1])
-    if np.isfinite(array).all():
+    finite = np.isfinite(array)
+    if finite.all():
         return array
-    return np.nan_to_num(array, nan=0.0, posinf=0.0, neginf=0.0)
+    # the darkest value where there is one (a CT's air: at 0 it read as water)
+    least = float(array[finite].min()) if finite.any() else 0.0
+    return np.nan_to_num(array, nan=least, posinf=least, neginf=least)
 
 
 def content(image: Image) -> Image:

@@ -66,7 +66,8 @@ def normalise(array: np.ndarray, select: np.ndarray | None = None) -> np.ndarray
     # in torch, in place: the same float32 arithmetic on every CPU thread (numpy's passes ran
     # on one; 0.2 -> 0.05 s for a 1 mm brain)
     out = torch.from_numpy(np.array(array, dtype=np.float32, order="C"))
-    return out.nan_to_num_(0.0).sub_(low).div_(high - low).clamp_(0.0, 1.0).numpy()
+    # NaN (no data, where a tool left it) as the darkest value: at 0 it read as water on a CT
+    return out.nan_to_num_(low).sub_(low).div_(high - low).clamp_(0.0, 1.0).numpy()
 
 
 # CT scanners (and the tools after them) store the voxels outside the reconstruction circle,
@@ -74,43 +75,71 @@ def normalise(array: np.ndarray, select: np.ndarray | None = None) -> np.ndarray
 # is a lack of data, not an intensity: the normalised range stretched down to it made air
 # mid-grey, and the circle's edge, where the scanner put it in both images of a breathing pair,
 # held the field there (chest CT with a known deformation of 8 mm RMS, both images padded with
-# -3024 outside a circle of 251 mm, seeds 0-3: 1.24 / 0.86 / 0.97 mm unpadded, 1.45 / 0.96 /
-# 1.05 padded, 1.18 / 0.86 / 0.91 with the padding left out as below). The image's least
-# value counts as padding when it lies at or below PADDING_BELOW and fills at least
-# PADDING_FRACTION of the voxels.
+# -3024 outside a circle of 251 mm, seeds 0-2: 1.24 / 0.86 / 0.97 mm unpadded, 1.45 / 0.96 /
+# 1.05 padded, 1.18 / 0.86 / 0.91 with the padding left out as below). Every voxel at or below
+# PADDING_BELOW (no tissue, nor air, lies there) counts as padding when they are at least
+# PADDING_FRACTION of the image, and so do the voxels next to them (one voxel in every
+# direction): a resampled padded CT holds, around its padding, values a B-spline took below
+# it and values interpolated between it and air, which an exact value missed (a padded head
+# CT moved by a known rigid motion, resampled by SimpleITK's B-spline: 1.89 mm left by the
+# rigid stage, 0.22 unpadded; a single voxel below the padding value had the same effect).
 PADDING_BELOW = -1500.0
 PADDING_FRACTION = 1e-3
 
 
 def padding(array: np.ndarray) -> tuple[float, np.ndarray] | None:
-    """The scanner padding of ``array`` (see :data:`PADDING_BELOW`): its value and where it
-    is (boolean, ``array``'s shape), or None when there is none."""
-    if array.dtype.kind not in "iuf" or array.size == 0:
+    """The scanner padding of ``array`` (see :data:`PADDING_BELOW`): its value (the median of
+    the voxels at or below PADDING_BELOW) and where it is with the voxels next to it
+    (boolean, ``array``'s shape), or None when there is none."""
+    if array.dtype.kind not in "iuf" or array.size == 0 or array.ndim not in (2, 3):
         return None
     if array.dtype.kind == "u" or (array.dtype.kind == "i" and array.dtype.itemsize == 1):
         return None  # these types hold nothing below -1500
     least = np.fmin.reduce(array, axis=None)  # NaN aside
     if not least <= PADDING_BELOW:
         return None
-    where = array == least
-    if int(np.count_nonzero(where)) < PADDING_FRACTION * array.size:
+    below = array <= PADDING_BELOW
+    if int(np.count_nonzero(below)) < PADDING_FRACTION * array.size:
         return None
-    return float(least), where
+    sample = array.ravel()[:: max(1, array.size >> 20)]  # about a million voxels
+    value = float(np.median(sample[sample <= PADDING_BELOW]))
+    return value, _grown(below)
+
+
+def _grown(where: np.ndarray) -> np.ndarray:
+    """``where`` with every voxel next to it (its 3 x 3 (x 3) neighbourhood), one axis at a
+    time."""
+    grown = where.copy()
+    for axis in range(where.ndim):
+        before = [slice(None)] * where.ndim
+        after = [slice(None)] * where.ndim
+        before[axis], after[axis] = slice(None, -1), slice(1, None)
+        step = grown.copy()
+        step[tuple(before)] |= grown[tuple(after)]
+        step[tuple(after)] |= grown[tuple(before)]
+        grown = step
+    return grown
 
 
 def without_padding(array: np.ndarray, where: np.ndarray) -> np.ndarray:
     """``array`` (float32) with the padding at ``where`` replaced by the least value of the
     rest (air on a CT), so that no descriptor sees an edge where the data ends."""
     out = np.array(array, dtype=np.float32)
-    rest = out[~where]
-    out[where] = np.nanmin(rest) if rest.size and np.isfinite(rest).any() else 0.0
+    rest = np.fmin.reduce(out, axis=None, where=~where, initial=np.inf)  # NaN aside
+    np.putmask(out, where, rest if np.isfinite(rest) else 0.0)
     return out
 
 
-def require_contrast(name: str, array: np.ndarray, normalised: np.ndarray | None = None) -> None:
+def require_contrast(
+    name: str,
+    array: np.ndarray,
+    normalised: np.ndarray | None = None,
+    padded: float | None = None,
+) -> None:
     """Refuse (:class:`~carctl.errors.InputError`) an image that shows nothing to align:
     :func:`normalise` (``normalised``, when already computed) leaves it one value everywhere.
-    Every loss is flat or undefined on such an image, and an optimiser would wander."""
+    Every loss is flat or undefined on such an image, and an optimiser would wander.
+    ``padded``: the value of the scanner padding that ``array`` no longer holds."""
     from carctl.errors import InputError
 
     normalised = normalise(array) if normalised is None else normalised
@@ -124,6 +153,8 @@ def require_contrast(name: str, array: np.ndarray, normalised: np.ndarray | None
         what = f"every finite voxel {low:g}"
     else:
         what = f"nearly every voxel alike in {low:g}..{high:g}"
+    if padded is not None:
+        what += f", apart from scanner padding ({padded:g})"
     raise InputError(f"the {name} image is constant ({what}): there is nothing to align")
 
 

@@ -780,10 +780,10 @@ def _register(
         array = image.array if found is None else without_padding(image.array, found[1])
         normalised[name] = normalise(array)
         require_size(name, image.grid)
-        require_contrast(name, image.array, normalised[name])
+        require_contrast(name, array, normalised[name], None if found is None else found[0])
     fixed_norm, moving_norm = normalised["fixed"], normalised["moving"]
-    f_mask = _leave_out(mask_on(fixed_mask, fixed.grid, "fixed"), paddings["fixed"])
-    m_mask = _leave_out(mask_on(moving_mask, moving.grid, "moving"), paddings["moving"])
+    f_mask = _leave_out(mask_on(fixed_mask, fixed.grid, "fixed"), paddings["fixed"], "fixed")
+    m_mask = _leave_out(mask_on(moving_mask, moving.grid, "moving"), paddings["moving"], "moving")
     box = foreground_box(fixed_norm, f_mask)
     center = init_stage.centre_of_mass(foreground(fixed_norm, f_mask), fixed.grid)
     extent = (np.asarray(box[1]) - np.asarray(box[0]) + 1) * np.asarray(fixed.grid.spacing)
@@ -832,13 +832,23 @@ def _register(
 
 
 def _leave_out(
-    mask: np.ndarray | None, found: tuple[float, np.ndarray] | None
+    mask: np.ndarray | None, found: tuple[float, np.ndarray] | None, name: str
 ) -> np.ndarray | None:
-    """``mask`` (float32 0/1, or None: everything) without the padding ``found``."""
+    """``mask`` (float32 0/1, or None: everything) without the padding ``found`` of the
+    ``name`` image."""
+    from carctl.errors import InputError
+
     if found is None:
         return mask
-    keep = (~found[1]).astype(np.float32)  # not empty: an image all padding is constant
-    return keep if mask is None else mask * keep
+    keep = (~found[1]).astype(np.float32)
+    left = keep if mask is None else mask * keep
+    if not left.any():
+        what = "the image" if mask is None else f"the {name} mask"
+        raise InputError(
+            f"{what} covers scanner padding ({found[0]:g}) only: nothing of the {name} "
+            "image is left to compare"
+        )
+    return left
 
 
 def compose(

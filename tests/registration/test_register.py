@@ -10,6 +10,7 @@ import SimpleITK as sitk
 import torch
 
 from carctl.config import RegistrationOptions
+from carctl.errors import InputError
 from carctl.io import Image, read_image
 from carctl.registration import affine as affine_stage
 from carctl.registration import initialise, levels, optimize, pipeline
@@ -239,7 +240,9 @@ def test_normalise_box_and_centre_of_mass_match_plain_numpy():
     array[0, 0, 0] = np.nan
     kept = array.copy()
     low, high = levels.intensity_range(array)
-    expected = np.clip((np.nan_to_num(array.astype(np.float32)) - low) / (high - low), 0, 1)
+    expected = np.clip(
+        (np.nan_to_num(array.astype(np.float32), nan=low) - low) / (high - low), 0, 1
+    )
     normalised = levels.normalise(array)
     assert np.array_equal(normalised, expected) and np.array_equal(array, kept, equal_nan=True)
     where = np.nonzero(normalised > levels._FOREGROUND)
@@ -554,15 +557,27 @@ def padded(image: Image, value: float = -3024.0) -> Image:
 
 def test_scanner_padding_is_found_and_nothing_else():
     ct = padded(ct_like(blobs(size=(20, 20, 12))))
+    exact = ct.array == -3024.0
     value, where = levels.padding(ct.array)
-    assert value == -3024.0 and np.array_equal(where, ct.array == -3024.0)
+    assert value == -3024.0
+    # the padding and the voxels next to it (where a resampling blends it with air)
+    grown = torch.nn.functional.max_pool3d(
+        torch.from_numpy(exact.astype(np.float32))[None, None], 3, stride=1, padding=1
+    )
+    assert np.array_equal(where, grown[0, 0].numpy() > 0) and where.sum() > exact.sum()
     assert levels.without_padding(ct.array, where).min() == -1024.0
     as_int = levels.padding(ct.array.astype(np.int16))
     assert as_int is not None and as_int[0] == -3024.0
+    # a stray voxel below the padding (a B-spline's undershoot) took the least value's place
+    # and the padding went unseen
+    stray = ct.array.copy()
+    stray[np.unravel_index(np.flatnonzero(exact)[0], exact.shape)] = -3868.0
+    assert levels.padding(stray)[0] == -3024.0
+    assert np.array_equal(levels.padding(stray)[1], where)
     with_nan = ct.array.copy()
     with_nan[0] = np.nan
     assert levels.padding(with_nan)[0] == -3024.0
-    with_nan[ct.array == -3024.0] = -np.inf  # some tools' "no data"
+    with_nan[exact] = -np.inf  # some tools' "no data"
     assert levels.padding(with_nan)[0] == -np.inf
     assert levels.without_padding(with_nan, levels.padding(with_nan)[1])[1:].min() == -1024.0
     # air as the least value, MR backgrounds, a lone low voxel: no padding
@@ -572,6 +587,28 @@ def test_scanner_padding_is_found_and_nothing_else():
     lone = ct_like(blobs(size=(20, 20, 12))).array
     lone[0, 0, 0] = -3024.0
     assert levels.padding(lone) is None
+
+
+def test_nan_reads_as_the_darkest_value_not_as_zero():
+    """NaN where a tool left no data read as raw 0: water on a CT, mid-grey between air and
+    bone, and the edge of the NaN region an edge in the image."""
+    ct = ct_like(blobs(size=(20, 20, 12)))
+    holed = ct.array.copy()
+    holed[:, :, :3] = np.nan
+    normalised = levels.normalise(holed)
+    assert float(normalised[:, :, :3].max()) == 0.0
+    assert float(normalised[:, :, 3:][ct.array[:, :, 3:] == -1024.0].max()) == 0.0  # as air
+    assert float(normalised[:, :, 3:].max()) == 1.0
+
+
+def test_a_mask_over_padding_only_or_an_image_constant_but_for_it_is_refused_clearly(phantom):
+    ct = padded(ct_like(phantom))
+    corner = Image((ct.array == -3024.0).astype(np.uint8), ct.grid)
+    with pytest.raises(InputError, match="fixed mask covers scanner padding"):
+        register(ct, ct, RegistrationOptions(method="rigid"), fixed_mask=corner)
+    air = padded(Image(np.full(phantom.array.shape, -1000.0, np.float32), phantom.grid))
+    with pytest.raises(InputError, match=r"every finite voxel -1000, apart from scanner padding"):
+        register(ct, air, RegistrationOptions(method="rigid"))
 
 
 def test_padded_ct_is_aligned_by_its_anatomy_not_its_padding():
@@ -591,7 +628,7 @@ def test_padded_ct_is_aligned_by_its_anatomy_not_its_padding():
     assert mean_error(result.field, truth, fixed.array > -500) < 1.0
     left_out = result.stages[0].detail["padding"]
     assert left_out["fixed"]["value"] == -3024.0 == left_out["moving"]["value"]
-    assert left_out["moving"]["voxels"] == int((padded(ct).array == -3024.0).sum())
+    assert left_out["moving"]["voxels"] > int((padded(ct).array == -3024.0).sum())
 
 
 @pytest.mark.parametrize("apart", ["1000 mm", "one plane"])
