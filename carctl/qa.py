@@ -136,11 +136,11 @@ def finite(array: np.ndarray) -> np.ndarray:
     found = padding(array)
     if found is not None:
         array = without_padding(array, found[1])
-    finite = np.isfinite(array)
-    if finite.all():
+    numbers = np.isfinite(array)
+    if numbers.all():
         return array
     # the darkest value where there is one (a CT's air: at 0 it read as water)
-    least = float(array[finite].min()) if finite.any() else 0.0
+    least = float(array[numbers].min()) if numbers.any() else 0.0
     return np.nan_to_num(array, nan=least, posinf=least, neginf=least)
 
 

@@ -76,7 +76,7 @@ def normalise(array: np.ndarray, select: np.ndarray | None = None) -> np.ndarray
 # mid-grey, and the circle's edge, where the scanner put it in both images of a breathing pair,
 # held the field there (chest CT with a known deformation of 8 mm RMS, both images padded with
 # -3024 outside a circle of 251 mm, seeds 0-2: 1.24 / 0.86 / 0.97 mm unpadded, 1.45 / 0.96 /
-# 1.05 padded, 1.18 / 0.86 / 0.91 with the padding left out as below). Every voxel at or below
+# 1.05 padded, 1.20 / 0.87 / 0.91 with the padding left out as below). Every voxel at or below
 # PADDING_BELOW (no tissue, nor air, lies there) counts as padding when they are at least
 # PADDING_FRACTION of the image, and so do the voxels next to them (one voxel in every
 # direction): a resampled padded CT holds, around its padding, values a B-spline took below
