@@ -41,17 +41,16 @@ from carctl.io import Image
 from carctl.losses.regularisers import diffusion
 from carctl.losses.similarity import mind_ssc
 from carctl.networks.evaluator import anatomy, working_spacing
+from carctl.padding import padding, without_padding
 from carctl.registration.adam import Adam
 from carctl.registration.levels import (
     fixed_level_grid,
     foreground_box,
     intensity_range,
     normalise,
-    padding,
     pool,
     resample_band_limited,
     widened,
-    without_padding,
 )
 from carctl.registration.optimize import control_grid, field_on_grid, voxel_indices
 from carctl.spatial.grid import Grid
@@ -129,7 +128,7 @@ def working_grid(fixed: Image, mask: np.ndarray | None = None) -> Grid:
 
 def finite(array: np.ndarray) -> np.ndarray:
     """``array`` as the registration reads it: scanner padding as air
-    (:func:`~carctl.registration.levels.padding`: its edge, where the scanner put it in both
+    (:func:`~carctl.padding.padding`: its edge, where the scanner put it in both
     images, read as alignment) and non-finite voxels as its least finite value
     (:func:`~carctl.registration.levels.normalise`: resampling with a band limit spread one
     NaN voxel over its neighbours, and a NaN block made the score NaN)."""

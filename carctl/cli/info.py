@@ -84,17 +84,26 @@ def describe(image, spec: str) -> dict:
     import SimpleITK as sitk
 
     from carctl.io import grid_of
+    from carctl.padding import padding
 
     grid = grid_of(image, spec)
     array = sitk.GetArrayViewFromImage(image)
     finite = array[np.isfinite(array)] if array.dtype.kind == "f" else array
-    return {
+    facts = {
         **_grid_facts(grid),
         "oblique": grid.is_oblique,
         "pixel_type": image.GetPixelIDTypeAsString(),
         "minimum": float(finite.min()) if finite.size else None,
         "maximum": float(finite.max()) if finite.size else None,
     }
+    found = padding(array) if image.GetNumberOfComponentsPerPixel() == 1 else None
+    if found is not None:  # what register and qa leave out (see carctl.padding)
+        value, where = found
+        facts["padding"] = {
+            "value": value if np.isfinite(value) else str(value),
+            "voxels": int(where.sum()),
+        }
+    return facts
 
 
 def _grid_facts(grid) -> dict:
@@ -205,6 +214,9 @@ def describe_field(path: str) -> dict:
 
 
 def _format(value) -> str:
+    if isinstance(value, dict) and "voxels" in value:  # padding
+        shown = f"{value['value']:g}" if isinstance(value["value"], float) else value["value"]
+        return f"{shown} on {value['voxels']} voxels with their neighbours: register leaves it out"
     if isinstance(value, list):
         if value and isinstance(value[0], list):
             return "\n".join(" ".join(f"{round(c, 6) + 0.0:+.6f}" for c in row) for row in value)

@@ -476,7 +476,7 @@ def _show(summary: dict, console) -> None:
         )
     rows.append(("start", str(summary["initialisation"])))
     padding = next((s["padding"] for s in summary["stages"] if "padding" in s), None)
-    if padding:  # scanner padding, left out (see carctl.registration.levels.padding)
+    if padding:  # scanner padding, left out (see carctl.padding)
         found = ", ".join(
             f"{name} {p['value']:g} ({p['voxels']} voxels)"
             if isinstance(p["value"], float)

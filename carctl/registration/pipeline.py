@@ -23,6 +23,7 @@ import torch
 from carctl.config import RegistrationOptions
 from carctl.io import Image
 from carctl.losses import LOSSES, REGULARISERS, LossSpec, loss_spec
+from carctl.padding import padding, without_padding
 from carctl.registration import affine as affine_stage
 from carctl.registration import initialise as init_stage
 from carctl.registration import optimize, planar
@@ -33,10 +34,8 @@ from carctl.registration.levels import (
     foreground,
     foreground_box,
     normalise,
-    padding,
     require_contrast,
     require_size,
-    without_padding,
 )
 from carctl.runtime import resolve_device
 from carctl.spatial.grid import Grid, apply_homogeneous
@@ -771,7 +770,7 @@ def _register(
             raise InputError(f"the {name} mask has no voxel above zero")
         return inside.astype(np.float32)
 
-    # scanner padding (see levels.PADDING_BELOW) counts as beyond the image: filled with air
+    # scanner padding (see carctl.padding) counts as beyond the image: filled with air
     # for the descriptors and left out by the masks
     paddings = {"fixed": padding(fixed.array), "moving": padding(moving.array)}
     normalised = {}

@@ -245,6 +245,20 @@ def test_info_reports_geometry(cli, tmp_path):
     assert table.code == 0 and "PSR" in table.out and "0.5 x 1 x 2.5" in table.out
 
 
+def test_info_reports_ct_padding(cli, tmp_path):
+    """What register and qa leave out of a CT (carctl.padding), shown where a user looks."""
+    array = np.full((6, 20, 20), -1024, np.int16)
+    array[:, 5:15, 5:15] = 40
+    array[:, :2] = -3024
+    image = sitk.GetImageFromArray(array)
+    path = write(image, tmp_path / "ct.nii.gz")
+    facts = json.loads(cli("info", path, "--json", "-").out)
+    assert facts["padding"] == {"value": -3024.0, "voxels": 6 * 3 * 20}  # and the next row
+    assert "register leaves it out" in cli("info", path).out
+    unpadded = write(sitk.GetImageFromArray(np.maximum(array, -1024)), tmp_path / "air.nii.gz")
+    assert "padding" not in json.loads(cli("info", unpadded, "--json", "-").out)
+
+
 def test_info_flags_oblique_images(cli, tmp_path):
     path = write(make_image((4, 4, 4), direction=rotation(0.3, 0.0, 0.0)), tmp_path / "o.nii.gz")
     assert json.loads(cli("info", path, "--json", "-").out)["oblique"] is True

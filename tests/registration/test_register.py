@@ -9,6 +9,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from carctl import padding
 from carctl.config import RegistrationOptions
 from carctl.errors import InputError
 from carctl.io import Image, read_image
@@ -558,35 +559,35 @@ def padded(image: Image, value: float = -3024.0) -> Image:
 def test_scanner_padding_is_found_and_nothing_else():
     ct = padded(ct_like(blobs(size=(20, 20, 12))))
     exact = ct.array == -3024.0
-    value, where = levels.padding(ct.array)
+    value, where = padding.padding(ct.array)
     assert value == -3024.0
     # the padding and the voxels next to it (where a resampling blends it with air)
     grown = torch.nn.functional.max_pool3d(
         torch.from_numpy(exact.astype(np.float32))[None, None], 3, stride=1, padding=1
     )
     assert np.array_equal(where, grown[0, 0].numpy() > 0) and where.sum() > exact.sum()
-    assert levels.without_padding(ct.array, where).min() == -1024.0
-    as_int = levels.padding(ct.array.astype(np.int16))
+    assert padding.without_padding(ct.array, where).min() == -1024.0
+    as_int = padding.padding(ct.array.astype(np.int16))
     assert as_int is not None and as_int[0] == -3024.0
     # a stray voxel below the padding (a B-spline's undershoot) took the least value's place
     # and the padding went unseen
     stray = ct.array.copy()
     stray[np.unravel_index(np.flatnonzero(exact)[0], exact.shape)] = -3868.0
-    assert levels.padding(stray)[0] == -3024.0
-    assert np.array_equal(levels.padding(stray)[1], where)
+    assert padding.padding(stray)[0] == -3024.0
+    assert np.array_equal(padding.padding(stray)[1], where)
     with_nan = ct.array.copy()
     with_nan[0] = np.nan
-    assert levels.padding(with_nan)[0] == -3024.0
+    assert padding.padding(with_nan)[0] == -3024.0
     with_nan[exact] = -np.inf  # some tools' "no data"
-    assert levels.padding(with_nan)[0] == -np.inf
-    assert levels.without_padding(with_nan, levels.padding(with_nan)[1])[1:].min() == -1024.0
+    assert padding.padding(with_nan)[0] == -np.inf
+    assert padding.without_padding(with_nan, padding.padding(with_nan)[1])[1:].min() == -1024.0
     # air as the least value, MR backgrounds, a lone low voxel: no padding
-    assert levels.padding(ct_like(blobs(size=(20, 20, 12))).array) is None
-    assert levels.padding(blobs(size=(20, 20, 12)).array) is None
-    assert levels.padding(blobs(size=(20, 20, 12)).array.astype(np.uint8)) is None
+    assert padding.padding(ct_like(blobs(size=(20, 20, 12))).array) is None
+    assert padding.padding(blobs(size=(20, 20, 12)).array) is None
+    assert padding.padding(blobs(size=(20, 20, 12)).array.astype(np.uint8)) is None
     lone = ct_like(blobs(size=(20, 20, 12))).array
     lone[0, 0, 0] = -3024.0
-    assert levels.padding(lone) is None
+    assert padding.padding(lone) is None
 
 
 def test_nan_reads_as_the_darkest_value_not_as_zero():
