@@ -20,13 +20,17 @@ def load_chain(
     field: str | os.PathLike | None = None,
     affine: str | os.PathLike | None = None,
     ndim: int | None = None,
+    transforms: Sequence[str] = (),
 ) -> list[Transform]:
     """The pull-back chain of a field and an affine: the field first, then the affine; with
-    ``ndim``, each must be of that dimension (that of the images it maps).
+    ``ndim``, each must be of that dimension (that of the images it maps). With
+    ``transforms`` (``-t`` specs, given instead of the two), :func:`load_transforms`'s.
 
     This is what ``antsApplyTransforms -t FIELD -t AFFINE`` means, and how ANTs'
     ``1Warp.nii.gz`` and ``0GenericAffine.mat`` combine.
     """
+    if transforms:
+        return load_transforms(transforms, ndim)
     chain: list[Transform] = []
     for path, read in ((field, read_field), (affine, read_affine)):
         if path is None:

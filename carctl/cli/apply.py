@@ -73,7 +73,7 @@ def command(
     """
     from carctl.cli.console import stderr
     from carctl.io import check_output, read_image, transform_paths, write_image
-    from carctl.resample import check_interpolation, load_chain, load_transforms, resample_image
+    from carctl.resample import check_interpolation, load_chain, resample_image
     from carctl.runtime import set_threads
 
     transforms = chosen_transforms(field, affine, transform)
@@ -84,10 +84,7 @@ def command(
     set_threads(threads)
     moving = read_image(image, series)
     fixed = read_image(reference, reference_series, series_option="--reference-series")
-    if transforms:
-        chain = load_transforms(transforms, moving.grid.ndim)
-    else:
-        chain = load_chain(field, affine, moving.grid.ndim)
+    chain = load_chain(field, affine, moving.grid.ndim, transforms)
     warped = resample_image(moving, fixed.grid, chain, interpolation=interp, fill=fill)
     write_image(warped, output, force=force, inputs=inputs)
     stderr().print(f"wrote {output} ({fixed.grid.describe()})")

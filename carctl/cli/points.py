@@ -94,10 +94,10 @@ def command(
     import torch
 
     from carctl.errors import InputError
-    from carctl.resample import load_chain, load_transforms
+    from carctl.resample import load_chain
     from carctl.spatial.transform import DisplacementField
 
-    chain = load_transforms(transforms) if transforms else load_chain(field, affine)
+    chain = load_chain(field, affine, transforms=transforms)
     if invert_affine:
         try:
             chain = [chain[0].inverse()]

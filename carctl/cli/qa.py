@@ -136,7 +136,7 @@ def run(moving, fixed, chain, warped, outputs, device, threads, force, inputs) -
 
     from carctl import pretrained, qa
     from carctl.registration.levels import require_contrast
-    from carctl.resample import load_chain, load_transforms
+    from carctl.resample import load_chain
     from carctl.runtime import resolve_device, set_threads
 
     set_threads(threads)
@@ -148,10 +148,10 @@ def run(moving, fixed, chain, warped, outputs, device, threads, force, inputs) -
     if warped_image is not None:  # one value everywhere read as perfectly aligned ("ok", 0)
         require_contrast("warped", warped_image.array)
     alignments = [(moving_image, [])]  # through the headers
-    if transforms:
-        alignments.append((moving_image, load_transforms(transforms, fixed_image.grid.ndim)))
-    elif field or affine:
-        alignments.append((moving_image, load_chain(field, affine, fixed_image.grid.ndim)))
+    if field or affine or transforms:
+        alignments.append(
+            (moving_image, load_chain(field, affine, fixed_image.grid.ndim, transforms))
+        )
     elif warped_image is not None:
         alignments.append((qa.content(warped_image), []))
     assessments = qa.assess_alignments(model, fixed_image, alignments, device)
