@@ -41,6 +41,23 @@ def padding(array: np.ndarray) -> tuple[float, np.ndarray] | None:
     return value, _grown(below)
 
 
+def summarised(found: tuple[float, np.ndarray]) -> dict:
+    """:func:`padding`'s answer for a summary, JSON-ready (-inf as the string "-inf": JSON has
+    no infinities)."""
+    value, where = found
+    return {
+        "value": value if np.isfinite(value) else str(value),
+        "voxels": int(np.count_nonzero(where)),
+    }
+
+
+def described(reported: dict) -> str:
+    """A :func:`summarised` padding in words: ``-3024 (2188480 voxels)``."""
+    value = reported["value"]
+    shown = f"{value:g}" if isinstance(value, float) else value
+    return f"{shown} ({reported['voxels']} voxels)"
+
+
 def _grown(where: np.ndarray) -> np.ndarray:
     """``where`` with every voxel next to it (its 3 x 3 (x 3) neighbourhood), one axis at a
     time."""

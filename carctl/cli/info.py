@@ -84,7 +84,7 @@ def describe(image, spec: str) -> dict:
     import SimpleITK as sitk
 
     from carctl.io import grid_of
-    from carctl.padding import padding
+    from carctl.padding import padding, summarised
 
     grid = grid_of(image, spec)
     array = sitk.GetArrayViewFromImage(image)
@@ -98,11 +98,7 @@ def describe(image, spec: str) -> dict:
     }
     found = padding(array) if image.GetNumberOfComponentsPerPixel() == 1 else None
     if found is not None:  # what register and qa leave out (see carctl.padding)
-        value, where = found
-        facts["padding"] = {
-            "value": value if np.isfinite(value) else str(value),
-            "voxels": int(where.sum()),
-        }
+        facts["padding"] = summarised(found)
     return facts
 
 
@@ -215,8 +211,9 @@ def describe_field(path: str) -> dict:
 
 def _format(value) -> str:
     if isinstance(value, dict) and "voxels" in value:  # padding
-        shown = f"{value['value']:g}" if isinstance(value["value"], float) else value["value"]
-        return f"{shown} on {value['voxels']} voxels with their neighbours: register leaves it out"
+        from carctl.padding import described
+
+        return f"{described(value)}, with their neighbours: register leaves it out"
     if isinstance(value, list):
         if value and isinstance(value[0], list):
             return "\n".join(" ".join(f"{round(c, 6) + 0.0:+.6f}" for c in row) for row in value)

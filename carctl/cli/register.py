@@ -477,12 +477,9 @@ def _show(summary: dict, console) -> None:
     rows.append(("start", str(summary["initialisation"])))
     padding = next((s["padding"] for s in summary["stages"] if "padding" in s), None)
     if padding:  # scanner padding, left out (see carctl.padding)
-        found = ", ".join(
-            f"{name} {p['value']:g} ({p['voxels']} voxels)"
-            if isinstance(p["value"], float)
-            else f"{name} {p['value']} ({p['voxels']} voxels)"
-            for name, p in padding.items()
-        )
+        from carctl.padding import described
+
+        found = ", ".join(f"{name} {described(p)}" for name, p in padding.items())
         rows.append(("padding", f"{found}: left out, as beyond the scan"))
     rows += [
         ("folding", f"{summary['folding_percent']:.4f} % of voxels"),

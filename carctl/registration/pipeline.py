@@ -23,7 +23,7 @@ import torch
 from carctl.config import RegistrationOptions
 from carctl.io import Image
 from carctl.losses import LOSSES, REGULARISERS, LossSpec, loss_spec
-from carctl.padding import padding, without_padding
+from carctl.padding import padding, summarised, without_padding
 from carctl.registration import affine as affine_stage
 from carctl.registration import initialise as init_stage
 from carctl.registration import optimize, planar
@@ -814,11 +814,7 @@ def _register(
         reports.append(report)
     found = {name: value for name, value in paddings.items() if value is not None}
     if found:  # what was left out, in the initialisation's report
-        reports[0].detail["padding"] = {
-            # -inf as the string "-inf": JSON has no infinities
-            name: {"value": value if np.isfinite(value) else str(value), "voxels": int(n.sum())}
-            for name, (value, n) in found.items()
-        }
+        reports[0].detail["padding"] = {name: summarised(value) for name, value in found.items()}
     start = time.perf_counter()
     result_affine = Affine.from_homogeneous(state.affine, center)
     whole = compose(fixed.grid, state.affine, state.displacement)
