@@ -165,6 +165,7 @@ def label_scores(fixed: np.ndarray, warped: np.ndarray, grid: Grid) -> list[Labe
         return [replace(s, label=int(originals[s.label])) for s in scores]
     dices = dice(fixed, warped)
     boxes_fixed, boxes_warped = _bounding_boxes(fixed), _bounding_boxes(warped)
+    distances = not sheared(grid)  # in mm along orthogonal axes only
     scores = []
     for label, overlap in dices.items():
         # The nearest surface voxel always lies in the box around both labels.
@@ -172,7 +173,7 @@ def label_scores(fixed: np.ndarray, warped: np.ndarray, grid: Grid) -> list[Labe
         a, b = fixed[box] == label, warped[box] == label
         na, nb = int(a.sum()), int(b.sum())
         hd95 = hd = None
-        if na and nb and not sheared(grid):
+        if na and nb and distances:
             d_ab, d_ba = surface_distances(a, b, grid.spacing)
             hd95 = float(max(np.percentile(d_ab, 95), np.percentile(d_ba, 95)))
             hd = float(max(d_ab.max(), d_ba.max()))
