@@ -118,18 +118,19 @@ def plane_of(moving: Grid, fixed: Grid) -> Plane | None:
     thin_f, thin_m = thin_axis(fixed), thin_axis(moving)
     if thin_f is None or thin_m is None:
         return None
-    keep = [a for a in range(3) if a != thin_f]
-    axes = fixed.direction_matrix[:, keep]
-    normal = np.cross(axes[:, 0], axes[:, 1])
-    normal /= np.linalg.norm(normal)
-    m_keep = [a for a in range(3) if a != thin_m]
-    m_normal = np.cross(*moving.direction_matrix[:, m_keep].T)
-    m_normal /= np.linalg.norm(m_normal)
-    if abs(float(normal @ m_normal)) < PARALLEL:
+    axes = fixed.direction_matrix[:, [a for a in range(3) if a != thin_f]]
+    normal = _normal(fixed, thin_f)
+    if abs(float(normal @ _normal(moving, thin_m))) < PARALLEL:
         return None
     origin = np.asarray(fixed.origin, dtype=np.float64)
     offset = float(normal @ (np.asarray(moving.origin) - origin))
     return Plane(origin, axes, normal, thin_f, offset)
+
+
+def _normal(grid: Grid, thin: int) -> np.ndarray:
+    """The unit normal of a single-slice ``grid``'s plane (``thin``: its thin index axis)."""
+    normal = np.cross(*grid.direction_matrix[:, [a for a in range(3) if a != thin]].T)
+    return normal / np.linalg.norm(normal)
 
 
 def flatten(matrix: np.ndarray, plane: Plane) -> np.ndarray:
