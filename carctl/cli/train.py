@@ -99,12 +99,12 @@ def _card_of(weights: str | Path) -> Path:
     return Path(weights).with_suffix(pretrained.CARD_SUFFIX)
 
 
-def _commands(out: Path, name: str, resume: bool, init: str | None, command: str) -> list[str]:
+def _commands(out: Path, name: str, resume: bool, started: list[str], command: str) -> list[str]:
     """The commands that made the run in ``out``, this one last, kept in ``out`` as they
-    grow: a fine-tuning run's start with its starting weights' (``init``), a resumed run's
-    with the commands before it. Written before training, so that a run stopped before it
-    wrote its card still passes its command on, and a run resumed under another ``--name``
-    (no card of that name to read them from) keeps them all."""
+    grow: a fine-tuning run's start with its starting weights' (``started``, from their
+    card), a resumed run's with the commands before it. Written before training, so that a
+    run stopped before it wrote its card still passes its command on, and a run resumed
+    under another ``--name`` (no card of that name to read them from) keeps them all."""
     import json
 
     from carctl import pretrained
@@ -129,8 +129,8 @@ def _commands(out: Path, name: str, resume: bool, init: str | None, command: str
                     f"warning: {path} is not a list of commands: the card lists "
                     + (f"{card}'s and this one" if commands else "this command alone")
                 )
-    if not commands and init:  # a fresh fine-tuning run starts with its weights' recipe
-        commands = _recipe(_card_of(init))[0]
+    if not commands:  # a fresh fine-tuning run starts with its weights' recipe
+        commands = list(started)
     if not commands or commands[-1] != command:
         commands.append(command)
     text = json.dumps(commands, indent=1) + "\n"
@@ -247,6 +247,9 @@ def _run(
         def progress_fn(step: int, metrics: dict) -> None:
             bar.update(task, completed=step, info=shown(metrics))
 
+    init = getattr(settings, "init", None)
+    # the starting weights' recipe and steps (their card), which this run's continue
+    recipe = _recipe(_card_of(init)) if init else ([], 0)
     command = (
         f"carctl train {kind} " + shlex.join(sys.argv[sys.argv.index(kind) + 1 :])
         if kind in sys.argv
@@ -258,7 +261,7 @@ def _run(
             # again, now that no other run writes here: one that ended while this one loaded
             # its data left a checkpoint, which a fresh run trained over
             _check_checkpoint(out, resume)
-            commands = _commands(out, name, resume, getattr(settings, "init", None), command)
+            commands = _commands(out, name, resume, recipe[0], command)
         if bar is not None:
             bar.start()
         try:
@@ -278,7 +281,6 @@ def _run(
             loop.finish()
         if rank != 0:
             return  # process 0 writes the weights
-        init = getattr(settings, "init", None)
         card = pretrained.write(
             model,
             out,
@@ -290,7 +292,7 @@ def _run(
                     "command": " && ".join(commands),
                     "commands": commands,
                     "settings": loop.settings_dict(settings),
-                    "steps_done": metrics["step"] + (_recipe(_card_of(init))[1] if init else 0),
+                    "steps_done": metrics["step"] + recipe[1],
                     **({"init_sha256": pretrained.sha256(Path(init))} if init else {}),
                     "data": sorted({v.name.split("@")[0] for v in volumes}),
                     "validation_data": sorted({v.name.split("@")[0] for v in validation}),
