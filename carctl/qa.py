@@ -182,8 +182,8 @@ def _scaled(
 
 def reference_of(fixed: Image, grid: Grid | None = None, device: str = "cpu") -> Reference:
     """``fixed`` on the working ``grid`` (default :func:`working_grid`), in ``[-1, 1]``."""
-    grid = grid or working_grid(fixed)
-    array = finite(fixed.array)
+    array = finite(fixed.array)  # once: the padding search reads the whole image
+    grid = grid or working_grid(Image(array, fixed.grid))
     image, bounds = _scaled(resample_band_limited(array, fixed.grid, grid, device=device))
     return Reference(grid, image, bounds)
 
@@ -225,7 +225,11 @@ def assess_alignments(
     """One :class:`Assessment` per ``(moving image, transforms)``, all on one working grid
     with the fixed image resampled once (IMSE's error maps too when ``model`` is given)."""
     reference = reference_of(fixed, device=device)
-    return [assess(model, pair_with(reference, m, chain, device)) for m, chain in alignments]
+    # each moving image read as the registration reads it once, however many alignments
+    ready = {id(m): Image(finite(m.array), m.grid) for m, _ in alignments}
+    return [
+        assess(model, pair_with(reference, ready[id(m)], chain, device)) for m, chain in alignments
+    ]
 
 
 def assess(model: torch.nn.Module | None, pair: Pair, check: Check = CHECK) -> Assessment:
