@@ -6,6 +6,7 @@ define what carctl reports. Distances are physical millimetres.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -15,6 +16,8 @@ from carctl.spatial.grid import Grid
 
 # Jacobian determinants are clipped to this range before the logarithm.
 _LOG_JACOBIAN_CLIP = (1e-9, 1e9)
+# Voxels per chunk of :func:`jacobian_summary`.
+_SUMMARY_CHUNK = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -183,19 +186,35 @@ def label_scores(fixed: np.ndarray, warped: np.ndarray, grid: Grid) -> list[Labe
 
 def jacobian_summary(jacobian) -> dict[str, float]:
     """Folding (% of voxels with det J <= 0), spread (population standard deviation) of log
-    det J, and the det J range, of an array or tensor. Computed in float64 with torch, over
-    the threads :func:`carctl.runtime.set_threads` allows: on a 1 mm brain's 8.9 million
-    voxels, NumPy's one thread took 0.3-0.4 s of a command's run, mostly faulting in its
-    float64 temporaries."""
+    det J, and the det J range, of an array or tensor. Computed with torch over the threads
+    :func:`carctl.runtime.set_threads` allows, in float64 by chunks of
+    :data:`_SUMMARY_CHUNK` voxels whose means and squared deviations are merged (Chan et
+    al.'s pairwise update): a whole-image float64 copy and its logarithm cost 4.6 s on a
+    512 x 512 x 400 CT (0.84 GB each), NumPy's one thread 0.3-0.4 s on a 1 mm brain."""
     import torch
 
-    j = torch.as_tensor(jacobian).to(torch.float64)
-    log_j = j.clamp(*_LOG_JACOBIAN_CLIP).log()
+    j = torch.as_tensor(jacobian).reshape(-1)
+    count, mean, squares = 0, 0.0, 0.0
+    folded, least, most = 0, [], []
+    for chunk in j.split(_SUMMARY_CHUNK):
+        chunk = chunk.to(torch.float64)
+        folded += int((chunk <= 0).sum())
+        least.append(chunk.min())
+        most.append(chunk.max())
+        log_j = chunk.clamp_(*_LOG_JACOBIAN_CLIP).log_()
+        n = log_j.numel()
+        part_mean = float(log_j.mean())
+        part_squares = float(log_j.sub_(part_mean).square_().sum())
+        delta = part_mean - mean
+        total = count + n
+        mean += delta * n / total
+        squares += part_squares + delta * delta * count * n / total
+        count = total
     return {
-        "folding_percent": 100.0 * (int((j <= 0).sum()) / j.numel()),
-        "log_jacobian_std": float(log_j.std(correction=0)),
-        "jacobian_min": float(j.min()),
-        "jacobian_max": float(j.max()),
+        "folding_percent": 100.0 * folded / count,
+        "log_jacobian_std": math.sqrt(squares / count),
+        "jacobian_min": float(torch.stack(least).min()),
+        "jacobian_max": float(torch.stack(most).max()),
     }
 
 

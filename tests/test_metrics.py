@@ -292,9 +292,12 @@ def test_two_d_label_scores():
     assert score.hd95 == pytest.approx(1.0)  # two columns of 0.5 mm
 
 
-def test_jacobian_summary_of_arrays_and_tensors_matches_numpy():
+@pytest.mark.parametrize("chunk", [1 << 18, 64, 100])
+def test_jacobian_summary_of_arrays_and_tensors_matches_numpy(chunk, monkeypatch):
     """The summary (computed with torch since it took 0.3-0.4 s of a command in NumPy) gives
-    NumPy's numbers, for float32 tensors (as the command line passes them) and arrays."""
+    NumPy's numbers, for float32 tensors (as the command line passes them) and arrays, in
+    one chunk or in several (the last one shorter): their means and spreads merged."""
+    monkeypatch.setattr(metrics, "_SUMMARY_CHUNK", chunk)
     rng = np.random.default_rng(0)
     j = rng.normal(1.0, 0.4, size=(7, 9, 11)).astype(np.float32)
     x = j.astype(np.float64)

@@ -12,6 +12,7 @@ well as a perfect one.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,6 +44,8 @@ MIN_OVERLAP = 0.05
 # (weighted by the fixed mask): a moving image of 1e-6 mm voxels, 0.03 mm across, covered a
 # fraction of one voxel, every loss read 0 and `register` wrote an empty image.
 MIN_OVERLAP_VOXELS = 8
+# Voxels per slab of :func:`centre_of_mass` (whole slices of the slowest axis, at least one).
+_SLAB_VOXELS = 1 << 20
 
 
 def least_overlap(scored: list[Start]) -> float:
@@ -78,23 +81,28 @@ def grid_centre(grid: Grid) -> np.ndarray:
 
 def centre_of_mass(image: np.ndarray, grid: Grid) -> np.ndarray:
     """Intensity-weighted centre (physical) of a normalised image; the grid centre if empty."""
-    # two passes over the image, summed in float64 on every thread: the fastest axis'
-    # profile, and the sums along it, from which the other profiles come
+    # summed in float64 by slabs of the slowest axis (each converted in the caches): the
+    # profile along each axis, from one pass over the image (a whole-image pass per axis
+    # with float64 accumulation took 0.05 s on a 1 mm brain, 0.7 s on a 512 x 512 x 400 CT)
     weights = torch.from_numpy(np.ascontiguousarray(image))
-    n = weights.shape[-1]
-    fastest = weights.reshape(-1, n).sum(0, dtype=torch.float64).numpy()
-    rest = weights.sum(dim=-1, dtype=torch.float64).numpy()
-    total = float(rest.sum())
+    d = weights.dim()
+    profiles = [torch.zeros(n, dtype=torch.float64) for n in weights.shape]
+    step = max(1, _SLAB_VOXELS // max(1, math.prod(weights.shape[1:])))
+    for start in range(0, weights.shape[0], step):
+        slab = weights[start : start + step].to(torch.float64)
+        profiles[-1] += slab.sum(dim=tuple(range(d - 1)))
+        rows = slab.sum(dim=-1)  # (slab,) in 2-D, (slab, Y) in 3-D
+        if d == 3:
+            profiles[1] += rows.sum(dim=0)
+            rows = rows.sum(dim=1)
+        profiles[0][start : start + slab.shape[0]] = rows
+    total = float(profiles[-1].sum())
     if total <= 0:
         return grid_centre(grid)
-    index = []
-    for axis in range(grid.ndim):
-        dim = grid.ndim - 1 - axis
-        if dim == grid.ndim - 1:
-            profile = fastest
-        else:
-            profile = rest.sum(axis=tuple(a for a in range(rest.ndim) if a != dim))
-        index.append(float((profile * np.arange(profile.size)).sum() / total))
+    index = [
+        float((profiles[d - 1 - axis] * torch.arange(grid.size[axis])).sum() / total)
+        for axis in range(d)
+    ]
     return (grid.index_to_physical @ np.append(index, 1.0))[:-1]
 
 

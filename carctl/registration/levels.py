@@ -40,16 +40,22 @@ _MARGIN_MM, _MARGIN_FRACTION = 8.0, 0.1
 ACROSS = 8
 
 
+# Voxel types that torch converts to float32 itself, on every thread.
+_TORCH_TYPES = {
+    np.dtype(t) for t in ("bool", "uint8", "int8", "int16", "int32", "int64", "float32", "float64")
+}
+
+
 def intensity_range(
     array: np.ndarray, select: np.ndarray | None = None
 ) -> tuple[float, float] | None:
     """The robust range (percentiles :data:`_PERCENTILES`) of ``array``'s finite values (only
     where ``select`` is true, when given and not empty); ``high > low``, or None when there
     is no finite value."""
-    values = array if select is None or not select.any() else array[select]
-    values = values.astype(np.float32, copy=False).ravel()
-    if values.size > (1 << 20):
+    values = array.ravel() if select is None or not select.any() else array[select]
+    if values.size > (1 << 20):  # subsampled before any conversion: a CT's int16 stays int16
         values = values[:: values.size // (1 << 20)]
+    values = values.astype(np.float32)
     finite = values[np.isfinite(values)]
     if finite.size == 0:
         return None
@@ -64,10 +70,15 @@ def normalise(array: np.ndarray, select: np.ndarray | None = None) -> np.ndarray
         return np.zeros(array.shape, np.float32)
     low, high = bounds
     # in torch, in place: the same float32 arithmetic on every CPU thread (numpy's passes ran
-    # on one; 0.2 -> 0.05 s for a 1 mm brain)
-    out = torch.from_numpy(np.array(array, dtype=np.float32, order="C"))
-    # NaN (no data, where a tool left it) as the darkest value: at 0 it read as water on a CT
-    return out.nan_to_num_(low).sub_(low).div_(high - low).clamp_(0.0, 1.0).numpy()
+    # on one; 0.2 -> 0.05 s for a 1 mm brain), the conversion to float32 too where torch
+    # holds the type (a 512 x 512 x 400 CT's int16: 1.2 -> 0.5 s)
+    if array.dtype in _TORCH_TYPES:
+        out = torch.from_numpy(np.ascontiguousarray(array)).to(torch.float32, copy=True)
+    else:
+        out = torch.from_numpy(np.array(array, dtype=np.float32, order="C"))
+    if array.dtype.kind == "f":
+        out.nan_to_num_(low)  # NaN (no data) as the darkest value: at 0 it read as water on a CT
+    return out.sub_(low).div_(high - low).clamp_(0.0, 1.0).numpy()
 
 
 def require_contrast(

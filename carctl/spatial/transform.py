@@ -9,6 +9,7 @@ first, like ``antsApplyTransforms -t T0 -t T1 ...``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -164,8 +165,9 @@ def to_displacement(grid: Grid, transforms: Sequence[Transform] = ()) -> Displac
     return DisplacementField(grid, (mapped - grid.points()).movedim(-1, 0).contiguous())
 
 
-# Slices of the slowest axis per slab of :func:`jacobian_determinant`.
-_SLAB = 16
+# Voxels per slab of :func:`jacobian_determinant` (whole slices of the slowest axis, at
+# least one): its two dozen temporaries then stay in the processor's caches.
+_SLAB_VOXELS = 1 << 20
 
 
 def jacobian_determinant(field: DisplacementField) -> torch.Tensor:
@@ -189,8 +191,9 @@ def jacobian_determinant(field: DisplacementField) -> torch.Tensor:
     dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
     out = torch.empty(u.shape[1:], dtype=dtype, device=u.device)
     n = u.shape[1]  # slowest axis (the last index axis)
-    for start in range(0, n, _SLAB):
-        stop = min(start + _SLAB, n)
+    slab = max(1, _SLAB_VOXELS // max(1, math.prod(u.shape[2:])))
+    for start in range(0, n, slab):
+        stop = min(start + slab, n)
         # one neighbour on each side so that central differences match the whole-grid ones
         low, high = max(start - 1, 0), min(stop + 1, n)
         part = u[:, low:high].to(dtype)

@@ -259,6 +259,34 @@ def test_normalise_box_and_centre_of_mass_match_plain_numpy():
     assert np.allclose(initialise.centre_of_mass(normalised, grid), centre, atol=1e-9)
 
 
+@pytest.mark.parametrize("shape", [(9, 11, 13), (1, 11, 13), (11, 13)])
+def test_centre_of_mass_by_slabs_matches_plain_numpy(shape, monkeypatch):
+    """Summed by slabs of the slowest axis (here of two slices, the last of one): the same
+    centre, in 3-D and 2-D, for weights and for a boolean foreground."""
+    monkeypatch.setattr(initialise, "_SLAB_VOXELS", 2 * int(np.prod(shape[1:])))
+    rng = np.random.default_rng(1)
+    d = len(shape)
+    direction = rotation(0.1, 0.2, 0) if d == 3 else np.array([[0.6, -0.8], [0.8, 0.6]])
+    grid = Grid(shape[::-1], (1.0, 2.0, 0.5)[:d], (3.0, -1.0, 2.0)[:d], tuple(direction.ravel()))
+    for image in (rng.random(shape).astype(np.float32), rng.random(shape) > 0.6):
+        weights = image.astype(np.float64)
+        index = [(weights * np.indices(shape)[d - 1 - a]).sum() / weights.sum() for a in range(d)]
+        centre = (grid.index_to_physical @ np.append(index, 1.0))[:d]
+        assert np.allclose(initialise.centre_of_mass(image, grid), centre, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["int16", "uint8", "bool", ">f4"])
+def test_normalise_converts_every_voxel_type_as_float32_would(kind):
+    """Integer images are converted by torch (on every thread), other types by NumPy: the
+    same values as converting to float32 first."""
+    rng = np.random.default_rng(2)
+    array = (rng.random((6, 7, 8)) * 200).astype(kind)
+    low, high = levels.intensity_range(array)
+    expected = np.clip((array.astype(np.float32) - low) / (high - low), 0, 1)
+    normalised = levels.normalise(array)
+    assert normalised.dtype == np.float32 and np.array_equal(normalised, expected)
+
+
 def test_pool_keeps_block_centres():
     grid = Grid((8, 6, 4), (1.0, 2.0, 3.0), (10.0, 0.0, -5.0), tuple(np.eye(3).ravel()))
     image = torch.arange(8 * 6 * 4, dtype=torch.float32).reshape(1, 1, 4, 6, 8)

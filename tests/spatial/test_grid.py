@@ -103,3 +103,18 @@ def test_from_index_to_physical_round_trip(oblique):
     grid = Grid.from_sitk(oblique)
     again = Grid.from_index_to_physical(grid.size, grid.index_to_physical)
     assert again.same_as(grid, tolerance=1e-12)
+
+
+@pytest.mark.parametrize("size", [(7, 5, 3), (1, 4, 1), (9, 4)])
+def test_map_indices_channels_first_is_the_transposed_channels_last(size):
+    """Built component by component (no transposed copy): bit for bit the same values."""
+    d = len(size)
+    direction = rotation(0.3, -0.5, 0.8) if d == 3 else np.array([[0.6, -0.8], [0.8, 0.6]])
+    grid = Grid(size, (0.5, 2.0, 3.0)[:d], (4.0, -2.0, 1.0)[:d], tuple(direction.ravel()))
+    matrix = np.eye(d + 1)
+    matrix[:d] = np.random.default_rng(0).normal(size=(d, d + 1))
+    for dtype in (torch.float32, torch.float64):
+        last = grid.map_indices(matrix, dtype)
+        first = grid.map_indices(matrix, dtype, channels_first=True)
+        assert first.shape == (d, *grid.shape) and first.is_contiguous()
+        assert torch.equal(first, last.movedim(-1, 0))
