@@ -152,16 +152,21 @@ def warp(
     direct = linear and (not chain or _one_field_on(chain, fixed_grid))
     depth = fixed_grid.size[-1]
     rows = max(1, slab_voxels // int(np.prod(fixed_grid.size[:-1])))
-    slabs = []
+    out = None  # each slab is copied into the output as soon as it is read (no list of
+    # slabs and their concatenation: half the peak memory of a large image's resampling)
     for start in range(0, depth, rows):
         planes = (start, min(start + rows, depth))
         if direct:
             field = chain[0] if chain else None
-            slabs.append(_linear_direct(prepared, moving_grid, fixed_grid, field, planes, fill))
-            continue
-        points = map_grid(fixed_grid, chain, dtype=dtype, device=image.device, planes=planes)
-        slabs.append(_read(prepared, moving_grid, points, interpolator.read, fill))
-    return interpolator.finish(torch.cat(slabs, dim=2), image)
+            values = _linear_direct(prepared, moving_grid, fixed_grid, field, planes, fill)
+        else:
+            points = map_grid(fixed_grid, chain, dtype=dtype, device=image.device, planes=planes)
+            values = _read(prepared, moving_grid, points, interpolator.read, fill)
+        if out is None:
+            shape = (*values.shape[:2], *fixed_grid.shape)
+            out = torch.empty(shape, dtype=values.dtype, device=values.device)
+        out[:, :, planes[0] : planes[1]] = values
+    return interpolator.finish(out, image)
 
 
 def _one_field_on(chain: Sequence[Transform], grid: Grid) -> bool:

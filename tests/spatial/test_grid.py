@@ -118,3 +118,23 @@ def test_map_indices_channels_first_is_the_transposed_channels_last(size):
         first = grid.map_indices(matrix, dtype, channels_first=True)
         assert first.shape == (d, *grid.shape) and first.is_contiguous()
         assert torch.equal(first, last.movedim(-1, 0))
+
+
+@pytest.mark.parametrize("size", [(5, 4, 3), (6, 1), (1, 1, 4)])
+def test_inside_tests_agree_with_a_whole_array_comparison(size):
+    """contains_index and contains_normalised (compared axis by axis) keep ITK's rule:
+    ``-0.5 <= index < n - 0.5`` on every axis, points on and beside the borders included."""
+    d = len(size)
+    grid = Grid(size, (1.0,) * d, (0.0,) * d, tuple(np.eye(d).ravel()))
+    rng = np.random.default_rng(3)
+    edges = np.array([[-0.5, n - 0.5] for n in size])  # exactly on the border, and beside it
+    index = rng.uniform(-1.5, max(size) + 0.5, size=(400, d))
+    index[:100] = edges[np.arange(d), rng.integers(0, 2, size=(100, d))]
+    index = torch.from_numpy(index)
+    expected = ((index >= -0.5) & (index < torch.tensor(size) - 0.5)).all(dim=-1)
+    assert 0 < int(expected.sum()) < len(index)
+    assert torch.equal(grid.contains_index(index), expected)
+    assert torch.equal(grid.contains_index(index.reshape(20, 20, d)), expected.reshape(20, 20))
+    away = (index - torch.round(index - 0.5) - 0.5).abs().min(dim=-1).values > 1e-6
+    normalised = grid.contains_normalised(grid.index_to_normalised(index))
+    assert torch.equal(normalised[away], expected[away])
