@@ -308,18 +308,21 @@ def run(
 
     written_start = time.perf_counter()
     with output_group():  # all of them or none
-        warped = resample_image(moving_image, fixed_image.grid, [result.field])
         # the two large files are written (compressed, copied) in threads while the rest is
         # computed: on a 1 mm brain the two and the Jacobian summary 1.0-1.4 -> 0.6-0.75 s
-        # alone; in `register --method net` 1.0-1.3 s (without the Jacobian) -> 0.76-0.88
+        # alone; in `register --method net` 1.0-1.3 s (without the Jacobian) -> 0.76-0.88.
+        # The field (ready first) is written while the warped image is resampled.
         writers = ThreadPoolExecutor(max_workers=2)
         try:
             written = [
-                writers.submit(write_image, warped, outputs["warped"], force=force, inputs=inputs),
                 writers.submit(
                     write_field, result.field, outputs["field"], force=force, inputs=inputs
-                ),
+                )
             ]
+            warped = resample_image(moving_image, fixed_image.grid, [result.field])
+            written.append(
+                writers.submit(write_image, warped, outputs["warped"], force=force, inputs=inputs)
+            )
             write_affine(result.affine, outputs["affine"], force=force, inputs=inputs)
             if "warped_labels" in outputs:
                 warped_labels = resample_image(labels, fixed_image.grid, [result.field], "label")
