@@ -139,3 +139,33 @@ def test_a_flair_in_thick_slices_registers_onto_a_1mm_t1(bench, shared_data, tmp
     assert moving.grid.spacing == (1.0, 1.0, 5.0)
     result = register(moving, made.fixed, RegistrationOptions())
     assert end_point_error(result.field, made.truth, made.mask) < 1.8
+
+
+def test_large_ct_error_is_zero_for_the_true_motion_and_its_size_for_none(tmp_path):
+    """bench_large's end-point error reads the field in carctl's convention (fixed point ->
+    moving point): the true motion's field scores 0, a zero field the motion's own size."""
+    import SimpleITK as sitk
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_large", BENCHMARK.with_name("bench_large.py")
+    )
+    large = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(large)
+    fixed = sitk.Image(12, 10, 8, sitk.sitkFloat32) + 100.0  # all "body"
+    fixed.SetSpacing((2.0, 1.5, 3.0))
+    fixed.SetOrigin((5.0, -3.0, 7.0))
+    sitk.WriteImage(fixed, str(tmp_path / "fixed.nii.gz"))
+    motion = sitk.Euler3DTransform()
+    motion.SetCenter(fixed.TransformContinuousIndexToPhysicalPoint((5.5, 4.5, 3.5)))
+    motion.SetRotation(0.02, -0.01, 0.03)
+    motion.SetTranslation((0.5, -0.4, 0.3))
+    to_field = sitk.TransformToDisplacementFieldFilter()
+    to_field.SetReferenceImage(fixed)
+    field = to_field.Execute(motion)
+    sitk.WriteImage(field, str(tmp_path / "truth.nii"))
+    assert large.end_point_error(tmp_path / "truth.nii", tmp_path / "fixed.nii.gz", motion) < 1e-4
+    zero = sitk.Image(fixed.GetSize(), sitk.sitkVectorFloat64, 3)
+    zero.CopyInformation(fixed)
+    sitk.WriteImage(zero, str(tmp_path / "zero.nii"))
+    error = large.end_point_error(tmp_path / "zero.nii", tmp_path / "fixed.nii.gz", motion)
+    assert 0.5 < error < 1.0
