@@ -220,8 +220,8 @@ class Grid:
         sum of one broadcast row per axis (no matrix product over the voxels).
         ``channels_first`` writes each component once, as a plane of the faster axes plus
         the slowest axis' term (the same values: the sums run in the same order), instead
-        of a channels-last array and its transposed copy (2.5 -> 0.4 s for a 512 x 512 x
-        400 CT's affine as a field)."""
+        of a channels-last array and its transposed copy (1.2 -> 0.6 s for a 512 x 512 x
+        400 CT's affine as a field, 0.09 -> 0.02 s for a 1 mm brain's)."""
         import torch
 
         dtype = dtype or torch.float64

@@ -166,7 +166,8 @@ def to_displacement(grid: Grid, transforms: Sequence[Transform] = ()) -> Displac
 
 
 # Voxels per slab of :func:`jacobian_determinant` (whole slices of the slowest axis, at
-# least one): its two dozen temporaries then stay in the processor's caches.
+# least one): 18 slices of a 1 mm brain (16 before, by count), 4 of a 512 x 512 CT, whose
+# 16-slice slabs of two dozen 4 M-voxel temporaries were slower (1.6 against 1.2 s).
 _SLAB_VOXELS = 1 << 20
 
 
