@@ -218,9 +218,20 @@ def _as_float(image: torch.Tensor) -> torch.Tensor:
     return image if image.is_floating_point() else image.to(torch.float32)
 
 
+# Label types voted on as they are; the others are widened (exactly) to the type given, which
+# torch's CPU gathers and comparisons all support. An int64 copy of a 512 x 512 x 400 uint8
+# label map was 840 MB and made its gathers four times slower.
+_LABEL_TYPES = {
+    torch.uint16: torch.int32,
+    torch.uint32: torch.int64,
+    torch.uint64: torch.int64,
+    torch.float16: torch.float32,
+    torch.bfloat16: torch.float32,
+}
+
+
 def _as_label(image: torch.Tensor) -> torch.Tensor:
-    # torch's CPU gather lacks the wider unsigned types: vote on int64 (or float64) labels.
-    return image.to(torch.float64 if image.is_floating_point() else torch.int64)
+    return image.to(_LABEL_TYPES.get(image.dtype, image.dtype))
 
 
 def _unchanged(image: torch.Tensor) -> torch.Tensor:
@@ -270,7 +281,9 @@ def _strides(grid: Grid) -> list[int]:
 def _gather(image: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
     """``image`` (N, C, *shape) at flat voxel indices ``flat`` (...) -> (N, C, ...)."""
     n, c = image.shape[:2]
-    return image.reshape(n, c, -1)[:, :, flat.reshape(-1)].reshape(n, c, *flat.shape)
+    # index_select, not advanced indexing: three times faster on a large label map
+    values = image.reshape(n * c, -1).index_select(1, flat.reshape(-1))
+    return values.reshape(n, c, *flat.shape)
 
 
 def _sample_nearest(image: torch.Tensor, grid: Grid, index: torch.Tensor) -> torch.Tensor:

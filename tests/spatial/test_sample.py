@@ -309,3 +309,24 @@ def test_grid_sample_over_threads_equals_one_call(monkeypatch, ndim):
         image, coords, align_corners=True, padding_mode="border"
     )
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.uint8, torch.int8, torch.int16, torch.uint16, torch.int32, torch.float32]
+)
+def test_label_votes_on_the_map_s_own_type_as_on_int64(dtype):
+    """A label map is voted on in its own type (widened only where torch lacks it): the same
+    labels as the int64 copy it used to be, in the map's type."""
+    from carctl.spatial import sample
+
+    grid = Grid((9, 7, 5), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 6, (1, 1, 5, 7, 9), generator=generator).to(dtype)
+    index = torch.rand(400, 3, dtype=torch.float64, generator=generator) * torch.tensor(
+        [8.0, 6.0, 4.0], dtype=torch.float64
+    )
+    ours = sample.INTERPOLATORS["label"].prepare(labels)
+    voted = sample._sample_label(ours, grid, index)
+    wide = labels.to(torch.float64 if labels.is_floating_point() else torch.int64)
+    assert torch.equal(voted.to(wide.dtype), sample._sample_label(wide, grid, index))
+    assert sample.INTERPOLATORS["label"].finish(voted, labels).dtype == dtype
