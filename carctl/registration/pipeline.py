@@ -877,14 +877,29 @@ def invert(
 ) -> DisplacementField:
     """``T^-1`` for ``T(x) = A(x + u(x))`` as a field on ``grid``: for each point ``y``,
     ``z = A^-1 y`` and ``x`` solves ``x + u(x) = z`` by the fixed-point iteration
-    ``x <- z - u(x)`` (converges where ``u`` is smooth, i.e. ``|grad u| < 1``)."""
-    points = grid.points(dtype=torch.float64)
-    z = apply_homogeneous(np.linalg.inv(affine), points)
-    x = z
-    if displacement is not None:
-        source, u = displacement
-        u = u.float().cpu()
-        for _ in range(iterations):
-            x = z - optimize.field_at(u, source, x).movedim(0, -1).to(torch.float64)
-    data = (x - points).movedim(-1, 0).to(torch.float32).contiguous()
-    return DisplacementField(grid, data)
+    ``x <- z - u(x)`` (converges where ``u`` is smooth, i.e. ``|grad u| < 1``).
+
+    Solved by slabs of about :data:`_INVERT_SLAB_VOXELS` voxels (planes of the last index
+    axis; every point's iteration is its own), written into the float32 output: whole-grid
+    float64 points, their images and copies took 13 GB and 32 s for a 512 x 512 x 400 CT."""
+    inverse = np.linalg.inv(affine)
+    u = None if displacement is None else displacement[1].float().cpu()
+    d = grid.ndim
+    out = torch.empty((d, *grid.shape), dtype=torch.float32)
+    depth = grid.size[-1]
+    rows = max(1, _INVERT_SLAB_VOXELS // int(np.prod(grid.size[:-1])))
+    for start in range(0, depth, rows):
+        stop = min(start + rows, depth)
+        points = grid.slab(start, stop).points(dtype=torch.float64)
+        z = apply_homogeneous(inverse, points)
+        x = z
+        if u is not None:
+            source = displacement[0]
+            for _ in range(iterations):
+                x = z - optimize.field_at(u, source, x).movedim(0, -1).to(torch.float64)
+        out[:, start:stop] = (x - points).movedim(-1, 0)
+    return DisplacementField(grid, out)
+
+
+# Voxels per slab of :func:`invert`.
+_INVERT_SLAB_VOXELS = 1 << 20
