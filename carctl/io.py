@@ -419,7 +419,9 @@ def grid_of(image: sitk.Image, spec: str | os.PathLike) -> Grid:
         raise InputError(f"'{spec}' has an unusable geometry: {error}") from error
 
 
-def read_grid(spec: str | os.PathLike, series: str | None = None) -> Grid:
+def read_grid(
+    spec: str | os.PathLike, series: str | None = None, series_option: str = "--series"
+) -> Grid:
     """The grid of an image, from its header alone where the format allows."""
     path, volume = split_volume(spec)
     if path.is_file() and volume is None:
@@ -441,7 +443,7 @@ def read_grid(spec: str | os.PathLike, series: str | None = None) -> Grid:
                     )
                 except ValueError:
                     pass  # read_image below says why, in one line
-    return read_image(spec, series).grid
+    return read_image(spec, series, series_option=series_option).grid
 
 
 def input_files(spec: str | os.PathLike) -> list[Path]:

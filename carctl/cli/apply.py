@@ -72,7 +72,7 @@ def command(
     scanner headers alone.
     """
     from carctl.cli.console import stderr
-    from carctl.io import check_output, read_image, transform_paths, write_image
+    from carctl.io import check_output, read_grid, read_image, transform_paths, write_image
     from carctl.resample import check_interpolation, load_chain, resample_image
     from carctl.runtime import set_threads
 
@@ -83,11 +83,13 @@ def command(
     check_interpolation(interp)
     set_threads(threads)
     moving = read_image(image, series)
-    fixed = read_image(reference, reference_series, series_option="--reference-series")
+    # the reference's grid only (its header, where the format allows): reading a large
+    # reference's voxels cost a second and its size in memory for nothing
+    grid = read_grid(reference, reference_series, series_option="--reference-series")
     chain = load_chain(field, affine, moving.grid.ndim, transforms)
-    warped = resample_image(moving, fixed.grid, chain, interpolation=interp, fill=fill)
+    warped = resample_image(moving, grid, chain, interpolation=interp, fill=fill)
     write_image(warped, output, force=force, inputs=inputs)
-    stderr().print(f"wrote {output} ({fixed.grid.describe()})")
+    stderr().print(f"wrote {output} ({grid.describe()})")
 
 
 def chosen_transforms(field: str | None, affine: str | None, transforms: list[str] | None) -> list:

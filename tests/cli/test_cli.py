@@ -899,3 +899,25 @@ def test_apply_names_the_reference_series_option(cli, two_series, pair, tmp_path
     )
     assert result.code == 0, result.err
     assert sitk.ReadImage(str(tmp_path / "o.nii.gz")).GetSize() == (256, 256, 3)
+
+
+def test_apply_reads_the_reference_s_header_only(cli, tmp_path, monkeypatch):
+    """The reference gives its grid: its voxels are not read (a large reference cost a second
+    and its size in memory for nothing); the output lies on that grid."""
+    from carctl import io
+
+    image = write(make_image((9, 8, 7)), tmp_path / "image.nii.gz")
+    reference = write(
+        make_image((6, 5, 4), spacing=(1.5, 1.5, 2.0), origin=(1.0, 2.0, 3.0)),
+        tmp_path / "reference.nii.gz",
+    )
+    read = []
+    original = io.read_image
+    monkeypatch.setattr(
+        io, "read_image", lambda spec, *a, **k: read.append(spec) or original(spec, *a, **k)
+    )
+    result = cli("apply", image, "-r", reference, "-o", tmp_path / "out.nii.gz")
+    assert result.code == 0, result.err
+    assert [str(spec) for spec in read] == [str(image)]
+    out = sitk.ReadImage(str(tmp_path / "out.nii.gz"))
+    assert out.GetSize() == (6, 5, 4) and out.GetOrigin() == (1.0, 2.0, 3.0)
