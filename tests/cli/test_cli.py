@@ -921,3 +921,24 @@ def test_apply_reads_the_reference_s_header_only(cli, tmp_path, monkeypatch):
     assert [str(spec) for spec in read] == [str(image)]
     out = sitk.ReadImage(str(tmp_path / "out.nii.gz"))
     assert out.GetSize() == (6, 5, 4) and out.GetOrigin() == (1.0, 2.0, 3.0)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_info_describes_a_field_with_a_non_finite_vector(cli, tmp_path, ndim):
+    """The lengths (a sum of squared components) over the finite vectors only; the others
+    counted."""
+    from carctl.spatial.files import write_field
+    from carctl.spatial.grid import Grid
+    from carctl.spatial.transform import DisplacementField
+
+    size = (6, 5, 4)[:ndim]
+    grid = Grid(size, (1.0,) * ndim, (0.0,) * ndim, tuple(np.eye(ndim).ravel()))
+    data = torch.from_numpy(np.random.default_rng(0).normal(size=(ndim, *grid.shape))).float()
+    data[0].view(-1)[3] = float("nan")
+    write_field(DisplacementField(grid, data), tmp_path / "f.mha")
+    facts = json.loads(cli("info", tmp_path / "f.mha", "--json", "-").out)
+    lengths = np.linalg.norm(data.numpy().astype(np.float64), axis=0).ravel()
+    finite = np.isfinite(lengths)
+    assert facts["non_finite_voxels"] == 1
+    assert facts["displacement_mean_mm"] == pytest.approx(lengths[finite].mean(), rel=1e-5)
+    assert facts["displacement_max_mm"] == pytest.approx(lengths[finite].max(), rel=1e-5)
