@@ -372,13 +372,16 @@ def bspline_coefficients(image: torch.Tensor) -> torch.Tensor:
             k = torch.arange(n, dtype=torch.float64, device=s.device)
             powers = z**k + torch.where((k > 0) & (k < n - 1), z ** (2 * n - 2 - k), 0.0)
             causal[0] = torch.tensordot(powers, s, dims=1) / (1.0 - z ** (2 * n - 2))
+        # each step written in place (the same operations, without a temporary and a copy
+        # per slice: a third less memory traffic)
         for k in range(1, n):
-            causal[k] = s[k] + z * causal[k - 1]
+            torch.mul(causal[k - 1], z, out=causal[k]).add_(s[k])
         anti = torch.empty_like(s)
         anti[n - 1] = (z / (z * z - 1.0)) * (causal[n - 1] + z * causal[n - 2])
         for k in range(n - 2, -1, -1):
-            anti[k] = z * (anti[k + 1] - causal[k])
-        coefficients = (6.0 * anti).movedim(0, axis)
+            torch.sub(anti[k + 1], causal[k], out=anti[k]).mul_(z)
+        del causal
+        coefficients = anti.mul_(6.0).movedim(0, axis)
     return coefficients
 
 
