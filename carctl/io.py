@@ -419,30 +419,36 @@ def grid_of(image: sitk.Image, spec: str | os.PathLike) -> Grid:
         raise InputError(f"'{spec}' has an unusable geometry: {error}") from error
 
 
+def read_header(path: str | os.PathLike) -> sitk.ImageFileReader | None:
+    """ITK's reader of ``path`` with the image's information (geometry, dimension, pixel
+    type) read and its voxels not, or None when ITK cannot read it."""
+    reader = load_sitk().ImageFileReader()
+    reader.SetFileName(os.fspath(path))
+    try:
+        with native_output_silenced():
+            reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    return reader
+
+
 def read_grid(
     spec: str | os.PathLike, series: str | None = None, series_option: str = "--series"
 ) -> Grid:
     """The grid of an image, from its header alone where the format allows."""
     path, volume = split_volume(spec)
     if path.is_file() and volume is None:
-        reader = load_sitk().ImageFileReader()
-        reader.SetFileName(os.fspath(path))
-        try:
-            with native_output_silenced():
-                reader.ReadImageInformation()
-        except RuntimeError:
-            pass  # read_image below says why, in one line
-        else:
-            if reader.GetDimension() in (2, 3):
-                try:
-                    return Grid(
-                        reader.GetSize(),
-                        reader.GetSpacing(),
-                        reader.GetOrigin(),
-                        reader.GetDirection(),
-                    )
-                except ValueError:
-                    pass  # read_image below says why, in one line
+        reader = read_header(path)  # None: read_image below says why, in one line
+        if reader is not None and reader.GetDimension() in (2, 3):
+            try:
+                return Grid(
+                    reader.GetSize(),
+                    reader.GetSpacing(),
+                    reader.GetOrigin(),
+                    reader.GetDirection(),
+                )
+            except ValueError:
+                pass  # read_image below says why, in one line
     return read_image(spec, series, series_option=series_option).grid
 
 

@@ -34,6 +34,7 @@ from carctl.io import (
     nifti_header,
     one_line_reason,
     read_file,
+    read_header,
     require_file,
     write_sitk,
 )
@@ -129,15 +130,8 @@ def _read_nifti_field(path: str | os.PathLike) -> DisplacementField | None:
     dtype = np.dtype(order + _NIFTI_FLOATS[datatype])
     if path.stat().st_size < offset + count * dtype.itemsize:
         return None  # truncated: read_file says so
-    sitk = load_sitk()
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(os.fspath(path))
-    try:
-        with native_output_silenced():
-            reader.ReadImageInformation()
-    except RuntimeError:
-        return None
-    if reader.GetDimension() != d or reader.GetNumberOfComponents() != d:
+    reader = read_header(path)
+    if reader is None or reader.GetDimension() != d or reader.GetNumberOfComponents() != d:
         return None
     try:
         grid = Grid(
@@ -182,18 +176,11 @@ def single_slice_grid(path: str | os.PathLike) -> Grid | None:
     struct.pack_into(f"{order}3h", header, NIFTI_DIM + 2, 2, 2, 2)
     struct.pack_into(f"{order}f", header, _NIFTI_VOX_OFFSET, float(NIFTI_DATA))
     header[348:NIFTI_DATA] = bytes(NIFTI_DATA - 348)  # no extensions
-    sitk = load_sitk()
     with tempfile.TemporaryDirectory() as folder:
         proxy = Path(folder) / "proxy.nii"
         proxy.write_bytes(bytes(header) + bytes(2 * 2 * 2 * 3 * max(bits // 8, 1)))
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(os.fspath(proxy))
-        try:
-            with native_output_silenced():
-                reader.ReadImageInformation()
-        except RuntimeError:
-            return None
-    if reader.GetDimension() != 3:
+        reader = read_header(proxy)
+    if reader is None or reader.GetDimension() != 3:
         return None
     size = (int(dims[1]), int(dims[2]), 1)
     return Grid(size, reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
