@@ -45,6 +45,21 @@ def _sitk_dice(fixed: sitk.Image, warped: sitk.Image) -> dict[int, float]:
     return {int(k): overlap.GetDiceCoefficient(int(k)) for k in sorted(labels) if k != 0}
 
 
+@pytest.mark.parametrize("chunk", [1 << 22, 7])
+def test_dice_by_chunks_counts_as_a_whole(chunk, monkeypatch):
+    """The agreeing voxels are counted by chunks (the last one shorter): the same Dice as
+    counting the whole maps at once."""
+    monkeypatch.setattr(metrics, "_DICE_CHUNK", chunk)
+    rng = np.random.default_rng(5)
+    fixed = rng.integers(0, 5, size=(6, 7, 8))
+    warped = np.where(rng.random(fixed.shape) < 0.7, fixed, rng.integers(0, 5, fixed.shape))
+    warped[warped == 4] = 0  # a label in one map only
+    ours = metrics.dice(fixed, warped)
+    for label in range(1, 5):
+        a, b = fixed == label, warped == label
+        assert ours[label] == 2.0 * (a & b).sum() / (a.sum() + b.sum())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("pair", ["oasis_pair", "spine_pair"])
 def test_dice_agrees_with_sitk_label_overlap(pair, request):
