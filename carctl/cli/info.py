@@ -29,6 +29,10 @@ def command(
     force: Annotated[
         bool, typer.Option("--force", help="Overwrite an existing --json file.")
     ] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option("--threads", help="CPU threads (a displacement field's summary)."),
+    ] = None,
 ) -> None:
     """Size, spacing, origin, direction, orientation and intensity range of an image.
 
@@ -38,14 +42,16 @@ def command(
     """
     from carctl.cli.console import emit_json, key_value_table, stdout
     from carctl.io import check_output, list_dicom_series, read_sitk
+    from carctl.runtime import check_threads
 
+    check_threads(threads)  # loads nothing: an image's facts need no torch
     if json_out not in (None, "-"):  # refused before the table is printed
         check_output(json_out, force=force, inputs=[image], extensions=(".json",))
 
     payload: dict = {"path": image}
     kind = _transform_kind(image)
     if kind is not None:
-        facts = describe_affine(image) if kind == "affine" else describe_field(image)
+        facts = describe_affine(image) if kind == "affine" else describe_field(image, threads)
         payload.update(facts)
         if json_out != "-":
             rows = [(k.replace("_", " "), _format(v)) for k, v in facts.items()]
@@ -187,14 +193,18 @@ def describe_affine(path: str) -> dict:
     }
 
 
-def describe_field(path: str) -> dict:
+def describe_field(path: str, threads: int | None = None) -> dict:
     """Facts about a displacement field file, JSON-ready: its grid, the lengths of its
-    displacements (mm) and its Jacobian determinant's summary."""
+    displacements (mm) and its Jacobian determinant's summary (on ``threads`` CPU threads,
+    or ``$CARCTL_THREADS``, or the libraries' default)."""
     import torch
 
     from carctl.metrics import jacobian_summary
+    from carctl.runtime import set_threads
     from carctl.spatial.files import read_field
     from carctl.spatial.transform import jacobian_determinant
+
+    set_threads(threads)
 
     field = read_field(path, finite=False)  # described, NaN and all
     # the length of each vector as a sum of squared components (torch's vector_norm over the

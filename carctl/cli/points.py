@@ -55,6 +55,7 @@ def command(
         typer.Option("--image", help="Image whose grid 'index' points refer to."),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")] = False,
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads.")] = None,
 ) -> None:
     """Map points through --field and/or --affine, as antsApplyTransformsToPoints does.
 
@@ -75,6 +76,7 @@ def command(
         transform_paths,
         write_points,
     )
+    from carctl.runtime import set_threads
 
     transforms = chosen_transforms(field, affine, transform)
     if field is None and affine is None and not transforms:
@@ -89,6 +91,7 @@ def command(
     inputs = [p for p in (points, field, affine, image) if p is not None]
     inputs += transform_paths(transforms)
     check_output(output, force=force, inputs=inputs, extensions=POINT_EXTENSIONS)
+    set_threads(threads)
 
     import numpy as np
     import torch

@@ -942,3 +942,41 @@ def test_info_describes_a_field_with_a_non_finite_vector(cli, tmp_path, ndim):
     assert facts["non_finite_voxels"] == 1
     assert facts["displacement_mean_mm"] == pytest.approx(lengths[finite].mean(), rel=1e-5)
     assert facts["displacement_max_mm"] == pytest.approx(lengths[finite].max(), rel=1e-5)
+
+
+def test_info_and_points_take_threads(cli, tmp_path):
+    """``--threads`` (or $CARCTL_THREADS) bounds the CPU threads of a field's summary and of
+    mapping points, as for the other commands; an image's facts still load no torch."""
+    from carctl.spatial.files import write_field
+    from carctl.spatial.grid import Grid
+    from carctl.spatial.transform import DisplacementField
+
+    grid = Grid((6, 5, 4), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+    write_field(DisplacementField(grid, torch.zeros(3, 4, 5, 6)), tmp_path / "f.nii")
+    (tmp_path / "p.csv").write_text("x,y,z\n1,2,1\n")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert cli("info", tmp_path / "f.nii", "--threads", "1").code == 0
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        mapped = cli(
+            "points",
+            tmp_path / "p.csv",
+            "-f",
+            tmp_path / "f.nii",
+            "-o",
+            tmp_path / "q.csv",
+            "--threads",
+            "1",
+        )
+        assert mapped.code == 0, mapped.err
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    image = str(write(make_image((6, 5, 4)), tmp_path / "image.nii.gz"))
+    result, codes, heavy = _main_in_fresh_python(
+        [["info", image, "--threads", "1"], ["info", image, "--threads", "0"]]
+    )
+    assert codes == [0, 2], codes
+    assert "torch" not in heavy and "--threads must be from 1 to 1024" in result.stderr
