@@ -126,6 +126,12 @@ def _number(value, unit: str = "") -> str:
     return "n/a" if value is None else f"{value:.4g}{unit}"
 
 
+def _millimetres(value) -> str:
+    """A landmark distance to the micrometre: the spread of equal errors printed as
+    ``1.826e-15`` (their float rounding) before."""
+    return "n/a" if value is None else f"{round(value, 6) + 0.0:.4g}"
+
+
 def show_report(report: dict, console) -> None:
     """Print an :func:`carctl.evaluation.evaluate` report as rich tables."""
     from rich.table import Table
@@ -163,5 +169,5 @@ def show_report(report: dict, console) -> None:
         for column in ("", "mean", "std", "median", "max"):
             table.add_column(column, justify="right")
         for name, s in (("before", before), ("after", after)):
-            table.add_row(name, *(_number(s[k]) for k in ("mean", "std", "median", "max")))
+            table.add_row(name, *(_millimetres(s[k]) for k in ("mean", "std", "median", "max")))
         console.print(table)

@@ -980,3 +980,23 @@ def test_info_and_points_take_threads(cli, tmp_path):
     )
     assert codes == [0, 2], codes
     assert "torch" not in heavy and "--threads must be from 1 to 1024" in result.stderr
+
+
+def test_evaluate_prints_landmark_distances_to_the_micrometre(cli, tmp_path):
+    """Equal landmark errors have no spread: the table says 0, not their float rounding
+    (1.826e-15 before); the JSON keeps the numbers as computed."""
+    fixed = np.array([[0.0, 0.0, 0.0], [5.1, -3.3, 2.7], [-4.9, 6.3, -7.1]])
+    np.savetxt(tmp_path / "fixed.csv", fixed, delimiter=",", header="x,y,z", comments="")
+    moved = fixed + np.array([0.3, -1.7, 2.9])
+    np.savetxt(tmp_path / "moving.csv", moved, delimiter=",", header="x,y,z", comments="")
+    points = ["--fixed-points", tmp_path / "fixed.csv", "--moving-points", tmp_path / "moving.csv"]
+    affine_file = tmp_path / "shift.mat"
+    from carctl.spatial.files import write_affine
+    from carctl.spatial.transform import Affine
+
+    write_affine(Affine(np.eye(3), [0.3, -1.7, 2.9]), affine_file)
+    result = cli("evaluate", *points, "-a", affine_file)
+    assert result.code == 0, result.err
+    before = next(line for line in result.out.splitlines() if "before" in line)
+    cells = [cell.strip() for cell in before.split("│") if cell.strip()]
+    assert cells[0] == "before" and cells[2] == "0", before  # std of three equal errors
