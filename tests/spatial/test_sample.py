@@ -330,3 +330,20 @@ def test_label_votes_on_the_map_s_own_type_as_on_int64(dtype):
     wide = labels.to(torch.float64 if labels.is_floating_point() else torch.int64)
     assert torch.equal(voted.to(wide.dtype), sample._sample_label(wide, grid, index))
     assert sample.INTERPOLATORS["label"].finish(voted, labels).dtype == dtype
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_warp_reads_a_broadcast_image_as_its_copy(ndim):
+    """qa warps the moving image's ones as a broadcast view (no whole-size tensor): the same
+    values as the contiguous tensor, through the headers (the direct path) and an affine."""
+    size = (9, 8, 7)[:ndim]
+    moving = Grid(size, (1.0, 1.5, 2.0)[:ndim], (0.0,) * ndim, tuple(np.eye(ndim).ravel()))
+    fixed = Grid((7, 9, 5)[:ndim], (1.2,) * ndim, (-1.0, 0.5, 1.0)[:ndim], moving.direction)
+    linear = np.eye(ndim)
+    linear[0, 1], linear[1, 0] = -0.1, 0.1
+    shift = Affine(linear, np.arange(1.0, ndim + 1.0), np.zeros(ndim))
+    view = torch.ones((1,) * (ndim + 2)).expand(1, 1, *moving.shape)
+    for chain in ([], [shift]):
+        expected = warp(view.contiguous(), moving, fixed, chain)
+        assert torch.equal(warp(view, moving, fixed, chain), expected)
+        assert 0 < int((expected > 0.5).sum()) < expected.numel()
