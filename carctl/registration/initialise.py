@@ -12,7 +12,6 @@ well as a perfect one.
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,7 +21,7 @@ import torch
 from carctl.errors import InputError
 from carctl.registration.affine import AffineParameters, level_loss, level_overlap, optimise
 from carctl.registration.levels import Level
-from carctl.spatial.grid import Grid
+from carctl.spatial.grid import Grid, slabs
 
 # Rotation angles (degrees) tried about each axis.
 ANGLES = (-20.0, 0.0, 20.0)
@@ -87,15 +86,14 @@ def centre_of_mass(image: np.ndarray, grid: Grid) -> np.ndarray:
     weights = torch.from_numpy(np.ascontiguousarray(image))
     d = weights.dim()
     profiles = [torch.zeros(n, dtype=torch.float64) for n in weights.shape]
-    step = max(1, _SLAB_VOXELS // max(1, math.prod(weights.shape[1:])))
-    for start in range(0, weights.shape[0], step):
-        slab = weights[start : start + step].to(torch.float64)
+    for start, stop in slabs(weights.shape, _SLAB_VOXELS):
+        slab = weights[start:stop].to(torch.float64)
         profiles[-1] += slab.sum(dim=tuple(range(d - 1)))
         rows = slab.sum(dim=-1)  # (slab,) in 2-D, (slab, Y) in 3-D
         if d == 3:
             profiles[1] += rows.sum(dim=0)
             rows = rows.sum(dim=1)
-        profiles[0][start : start + slab.shape[0]] = rows
+        profiles[0][start:stop] = rows
     total = float(profiles[-1].sum())
     if total <= 0:
         return grid_centre(grid)

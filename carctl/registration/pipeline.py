@@ -38,7 +38,7 @@ from carctl.registration.levels import (
     require_size,
 )
 from carctl.runtime import resolve_device
-from carctl.spatial.grid import Grid, apply_homogeneous
+from carctl.spatial.grid import Grid, apply_homogeneous, slabs
 from carctl.spatial.transform import Affine, DisplacementField
 
 # Fixed-point iterations of the field inversion.
@@ -886,10 +886,7 @@ def invert(
     u = None if displacement is None else displacement[1].float().cpu()
     d = grid.ndim
     out = torch.empty((d, *grid.shape), dtype=torch.float32)
-    depth = grid.size[-1]
-    rows = max(1, _INVERT_SLAB_VOXELS // int(np.prod(grid.size[:-1])))
-    for start in range(0, depth, rows):
-        stop = min(start + rows, depth)
+    for start, stop in slabs(grid.shape, _INVERT_SLAB_VOXELS):
         points = grid.slab(start, stop).points(dtype=torch.float64)
         z = apply_homogeneous(inverse, points)
         x = z

@@ -299,6 +299,15 @@ class Grid:
         return _within(coords, low, high)
 
 
+def slabs(shape: Sequence[int], voxels: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of consecutive slabs along the first (slowest) dimension of an array
+    of ``shape``, each of about ``voxels`` voxels and at least one plane: how the large
+    whole-image computations bound their temporaries."""
+    depth = int(shape[0])
+    step = max(1, voxels // max(1, math.prod(int(n) for n in shape[1:])))
+    return [(start, min(start + step, depth)) for start in range(0, depth, step)]
+
+
 def _within(points: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
     """``low <= p < high`` for every component of points ``(..., D)`` (bounds ``(D,)``):
     each axis compared as a column (a reduction over a last dimension of D entries ran four

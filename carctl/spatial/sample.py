@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from carctl.spatial.grid import Grid
+from carctl.spatial.grid import Grid, slabs
 
 if TYPE_CHECKING:
     from carctl.spatial.transform import DisplacementField, Transform
@@ -150,12 +150,9 @@ def warp(
     dtype = torch.float32 if linear else torch.float64
     chain = [transform.to(image.device) for transform in transforms]  # once, not per slab
     direct = linear and (not chain or _one_field_on(chain, fixed_grid))
-    depth = fixed_grid.size[-1]
-    rows = max(1, slab_voxels // int(np.prod(fixed_grid.size[:-1])))
     out = None  # each slab is copied into the output as soon as it is read (no list of
     # slabs and their concatenation: half the peak memory of a large image's resampling)
-    for start in range(0, depth, rows):
-        planes = (start, min(start + rows, depth))
+    for planes in slabs(fixed_grid.shape, slab_voxels):
         if direct:
             field = chain[0] if chain else None
             values = _linear_direct(prepared, moving_grid, fixed_grid, field, planes, fill)

@@ -9,7 +9,6 @@ first, like ``antsApplyTransforms -t T0 -t T1 ...``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -17,7 +16,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from carctl.spatial.grid import Grid
+from carctl.spatial.grid import Grid, slabs
 from carctl.spatial.sample import sample
 
 
@@ -192,9 +191,7 @@ def jacobian_determinant(field: DisplacementField) -> torch.Tensor:
     dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
     out = torch.empty(u.shape[1:], dtype=dtype, device=u.device)
     n = u.shape[1]  # slowest axis (the last index axis)
-    slab = max(1, _SLAB_VOXELS // max(1, math.prod(u.shape[2:])))
-    for start in range(0, n, slab):
-        stop = min(start + slab, n)
+    for start, stop in slabs(u.shape[1:], _SLAB_VOXELS):
         # one neighbour on each side so that central differences match the whole-grid ones
         low, high = max(start - 1, 0), min(stop + 1, n)
         part = u[:, low:high].to(dtype)
