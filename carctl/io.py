@@ -410,9 +410,9 @@ def read_image(
     return Image(load_sitk().GetArrayFromImage(image), grid_of(image, spec))
 
 
-def grid_of(image: sitk.Image, spec: str | os.PathLike) -> Grid:
-    """The grid of ``image`` (read from ``spec``); a header no grid can come from (a
-    singular direction, a NaN origin) refused in one line."""
+def grid_of(image: sitk.Image | sitk.ImageFileReader, spec: str | os.PathLike) -> Grid:
+    """The grid of ``image`` (read from ``spec``; or of the reader that read its header);
+    a header no grid can come from (a singular direction, a NaN origin) refused in one line."""
     try:
         return Grid.from_sitk(image)
     except ValueError as error:
@@ -441,12 +441,7 @@ def read_grid(
         reader = read_header(path)  # None: read_image below says why, in one line
         if reader is not None and reader.GetDimension() in (2, 3):
             try:
-                return Grid(
-                    reader.GetSize(),
-                    reader.GetSpacing(),
-                    reader.GetOrigin(),
-                    reader.GetDirection(),
-                )
+                return Grid.from_sitk(reader)
             except ValueError:
                 pass  # read_image below says why, in one line
     return read_image(spec, series, series_option=series_option).grid

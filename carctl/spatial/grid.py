@@ -75,7 +75,8 @@ class Grid:
 
     # --- construction -------------------------------------------------------------------
     @classmethod
-    def from_sitk(cls, image: sitk.Image) -> Grid:
+    def from_sitk(cls, image: sitk.Image | sitk.ImageFileReader) -> Grid:
+        """The grid of a SimpleITK image, or of a reader that has read an image's header."""
         return cls(
             size=tuple(int(s) for s in image.GetSize()),
             spacing=tuple(float(s) for s in image.GetSpacing()),
