@@ -73,6 +73,13 @@ def _grown(where: np.ndarray) -> np.ndarray:
     return grown
 
 
+def as_air(array: np.ndarray) -> tuple[np.ndarray, tuple[float, np.ndarray] | None]:
+    """``array`` as the registration reads it: its :func:`padding` (also returned, or None)
+    filled by :func:`without_padding`; ``array`` itself when it has none."""
+    found = padding(array)
+    return (array if found is None else without_padding(array, found[1])), found
+
+
 def without_padding(array: np.ndarray, where: np.ndarray) -> np.ndarray:
     """``array`` (float32) with the padding at ``where`` replaced by the least value of the
     rest (air on a CT), so that no descriptor sees an edge where the data ends."""

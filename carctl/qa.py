@@ -41,7 +41,7 @@ from carctl.io import Image
 from carctl.losses.regularisers import diffusion
 from carctl.losses.similarity import mind_ssc
 from carctl.networks.evaluator import anatomy, working_spacing
-from carctl.padding import padding, without_padding
+from carctl.padding import as_air
 from carctl.registration.adam import Adam
 from carctl.registration.levels import (
     fixed_level_grid,
@@ -132,9 +132,7 @@ def finite(array: np.ndarray) -> np.ndarray:
     images, read as alignment) and non-finite voxels as its least finite value
     (:func:`~carctl.registration.levels.normalise`: resampling with a band limit spread one
     NaN voxel over its neighbours, and a NaN block made the score NaN)."""
-    found = padding(array)
-    if found is not None:
-        array = without_padding(array, found[1])
+    array, _ = as_air(array)
     numbers = np.isfinite(array)
     if numbers.all():
         return array

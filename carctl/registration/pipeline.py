@@ -23,7 +23,7 @@ import torch
 from carctl.config import RegistrationOptions
 from carctl.io import Image
 from carctl.losses import LOSSES, REGULARISERS, LossSpec, loss_spec
-from carctl.padding import padding, summarised, without_padding
+from carctl.padding import as_air, summarised
 from carctl.registration import affine as affine_stage
 from carctl.registration import initialise as init_stage
 from carctl.registration import optimize, planar
@@ -772,11 +772,10 @@ def _register(
 
     # scanner padding (see carctl.padding) counts as beyond the image: filled with air
     # for the descriptors and left out by the masks
-    paddings = {"fixed": padding(fixed.array), "moving": padding(moving.array)}
-    normalised = {}
+    paddings, normalised = {}, {}
     for name, image in (("moving", moving), ("fixed", fixed)):
-        found = paddings[name]
-        array = image.array if found is None else without_padding(image.array, found[1])
+        array, found = as_air(image.array)
+        paddings[name] = found
         normalised[name] = normalise(array)
         require_size(name, image.grid)
         require_contrast(name, array, normalised[name], None if found is None else found[0])
