@@ -129,7 +129,7 @@ def _number(value, unit: str = "") -> str:
 def _millimetres(value) -> str:
     """A landmark distance to the micrometre: the spread of equal errors printed as
     ``1.826e-15`` (their float rounding) before."""
-    return "n/a" if value is None else f"{round(value, 6) + 0.0:.4g}"
+    return _number(None if value is None else round(value, 6) + 0.0)
 
 
 def show_report(report: dict, console) -> None:
