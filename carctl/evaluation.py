@@ -73,10 +73,12 @@ def _label_report(fixed_path: PathLike, warped_path: PathLike) -> dict:
     if not scores:
         raise InputError(f"no labels (non-zero voxels) in '{fixed_path}' or '{warped_path}'")
     hd95 = [s.hd95 for s in scores if s.hd95 is not None]
+    hd = [s.hd for s in scores if s.hd is not None]
     report = {
         "labels": [vars(s) for s in scores],
         "dice_mean": float(np.mean([s.dice for s in scores])),
         "hd95_mean": float(np.mean(hd95)) if hd95 else None,
+        "hd_mean": float(np.mean(hd)) if hd else None,
     }
     if metrics.sheared(fixed.grid):
         report["hd_note"] = (

@@ -192,9 +192,17 @@ def load_weights(model, path: Path, refusal: str, device: str = "cpu") -> None:
         tensors = load_file(str(path), device=device)
         model.load_state_dict(tensors)
     except (SafetensorError, RuntimeError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise WeightsError(f"{refusal} ({reason})") from None
+        raise WeightsError(f"{refusal} ({_first_reason(error)})") from None
     _require_finite(tensors, path.name)
+
+
+def _first_reason(error: Exception) -> str:
+    """The first informative line of ``error``: torch's state-dict errors open with a line
+    that only announces the list below it ("Error(s) in loading state_dict for CarNet:")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return lines[1].rstrip(".")
+    return lines[0] if lines else ""
 
 
 def _require_finite(tensors: dict, name: str) -> None:

@@ -151,7 +151,12 @@ def show_report(report: dict, console) -> None:
             )
         table.add_section()
         table.add_row(
-            "mean", _number(report["dice_mean"]), _number(report["hd95_mean"]), "", "", ""
+            "mean",
+            _number(report["dice_mean"]),
+            _number(report["hd95_mean"]),
+            _number(report["hd_mean"]),
+            "",
+            "",
         )
         console.print(table)
         if "hd_note" in report:

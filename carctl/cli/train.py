@@ -138,6 +138,16 @@ def _commands(out: Path, name: str, resume: bool, started: list[str], command: s
     return commands
 
 
+def _restore(path: Path, text: str | None) -> None:
+    """``path`` back to ``text`` (removed where it held none)."""
+    from carctl.io import write_text
+
+    if text is None:
+        path.unlink(missing_ok=True)
+    else:
+        write_text(text, path, force=True, extensions=(".json",))
+
+
 def _check_checkpoint(out: Path, resume: bool) -> None:
     """Refuse a fresh run into an ``out`` holding a checkpoint, and a resume without one."""
     from carctl.errors import UsageError
@@ -151,6 +161,34 @@ def _check_checkpoint(out: Path, resume: bool) -> None:
         raise UsageError(
             f"--resume: {out} holds no training checkpoint to continue; leave --resume out "
             "to start a run there"
+        )
+
+
+def _check_network(out: Path, settings: dict) -> None:
+    """Refuse, before anything is written, a resume whose network options differ from its
+    checkpoint's (the weights would not load; the refusal came from torch's state-dict error
+    after the command had joined the run's recipe, whose replay then stopped at it)."""
+    import json
+
+    from carctl.errors import UsageError
+
+    try:
+        before = json.loads((out / "state.json").read_text()).get("settings", {}).get("network")
+    except (OSError, ValueError, AttributeError):
+        return
+    now = json.loads(json.dumps(settings["network"]))  # tuples as the checkpoint holds them
+    if not isinstance(before, dict):
+        return
+    changed = [
+        f"{key} {before[key]!r} -> {value!r}"
+        for key, value in now.items()
+        if key in before and before[key] != value
+    ]
+    if changed:
+        raise UsageError(
+            f"--resume: the checkpoint in {out} is of another network than these options make "
+            f"(network {'; '.join(changed)}); resume with its options or start a new run in "
+            "another --out"
         )
 
 
@@ -208,12 +246,13 @@ def _run(
 
     from carctl import __version__, pretrained
     from carctl.cli.console import stdout
-    from carctl.errors import InputError
+    from carctl.errors import CarctlError, InputError
     from carctl.io import folder_lock
     from carctl.training import data, loop
 
     _check_checkpoint(out, resume)
     if resume:
+        _check_network(out, loop.settings_dict(settings))
         _warn_of_changes(out, loop.settings_dict(settings))
     rank = loop.distributed()[0]  # under torchrun: joins the group, takes its GPU
     quiet = quiet or rank != 0
@@ -261,6 +300,8 @@ def _run(
             # again, now that no other run writes here: one that ended while this one loaded
             # its data left a checkpoint, which a fresh run trained over
             _check_checkpoint(out, resume)
+            recorded = out / COMMANDS
+            before = recorded.read_text() if recorded.is_file() else None
             commands = _commands(out, name, resume, recipe[0], command)
         if bar is not None:
             bar.start()
@@ -275,6 +316,10 @@ def _run(
                 progress=progress_fn,
                 stop=stop_at,
             )
+        except CarctlError:  # refused (a checkpoint that does not load, ...): not a step of
+            if rank == 0:  # the recipe, whose replay would stop at it
+                _restore(recorded, before)
+            raise
         finally:
             if bar is not None:
                 bar.stop()

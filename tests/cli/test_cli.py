@@ -683,6 +683,10 @@ def test_evaluate_labels_json(cli, tmp_path):
     assert by_label[2]["dice"] == 1.0 and by_label[2]["hd95"] == 0.0
     assert by_label[1]["hd95"] == pytest.approx(2.0)
     assert report["dice_mean"] == pytest.approx(0.9)
+    # the means of both distances (usage.md promised them; HD's was missing)
+    assert report["hd95_mean"] == pytest.approx((by_label[1]["hd95"] + 0.0) / 2)
+    assert report["hd_mean"] == pytest.approx((by_label[1]["hd"] + by_label[2]["hd"]) / 2)
+    assert by_label[1]["hd"] == pytest.approx(2.0)
     out = tmp_path / "report.json"
     table = cli("evaluate", "--fixed-labels", fixed, "--warped-labels", warped, "--json", out)
     assert table.code == 0 and "Label overlap" in table.out

@@ -361,17 +361,26 @@ def test_train_refusals_and_a_kept_checkpoint(cli, tmp_path, monkeypatch):
         (["--seed", str(10**20)], "--seed must be from 0 to"),  # an internal error
         (["--resume", "--out", str(tmp_path / "typo")], "holds no training checkpoint"),
         ([], "holds a training checkpoint: --resume continues it"),
-        (["--resume", "--width", "8", "--steps", "4"], "of another network than these options"),
+        (["--resume", "--width", "8", "--steps", "4"], "network width 4 -> 8"),
     ):
         result = cli(*args, *extra)
         lines = result.err.strip().splitlines()
         assert result.code in (1, 2) and len(lines) == 1 and words in lines[0], (extra, result.err)
     assert (out / "car.safetensors").read_bytes() == weights
+    # a refused resume joined the recipe (commands.json, then the card), whose replay
+    # stopped at it; so did one refused when its checkpoint would not load
+    recipe = (out / "commands.json").read_text()
+    assert len(json.loads(recipe)) == 1
     assert not (tmp_path / "x.safetensors").exists()
     # a resume with another seed was taken without a word (the card kept the last only)
     reseeded = cli(*args, "--resume", "--steps", "3", "--seed", "5")
     assert reseeded.code == 0 and "warning: resuming with other settings" in reseeded.err
     assert "seed 0 -> 5" in reseeded.err
+    recipe = (out / "commands.json").read_text()
+    (out / "model.safetensors").write_bytes(b"not a weights file")
+    broken = cli(*args, "--resume", "--steps", "4", "--seed", "5")
+    assert broken.code == 1 and "Traceback" not in broken.err
+    assert (out / "commands.json").read_text() == recipe
 
 
 def test_training_stops_when_its_loss_is_not_finite(tmp_path):
@@ -659,3 +668,16 @@ def test_a_checkpoint_left_while_a_run_loaded_its_data_is_not_trained_over(
     monkeypatch.setattr(sys, "argv", ["carctl", *again])
     result = cli(*again)
     assert result.code == 0 and "commands.json is not a list of commands" in result.err
+
+
+def test_weights_of_another_size_are_refused_with_the_mismatch(tmp_path):
+    """torch's state-dict error opens with a heading ("Error(s) in loading state_dict for
+    CarNet:"), which alone was the reason given; the first mismatch below it is given now."""
+    from carctl import pretrained
+    from carctl.networks.car import CarConfig, CarNet
+
+    small = CarNet(CarConfig(width=4))
+    card = {"architecture": {"kind": "car-registration", "config": small.config.to_dict()}}
+    written = pretrained.write(small, tmp_path, "car", card)
+    with pytest.raises(pretrained.WeightsError, match=r"refused \(size mismatch for "):
+        pretrained.load_weights(CarNet(CarConfig(width=8)), written.weights, "refused")
