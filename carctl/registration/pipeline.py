@@ -230,6 +230,7 @@ class _State:
     displacement: tuple[Grid, torch.Tensor] | None = None
     initial: np.ndarray | None = None  # a given start (--initial-affine) instead of a search
     frame: np.ndarray | None = None  # the start's rotation, for the moving features' axes
+    masked: bool = False  # masks were given (the two above hold scanner padding too)
     generator: torch.Generator = field(default_factory=torch.Generator)
     _levels: dict = field(default_factory=dict)
 
@@ -322,10 +323,11 @@ def _stage_initialise(state: _State, progress: Progress) -> StageReport:
         function = LOSSES["mind"].function
         header = optimize.similarity(level, np.eye(level.ndim + 1), None, function, INIT_VOXELS)
         state.affine = np.array(state.initial, dtype=float)
-        index = level.sample_index(init_stage.SCORE_VOXELS, torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            overlap = affine_stage.level_overlap(level, torch.as_tensor(state.affine), index)
-        init_stage.require_overlap(level, float(overlap), "under the given initial affine")
+        with torch.no_grad():  # every voxel: a subset misjudges a small overlap
+            overlap = affine_stage.level_overlap(level, torch.as_tensor(state.affine))
+        init_stage.require_overlap(
+            level, float(overlap), "under the given initial affine", state.masked
+        )
         given = optimize.similarity(level, state.affine, None, function, INIT_VOXELS)
         detail = {"start": "given", "candidates": 0, "spacing_mm": level.spacing}
         _turn_frame(state, detail)
@@ -344,6 +346,7 @@ def _stage_initialise(state: _State, progress: Progress) -> StageReport:
         INIT_ITERATIONS,
         progress.advance,
         INIT_VOXELS,
+        state.masked,
     )
     header = next(s for s in scored if s.name == "header")
     state.affine = best.matrix
@@ -803,6 +806,7 @@ def _register(
         schedule=_schedule(fixed.grid, options),
         affine=np.eye(fixed.grid.ndim + 1),
         initial=initial,
+        masked=fixed_mask is not None or moving_mask is not None,
     )
     state.generator.manual_seed(options.seed)
     reports = []

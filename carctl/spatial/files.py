@@ -256,6 +256,7 @@ def read_affine(path: str | os.PathLike) -> Affine:
         raise InputError(f"'{path}' is an image, not an affine transform (.mat, .tfm, .txt)")
     if path.stat().st_size == 0:
         raise InputError(f"cannot read transform '{path}': the file is empty")
+    matlab = _matlab_counts(path) if path.suffix.lower() == ".mat" else None
     try:
         with native_output_silenced():
             transform = sitk.ReadTransform(os.fspath(path))
@@ -268,6 +269,7 @@ def read_affine(path: str | os.PathLike) -> Affine:
         raise InputError(f"cannot read transform '{path}': {reason}") from error
     if not transform.IsLinear():
         raise InputError(f"'{path}' holds a non-linear transform; carctl reads affines from it")
+    _require_complete(path, matlab)
     d = transform.GetDimension()
     # Any linear transform is fully known from the images of the origin and unit vectors.
     offset = np.asarray(transform.TransformPoint((0.0,) * d))
@@ -284,6 +286,106 @@ def read_affine(path: str | os.PathLike) -> Affine:
     if not (np.isfinite(homogeneous).all() and np.isfinite(center).all()):
         raise InputError(f"'{path}' holds an affine that is not finite (NaN or infinite values)")
     return Affine.from_homogeneous(homogeneous, center)
+
+
+# MATLAB v4 element sizes by the type code's precision digit (double, single, int32, int16,
+# uint16, uint8), as ITK's MatlabTransformIO writes and reads them.
+_MATLAB_BYTES = {0: 8, 1: 4, 2: 4, 3: 2, 4: 2, 5: 1}
+
+
+def _matlab_counts(path: Path) -> list[tuple[str, int]]:
+    """The name and element count of every matrix in a MATLAB v4 transform file (ITK's
+    ``.mat``, as ANTs writes it: the parameters under the transform's type, then
+    ``fixed``), refusing a file whose headers do not add up to its size: ITK's reader takes a
+    file cut short and fills the missing values from memory (a centre of -3.4e231, or a
+    point moved 2.3 mm, with exit 0)."""
+    data = path.read_bytes()
+    found, at = [], 0
+    while at < len(data):
+        if len(data) - at < 20:
+            reason = "the file is cut short" if found else "not an ITK transform file"
+            raise InputError(f"cannot read transform '{path}': {reason}")
+        order = "little" if int.from_bytes(data[at : at + 4], "little") < 1000 else "big"
+        code, rows, columns, imaginary, length = (
+            int.from_bytes(data[at + 4 * i : at + 4 * i + 4], order, signed=True) for i in range(5)
+        )
+        precision = (code // 10) % 10  # the type code MOPT: 0 little-endian, 1 big-endian
+        valid = code >= 0 and code % 1000 // 100 == 0 and precision in _MATLAB_BYTES
+        if not valid or min(rows, columns, length) < 0:
+            raise InputError(f"cannot read transform '{path}': not an ITK transform file")
+        name = data[at + 20 : at + 20 + length].split(b"\0")[0].decode("latin-1")
+        at += 20 + length + rows * columns * _MATLAB_BYTES[precision] * (2 if imaginary else 1)
+        found.append((name, rows * columns))
+    if at != len(data):
+        raise InputError(f"cannot read transform '{path}': the file is cut short")
+    return found
+
+
+def _text_counts(path: Path) -> list[tuple[str, int | None, int | None]]:
+    """``(type, parameters, fixed parameters)`` of every transform in an ITK text transform
+    file (None where its line is missing), composite headers left out."""
+    sections: list[dict] = []
+    for line in path.read_text(errors="replace").splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "Transform":
+            sections.append({"type": value.strip()})
+        elif key in ("Parameters", "FixedParameters") and sections:
+            sections[-1][key] = len(value.split())
+    return [
+        (s["type"], s.get("Parameters"), s.get("FixedParameters"))
+        for s in sections
+        if not s["type"].startswith("CompositeTransform")
+    ]
+
+
+def _expected_counts(kind: str) -> tuple[int, int] | None:
+    """The parameters and fixed parameters that an ITK transform type
+    (``AffineTransform_double_3_3``) takes: those of a new one of that type (None for a type
+    SimpleITK does not name)."""
+    sitk = load_sitk()
+    base, *rest = kind.split("_")
+    try:
+        d = int(rest[-1])
+    except (IndexError, ValueError):
+        return None
+    if base in ("AffineTransform", "MatrixOffsetTransformBase"):
+        return d * d + d, d
+    make = getattr(sitk, base, None)
+    if make is None or base == "CompositeTransform":
+        return None
+    for arguments in ((d,), ()):
+        try:
+            fresh = make(*arguments)
+        except (TypeError, RuntimeError, NotImplementedError):
+            continue
+        if fresh.GetDimension() == d:
+            return fresh.GetNumberOfParameters(), fresh.GetNumberOfFixedParameters()
+    return None
+
+
+def _require_complete(path: Path, matlab: list[tuple[str, int]] | None) -> None:
+    """Refuse a transform file that holds fewer or more values than its transforms take:
+    ITK's readers take a text file without its ``FixedParameters`` line as the identity, and
+    one with too few or too many parameters as a truncated or padded transform, silently."""
+    if matlab is not None:
+        if len(matlab) != 2:  # ITK writes one transform and its fixed parameters
+            return
+        sections = [(matlab[0][0], matlab[0][1], matlab[1][1])]
+    else:
+        sections = _text_counts(path)
+    for kind, parameters, fixed in sections:
+        wanted = _expected_counts(kind)
+        if parameters is None or fixed is None or (wanted and (parameters, fixed) != wanted):
+            holds = ", ".join(
+                f"{'no' if n is None else n} {what}"
+                for n, what in ((parameters, "parameters"), (fixed, "fixed parameters"))
+            )
+            takes = f"; a {kind} takes {wanted[0]} and {wanted[1]}" if wanted else ""
+            raise InputError(
+                f"cannot read transform '{path}': it is incomplete or malformed (it holds "
+                f"{holds}{takes})"
+            )
 
 
 def write_affine(

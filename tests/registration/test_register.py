@@ -716,6 +716,40 @@ def test_images_that_never_overlap_are_refused(phantom):
         initialise.initialise(level, [far], mind.function, np.zeros(3), 10.0, 2)
 
 
+def test_a_one_voxel_moving_mask_is_refused_as_a_fixed_one_is(shared_data):
+    """Found by a sweep: the starts' overlap was estimated on a random subset of the level's
+    voxels, which read a one-voxel moving mask (blurred over a few voxels of the level) as
+    more than 8 voxels when it happened to touch it: every loss read 0 and `register` wrote a
+    28 degree turn with exit 0. The same mask as the fixed mask was refused."""
+    from carctl.errors import InputError
+    from carctl.io import read_image
+
+    fixed = read_image(shared_data / "brain-templates-2mm" / "avg152T1.nii")
+    moving = moved(fixed, initialise.about(np.eye(3), np.zeros(3), np.array([4.0, -3.0, 2.0])))
+    one = np.zeros(fixed.array.shape, np.float32)
+    one[45, 54, 45] = 1.0
+    mask = Image(one, fixed.grid)
+    for given in ({"moving_mask": mask}, {"fixed_mask": mask}):
+        with pytest.raises(InputError, match="do not overlap inside the masks"):
+            register(moving, fixed, RegistrationOptions(method="rigid"), **given)
+
+
+def test_a_small_overlap_is_counted_on_every_voxel(phantom):
+    """:func:`initialise.best_overlap` trusts the scored subset's estimate only well above
+    the limit; near it, it counts every voxel of the level."""
+    from carctl.losses import LOSSES
+
+    image = levels.normalise(phantom.array)
+    box = levels.foreground_box(image, None)
+    mind = LOSSES["mind"]
+    level = levels.build_level(image, phantom.grid, image, phantom.grid, 5.0, mind.features, box)
+    far = initialise.about(np.eye(3), np.zeros(3), np.full(3, 1e4))
+    # an estimate of 0.1 (250 voxels) under a start that leaves the images apart: counted, 0
+    assert initialise.best_overlap(level, [far], [0.1]) == 0.0
+    assert initialise.best_overlap(level, [np.eye(4)], [0.001]) > 0.5
+    assert initialise.best_overlap(level, [far], [1e6]) == 1e6  # far above: as estimated
+
+
 @pytest.mark.parametrize("degrees", [40, 60])
 def test_mind_holds_the_truth_of_a_turned_image(phantom, degrees):
     """MIND-SSC compares neighbours along the grid's axes: where the moving image shows the

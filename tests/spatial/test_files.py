@@ -593,6 +593,46 @@ def test_read_affine_keeps_the_centre_of_an_euler_transform(tmp_path):
     np.testing.assert_allclose(read_affine(path).center, [10.0, -20.0, 30.0])
 
 
+HEADER = "#Insight Transform File V1.0\n#Transform 0\nTransform: AffineTransform_double_3_3\n"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "Parameters: 1 0 0 0 1 0 0 0 1 10 0 0\n",  # no FixedParameters: read as the identity
+        "Parameters: 1 0 0 0 1 0 0 0 1 10 0 0 4 4\nFixedParameters: 0 0 0\n",  # 14 taken
+        "FixedParameters: 0 0 0\n",  # no parameters
+    ],
+)
+def test_incomplete_text_transform_is_refused(tmp_path, body):
+    """Found by a sweep: ITK reads an affine text file without its FixedParameters line as
+    the identity (`points` moved nothing, exit 0), and one with 14 parameters as an affine
+    of 14; both are refused now, in one line naming what the file holds."""
+    path = tmp_path / "t.tfm"
+    path.write_text(HEADER + body)
+    with pytest.raises(InputError, match="incomplete or malformed"):
+        read_affine(path)
+    path.write_text(HEADER + "Parameters: 1 0 0 0 1 0 0 0 1 10 0 0\nFixedParameters: 0 0 0\n")
+    np.testing.assert_allclose(read_affine(path).translation, [10.0, 0.0, 0.0])
+
+
+@pytest.mark.parametrize("keep", [60, 150, 185, 190, -1])
+def test_matlab_transform_cut_short_is_refused(tmp_path, keep):
+    """Found by a sweep: ITK's MATLAB reader took a `.mat` cut short by a few bytes and read
+    the rest from memory (a centre of -3.4e231, points moved 2.3 mm, exit 0); cut further,
+    its error was "Only vector parameters supported"."""
+    transform = sitk.AffineTransform(3)
+    transform.SetCenter((5.0, 11.0, 21.0))
+    transform.SetTranslation((12.0, -8.0, 6.0))
+    whole = tmp_path / "a.mat"
+    sitk.WriteTransform(transform, str(whole))
+    cut = tmp_path / "cut.mat"
+    cut.write_bytes(whole.read_bytes()[:keep])
+    with pytest.raises(InputError, match="cut short"):
+        read_affine(cut)
+    np.testing.assert_allclose(read_affine(whole).center, [5.0, 11.0, 21.0])
+
+
 @pytest.mark.parametrize("name", ["field.nii.gz", "field.nii"])
 def test_truncated_field_is_refused(tmp_path, name):
     """ITK reads a truncated NIfTI field with zeros in place of the missing vectors: carctl
