@@ -172,7 +172,7 @@ def list_dicom_series(directory: str | os.PathLike) -> list[DicomSeries]:
     return series
 
 
-def _read_dicom_directory(directory: Path, series: str | None, option: str) -> sitk.Image:
+def _read_dicom_directory(directory: Path, series: str | None, option: str | None) -> sitk.Image:
     sitk = load_sitk()
     found = list_dicom_series(directory)
     if not found:
@@ -182,9 +182,13 @@ def _read_dicom_directory(directory: Path, series: str | None, option: str) -> s
             listing = "; ".join(
                 f"{s.uid} ({s.modality} '{s.description}', {len(s.files)} files)" for s in found
             )
+            choose = (
+                f"choose one with {option} UID"
+                if option
+                else "give a folder holding one of them (copy its files into a folder of their own)"
+            )
             raise InputError(
-                f"directory '{directory}' holds {len(found)} DICOM series; "
-                f"choose one with {option} UID: {listing}"
+                f"directory '{directory}' holds {len(found)} DICOM series; {choose}: {listing}"
             )
         chosen = found[0]
     else:
@@ -214,17 +218,21 @@ def _require_regular_slices(reader, image: sitk.Image, directory: Path) -> None:
     count = len(reader.GetFileNames())
     if count < 2 or image.GetDimension() != 3:
         return
-    try:
-        positions = np.array(
-            [
-                [float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")]
-                for i in range(count)
-            ]
-        )
-    except (RuntimeError, ValueError):
+    positions = _slice_values(reader, directory, "0020|0032", "position", 3)
+    if positions is None:
         return  # no positions to check (ITK then stacks the files by their order)
-    if positions.shape != (count, 3):
-        return
+    for tag, what, length, tolerance in (
+        ("0020|0037", "orientation", 6, 1e-4),
+        ("0028|0030", "pixel spacing", 2, 1e-4),
+    ):
+        values = _slice_values(reader, directory, tag, what, length)
+        if values is not None and np.abs(values - values[0]).max() > tolerance:
+            odd = reader.GetFileNames()[int(np.abs(values - values[0]).max(axis=1).argmax())]
+            raise InputError(
+                f"the DICOM series in '{directory}' mixes slices of different geometry: "
+                f"'{Path(odd).name}' differs in its {what} ({tag}) from the first slice; read as "
+                "one image its slices would lie where their headers do not put them"
+            )
     direction = np.asarray(image.GetDirection()).reshape(3, 3)
     along = (positions - positions[0]) @ direction  # (slices, axes) in the image's axes
     expected = np.arange(count) * image.GetSpacing()[2]
@@ -245,13 +253,37 @@ def _require_regular_slices(reader, image: sitk.Image, directory: Path) -> None:
     )
 
 
+def _slice_values(reader, directory: Path, tag: str, what: str, length: int):
+    """The numbers of DICOM ``tag`` in every slice of ``reader``'s series ``(slices,
+    length)``, None when no slice has them; a series in which only some slices have them is
+    refused (ITK then stacked the slices out of order, or skipped the checks, in silence)."""
+    rows = []
+    for i in range(len(reader.GetFileNames())):
+        try:
+            row = [float(v) for v in reader.GetMetaData(i, tag).split("\\")]
+        except (RuntimeError, ValueError):
+            row = None
+        rows.append(row if row is not None and len(row) == length else None)
+    if all(row is None for row in rows):
+        return None
+    missing = next((i for i, row in enumerate(rows) if row is None), None)
+    if missing is not None:
+        name = Path(reader.GetFileNames()[missing]).name
+        raise InputError(
+            f"the DICOM series in '{directory}' is incomplete: '{name}' has no readable "
+            f"{what} ({tag}) while other slices have one"
+        )
+    return np.array(rows)
+
+
 def read_sitk(
-    spec: str | os.PathLike, series: str | None = None, *, series_option: str = "--series"
+    spec: str | os.PathLike, series: str | None = None, *, series_option: str | None = None
 ) -> sitk.Image:
     """Read ``spec`` (a file, ``FILE:N`` or a DICOM directory) as a 2-D or 3-D scalar image.
 
     ``series`` picks a series of a DICOM directory; ``series_option`` names the command-line
-    option that sets it, for the message that asks for it.
+    option that sets it, for the message that asks for it (None: the command has none, and
+    the message asks for a folder of one series).
     """
     path, volume = split_volume(spec)
     if not path.exists():
@@ -270,7 +302,8 @@ def read_sitk(
     else:
         if series is not None:
             raise InputError(
-                f"{series_option} applies to a DICOM directory, not to the file '{path}'"
+                f"{series_option or 'a series'} applies to a DICOM directory, not to the file "
+                f"'{path}'"
             )
         image = read_file(path)
     if image.GetNumberOfComponentsPerPixel() != 1:
@@ -281,6 +314,20 @@ def read_sitk(
     if "complex" in image.GetPixelIDTypeAsString():
         raise InputError(f"'{path}' holds complex values; carctl registers real scalar images")
     return _select_volume(image, path, volume)
+
+
+def require_same_dimension(**images: Image | None) -> None:
+    """Refuse (:class:`InputError`) images of different dimension, named by their keywords
+    (``moving=..., fixed=...``; None is left out): a 2-D image against a 3-D one stopped
+    ``qa`` and ``translate`` with internal errors."""
+    given = [(name, image) for name, image in images.items() if image is not None]
+    (first, reference), *others = given
+    for name, image in others:
+        if image.grid.ndim != reference.grid.ndim:
+            raise InputError(
+                f"the {first} image is {reference.grid.ndim}-D and the {name} image "
+                f"{image.grid.ndim}-D"
+            )
 
 
 def require_file(path: str | os.PathLike | None) -> None:
@@ -403,7 +450,7 @@ def _select_volume(image: sitk.Image, path: Path, volume: int | None) -> sitk.Im
 
 
 def read_image(
-    spec: str | os.PathLike, series: str | None = None, *, series_option: str = "--series"
+    spec: str | os.PathLike, series: str | None = None, *, series_option: str | None = None
 ) -> Image:
     """Read a 2-D or 3-D scalar image with its geometry; see :func:`read_sitk`."""
     image = read_sitk(spec, series, series_option=series_option)
@@ -433,7 +480,7 @@ def read_header(path: str | os.PathLike) -> sitk.ImageFileReader | None:
 
 
 def read_grid(
-    spec: str | os.PathLike, series: str | None = None, series_option: str = "--series"
+    spec: str | os.PathLike, series: str | None = None, series_option: str | None = None
 ) -> Grid:
     """The grid of an image, from its header alone where the format allows."""
     path, volume = split_volume(spec)
@@ -768,6 +815,26 @@ def atomic_output(
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def unfit_for(path: str | os.PathLike, grid: Grid) -> str | None:
+    """Why an image on ``grid`` written to ``path`` would not read back on ``grid`` (None
+    when it would): NIfTI (and the Analyze pair ITK writes as NIfTI) cannot hold a sheared
+    grid; ITK writes its axes made orthogonal ("Non-orthogonal direction matrix coerced to
+    orthogonal", off its grid by 6.8 mm on a gantry-tilt-like shear) without an error."""
+    if grid.is_sheared and image_suffix(path) in _NIFTI_SUFFIXES:
+        return (
+            "its grid is sheared (the axes are not orthogonal, as a tilted gantry gives), "
+            "which NIfTI cannot hold; write it as .mha or .nrrd"
+        )
+    return None
+
+
+def require_fit(path: str | os.PathLike, grid: Grid) -> None:
+    """Refuse (:class:`OutputError`) an output that would not read back (:func:`unfit_for`)."""
+    reason = unfit_for(path, grid)
+    if reason:
+        raise OutputError(f"cannot write '{path}': {reason}")
+
+
 def write_sitk(
     image: sitk.Image,
     path: str | os.PathLike,
@@ -777,6 +844,7 @@ def write_sitk(
 ) -> Path:
     """Write a SimpleITK image atomically (compressed where the format allows)."""
     sitk = load_sitk()
+    require_fit(path, Grid.from_sitk(image))
     with atomic_output(path, force=force, inputs=inputs) as temporary:
         try:
             sitk.WriteImage(image, os.fspath(temporary), useCompression=True)
@@ -794,6 +862,7 @@ def write_image(
 ) -> Path:
     """Write ``image`` with its geometry, atomically; see :func:`atomic_output`. A large
     ``.nii.gz`` image is compressed on every thread (see :data:`PARALLEL_GZIP_BYTES`)."""
+    require_fit(path, image.grid)
     if (
         image_suffix(path) == ".nii.gz"
         and image.array.nbytes > PARALLEL_GZIP_BYTES

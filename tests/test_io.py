@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 
 import numpy as np
 import pytest
@@ -121,8 +122,12 @@ def test_directory_with_several_series_asks_for_one(two_series):
     series = list_dicom_series(two_series)
     assert len(series) == 2
     assert {s.modality for s in series} == {"MR", "CT"}
-    with pytest.raises(InputError, match="holds 2 DICOM series; choose one with --series") as error:
-        read_image(two_series)
+    with pytest.raises(
+        InputError, match="holds 2 DICOM series; give a folder holding one"
+    ) as error:
+        read_image(two_series)  # from a command without a series option
+    with pytest.raises(InputError, match="holds 2 DICOM series; choose one with --series"):
+        read_image(two_series, series_option="--series")
     for s in series:
         assert s.uid in str(error.value)
     chosen = next(s for s in series if s.modality == "MR")
@@ -225,7 +230,7 @@ def test_five_d_images_are_refused(tmp_path):
 def test_series_option_is_for_directories(tmp_path):
     path = write(make_image((4, 4, 4)), tmp_path / "x.nii.gz")
     with pytest.raises(InputError, match="--series applies to a DICOM directory"):
-        read_image(path, series="1.2")
+        read_image(path, series="1.2", series_option="--series")
 
 
 # --- writing ----------------------------------------------------------------------------------
@@ -481,6 +486,54 @@ def test_a_dicom_series_off_a_regular_grid_is_refused(shared_data, tmp_path):
     sorted(series.iterdir())[19].unlink()
     with pytest.raises(InputError, match=r"not on a regular grid: its slices step by 2 to 4 mm"):
         read_image(series)
+
+
+@pytest.mark.parametrize(
+    "old, new, words",
+    [  # the slice's bytes (implicit VR little endian) before and after
+        (
+            b"\x20\x00\x32\x00\x10\x00\x00\x00-250",  # ImagePositionPatient renamed away
+            b"\x20\x00\x31\x00\x10\x00\x00\x00-250",
+            "has no readable position (0020|0032)",
+        ),
+        (b"1\\0\\0\\0\\1\\0", b"0\\1\\0\\1\\0\\0", "differs in its orientation"),
+        (b"0.9765625\\0.9765625", b"0.5000000\\0.5000000", "differs in its pixel spacing"),
+    ],
+)
+def test_a_dicom_slice_unlike_the_others_is_refused(shared_data, tmp_path, old, new, words):
+    """Found by a sweep: one slice without ImagePositionPatient skipped the regular-grid
+    check, and ITK stacked it among the others out of order (13 slices 2 mm off, exit 0); a
+    slice of another orientation or pixel spacing was stacked with the rest in silence."""
+    import shutil
+
+    series = tmp_path / "ct"
+    shutil.copytree(shared_data / "dicom" / "ct-chest-40", series)
+    slice_ = series / "00-slice070.dcm"
+    data = slice_.read_bytes()
+    assert data.count(old) == 1
+    slice_.write_bytes(data.replace(old, new))
+    with pytest.raises(InputError, match=re.escape(words)):
+        read_image(series)
+
+
+@pytest.mark.parametrize("name", ["s.nii.gz", "s.nii", "s.hdr"])
+def test_a_sheared_grid_is_not_written_as_nifti(tmp_path, name):
+    """ITK writes a sheared direction into NIfTI (and the Analyze pair it writes as NIfTI)
+    with its axes made orthogonal, without an error: the file read back elsewhere."""
+    from carctl.io import Image
+
+    shear = np.array([[1.0, 0.3, 0.0], [0.0, 1.0, 0.2], [0.0, 0.0, 1.0]])
+    shear /= np.linalg.norm(shear, axis=0)
+    grid = Grid((5, 4, 3), (1.0, 1.5, 2.0), (3.0, -4.0, 5.0), tuple(shear.ravel()))
+    assert (
+        grid.is_sheared
+        and not Grid((5, 4, 3), (1.0,) * 3, (0.0,) * 3, rotation(0, 0, 0.3).ravel()).is_sheared
+    )
+    image = Image(np.ones(grid.shape, np.float32), grid)
+    with pytest.raises(OutputError, match="its grid is sheared"):
+        write_image(image, tmp_path / name)
+    assert not list(tmp_path.iterdir())
+    assert read_image(write_image(image, tmp_path / "s.mha")).grid.same_as(grid, 1e-6)
 
 
 def test_a_singular_direction_is_named_not_a_matrix_row(tmp_path):

@@ -72,7 +72,14 @@ def command(
     scanner headers alone.
     """
     from carctl.cli.console import stderr
-    from carctl.io import check_output, read_grid, read_image, transform_paths, write_image
+    from carctl.io import (
+        check_output,
+        read_grid,
+        read_image,
+        require_fit,
+        transform_paths,
+        write_image,
+    )
     from carctl.resample import check_interpolation, load_chain, resample_image
     from carctl.runtime import set_threads
 
@@ -82,10 +89,11 @@ def command(
     check_output(output, force=force, inputs=inputs)
     check_interpolation(interp)
     set_threads(threads)
-    moving = read_image(image, series)
+    moving = read_image(image, series, series_option="--series")
     # the reference's grid only (its header, where the format allows): reading a large
     # reference's voxels cost a second and its size in memory for nothing
     grid = read_grid(reference, reference_series, series_option="--reference-series")
+    require_fit(output, grid)  # before the work
     chain = load_chain(field, affine, moving.grid.ndim, transforms)
     warped = resample_image(moving, grid, chain, interpolation=interp, fill=fill)
     write_image(warped, output, force=force, inputs=inputs)

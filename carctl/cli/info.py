@@ -74,7 +74,7 @@ def command(
                 _show_series(payload["dicom_series"])
             emit_json(payload, json_out, force=force, inputs=[image])
             return
-    facts = describe(read_sitk(image, series), image)
+    facts = describe(read_sitk(image, series, series_option="--series"), image)
     payload.update(facts)
     if json_out != "-":
         rows = [(k.replace("_", " "), _format(v)) for k, v in facts.items()]

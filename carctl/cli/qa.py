@@ -123,7 +123,14 @@ def command(
 
 def run(moving, fixed, chain, warped, outputs, device, threads, force, inputs) -> dict:
     """The assessment; ``chain`` is ``(field, affine, -t transforms)``."""
-    from carctl.io import atomic_output, read_image, require_file, transform_paths, write_image
+    from carctl.io import (
+        atomic_output,
+        read_image,
+        require_file,
+        require_same_dimension,
+        transform_paths,
+        write_image,
+    )
     from carctl.runtime import check_threads
 
     field, affine, transforms = chain
@@ -131,6 +138,7 @@ def run(moving, fixed, chain, warped, outputs, device, threads, force, inputs) -
     check_threads(threads)
     moving_image, fixed_image = read_image(moving), read_image(fixed)
     warped_image = read_image(warped) if warped else None
+    require_same_dimension(moving=moving_image, fixed=fixed_image, warped=warped_image)
     for path in [field, affine, *transform_paths(transforms)]:
         require_file(path)
 

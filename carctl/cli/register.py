@@ -207,21 +207,23 @@ def command(
     emit_json(summary, json_out, force=force, inputs=inputs)
 
 
-def _field_path(path: str, grid, moving: str, force: bool, inputs) -> str:
-    """Where a field on ``grid`` goes: ``path``, or for a default NIfTI name that would not
-    read back (:func:`carctl.spatial.files.thin_in_nifti`) the same name in ``.mha``; a
-    given name that would not is refused before any work."""
-    from carctl.io import check_output, image_suffix
+def _output_path(key: str, path: str, grid, moving: str, force: bool, inputs) -> str:
+    """Where output ``key`` on ``grid`` goes: ``path``, or for a default name in a format
+    that would not read back on ``grid`` (a sheared grid in NIfTI, :func:`carctl.io.unfit_for`;
+    a field one voxel thick in NIfTI, :func:`carctl.spatial.files.thin_in_nifti`) the same
+    name in ``.mha``; a given name that would not is refused before any work."""
+    from carctl.io import check_output, image_suffix, require_fit, unfit_for
     from carctl.spatial.files import require_field_format, thin_in_nifti
 
-    default = Path(_default_names(moving)["field"])
-    if thin_in_nifti(path, grid) and Path(path).name in (
-        default.name,
-        f"{default.stem}_inverse.nii",
-    ):
+    names = _default_names(moving)
+    field = key in ("field", "inverse_field")
+    defaults = {names["warped"], names["warped_labels"], names["field"]}
+    defaults.add(f"{Path(names['field']).stem}_inverse.nii")
+    unfit = unfit_for(path, grid) or (field and thin_in_nifti(path, grid))
+    if unfit and Path(path).name in defaults:
         path = str(Path(path).with_name(Path(path).name[: -len(image_suffix(path))] + ".mha"))
         check_output(path, force=force, inputs=inputs)
-    require_field_format(path, grid)
+    (require_field_format if field else require_fit)(path, grid)
     return path
 
 
@@ -281,9 +283,10 @@ def run(
             f"{moving_image.grid.ndim}-D"
         )
     require_file(options.get("initial_affine"))
-    for key, grid in (("field", fixed_image.grid), ("inverse_field", moving_image.grid)):
+    for key in ("warped", "warped_labels", "field", "inverse_field"):
         if key in outputs:
-            outputs[key] = _field_path(outputs[key], grid, moving, force, inputs)
+            grid = moving_image.grid if key == "inverse_field" else fixed_image.grid
+            outputs[key] = _output_path(key, outputs[key], grid, moving, force, inputs)
 
     from carctl.metrics import jacobian_summary
     from carctl.registration.pipeline import register

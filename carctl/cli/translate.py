@@ -30,13 +30,21 @@ def command(
     """
     import numpy as np
 
-    from carctl.io import Image, check_output, output_stem, read_image, write_image
+    from carctl.io import (
+        Image,
+        check_output,
+        output_stem,
+        read_image,
+        require_same_dimension,
+        write_image,
+    )
     from carctl.runtime import check_threads
 
     out = out or f"{output_stem(image, 'image')}_translated.nii.gz"
     check_output(out, force=force, inputs=[image, reference])
     check_threads(threads)
     source, target = read_image(image), read_image(reference)  # refused before torch loads
+    require_same_dimension(input=source, reference=target)
 
     import torch
 

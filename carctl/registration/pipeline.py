@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from carctl.config import RegistrationOptions
-from carctl.io import Image
+from carctl.io import Image, require_same_dimension
 from carctl.losses import LOSSES, REGULARISERS, LossSpec, loss_spec
 from carctl.padding import as_air, summarised
 from carctl.registration import affine as affine_stage
@@ -737,10 +737,7 @@ def _register(
     from carctl.resample import resample_image
 
     spec = loss_spec(options.loss)
-    if fixed.grid.ndim != moving.grid.ndim:
-        raise InputError(
-            f"the moving image is {moving.grid.ndim}-D and the fixed image {fixed.grid.ndim}-D"
-        )
+    require_same_dimension(moving=moving, fixed=fixed)
     d = fixed.grid.ndim
     if initial is not None:
         initial = np.asarray(initial, dtype=float)

@@ -36,6 +36,7 @@ from carctl.io import (
     read_file,
     read_header,
     require_file,
+    require_fit,
     write_sitk,
 )
 from carctl.spatial.grid import Grid
@@ -212,7 +213,8 @@ def thin_in_nifti(path: str | os.PathLike, grid: Grid) -> bool:
 
 def require_field_format(path: str | os.PathLike, grid: Grid) -> None:
     """Refuse (:class:`OutputError`) a field file that would not read back (see
-    :func:`thin_in_nifti`)."""
+    :func:`thin_in_nifti` and :func:`carctl.io.unfit_for`)."""
+    require_fit(path, grid)
     if thin_in_nifti(path, grid):
         raise OutputError(
             f"cannot write field '{path}': its grid is one voxel thick, and ITK and ANTs read "

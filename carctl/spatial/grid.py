@@ -152,6 +152,15 @@ class Grid:
     def is_oblique(self) -> bool:
         return bool(np.any(np.abs(self.direction_matrix).max(axis=0) < 1 - _ALIGNED_TOLERANCE))
 
+    @property
+    def is_sheared(self) -> bool:
+        """Whether the index axes are not orthogonal (a sheared direction matrix, as a tilted
+        gantry gives): distances along them with their spacing are then not mm, and NIfTI
+        cannot hold the grid (ITK writes it with orthogonal axes)."""
+        columns = self.direction_matrix / np.linalg.norm(self.direction_matrix, axis=0)
+        # not tighter: headers round their direction cosines (DICOM to 5-6 decimals, 5e-6 off)
+        return not np.allclose(columns.T @ columns, np.eye(self.ndim), rtol=0, atol=1e-4)
+
     def slab(self, start: int, stop: int) -> Grid:
         """The sub-grid of index planes ``start:stop`` along the last axis (Z, or Y in 2-D)."""
         return self.crop((0,) * (self.ndim - 1) + (start,), (*self.size[:-1], stop))

@@ -654,6 +654,9 @@ def test_multi_series_directory_needs_series(cli, two_series, pair, tmp_path):
     _, fixed = pair
     result = cli("apply", folder, "-r", fixed, "-o", tmp_path / "o.nii.gz")
     _assert_one_line_error(result, 1, "holds 2 DICOM series; choose one with --series")
+    # register has no --series: it asked for one (a sweep found "No such option: --series")
+    result = cli("register", folder, fixed, "-o", tmp_path / "r")
+    _assert_one_line_error(result, 1, "holds 2 DICOM series; give a folder holding one of them")
     empty = tmp_path / "empty"
     empty.mkdir()
     result = cli("apply", empty, "-r", fixed, "-o", tmp_path / "o.nii.gz")
@@ -1004,3 +1007,31 @@ def test_evaluate_prints_landmark_distances_to_the_micrometre(cli, tmp_path):
     before = next(line for line in result.out.splitlines() if "before" in line)
     cells = [cell.strip() for cell in before.split("│") if cell.strip()]
     assert cells[0] == "before" and cells[2] == "0", before  # std of three equal errors
+
+
+def test_outputs_on_a_sheared_grid_are_never_written_as_nifti(cli, tmp_path):
+    """Found by a sweep: on a sheared fixed grid (a tilted gantry's) ITK wrote the warped image
+    and the field as NIfTI with orthogonal axes, 6.8 mm off the grid, without a word. The
+    default names now switch to .mha; a NIfTI name given is refused before any work."""
+    shear = np.array([[1.0, 0.3, 0.0], [0.0, 1.0, 0.2], [0.0, 0.0, 1.0]])
+    shear /= np.linalg.norm(shear, axis=0)
+    moving = write(make_image((20, 18, 16), spacing=(1.5,) * 3, seed=1), tmp_path / "m.nii.gz")
+    fixed = write(
+        make_image((20, 18, 16), spacing=(1.5,) * 3, direction=shear, seed=2),
+        tmp_path / "f.mha",
+    )
+    out = tmp_path / "out"
+    done = cli("register", moving, fixed, "--method", "rigid", "-o", out, "-q", "--json", "-")
+    assert done.code == 0, done.err
+    written = json.loads(done.out)["outputs"]
+    assert Path(written["warped"]).name == "m_warped.mha"
+    assert Path(written["field"]).name == "m_field.mha"
+    for key in ("warped", "field"):
+        back = sitk.ReadImage(written[key])
+        np.testing.assert_allclose(back.GetDirection(), shear.ravel(), atol=1e-6)
+    for given in (("--warped", tmp_path / "w.nii.gz"), ("--field", tmp_path / "f.nii")):
+        refused = cli("register", moving, fixed, "--method", "rigid", *given, "-o", out, "--force")
+        _assert_one_line_error(refused, 1, "its grid is sheared", "write it as .mha or .nrrd")
+    applied = cli("apply", moving, "-r", fixed, "-o", tmp_path / "a.nii.gz")
+    _assert_one_line_error(applied, 1, "its grid is sheared")
+    assert not (tmp_path / "a.nii.gz").exists()

@@ -230,6 +230,32 @@ def test_qa_and_translate_refuse_a_constant_image(cli, tiny_weights, images, tmp
     assert not (tmp_path / "t.nii.gz").exists()
 
 
+def test_qa_and_translate_refuse_images_of_another_dimension(cli, tiny_weights, images, tmp_path):
+    """Found by a sweep: a 2-D image with a 3-D one stopped qa and translate with internal
+    errors (IndexError, a broadcast ValueError); register and apply said so in one line."""
+    moving, fixed = images
+    plane = write(make_image((22, 22), spacing=(1.0, 1.0), seed=5), tmp_path / "plane.nii.gz")
+    out, translated = ("-o", tmp_path / "qa"), ("-o", tmp_path / "t.nii.gz")
+    for args, said in (
+        (("qa", plane, fixed, *out), "the moving image is 2-D and the fixed image 3-D"),
+        (("qa", moving, plane, *out), "the moving image is 3-D and the fixed image 2-D"),
+        (
+            ("qa", moving, fixed, "-w", plane, *out),
+            "the moving image is 3-D and the warped image 2-D",
+        ),
+        (
+            ("translate", moving, "-r", plane, *translated),
+            "the input image is 3-D and the reference image 2-D",
+        ),
+        (
+            ("translate", plane, "-r", fixed, *translated),
+            "the input image is 2-D and the reference image 3-D",
+        ),
+    ):
+        result = cli(*args)
+        assert result.code == 1 and result.err.strip() == f"carctl: error: {said}", result.err
+
+
 def test_qa_scores_images_apart_as_failed_without_a_number(cli, tiny_weights, images, tmp_path):
     """No voxel of the anatomy where both images are present: the score was NaN, and
     ``--json`` stopped with an internal error (NaN is not JSON). Now the score is null, the
