@@ -380,6 +380,29 @@ def _nifti_data_bytes(header: bytes) -> tuple[int, int] | None:
     return offset, count * max(int(bitpix), 8) // 8
 
 
+def _single_volume_4d(path: Path) -> bool:
+    """Whether ``path`` is a NIfTI/Analyze file whose header is 4-D with one volume (which
+    ITK reads as 3-D)."""
+    suffix = image_suffix(path)
+    if suffix not in (".nii", ".nii.gz", ".hdr"):
+        return False
+    try:
+        with (gzip.open if suffix == ".nii.gz" else open)(path, "rb") as stream:
+            header = stream.read(540)
+    except (OSError, EOFError, zlib.error):
+        return False
+    for endian in "<>":
+        size = struct.unpack(endian + "i", header[:4])[0] if len(header) >= 4 else 0
+        if size == 348 and len(header) >= 56:  # NIfTI-1 or Analyze 7.5
+            dims = struct.unpack(endian + "8h", header[40:56])
+        elif size == 540 and len(header) >= 80:  # NIfTI-2
+            dims = struct.unpack(endian + "8q", header[16:80])
+        else:
+            continue
+        return dims[0] == 4 and dims[4] == 1
+    return False
+
+
 def _content_length(path: Path, expected: int) -> int:
     """Length of a file's content; for a gzip file the decompressed length.
 
@@ -442,6 +465,8 @@ def _select_volume(image: sitk.Image, path: Path, volume: int | None) -> sitk.Im
         if volume >= size[3]:
             raise InputError(f"'{path}' has {size[3]} volumes; there is no volume {volume}")
         return sitk.Extract(image, [*size[:3], 0], [0, 0, 0, volume])
+    if volume == 0 and _single_volume_4d(path):  # ITK read it as 3-D; a loop over :N works
+        return image
     if volume is not None:
         raise InputError(f"'{path}' is {dim}-D; ':{volume}' selects a volume of a 4-D file")
     if dim not in (2, 3):

@@ -110,6 +110,23 @@ def test_four_d_file_needs_a_volume(shared_data):
         read_image(f"{path}:3")
 
 
+@pytest.mark.parametrize("name", ["one.nii.gz", "one.nii"])
+def test_a_4d_file_of_one_volume_takes_volume_0(tmp_path, name):
+    """Found by a sweep: ITK reads a 4-D NIfTI of one volume as 3-D, and ':0' was refused as
+    a volume of a 3-D file, so a script looping over FILE:N stopped at such a file."""
+    volume = make_image((6, 5, 4), seed=1)
+    path = tmp_path / name
+    sitk.WriteImage(sitk.JoinSeries([volume]), str(path))
+    whole = read_image(path)
+    assert whole.grid.size == (6, 5, 4)
+    np.testing.assert_array_equal(read_image(f"{path}:0").array, whole.array)
+    with pytest.raises(InputError, match="there is no volume 1|selects a volume of a 4-D"):
+        read_image(f"{path}:1")
+    plain = write(volume, tmp_path / "plain.nii.gz")  # a 3-D file takes no volume
+    with pytest.raises(InputError, match="selects a volume of a 4-D file"):
+        read_image(f"{plain}:0")
+
+
 def test_dicom_series_sorted_by_position(shared_data):
     image = read_image(shared_data / "dicom/ct-chest-40")
     assert image.grid.size == (512, 512, 40)

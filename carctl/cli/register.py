@@ -288,6 +288,8 @@ def run(
             grid = moving_image.grid if key == "inverse_field" else fixed_image.grid
             outputs[key] = _output_path(key, outputs[key], grid, moving, force, inputs)
 
+    import torch
+
     from carctl.metrics import jacobian_summary
     from carctl.registration.pipeline import register
     from carctl.resample import resample_image
@@ -359,6 +361,7 @@ def run(
         "diffeomorphic": settings.diffeomorphic,
         "device": settings.device,
         "seed": settings.seed,
+        "threads": torch.get_num_threads(),  # another count can move the result a little
         "initialisation": next(
             (s.detail.get("start") for s in result.stages if s.name == "initialise"), None
         ),
