@@ -102,6 +102,8 @@ def describe(image, spec: str) -> dict:
         "minimum": float(finite.min()) if finite.size else None,
         "maximum": float(finite.max()) if finite.size else None,
     }
+    if finite.size < array.size:  # NaN and infinities: read as no data by register and qa
+        facts["non_finite_voxels"] = int(array.size - finite.size)
     found = padding(array) if image.GetNumberOfComponentsPerPixel() == 1 else None
     if found is not None:  # what register and qa leave out (see carctl.padding)
         facts["padding"] = summarised(found)
@@ -236,8 +238,8 @@ def _format(value) -> str:
         if value and isinstance(value[0], list):
             return "\n".join(" ".join(f"{round(c, 6) + 0.0:+.6f}" for c in row) for row in value)
         return " x ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
-    if isinstance(value, float):
-        return f"{value:g}"
+    if isinstance(value, float):  # whole numbers in full: 4000000000..4000000949 read 4e+09
+        return f"{value:.17g}" if value.is_integer() and abs(value) < 2**53 else f"{value:g}"
     return str(value)
 
 

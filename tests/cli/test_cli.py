@@ -245,6 +245,22 @@ def test_info_reports_geometry(cli, tmp_path):
     assert table.code == 0 and "PSR" in table.out and "0.5 x 1 x 2.5" in table.out
 
 
+def test_info_counts_non_finite_voxels_and_shows_whole_numbers_in_full(cli, tmp_path):
+    """Found by a sweep: half of an image +Inf showed only its finite range, and a uint32
+    image of 4000000000..4000000949 read "4e+09" for both ends."""
+    array = np.full((4, 5, 6), 4_000_000_000, np.uint32)
+    array[0, 0, 0] += 949
+    big = sitk.GetImageFromArray(array)
+    result = cli("info", write(big, tmp_path / "big.nrrd"))
+    assert result.code == 0 and "4000000949" in result.out and "4000000000" in result.out
+    values = np.arange(120, dtype=np.float32).reshape(4, 5, 6)
+    values[:2] = np.inf
+    facts = json.loads(
+        cli("info", write(sitk.GetImageFromArray(values), tmp_path / "i.nrrd"), "--json", "-").out
+    )
+    assert facts["non_finite_voxels"] == 60 and facts["maximum"] == 119.0
+
+
 def test_info_reports_ct_padding(cli, tmp_path):
     """What register and qa leave out of a CT (carctl.padding), shown where a user looks."""
     array = np.full((6, 20, 20), -1024, np.int16)
