@@ -356,6 +356,12 @@ def _stage_initialise(state: _State, progress: Progress) -> StageReport:
             f"the header: the images overlap on {100 * header.overlap:.1f} % of the fixed "
             "level under it"
         )
+        # said even with --quiet: a start found without the headers can be far off (images
+        # 10 m apart: a rotated start won, 11 mm off, in silence)
+        detail["warning"] = (
+            f"the scanner headers leave the images apart ({100 * header.overlap:.1f} % "
+            f"overlap); the registration started from {best.name}: check the result (--qa)"
+        )
     _turn_frame(state, detail)
     return StageReport("initialise", 0.0, header.score, best.score, detail)
 

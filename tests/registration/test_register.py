@@ -694,6 +694,7 @@ def test_images_apart_under_their_headers_are_brought_together(phantom, apart):
     result = register(moving, fixed, RegistrationOptions(method="rigid"))
     initialised = result.stages[0].detail
     assert initialised["start"] != "header" and "set_aside" in initialised
+    assert initialised["warning"].startswith("the scanner headers leave the images apart")
     warped = resample_image(moving, fixed.grid, [result.field])
     inside = phantom.array > 0
     assert (warped.array[inside] > 0).mean() > 0.8  # under the header: none
