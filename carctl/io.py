@@ -872,9 +872,17 @@ def write_sitk(
     require_fit(path, Grid.from_sitk(image))
     with atomic_output(path, force=force, inputs=inputs) as temporary:
         try:
-            sitk.WriteImage(image, os.fspath(temporary), useCompression=True)
+            with native_output_silenced():  # ITK's own line for a failed write ("NWAD: ...")
+                sitk.WriteImage(image, os.fspath(temporary), useCompression=True)
         except RuntimeError as error:
             raise OutputError(f"cannot write '{path}': {one_line_reason(error)}") from error
+        # ITK's NIfTI writer does not fail on a full disk: the file, cut short, was moved into
+        # place and the command exited 0
+        reason = _incomplete(temporary)
+        if reason:
+            raise OutputError(
+                f"cannot write '{path}': it came out incomplete ({reason}; is the disk full?)"
+            )
     return Path(path)
 
 

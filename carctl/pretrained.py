@@ -218,16 +218,24 @@ def _require_finite(tensors: dict, name: str) -> None:
 
 def save_tensors(tensors: dict, path: Path) -> None:
     """``tensors`` as a safetensors file at ``path``, written atomically."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
+    from carctl.errors import OutputError
+
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    # safetensors writes its files for their owner alone (0600): weights copied into a
-    # shared weights/ folder were unreadable to others; the usual mode, as for the cards
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o666 & ~umask)
-    tmp.replace(path)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        # safetensors writes its files for their owner alone (0600): weights copied into a
+        # shared weights/ folder were unreadable to others; the usual mode, as for the cards
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)
+        tmp.replace(path)
+    except (SafetensorError, OSError) as error:  # a full disk was an internal error
+        tmp.unlink(missing_ok=True)
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise OutputError(f"cannot write '{path}': {reason}") from error
 
 
 def write(model, folder: Path, name: str, card_data: dict) -> Card:

@@ -179,15 +179,20 @@ class CliResult:
 @pytest.fixture
 def cli(capsys):
     """Run ``carctl ARGS...`` in-process; returns exit code, stdout and stderr."""
+    import signal
+
     from carctl.cli import main
 
     def run(*args: str) -> CliResult:
         capsys.readouterr()
+        kept = signal.getsignal(signal.SIGTERM)  # main() makes SIGTERM an interrupt
         try:
             main([str(a) for a in args])
             code = 0
         except SystemExit as done:
             code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+        finally:
+            signal.signal(signal.SIGTERM, kept)
         captured = capsys.readouterr()
         return CliResult(code, captured.out, captured.err)
 

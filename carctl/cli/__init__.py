@@ -27,7 +27,7 @@ from carctl.cli import (
     translate,
     weights,
 )
-from carctl.cli.console import run_guarded, set_debug
+from carctl.cli.console import run_guarded, set_debug, terminate_as_interrupt
 from carctl.runtime import keep_freed_memory
 
 app = typer.Typer(
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         set_debug(True)
         args.remove("--debug")
     keep_freed_memory()  # a short-lived process: reuse memory rather than fault it in again
+    terminate_as_interrupt()
     sys.exit(run_guarded(lambda: app(args=args, prog_name="carctl")))
 
 

@@ -223,7 +223,7 @@ def _one(pair: Pair, out_dir: Path, settings: RegistrationOptions, options: dict
     """Register one pair into its folder (or skip it when done before); its record row."""
     import json
 
-    from carctl.cli.console import emit_json, is_debug
+    from carctl.cli.console import emit_json, is_debug, out_of_memory
     from carctl.cli.register import run
     from carctl.errors import CarctlError
 
@@ -273,9 +273,12 @@ def _one(pair: Pair, out_dir: Path, settings: RegistrationOptions, options: dict
         emit_json(summary, str(summary_path), force=True, inputs=pair.inputs())
         now = list(summary["outputs"].values())
         _remove_stale(earlier, now, folder, options.get("protected", set()))
-    except (CarctlError, OSError, MemoryError) as error:
+    except (CarctlError, OSError) as error:
         return row | {"status": "failed", "error": " ".join(str(error).split())}
     except Exception as error:  # a bug: recorded in one line like the rest (--debug: traced)
+        memory = out_of_memory(error)  # MemoryError was recorded with no words at all
+        if memory:
+            return row | {"status": "failed", "error": memory}
         if is_debug():
             import traceback
 

@@ -5,6 +5,7 @@ The library never prints; commands hand their results here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -40,6 +41,7 @@ def stderr() -> Console:
 
 # The exit status of a run stopped by Ctrl-C (128 + SIGINT), as shells report it.
 INTERRUPTED = 130
+TERMINATED = 143  # 128 + SIGTERM
 
 
 def run_guarded(fn: Callable[[], Any]) -> int:
@@ -48,6 +50,9 @@ def run_guarded(fn: Callable[[], Any]) -> int:
         fn()
     except SystemExit as done:
         code = done.code
+        if code == INTERRUPTED and _state.get("terminated"):  # typer made SIGTERM this exit
+            _print_error("terminated")
+            return TERMINATED
         if code == INTERRUPTED:  # typer turns Ctrl-C into this exit, silently
             _print_error("interrupted")
         return code if isinstance(code, int) else (0 if code is None else 1)
@@ -57,9 +62,18 @@ def run_guarded(fn: Callable[[], Any]) -> int:
         _print_error(str(error))
         return error.exit_code
     except KeyboardInterrupt:
+        if _state.get("terminated"):
+            _print_error("terminated")
+            return TERMINATED
         _print_error("interrupted")
         return INTERRUPTED
     except Exception as error:  # a bug: keep it short unless asked
+        memory = out_of_memory(error)
+        if memory:
+            if is_debug():
+                traceback.print_exc()
+            _print_error(memory)
+            return 1
         if is_debug():
             traceback.print_exc()
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -68,6 +82,36 @@ def run_guarded(fn: Callable[[], Any]) -> int:
         )
         return INTERNAL_ERROR
     return 0
+
+
+def terminate_as_interrupt() -> None:
+    """From now on SIGTERM stops the program as Ctrl-C does (a KeyboardInterrupt in the main
+    thread), so that the cleanup an interrupt runs runs too, and exits with 143: a `register`
+    killed while writing left its staging folder, with a partial field of 10-67 MB, beside
+    its outputs."""
+    import signal
+
+    def raise_terminated(signum, frame):
+        _state["terminated"] = True
+        raise KeyboardInterrupt
+
+    with contextlib.suppress(ValueError):  # not the main thread (an embedding program's)
+        signal.signal(signal.SIGTERM, raise_terminated)
+
+
+def out_of_memory(error: BaseException) -> str | None:
+    """The one-line message for an allocation that failed (Python's MemoryError, torch's
+    "can't allocate memory"), which was reported as an internal error; None for others."""
+    text = str(error)
+    if isinstance(error, MemoryError) or (
+        isinstance(error, RuntimeError)
+        and ("can't allocate memory" in text or "DefaultCPUAllocator" in text)
+    ):
+        return (
+            "not enough memory for this work (try fewer --threads, smaller images, or a "
+            "machine with more memory)"
+        )
+    return None
 
 
 def _print_error(message: str) -> None:

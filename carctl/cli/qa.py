@@ -77,7 +77,13 @@ def command(
     from carctl.cli.apply import chosen_transforms
     from carctl.cli.console import emit_json, key_value_table, stdout
     from carctl.errors import UsageError
-    from carctl.io import check_distinct, check_output, output_stem, transform_paths
+    from carctl.io import (
+        check_distinct,
+        check_output,
+        output_group,
+        output_stem,
+        transform_paths,
+    )
 
     transforms = chosen_transforms(field, affine, transform)
     if warped and (field or affine or transforms):
@@ -98,8 +104,9 @@ def command(
         check_output(json_out, force=force, inputs=inputs, extensions=(".json",))
 
     chain = (field, affine, transforms)
-    result = run(moving, fixed, chain, warped, outputs, device, threads, force, inputs)
-    emit_json(result, json_out, force=force, inputs=inputs)
+    with output_group():  # the error map, the picture and the JSON appear together or not at all
+        result = run(moving, fixed, chain, warped, outputs, device, threads, force, inputs)
+        emit_json(result, json_out, force=force, inputs=inputs)
     if not quiet and json_out != "-":
         from carctl import qa
 

@@ -186,25 +186,27 @@ def command(
         from carctl.io import check_output
 
         check_output(json_out, force=force, inputs=inputs, extensions=(".json",))
-    summary = run(
-        moving,
-        fixed,
-        outputs,
-        settings,
-        inputs=inputs,
-        labels=labels,
-        fixed_mask=fixed_mask,
-        moving_mask=moving_mask,
-        initial_affine=initial_affine,
-        threads=threads,
-        quiet=quiet,
-        force=force,
-        started=start,
-        qa=qa,
-    )
     from carctl.cli.console import emit_json
+    from carctl.io import output_group
 
-    emit_json(summary, json_out, force=force, inputs=inputs)
+    with output_group():  # the JSON too: all the outputs appear, or none
+        summary = run(
+            moving,
+            fixed,
+            outputs,
+            settings,
+            inputs=inputs,
+            labels=labels,
+            fixed_mask=fixed_mask,
+            moving_mask=moving_mask,
+            initial_affine=initial_affine,
+            threads=threads,
+            quiet=quiet,
+            force=force,
+            started=start,
+            qa=qa,
+        )
+        emit_json(summary, json_out, force=force, inputs=inputs)
 
 
 def _output_path(key: str, path: str, grid, moving: str, force: bool, inputs) -> str:
@@ -229,13 +231,17 @@ def _output_path(key: str, path: str, grid, moving: str, force: bool, inputs) ->
 
 def finish(pool) -> None:
     """Wait for every job of the executor ``pool`` to end, through any number of Ctrl-C (the
-    jobs here write files for a few tenths of a second)."""
+    jobs here write files for a few tenths of a second), then pass the interrupt on (it was
+    swallowed, and the command exited 0 with every output written)."""
+    interrupted = None
     while True:
         try:
             pool.shutdown(wait=True)
-            return
-        except KeyboardInterrupt:
-            continue
+            break
+        except KeyboardInterrupt as error:
+            interrupted = interrupted or error
+    if interrupted is not None:
+        raise interrupted
 
 
 def run(

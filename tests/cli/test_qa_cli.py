@@ -348,3 +348,18 @@ def test_content_box_of_a_warped_image():
     assert cut.grid.size == (2, 4, 2) and cut.grid.origin == (12.0, 2.0, -2.0)
     whole = Image(np.ones((4, 5, 6), np.float32), grid)
     assert qa.content(whole) is whole
+
+
+def test_qa_writes_its_outputs_together_or_none(cli, tiny_weights, images, tmp_path, monkeypatch):
+    """Found by a sweep: a picture that could not be written (a full disk) left the error map
+    in place, and the rerun refused it as existing."""
+    from carctl import qa
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(qa, "png_bytes", full)
+    moving, fixed = images
+    result = cli("qa", moving, fixed, "-o", tmp_path / "qa", "-q")
+    assert result.code == 1 and "No space left on device" in result.err
+    assert not (tmp_path / "qa").exists() or not list((tmp_path / "qa").glob("*qa*"))
