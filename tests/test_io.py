@@ -592,3 +592,30 @@ def test_a_folder_lock_refuses_a_second_holder_and_is_gone_after(tmp_path):
     with pytest.raises(OutputError, match="is not a plain file"), folder_lock(folder, "x"):
         pass
     assert victim.read_bytes() == b"image"
+
+
+def test_native_output_is_silenced_by_the_main_thread_only():
+    """Found by a sweep: `register` writes its field and warped image in threads; each write
+    redirected the process's stdout and stderr to /dev/null and back, and a thread's restore
+    ending after another's redirect had begun left stdout on /dev/null (`--json -` printed
+    nothing, exit 0, in 3 of 6 runs). Other threads leave the descriptors alone."""
+    import os
+    import threading
+
+    from carctl.io import native_output_silenced
+
+    before = os.fstat(1).st_ino, os.fstat(2).st_ino
+    seen = []
+
+    def in_a_thread():
+        with native_output_silenced():
+            seen.append((os.fstat(1).st_ino, os.fstat(2).st_ino))
+
+    worker = threading.Thread(target=in_a_thread)
+    worker.start()
+    worker.join()
+    assert seen == [before]
+    with native_output_silenced():  # the main thread's hides them
+        null = os.stat(os.devnull).st_ino
+        assert (os.fstat(1).st_ino, os.fstat(2).st_ino) == (null, null)
+    assert (os.fstat(1).st_ino, os.fstat(2).st_ino) == before
