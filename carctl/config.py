@@ -41,6 +41,19 @@ class RegistrationOptions:
     device: str = "cpu"  # or "cuda"; "auto" picks CUDA when there is one
     seed: int = 0
 
+    def unused(self) -> list[str]:
+        """The options given that ``method`` does not use: those of the deformable stage
+        (``--iterations``, ``--regularization``, ``--diffeomorphic``) for a method without
+        one (affine, rigid, net); they were taken without a word."""
+        if self.method in ("auto", "io"):
+            return []
+        given = (
+            ("--iterations", self.iterations is not None),
+            ("--regularization", self.regularization is not None),
+            ("--diffeomorphic", self.diffeomorphic),
+        )
+        return [name for name, set_ in given if set_]
+
     def __post_init__(self) -> None:
         from carctl.errors import UsageError
 

@@ -179,6 +179,14 @@ def command(
         device=device,
         seed=seed,
     )
+    unused = settings.unused()
+    if unused:  # said even with --quiet: the user asked for something that will not happen
+        from carctl.cli.console import stderr
+
+        stderr().print(
+            f"warning: {', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect "
+            f"with --method {method} (no deformable stage)"
+        )
     if json_out == "-":
         quiet = True
     inputs = [i for i in (moving, fixed, labels, fixed_mask, moving_mask, initial_affine) if i]

@@ -1535,6 +1535,36 @@ def test_rigid_stage_refines_only_when_it_is_the_last_linear_stage():
         assert plans[method]["rigid"] == [4.0] and plans[method]["affine"] == [4.0, 2.0]
 
 
+def test_deformable_options_without_a_deformable_stage_are_said_to_do_nothing(
+    cli, phantom, tmp_path
+):
+    """Found by a sweep: --iterations, --regularization and --diffeomorphic with --method
+    affine, rigid or net were taken without a word."""
+    assert RegistrationOptions(method="affine", iterations=3, diffeomorphic=True).unused() == [
+        "--iterations",
+        "--diffeomorphic",
+    ]
+    assert RegistrationOptions(method="net", regularization=0.5).unused() == ["--regularization"]
+    assert RegistrationOptions(method="io", iterations=3).unused() == []
+    moving_path = write(phantom.to_sitk(), tmp_path / "m.nii.gz")
+    fixed_path = write(contrast(phantom).to_sitk(), tmp_path / "f.nii.gz")
+    result = cli(
+        "register",
+        moving_path,
+        fixed_path,
+        "--method",
+        "rigid",
+        "--iterations",
+        "5",
+        "-q",
+        "-o",
+        tmp_path / "out",
+    )
+    assert result.code == 0 and result.err.strip() == (
+        "warning: --iterations has no effect with --method rigid (no deformable stage)"
+    )
+
+
 def test_a_resolution_finer_than_the_voxels_is_the_voxels():
     """Found by a sweep: --resolution 0.001 on a 1 mm image ran three levels all at the
     image's voxels (twice the time for the same result), reported as 0.004 / 0.002 / 0.001."""
