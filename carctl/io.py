@@ -999,17 +999,18 @@ def read_points(path: str | os.PathLike, ndim: int = 3, grid: Grid | None = None
 
     Formats: CSV with columns ``x,y,z`` (header optional; ANTs' ``antsApplyTransformsToPoints``
     convention: physical LPS mm), or the elastix/ITK point-set text (``point`` or ``index``
-    on the first line, the count on the second, then one point per line). ``index`` points
-    need the ``grid`` they index.
+    on the first line, the count on the second, then one point per line), or a 3D Slicer
+    markups file (``.fcsv``, RAS or LPS as its header says). ``index`` points need the
+    ``grid`` they index.
     """
     return load_points(path, ndim, grid)[0]
 
 
 def load_points(
     path: str | os.PathLike, ndim: int = 3, grid: Grid | None = None
-) -> tuple[np.ndarray, CsvTable | None]:
-    """:func:`read_points`, and for a CSV file its table (for :func:`write_points` to keep
-    its other columns); None for a point set."""
+) -> tuple[np.ndarray, CsvTable | FcsvTable | None]:
+    """:func:`read_points`, and for a CSV or Slicer file its table (for :func:`write_points`
+    to keep its other columns); None for a point set."""
     path = Path(path)
     require_file(path)
     try:
@@ -1022,7 +1023,14 @@ def load_points(
     kind = lines[0].split()[0].lower()
     table = None
     try:
-        if kind in ("point", "index"):
+        if path.suffix.lower() == ".fcsv":
+            if ndim != 3:
+                raise ValueError("a Slicer .fcsv file holds 3-D points")
+            table = _fcsv_table(lines)
+            rows = _csv_rows(([], table.rows, table.columns), ndim)
+            if table.ras:  # Slicer's RAS: x and y point the other way
+                rows = [[-row[0], -row[1], row[2]] for row in rows]
+        elif kind in ("point", "index"):
             count = int(lines[1].split()[0])
             rows = [[float(v) for v in ln.split()[:ndim]] for ln in lines[2 : 2 + count]]
             if len(rows) != count:
@@ -1049,6 +1057,70 @@ def load_points(
     return points, table
 
 
+@dataclass
+class FcsvTable:
+    """A 3D Slicer markups file (``.fcsv``) as read: its ``#`` lines, its rows, the columns
+    holding x, y, z, and whether they are RAS (Slicer's default) rather than LPS."""
+
+    comments: list[str]
+    rows: list[list[str]]
+    columns: list[int]
+    ras: bool
+
+
+# Slicer's markups columns, where a file does not list them (``# columns = ...``).
+_FCSV_COLUMNS = "id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID"
+
+
+def _fcsv_table(lines: list[str]) -> FcsvTable:
+    """Parse a Slicer ``.fcsv``: ``# CoordinateSystem = LPS|RAS`` (or 1|0; RAS without the
+    line, as Slicer 4 wrote), ``# columns = id,x,y,z,...``, then one row per point."""
+    comments = [ln for ln in lines if ln.startswith("#")]
+    names, ras = _FCSV_COLUMNS.lower().split(","), True
+    for line in comments:
+        key, _, value = line.lstrip("#").partition("=")
+        key, value = key.strip().lower(), value.strip()
+        if key == "coordinatesystem":
+            systems = {"ras": True, "0": True, "lps": False, "1": False}
+            if value.lower() not in systems:
+                raise ValueError(f"unknown coordinate system '{value}' (LPS or RAS)")
+            ras = systems[value.lower()]
+        elif key == "columns":
+            names = [n.strip().lower() for n in value.split(",")]
+    if not all(a in names for a in ("x", "y", "z")):
+        raise ValueError("its columns line names no x, y, z")
+    rows = [row for row in csv.reader([ln for ln in lines if not ln.startswith("#")]) if row]
+    return FcsvTable(comments, rows, [names.index(a) for a in ("x", "y", "z")], ras)
+
+
+def _fcsv_text(points: np.ndarray, like: FcsvTable | None) -> str:
+    """``points`` (LPS) as a Slicer ``.fcsv``: in ``like``'s lines and coordinate system,
+    only the coordinates changed, or a new LPS file with Slicer's columns."""
+    if like is None:
+        like = FcsvTable(
+            [
+                "# Markups fiducial file version = 4.11",
+                "# CoordinateSystem = LPS",
+                f"# columns = {_FCSV_COLUMNS}",
+            ],
+            [
+                [str(i), "", "", "", "0", "0", "0", "1", "1", "1", "0", f"F-{i + 1}", "", ""]
+                for i in range(len(points))
+            ],
+            [1, 2, 3],
+            False,
+        )
+    out = io.StringIO()
+    out.write("".join(f"{line}\n" for line in like.comments))
+    body = [list(row) for row in like.rows]
+    for row, point in zip(body, points, strict=True):
+        x, y, z = (-point[0], -point[1], point[2]) if like.ras else point
+        for c, value in zip(like.columns, (x, y, z), strict=True):
+            row[c] = f"{value + 0.0:.6f}"
+    csv.writer(out, lineterminator="\n").writerows(body)
+    return out.getvalue()
+
+
 def points_dimension(path: str | os.PathLike) -> int | None:
     """2 or 3 where a points CSV's header says (``x,y`` without ``z``: 2), else None: for
     landmarks with nothing else (image, transform) to fix their dimension."""
@@ -1062,14 +1134,14 @@ def points_dimension(path: str | os.PathLike) -> int | None:
     return None
 
 
-POINT_EXTENSIONS = (".csv", ".txt")
+POINT_EXTENSIONS = (".csv", ".txt", ".fcsv")
 
 
 def write_points(
     points: np.ndarray,
     path: str | os.PathLike,
     *,
-    like: CsvTable | None = None,
+    like: CsvTable | FcsvTable | None = None,
     force: bool = False,
     inputs: Iterable[str | os.PathLike] = (),
 ) -> Path:
@@ -1081,6 +1153,14 @@ def write_points(
     points = np.asarray(points, dtype=np.float64)
     ndim = points.shape[1]
     numbers = [[f"{v:.6f}" for v in row] for row in points]
+    fcsv = like if isinstance(like, FcsvTable) else None
+    if Path(path).suffix.lower() == ".fcsv":
+        if ndim != 3:
+            raise OutputError(f"cannot write '{path}': a Slicer .fcsv file holds 3-D points")
+        text = _fcsv_text(points, fcsv)
+        return write_text(text, path, force=force, inputs=inputs, extensions=POINT_EXTENSIONS)
+    if fcsv is not None:  # another format: its own columns, in LPS
+        like = None
     if image_suffix(Path(path)) == ".txt":
         text = f"point\n{len(points)}\n" + "".join(" ".join(r) + "\n" for r in numbers)
     else:

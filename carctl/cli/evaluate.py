@@ -33,7 +33,8 @@ def command(
     fixed_points: Annotated[
         str | None,
         typer.Option(
-            "--fixed-points", help="Fixed landmarks: CSV x,y,z (LPS mm) or elastix/ITK point set."
+            "--fixed-points",
+            help="Fixed landmarks: CSV x,y,z (LPS mm), an elastix/ITK point set or a Slicer .fcsv.",
         ),
     ] = None,
     moving_points: Annotated[

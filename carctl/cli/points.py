@@ -13,13 +13,16 @@ def command(
     points: Annotated[
         str,
         typer.Argument(
-            help="Points: CSV with x,y[,z] columns (LPS mm) or an elastix/ITK point set."
+            help="Points: CSV with x,y[,z] columns (LPS mm), an elastix/ITK point set or a "
+            "3D Slicer .fcsv (RAS or LPS, as its header says)."
         ),
     ],
     output: Annotated[
         str,
         typer.Option(
-            "--output", "-o", help="Mapped points: .csv (x,y,z columns) or .txt (elastix set)."
+            "--output",
+            "-o",
+            help="Mapped points: .csv (x,y,z columns), .txt (elastix set) or .fcsv (Slicer).",
         ),
     ],
     field: Annotated[

@@ -200,3 +200,46 @@ def test_cord_points_of_the_demo_pair_go_to_the_moving_image_and_back(tmp_path, 
     error = np.linalg.norm(np.loadtxt(back, delimiter=",", skiprows=1) - points, axis=1)
     assert len(points) > 10 and moved.mean() > 0.5  # the registration moved them
     assert error.max() < 0.1
+
+
+SLICER_RAS = """# Markups fiducial file version = 4.11
+# CoordinateSystem = RAS
+# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID
+vtkMRMLMarkupsFiducialNode_0,10.5,-20.25,30,0,0,0,1,1,1,0,F-1,tip,
+vtkMRMLMarkupsFiducialNode_1,-1,2,-3,0,0,0,1,1,1,0,F-2,,
+"""
+
+
+def test_slicer_markups_are_read_in_their_coordinate_system_and_kept(cli, tmp_path):
+    """3D Slicer's .fcsv landmarks (RAS unless the header says LPS) were refused with an
+    unclear error; they are read as LPS points, and written back in the file's own system
+    with its other columns kept."""
+    from carctl.io import read_points
+    from carctl.spatial.files import write_affine
+    from carctl.spatial.transform import Affine
+
+    ras = tmp_path / "f.fcsv"
+    ras.write_text(SLICER_RAS)
+    np.testing.assert_allclose(read_points(ras), [[-10.5, 20.25, 30.0], [1.0, -2.0, -3.0]])
+    lps = tmp_path / "lps.fcsv"
+    lps.write_text(SLICER_RAS.replace("= RAS", "= LPS"))
+    np.testing.assert_allclose(read_points(lps), [[10.5, -20.25, 30.0], [-1.0, 2.0, -3.0]])
+    write_affine(Affine(np.eye(3), [1.0, 2.0, 3.0]), tmp_path / "shift.mat")  # LPS mm
+    result = cli("points", ras, "-a", tmp_path / "shift.mat", "-o", tmp_path / "out.fcsv")
+    assert result.code == 0, result.err
+    out = (tmp_path / "out.fcsv").read_text().splitlines()
+    assert out[:3] == SLICER_RAS.splitlines()[:3]  # the header as it was: RAS
+    assert out[3].split(",")[1:4] == ["9.500000", "-22.250000", "33.000000"]  # RAS again
+    assert out[3].split(",")[11:13] == ["F-1", "tip"]
+    np.testing.assert_allclose(read_points(tmp_path / "out.fcsv"), read_points(ras) + [1, 2, 3])
+    plain = cli("points", ras, "-a", tmp_path / "shift.mat", "-o", tmp_path / "out.csv")
+    assert plain.code == 0 and (tmp_path / "out.csv").read_text().startswith("x,y,z\n")
+    np.testing.assert_allclose(read_points(tmp_path / "out.csv"), read_points(ras) + [1, 2, 3])
+    write_affine(Affine(np.eye(3), [0.0, 0.0, 0.0]), tmp_path / "same.mat")
+    made = cli(
+        "points", tmp_path / "out.csv", "-a", tmp_path / "same.mat", "-o", tmp_path / "new.fcsv"
+    )
+    assert made.code == 0 and "CoordinateSystem = LPS" in (tmp_path / "new.fcsv").read_text()
+    np.testing.assert_allclose(
+        read_points(tmp_path / "new.fcsv"), read_points(tmp_path / "out.csv")
+    )
