@@ -616,6 +616,19 @@ def test_incomplete_text_transform_is_refused(tmp_path, body):
     np.testing.assert_allclose(read_affine(path).translation, [10.0, 0.0, 0.0])
 
 
+def test_an_euler_transform_of_older_itk_without_its_flag_is_read(tmp_path):
+    """ITK wrote Euler3DTransform's fixed parameters without the ZYX flag before, and reads
+    such files (the centre alone); the completeness check took them for incomplete."""
+    path = tmp_path / "e.tfm"
+    path.write_text(
+        "#Insight Transform File V1.0\n#Transform 0\nTransform: Euler3DTransform_double_3_3\n"
+        "Parameters: 0 0 0 1 2 3\nFixedParameters: 5 6 7\n"
+    )
+    affine = read_affine(path)
+    np.testing.assert_allclose(affine.translation, [1.0, 2.0, 3.0])
+    np.testing.assert_allclose(affine.center, [5.0, 6.0, 7.0])
+
+
 @pytest.mark.parametrize("keep", [60, 150, 185, 190, -1])
 def test_matlab_transform_cut_short_is_refused(tmp_path, keep):
     """Found by a sweep: ITK's MATLAB reader took a `.mat` cut short by a few bytes and read
