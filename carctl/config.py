@@ -15,6 +15,9 @@ DEVICES = ("auto", "cpu", "cuda")
 # carctl.losses.REGULARISERS hold the same names in the same order (a test checks).
 METHODS = ("auto", "net", "io", "affine", "rigid")
 LOSSES = ("mind", "mi", "lncc", "ncc", "mse", "imse", "mind+imse")
+# Losses whose initialisation, rigid and affine stages use MIND (``LossSpec.linear``; a test
+# keeps the two in step): without a deformable stage they change nothing.
+LINEAR_MIND_LOSSES = ("lncc", "imse", "mind+imse")
 REGULARISERS = ("diffusion", "bending")
 
 
@@ -43,14 +46,16 @@ class RegistrationOptions:
 
     def unused(self) -> list[str]:
         """The options given that ``method`` does not use: those of the deformable stage
-        (``--iterations``, ``--regularization``, ``--diffeomorphic``) for a method without
-        one (affine, rigid, net); they were taken without a word."""
+        (``--iterations``, ``--regularization``, ``--diffeomorphic``, and a ``--loss`` whose
+        linear stages use MIND) for a method without one (affine, rigid, net); they were
+        taken without a word."""
         if self.method in ("auto", "io"):
             return []
         given = (
             ("--iterations", self.iterations is not None),
             ("--regularization", self.regularization is not None),
             ("--diffeomorphic", self.diffeomorphic),
+            (f"--loss {self.loss}", self.loss in LINEAR_MIND_LOSSES),
         )
         return [name for name, set_ in given if set_]
 

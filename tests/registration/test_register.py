@@ -1546,6 +1546,12 @@ def test_deformable_options_without_a_deformable_stage_are_said_to_do_nothing(
     ]
     assert RegistrationOptions(method="net", regularization=0.5).unused() == ["--regularization"]
     assert RegistrationOptions(method="io", iterations=3).unused() == []
+    assert RegistrationOptions(method="net", loss="lncc").unused() == ["--loss lncc"]
+    assert RegistrationOptions(method="rigid", loss="mi").unused() == []  # MI's rigid stage
+    from carctl.config import LINEAR_MIND_LOSSES
+    from carctl.losses import LOSSES
+
+    assert set(LINEAR_MIND_LOSSES) == {n for n, spec in LOSSES.items() if spec.linear == "mind"}
     moving_path = write(phantom.to_sitk(), tmp_path / "m.nii.gz")
     fixed_path = write(contrast(phantom).to_sitk(), tmp_path / "f.nii.gz")
     result = cli(
