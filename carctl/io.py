@@ -386,27 +386,33 @@ def _nifti_data_bytes(header: bytes) -> tuple[int, int] | None:
     return offset, count * max(int(bitpix), 8) // 8
 
 
-def _single_volume_4d(path: Path) -> bool:
-    """Whether ``path`` is a NIfTI/Analyze file whose header is 4-D with one volume (which
-    ITK reads as 3-D)."""
+def nifti1_header(path: str | os.PathLike) -> tuple[bytearray, str] | None:
+    """The 352 header bytes of a ``.nii`` or ``.nii.gz`` file and their byte order (``<`` or
+    ``>``), or None for any other file (NIfTI-2's fields lie elsewhere) and for one that
+    cannot be read (its reader says why)."""
     suffix = image_suffix(path)
-    if suffix not in (".nii", ".nii.gz", ".hdr"):
-        return False
+    if suffix not in (".nii", ".nii.gz") or not Path(path).is_file():
+        return None
     try:
-        with (gzip.open if suffix == ".nii.gz" else open)(path, "rb") as stream:
-            header = stream.read(540)
+        with (gzip.open if suffix == ".nii.gz" else open)(path, "rb") as file:
+            header = bytearray(file.read(NIFTI_DATA))
     except (OSError, EOFError, zlib.error):
+        return None
+    if len(header) < NIFTI_DATA:
+        return None
+    orders = [o for o in "<>" if struct.unpack_from(f"{o}i", header, 0)[0] == 348]
+    return (header, orders[0]) if orders else None
+
+
+def _single_volume_4d(path: Path) -> bool:
+    """Whether ``path`` is a NIfTI file whose header is 4-D with one volume (which ITK reads
+    as 3-D)."""
+    found = nifti1_header(path)
+    if found is None:
         return False
-    for endian in "<>":
-        size = struct.unpack(endian + "i", header[:4])[0] if len(header) >= 4 else 0
-        if size == 348 and len(header) >= 56:  # NIfTI-1 or Analyze 7.5
-            dims = struct.unpack(endian + "8h", header[40:56])
-        elif size == 540 and len(header) >= 80:  # NIfTI-2
-            dims = struct.unpack(endian + "8q", header[16:80])
-        else:
-            continue
-        return dims[0] == 4 and dims[4] == 1
-    return False
+    header, order = found
+    dims = struct.unpack_from(f"{order}8h", header, NIFTI_DIM)
+    return dims[0] == 4 and dims[4] == 1
 
 
 def _content_length(path: Path, expected: int) -> int:
