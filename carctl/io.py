@@ -907,12 +907,12 @@ def write_image(
 ) -> Path:
     """Write ``image`` with its geometry, atomically; see :func:`atomic_output`. A large
     ``.nii.gz`` image is compressed on every thread (see :data:`PARALLEL_GZIP_BYTES`)."""
-    require_fit(path, image.grid)
     if (
         image_suffix(path) == ".nii.gz"
         and image.array.nbytes > PARALLEL_GZIP_BYTES
         and max(image.grid.size) <= NIFTI1_MAX_SIZE
     ):
+        require_fit(path, image.grid)  # as write_sitk does
         with atomic_output(path, force=force, inputs=inputs) as temporary:
             _write_nifti_gz(image, temporary, path)
         return Path(path)

@@ -233,7 +233,10 @@ def _output_path(key: str, path: str, grid, moving: str, force: bool, inputs) ->
     if unfit and Path(path).name in defaults:
         path = str(Path(path).with_name(Path(path).name[: -len(image_suffix(path))] + ".mha"))
         check_output(path, force=force, inputs=inputs)
-    (require_field_format if field else require_fit)(path, grid)
+    if field:
+        require_field_format(path, grid)  # require_fit's check, and the thin one
+    else:
+        require_fit(path, grid)
     return path
 
 
