@@ -80,7 +80,7 @@ def _label_report(fixed_path: PathLike, warped_path: PathLike) -> dict:
         "hd95_mean": float(np.mean(hd95)) if hd95 else None,
         "hd_mean": float(np.mean(hd)) if hd else None,
     }
-    if metrics.sheared(fixed.grid):
+    if fixed.grid.is_sheared:
         report["hd_note"] = (
             "HD95 and HD not computed: the label maps' grid is sheared (its axes are not "
             "orthogonal); resample them onto an orthogonal grid (carctl apply --interp label)"

@@ -185,10 +185,10 @@ def test_no_surface_distance_on_a_sheared_grid():
         Grid((12, 12, 12), (1.0,) * 3, (0.0,) * 3, tuple(d.ravel()))
         for d in (shear, rotation(0.3, 0.2, -0.4) @ np.diag([1.0, -1.0, 1.0]))
     ]
-    assert [metrics.sheared(g) for g in grids] == [True, False]
+    assert [g.is_sheared for g in grids] == [True, False]
     # a rotation as a DICOM header rounds it (5 decimals) is not a shear
     rounded = np.round(rotation(0.3, 0.2, -0.4), 5)
-    assert not metrics.sheared(Grid((4, 4, 4), (1.0,) * 3, (0.0,) * 3, tuple(rounded.ravel())))
+    assert not Grid((4, 4, 4), (1.0,) * 3, (0.0,) * 3, tuple(rounded.ravel())).is_sheared
     on_shear, turned = (metrics.label_scores(a, b, g)[0] for g in grids)
     assert on_shear.hd95 is None and on_shear.hd is None and on_shear.dice == turned.dice
     assert turned.hd == pytest.approx(2.0)

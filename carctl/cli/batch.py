@@ -96,14 +96,9 @@ def command(
         device=device,
         seed=seed,
     )
-    unused = settings.unused()
-    if unused:  # said even with --quiet: the user asked for something that will not happen
-        from carctl.cli.console import stderr
+    from carctl.cli.register import warn_unused
 
-        stderr().print(
-            f"warning: {', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect "
-            f"with --method {method} (no deformable stage)"
-        )
+    warn_unused(settings)
     check_threads(threads)
     listed = read_pairs(pairs)
     for name, what in ((RECORD, "the record's"), (LOCK_NAME, "the folder's lock's")):

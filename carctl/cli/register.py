@@ -179,14 +179,7 @@ def command(
         device=device,
         seed=seed,
     )
-    unused = settings.unused()
-    if unused:  # said even with --quiet: the user asked for something that will not happen
-        from carctl.cli.console import stderr
-
-        stderr().print(
-            f"warning: {', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect "
-            f"with --method {method} (no deformable stage)"
-        )
+    warn_unused(settings)
     if json_out == "-":
         quiet = True
     inputs = [i for i in (moving, fixed, labels, fixed_mask, moving_mask, initial_affine) if i]
@@ -215,6 +208,19 @@ def command(
             qa=qa,
         )
         emit_json(summary, json_out, force=force, inputs=inputs)
+
+
+def warn_unused(settings) -> None:
+    """Say on stderr (even with --quiet: the user asked for something that will not happen)
+    which options ``settings``' method does not use (:meth:`RegistrationOptions.unused`)."""
+    unused = settings.unused()
+    if unused:
+        from carctl.cli.console import stderr
+
+        stderr().print(
+            f"warning: {', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect "
+            f"with --method {settings.method} (no deformable stage)"
+        )
 
 
 def _output_path(key: str, path: str, grid, moving: str, force: bool, inputs) -> str:
