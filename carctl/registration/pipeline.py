@@ -304,8 +304,9 @@ def _schedule(fixed: Grid, options: RegistrationOptions) -> dict:
     extent = float(((np.asarray(fixed.size) - 1) * spacing).max())
     native = float(spacing.min())
     finest = max(native, min(2.0, extent / FINEST_VOXELS))
-    if options.resolution:  # never finer than the fixed image's voxels: --resolution 0.001 on
-        # a 1 mm image ran three 1 mm levels (twice the time) reported as 0.004, 0.002, 0.001
+    # a given resolution, never finer than the fixed image's voxels: 0.001 on a 1 mm image
+    # ran three 1 mm levels (twice the time), reported as 0.004, 0.002, 0.001
+    if options.resolution:
         finest = max(options.resolution, native)
     deformable = [finest * 4, finest * 2, finest]
     # keep levels with at least 12 voxels across the image

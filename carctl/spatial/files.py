@@ -243,7 +243,8 @@ def read_affine(path: str | os.PathLike) -> Affine:
         raise InputError(f"'{path}' is an image, not an affine transform (.mat, .tfm, .txt)")
     if path.stat().st_size == 0:
         raise InputError(f"cannot read transform '{path}': the file is empty")
-    matlab = _matlab_counts(path) if path.suffix.lower() == ".mat" else None
+    # a .mat's sizes before ITK reads it (ITK fills a file cut short from memory)
+    matlab = _matlab_sections(path) if path.suffix.lower() == ".mat" else None
     try:
         with native_output_silenced():
             transform = sitk.ReadTransform(os.fspath(path))
@@ -256,7 +257,7 @@ def read_affine(path: str | os.PathLike) -> Affine:
         raise InputError(f"cannot read transform '{path}': {reason}") from error
     if not transform.IsLinear():
         raise InputError(f"'{path}' holds a non-linear transform; carctl reads affines from it")
-    _require_complete(path, matlab)
+    _require_complete(path, _text_sections(path) if matlab is None else matlab)
     d = transform.GetDimension()
     # Any linear transform is fully known from the images of the origin and unit vectors.
     offset = np.asarray(transform.TransformPoint((0.0,) * d))
@@ -280,12 +281,12 @@ def read_affine(path: str | os.PathLike) -> Affine:
 _MATLAB_BYTES = {0: 8, 1: 4, 2: 4, 3: 2, 4: 2, 5: 1}
 
 
-def _matlab_counts(path: Path) -> list[tuple[str, int]]:
-    """The name and element count of every matrix in a MATLAB v4 transform file (ITK's
-    ``.mat``, as ANTs writes it: the parameters under the transform's type, then
-    ``fixed``), refusing a file whose headers do not add up to its size: ITK's reader takes a
-    file cut short and fills the missing values from memory (a centre of -3.4e231, or a
-    point moved 2.3 mm, with exit 0)."""
+def _matlab_sections(path: Path) -> list[tuple[str, int | None, int | None]]:
+    """``(type, parameters, fixed parameters)`` of the transform in a MATLAB v4 transform
+    file (ITK's ``.mat``, as ANTs writes it: the parameters as a matrix named by the
+    transform's type, then ``fixed``; none listed for another layout), refusing a file whose
+    matrix headers do not add up to its size: ITK's reader takes a file cut short and fills
+    the missing values from memory (a centre of -3.4e231, or a point moved 2.3 mm, exit 0)."""
     data = path.read_bytes()
     found, at = [], 0
     while at < len(data):
@@ -305,10 +306,13 @@ def _matlab_counts(path: Path) -> list[tuple[str, int]]:
         found.append((name, rows * columns))
     if at != len(data):
         raise InputError(f"cannot read transform '{path}': the file is cut short")
-    return found
+    if len(found) != 2:  # ITK writes one transform and its fixed parameters
+        return []
+    (kind, parameters), (_, fixed) = found
+    return [(kind, parameters, fixed)]
 
 
-def _text_counts(path: Path) -> list[tuple[str, int | None, int | None]]:
+def _text_sections(path: Path) -> list[tuple[str, int | None, int | None]]:
     """``(type, parameters, fixed parameters)`` of every transform in an ITK text transform
     file (None where its line is missing), composite headers left out."""
     sections: list[dict] = []
@@ -351,16 +355,11 @@ def _expected_counts(kind: str) -> tuple[int, int] | None:
     return None
 
 
-def _require_complete(path: Path, matlab: list[tuple[str, int]] | None) -> None:
-    """Refuse a transform file that holds fewer or more values than its transforms take:
-    ITK's readers take a text file without its ``FixedParameters`` line as the identity, and
-    one with too few or too many parameters as a truncated or padded transform, silently."""
-    if matlab is not None:
-        if len(matlab) != 2:  # ITK writes one transform and its fixed parameters
-            return
-        sections = [(matlab[0][0], matlab[0][1], matlab[1][1])]
-    else:
-        sections = _text_counts(path)
+def _require_complete(path: Path, sections: list[tuple[str, int | None, int | None]]) -> None:
+    """Refuse a transform file whose ``sections`` (:func:`_text_sections`,
+    :func:`_matlab_sections`) hold fewer or more values than their transforms take: ITK's
+    readers take a text file without its ``FixedParameters`` line as the identity, and one
+    with too few or too many parameters as a truncated or padded transform, silently."""
     for kind, parameters, fixed in sections:
         wanted = _expected_counts(kind)
         if wanted and kind.startswith("Euler3DTransform") and fixed == wanted[1] - 1:
