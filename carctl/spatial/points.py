@@ -21,6 +21,7 @@ import torch
 # of a few hundred voxels carry errors of about 3e-5).
 ON_LATTICE = 1e-4
 
+
 def _outer(parts: list[torch.Tensor], op) -> torch.Tensor:
     """``op`` of one row of each axis' ``(2, P)`` pair (lower and upper neighbour) for all
     ``2^D`` corners: ``(2^D, P)``, the last axis varying fastest."""
