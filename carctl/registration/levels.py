@@ -302,6 +302,19 @@ def reduce(
 # Voxels read to report a pointwise loss on a large level (see :meth:`Level.report_index`).
 REPORT_VOXELS = 1 << 15
 
+# Where the fill pulls (the deformable pyramid's coarsest level: see EDGE_PULL_LEVELS in
+# carctl.registration.pipeline), it pulls the points within this many level spacings of the
+# fixed image's own field of view only: there the moving image's field of view ends where the
+# fixed one's does (a short CT cut at the same planes) and the anatomy moved across the edge.
+# A moving image of part of the anatomy (half a brain, a slab) ends inside the fixed one, and
+# there the pull, and the moving support left whole up to the cut, dragged the points beyond
+# the cut into it. On BraTS T2w halves onto a T1n moved by 20 degrees and 20 mm the network's
+# check then read 10-13 mm of motion (about 2.5 mm left to find), discarded its field and
+# lowered the regularisation: 2.56 / 3.06 mm, behind the affine stage's 1.94 / 2.35; now
+# 1.39 / 1.82 (chest CT 0.87 -> 0.89 mm, the other benchmark pairs unchanged; 4 spacings:
+# 1.63 / 1.99).
+PULL_REACH = 2
+
 # Features are computed at this many times the level's resolution, then averaged down.
 OVERSAMPLE = 2
 # ... but on the images' own voxels where those are at most NEAR_OWN finer than that and
@@ -345,11 +358,14 @@ class Level:
     fixed: torch.Tensor  # (1, C, *grid.shape) fixed features
     weight: torch.Tensor | None  # (1, 1, *grid.shape) fixed mask, or None
     moving_grid: Grid
-    moving: torch.Tensor  # (*moving_grid.shape, C + 1): features and support, channels last
+    # (*moving_grid.shape, C + 1): features and support, channels last; where the fill
+    # pulls (pull), C + 2: the support not eroded before the support
+    moving: torch.Tensor
     fill: torch.Tensor | None  # (C,) features where the moving image is absent
     points: torch.Tensor  # (*grid.shape, D) physical points of the working grid
-    # where the moving image is absent, the fill pulls the points (see :meth:`loss`)
-    fill_pulls: bool = False
+    # (voxels, 1): 1 where, reading beyond the moving image, the fill pulls the points (near
+    # the fixed image's own edge, on the deformable pyramid's coarsest level; see :meth:`loss`)
+    pull: torch.Tensor | None = None
 
     @property
     def ndim(self) -> int:
@@ -410,10 +426,11 @@ class Level:
         call: 4 rigid starts read together took half the time of 4 reads).
 
         The weight of a voxel is the fixed mask times the moving support, or the fixed mask
-        alone when the loss compares absent moving voxels with :attr:`fill`. Then, unless
-        :attr:`fill_pulls` (the deformable pyramid's coarsest level), a voxel whose moving
-        support is not whole compares the support-weighted mix of its features and the fill,
-        detached: it adds to the loss but pulls no point. The edge of the moving field of
+        alone when the loss compares absent moving voxels with :attr:`fill`. Then, except
+        where :attr:`pull` says so (the deformable pyramid's coarsest level, near the fixed
+        image's edge), a voxel whose moving support is not whole compares the
+        support-weighted mix of its features and the fill, detached: it adds to the loss but
+        pulls no point. The edge of the moving field of
         view is no feature, and stretching it over the fixed image lowers nothing (it did:
         thick clinical stacks registered both ways disagreed by 1.2-3.8 mm on average,
         1.1-1.5 mm since; see docs/benchmarks.md).
@@ -435,34 +452,39 @@ class Level:
         count = moving_index.shape[0] if moving_index.dim() == 3 else 1
         support = interpolate(self.moving[..., -1:], moving_index.reshape(-1, self.ndim))
         support = support.reshape(count, -1)
-        _, weight, _ = self._reference(index)
+        _, weight, _, _ = self._reference(index)
         if weight is None:
             return support.mean(dim=1)
         weight = weight.reshape(1, -1)
         return (support * weight).sum(dim=1) / weight.sum().clamp_min(1e-8)
 
     def _reference(self, index: torch.Tensor | None) -> tuple:
-        """The fixed features and weight at ``index`` (None: as images)."""
+        """The fixed features, weight and :attr:`pull` at ``index`` (None: as images; the
+        pull one row per voxel)."""
+        pull = self.pull
         if index is None:
-            return self.fixed, self.weight, True
+            return self.fixed, self.weight, pull, True
         c = self.fixed.shape[1]
         rows = self._rows.index_select(0, index).T[None]
-        return rows[:, :c], None if self.weight is None else rows[:, c:], False
+        pull = None if pull is None else pull.index_select(0, index)
+        return rows[:, :c], None if self.weight is None else rows[:, c:], pull, False
 
     def _compare(
         self, function: Callable[..., torch.Tensor], values: torch.Tensor, reference: tuple
     ) -> torch.Tensor:
-        fixed, weight, images = reference
+        fixed, weight, pull, images = reference
         c = fixed.shape[1]
-        features, support = values[:, :-1], values[:, -1:]
-        if self.fill is not None and self.fill_pulls:
-            features = features + (1.0 - support) * self.fill
-        elif self.fill is not None:
+        features, support = values[:, :c], values[:, -1:]
+        if self.fill is not None:
             # where the moving image is (partly) absent its features give way to the fill,
             # a constant that pulls nothing: voxels that read there count in the loss but
             # move no point, so an edge of the moving field of view is never a feature
             mixed = support * features + (1.0 - support) * self.fill
-            features = torch.where(support >= 1.0 - _WHOLE, features, mixed.detach())
+            held = torch.where(support >= 1.0 - _WHOLE, features, mixed.detach())
+            if pull is not None:  # except where the fill pulls: up to the edge, a gradient
+                whole = values[:, c : c + 1]  # the support not eroded (see build_level)
+                held = torch.where(pull > 0, features + (1.0 - whole) * self.fill, held)
+            features = held
         if images:  # back to images, for losses that look at neighbourhoods
             shape = self.grid.shape
             features = features.T.reshape(1, c, *shape)
@@ -526,7 +548,9 @@ def build_level(
     ``reach`` voxels (of the features' grid) of its edge or of its working grid's: their
     features read beyond it. Where the support is incomplete, a loss that ``fills_outside``
     compares the constant :attr:`Level.fill` without a gradient (see :meth:`Level.loss`);
-    the others compare only where it is whole.
+    the others compare only where it is whole. With ``fill_pulls`` the fill pulls the points
+    near the fixed image's own edge (:data:`PULL_REACH`), which read the moving image up to
+    its edge: the support not eroded is kept for them.
 
     The moving working grid's axes are the fixed grid's, turned by the rotation ``frame``
     (physical, fixed -> moving) when given: MIND-SSC compares neighbours along the grid's
@@ -576,13 +600,15 @@ def build_level(
     m_features = features(band_limited(moving, moving_grid, m_fine))
     m_features, m_grid = pool(m_features, m_fine, m_factors)
     fill_pulls = fills_outside and fill_pulls
-    if reach and not fill_pulls:
+    whole = inside(moving_grid, m_grid).to(device)
+    support = whole
+    if reach:
         support, _ = pool(interior(moving_grid, m_fine, reach).to(device), m_fine, m_factors)
-    else:
-        support = inside(moving_grid, m_grid).to(device)
     if moving_mask is not None:
         mask, _ = pool(band_limited(moving_mask > 0, moving_grid, m_fine), m_fine, m_factors)
-        support = support * mask
+        support, whole = support * mask, whole * mask
+    # where the fill pulls, the points read the moving image up to its edge (uneroded)
+    supports = [whole, support] if fill_pulls and reach else [support]
     weight = None
     if reach:
         # the fixed image's own edge: its descriptors there read beyond it too
@@ -595,7 +621,11 @@ def build_level(
     fill = None
     if fills_outside:
         fill = m_features.mean(dim=tuple(range(2, m_features.dim())))[0]
-    table = torch.cat([m_features, support], dim=1)[0].movedim(0, -1).contiguous()
+    pull = None
+    if fill_pulls:
+        reach = PULL_REACH * float(np.max(grid.spacing))
+        pull = (edge_distance(fixed_grid, grid) <= reach).reshape(-1, 1).to(device, torch.float32)
+    table = torch.cat([m_features, *supports], dim=1)[0].movedim(0, -1).contiguous()
     return Level(
         grid=grid,
         fixed=f_features,
@@ -604,8 +634,20 @@ def build_level(
         moving=table,
         fill=fill,
         points=grid.points(dtype=torch.float32, device=device),
-        fill_pulls=fill_pulls,
+        pull=pull,
     )
+
+
+def edge_distance(image: Grid, grid: Grid) -> torch.Tensor:
+    """The distance (mm) from each point of ``grid`` to the nearest face of ``image``'s field
+    of view (its first and last voxels' planes; axes of one voxel have none): ``grid.shape``,
+    inf where ``image`` has no face."""
+    index = grid.map_indices(image.physical_to_index @ grid.index_to_physical, torch.float64)
+    size = torch.as_tensor(image.size, dtype=torch.float64)
+    spacing = torch.as_tensor(image.spacing, dtype=torch.float64)
+    to_face = torch.minimum(index, size - 1 - index).abs() * spacing
+    to_face = torch.where(size > 1, to_face, torch.full_like(to_face, float("inf")))
+    return to_face.amin(dim=-1)
 
 
 def eroded(weight: torch.Tensor, reach: int, beyond: float = 0.0) -> torch.Tensor:

@@ -20,6 +20,9 @@ import torch
 # A point within this many voxels of a whole index lies on the lattice plane (float32 indices
 # of a few hundred voxels carry errors of about 3e-5).
 ON_LATTICE = 1e-4
+# ... and where more than one point in this many lies on the lattice along an axis, it is no
+# chance (two images' voxels lined up): then the derivatives take both sides there.
+ON_LATTICE_SHARE = 100
 
 
 def _outer(parts: list[torch.Tensor], op) -> torch.Tensor:
@@ -130,13 +133,12 @@ def _mean_of_both_sides(
     the cells below and above it (in place): the other cell's is read half a voxel away."""
     whole = index.round()
     on = (index - whole).abs() < ON_LATTICE
-    if not bool(on.any()):
-        return
+    counts = on.sum(0).tolist()
     shape = tuple(table.shape[:-1])
     for axis in range(index.shape[1]):
+        if counts[axis] * ON_LATTICE_SHARE < index.shape[0] or counts[axis] == 0:
+            continue  # a few points by chance: their one-sided derivatives are noise
         rows = on[:, axis].nonzero()[:, 0]
-        if rows.numel() == 0:
-            continue
         other = index.index_select(0, rows)
         here = other[:, axis]
         # floor() put a point at or just above the plane in the cell above it, else below

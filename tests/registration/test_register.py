@@ -105,6 +105,11 @@ def test_interpolate_gradient_on_the_lattice_does_not_follow_the_storage_order()
     on = gradient(table, torch.tensor([[2.0, 3.0, 1.0]], dtype=torch.float64))[0, 0]
     values = table[1, 3] @ weights  # along i at j = 3, k = 1
     torch.testing.assert_close(on, (values[3] - values[1]) / 2)
+    # a point on the lattice by chance among many off it keeps its one-sided derivative:
+    # the mean of both sides costs a second read, paid where voxels line up (ON_LATTICE_SHARE)
+    many = torch.cat([torch.tensor([[2.0, 3.0, 1.0]]), torch.rand(300, 3) * 4 + 0.5]).double()
+    right = (table[1, 3, 3] - table[1, 3, 2]) @ weights  # the cell above along i
+    torch.testing.assert_close(gradient(table, many)[0, 0], right)
     # off the lattice, the derivative of the cell the point is in, as before
     off = gradient(table, index[4:])
     assert torch.autograd.gradcheck(interpolate, (table, index[4:].requires_grad_(True)))
@@ -435,7 +440,8 @@ def test_points_beyond_the_moving_image_pull_only_on_a_pulling_level(fill_pulls)
     moving image. On the levels that do not let it pull, those points add to the loss but get
     no gradient (the edge of the moving field of view is no feature there), and the moving
     support is eroded by the descriptors' reach; on a pulling level (the pyramid's coarsest)
-    they move as before."""
+    they move as before (these fixed voxels lie near the fixed image's edge, where it pulls),
+    reading the moving image up to its edge."""
     from carctl.losses import similarity
 
     image = blobs()
@@ -453,10 +459,13 @@ def test_points_beyond_the_moving_image_pull_only_on_a_pulling_level(fill_pulls)
         reach=2,
         fill_pulls=fill_pulls,
     )
-    assert level.fill_pulls == fill_pulls
+    assert (level.pull is not None) == fill_pulls
     support = level.moving[..., -1]
     edge = support[0, 0, 0]  # a corner of the moving level grid: on the image's edge
-    assert (float(edge) < 1.0) != fill_pulls  # eroded unless the level pulls
+    assert float(edge) < 1.0  # eroded, and kept whole beside it where the level pulls
+    assert level.moving.shape[-1] == level.fixed.shape[1] + 1 + fill_pulls
+    if fill_pulls:
+        assert float(level.moving[0, 0, 0, -2]) == 1.0
     d = level.ndim
     # on the edge and within the descriptors' reach of it (moving level indices, x first)
     beyond = torch.tensor([[-0.5, 5.0, 5.0], [0.5, 5.0, 5.0], [0.75, 6.0, 4.5]], requires_grad=True)
@@ -469,13 +478,55 @@ def test_points_beyond_the_moving_image_pull_only_on_a_pulling_level(fill_pulls)
         assert (float(gradient.abs().sum()) > 0) == pulled, (points, gradient)
 
 
+def test_the_fill_pulls_only_near_the_fixed_image_s_own_edge():
+    """On the pulling level, a point that reads beyond the moving image pulls where the fixed
+    image's own field of view ends nearby (a short CT cut at the same planes), not where
+    the moving image ends inside the fixed one (half a brain: there the pull dragged the
+    points beyond the cut into it, and the deformable stage ended behind the affine)."""
+    from carctl.losses import similarity
+
+    image = blobs(size=(40, 28, 28))
+    norm = levels.normalise(image.array)
+    g = image.grid
+    half = Grid((20, *g.size[1:]), g.spacing, g.origin, g.direction)  # cut along x at 20
+    level = levels.build_level(
+        norm,
+        g,
+        np.ascontiguousarray(norm[:, :, :20]),
+        half,
+        2.5,
+        similarity.mind_ssc,
+        levels.foreground_box(norm, None),
+        fills_outside=True,
+        reach=2,
+        fill_pulls=True,
+    )
+    distance = levels.edge_distance(g, level.grid)
+    pulls = level.pull.reshape(level.grid.shape) > 0
+    reach = levels.PULL_REACH * max(level.grid.spacing)
+    assert torch.equal(pulls, distance <= reach) and pulls.any() and not pulls.all()
+    # fixed voxels whose points read just beyond the moving image's cut (along x): a few
+    # near the fixed image's edge (y), a few in its middle
+    nz, ny, nx = level.grid.shape
+    i = torch.arange(nx // 2 - 1, nx // 2 + 2)
+    for j, expected in ((0, True), (ny // 2, False)):
+        flat = (nz // 2 * ny + j) * nx + i
+        assert bool(pulls.reshape(-1)[flat].all()) == expected
+        at = level.moving_grid.to_index(level.points.reshape(-1, 3)[flat].double()).float()
+        at[:, 0] = level.moving_grid.size[0] - 0.5
+        at.requires_grad_(True)
+        loss = level.loss(similarity.mind_loss, at, flat)
+        (gradient,) = torch.autograd.grad(loss, at)
+        assert (float(gradient.abs().sum()) > 0) == expected
+
+
 def test_only_the_coarsest_deformable_level_lets_the_fill_pull(monkeypatch, phantom):
     built = {}
     real = pipeline.build_level
 
     def recording(*args, **options):
         level = real(*args, **options)
-        built.setdefault(level.fill is not None, []).append((args[4], level.fill_pulls))
+        built.setdefault(level.fill is not None, []).append((args[4], level.pull is not None))
         return level
 
     monkeypatch.setattr(pipeline, "build_level", recording)
