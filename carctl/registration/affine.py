@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from carctl.registration.adam import Adam
-from carctl.registration.levels import Level
+from carctl.registration.levels import Level, Sample
 
 Progress = Callable[[int], None]
 
@@ -67,32 +67,30 @@ class AffineParameters(nn.Module):
 
 
 def mapped(
-    level: Level, homogeneous: torch.Tensor, index: torch.Tensor | None = None
+    level: Level, homogeneous: torch.Tensor, index: torch.Tensor | Sample | None = None
 ) -> torch.Tensor:
-    """Continuous indices in the moving level grid of the working grid's voxels (all, or the
-    flattened ``index``) under an affine (physical ``(D+1, D+1)`` matrix, or ``(K, D+1, D+1)``
-    for K of them: ``(K, P, D)``)."""
+    """Continuous indices in the moving level grid of the working grid's voxels (all, the
+    flattened ``index``, or a sample's points) under an affine (physical ``(D+1, D+1)``
+    matrix, or ``(K, D+1, D+1)`` for K of them: ``(K, P, D)``)."""
     to_index = torch.as_tensor(level.moving_grid.physical_to_index, device=homogeneous.device)
     # the parameters live on the CPU (float64), the level on its device (a GPU's, or the CPU)
     total = (to_index @ homogeneous).to(level.points)
     d = level.ndim
-    points = level.points.reshape(-1, d)
-    points = points if index is None else points.index_select(0, index)
-    return points @ total[..., :d, :d].mT + total[..., None, :d, d]
+    return level.points_of(index) @ total[..., :d, :d].mT + total[..., None, :d, d]
 
 
 def level_loss(
     level: Level,
     homogeneous: torch.Tensor,
     function: Callable[..., torch.Tensor],
-    index: torch.Tensor | None = None,
+    index: torch.Tensor | Sample | None = None,
 ) -> torch.Tensor:
     """The loss under one affine ``(D+1, D+1)``, or under each of ``(K, D+1, D+1)``: ``(K,)``."""
     return level.loss(function, mapped(level, homogeneous, index), index)
 
 
 def level_overlap(
-    level: Level, homogeneous: torch.Tensor, index: torch.Tensor | None = None
+    level: Level, homogeneous: torch.Tensor, index: torch.Tensor | Sample | None = None
 ) -> torch.Tensor:
     """:meth:`Level.overlap` under one affine, or under each of ``(K, D+1, D+1)``: ``(K,)``."""
     return level.overlap(mapped(level, homogeneous, index), index)
@@ -107,14 +105,16 @@ def optimise(
     progress: Progress | None = None,
     budget: int | None = None,
     generator: torch.Generator | None = None,
+    between: bool = False,
 ) -> tuple[float, float] | list[tuple[float, float]]:
     """Adam on ``params`` at one level; returns the loss before and after.
 
     Step sizes follow the level: translations move about a fifth of a voxel per step, and
     rotations and linear terms move points at ``radius`` mm from the centre as much. Above
-    ``budget`` voxels, each step reads a fresh random subset of that many. A list of
-    parameters (starts to refine) is optimised side by side, each on its own loss, every
-    step reading the same voxels for all; the losses come back as a list.
+    ``budget`` voxels, each step reads a fresh random subset of that many; with ``between``
+    each voxel somewhere in its cell (:meth:`Level.sample`; ``budget`` None: every voxel, at
+    the voxels). A list of parameters (starts to refine) is optimised side by side, each on
+    its own loss, every step reading the same voxels for all; the losses come back as a list.
     """
     many = isinstance(params, list)
     members = params if many else [params]
@@ -127,7 +127,7 @@ def optimise(
             groups.append((p.linear, 0.5 * step / radius))
     optimiser = Adam([p for p, _ in groups], [lr for _, lr in groups])
 
-    def loss(index: torch.Tensor | None) -> torch.Tensor:
+    def loss(index: torch.Tensor | Sample | None) -> torch.Tensor:
         if not many:
             return level_loss(level, params.homogeneous(), function, index)
         return level_loss(level, torch.stack([p.homogeneous() for p in members]), function, index)
@@ -138,7 +138,10 @@ def optimise(
     for i in range(iterations):
         decay = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * i / max(iterations, 1)))
         optimiser.zero_grad()
-        index = level.sample_index(budget, generator)
+        if between:
+            index = level.sample(budget, generator)
+        else:
+            index = level.sample_index(budget, generator)
         loss(index).sum().backward()  # the members' losses share no parameter
         optimiser.step(decay)
         if progress is not None:

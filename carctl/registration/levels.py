@@ -302,6 +302,17 @@ def reduce(
 # Voxels read to report a pointwise loss on a large level (see :meth:`Level.report_index`).
 REPORT_VOXELS = 1 << 15
 
+
+@dataclass(frozen=True)
+class Sample:
+    """The voxels one stochastic step reads (see :meth:`Level.sample`): ``index`` into the
+    flattened working grid (sorted) and ``at``, the continuous grid indices ``(P, D)``
+    (components ``(i, j, k)``) where each is read, its voxel moved by up to half a voxel."""
+
+    index: torch.Tensor
+    at: torch.Tensor
+
+
 # Where the fill pulls (the deformable pyramid's coarsest level: see EDGE_PULL_LEVELS in
 # carctl.registration.pipeline), it pulls the points within this many level spacings of the
 # fixed image's own field of view only: there the moving image's field of view ends where the
@@ -402,6 +413,60 @@ class Level:
         where.add_(torch.arange(budget, dtype=torch.float64)).mul_(self.voxels / budget)
         return where.long().clamp_(max=self.voxels - 1).to(self.points.device)
 
+    def sample(self, budget: int | None, generator: torch.Generator) -> Sample | None:
+        """The voxels of :meth:`sample_index` (every voxel when the level has no more than
+        ``budget``; None for losses that read images, ``budget`` None), each read at a random
+        point of its own cell: a random offset of up to half a voxel along each axis (at the
+        grid's edge, mirrored back in), the fixed features interpolated there too.
+
+        Reading the fixed features at their voxels only makes a linear interpolation
+        artefact: moving features read between voxels are blurred, and a blurred MIND
+        descriptor lies closer to any other, so where the two images' voxels line up (one
+        grid: a T1 and a T2 of one session) the loss is highest with the images aligned and
+        the stages moved them up to half a level voxel apart (the affine stage the aligned
+        BraTS contrasts by 0.8-1.1 mm; see docs/benchmarks.md). Read between voxels alike,
+        each image is blurred alike wherever the other lies. (Twice the reads: the linear
+        stages' last level only; see carctl.registration.pipeline.)"""
+        if budget is None:
+            return None
+        index = self.sample_index(budget, generator)
+        if index is None:
+            index = torch.arange(self.voxels, device=self.points.device)
+        cell = torch.rand(index.shape[0], self.ndim, generator=generator, dtype=torch.float64)
+        voxel = self._voxel_indices(index)
+        at = voxel + cell.to(self.points).sub_(0.5)
+        # beyond the grid's edge the offset is mirrored back in (clamped, those points would
+        # lie on the lattice, see carctl.spatial.points)
+        outside = (at < 0) | (at > self._last_voxel)
+        return Sample(index, torch.where(outside, 2 * voxel - at, at))
+
+    @functools.cached_property
+    def _last_voxel(self) -> torch.Tensor:
+        return torch.as_tensor([n - 1 for n in self.grid.size]).to(self.points)
+
+    @functools.cached_property
+    def _strides(self) -> torch.Tensor:  # of (i, j, k) in the flattened grid
+        return torch.as_tensor(np.cumprod([1, *self.grid.size[:-1]]), device=self.points.device)
+
+    def _voxel_indices(self, index: torch.Tensor) -> torch.Tensor:
+        """Whole grid indices ``(P, D)`` (components ``(i, j, k)``) of flat voxel numbers."""
+        size = torch.as_tensor(self.grid.size, device=index.device)
+        return (index[:, None] // self._strides % size).to(self.points)
+
+    @functools.cached_property
+    def _index_to_physical(self) -> tuple[torch.Tensor, torch.Tensor]:
+        matrix = torch.as_tensor(self.grid.index_to_physical).to(self.points)
+        return matrix[: self.ndim, : self.ndim], matrix[: self.ndim, self.ndim]
+
+    def points_of(self, index: torch.Tensor | Sample | None) -> torch.Tensor:
+        """Physical points ``(P, D)`` where a step reads: every voxel (None), the voxels
+        ``index``, or a :class:`Sample`'s points."""
+        if isinstance(index, Sample):
+            linear, offset = self._index_to_physical
+            return index.at @ linear.T + offset
+        points = self.points.reshape(-1, self.ndim)
+        return points if index is None else points.index_select(0, index)
+
     def report_index(self, budget: int | None) -> torch.Tensor | None:
         """The voxels on which losses are *reported* (before and after an optimisation, the
         stages' summaries): every voxel for losses that need neighbourhoods (``budget``
@@ -416,12 +481,13 @@ class Level:
         self,
         function: Callable[..., torch.Tensor],
         moving_index: torch.Tensor,
-        index: torch.Tensor | None = None,
+        index: torch.Tensor | Sample | None = None,
     ) -> torch.Tensor:
         """``function(fixed, moving, weight)`` with the moving features read at continuous
         indices of the moving level grid: ``moving_index`` is ``(voxels, D)`` for every voxel
         of the working grid (``index`` None) or ``(P, D)`` for the voxels ``index`` of the
-        flattened working grid; ``(K, voxels | P, D)`` for K mappings at once gives ``(K,)``
+        flattened working grid (or the points of a :class:`Sample`, where the fixed features
+        are interpolated); ``(K, voxels | P, D)`` for K mappings at once gives ``(K,)``
         losses, their moving features read in one call (a small step's cost is mostly per
         call: 4 rigid starts read together took half the time of 4 reads).
 
@@ -443,7 +509,7 @@ class Level:
         return torch.stack([self._compare(function, v, reference) for v in parts])
 
     def overlap(
-        self, moving_index: torch.Tensor, index: torch.Tensor | None = None
+        self, moving_index: torch.Tensor, index: torch.Tensor | Sample | None = None
     ) -> torch.Tensor:
         """The share of the fixed voxels (``index``, or all; weighted by the fixed mask) at
         which the moving image is present, for the mapping(s) ``moving_index`` as in
@@ -458,15 +524,21 @@ class Level:
         weight = weight.reshape(1, -1)
         return (support * weight).sum(dim=1) / weight.sum().clamp_min(1e-8)
 
-    def _reference(self, index: torch.Tensor | None) -> tuple:
+    def _reference(self, index: torch.Tensor | Sample | None) -> tuple:
         """The fixed features, weight and :attr:`pull` at ``index`` (None: as images; the
-        pull one row per voxel)."""
+        pull one row per voxel; a :class:`Sample`'s features and weight interpolated at its
+        points, the pull of their voxels)."""
         pull = self.pull
         if index is None:
             return self.fixed, self.weight, pull, True
         c = self.fixed.shape[1]
-        rows = self._rows.index_select(0, index).T[None]
-        pull = None if pull is None else pull.index_select(0, index)
+        voxels = index.index if isinstance(index, Sample) else index
+        if isinstance(index, Sample):
+            table = self._rows.reshape(*self.grid.shape, -1)
+            rows = interpolate(table, index.at).T[None]
+        else:
+            rows = self._rows.index_select(0, index).T[None]
+        pull = None if pull is None else pull.index_select(0, voxels)
         return rows[:, :c], None if self.weight is None else rows[:, c:], pull, False
 
     def _compare(

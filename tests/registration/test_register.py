@@ -933,6 +933,18 @@ def test_good_header_is_kept(phantom):
     assert mean_error(result.field, np.eye(4), fixed.array > 0) < 0.5
 
 
+def test_aligned_contrasts_on_one_grid_stay_aligned(phantom):
+    """Two contrasts on one grid, already aligned: the rigid stage keeps them within a few
+    hundredths of a millimetre (2.5 mm voxels). It moved them 0.09 mm (up to 0.14 mm with
+    other textures; the affine stage of the aligned BraTS contrasts 0.8-1.1 mm) while the
+    fixed features were read at their voxels only: moving features read between voxels
+    are blurred, and a blurred descriptor lies closer to any other (see Level.sample)."""
+    fixed = contrast(phantom)
+    for moving, onto in ((phantom, fixed), (fixed, phantom)):
+        result = register(moving, onto, RegistrationOptions(method="rigid"))
+        assert mean_error(result.field, np.eye(4), onto.array > 0) < 0.05
+
+
 def test_deformable_recovers_known_deformation(phantom):
     pair = known_pair(
         contrast(phantom),
