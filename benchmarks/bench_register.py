@@ -620,6 +620,50 @@ def thick_pairs(data: Path, seed: int, first: int, scale: float = 1.0) -> list[P
     ]
 
 
+def half_pairs(data: Path, seed: int, first: int, scale: float = 1.0) -> list[PairSpec]:
+    """A moving image of part of the fixed one's anatomy: the upper (``half-top``) or lower
+    (``half-bottom``) half of the BraTS T2w onto the T1n turned by 20 degrees, moved by 20 mm
+    and deformed by 3 mm RMS. The end-point error counts the brain where the truth lands
+    inside the half (the rest has no answer)."""
+
+    def spec(index: int, name: str, upper: bool) -> PairSpec:
+        def build(work: Path) -> Pair:
+            import torch
+
+            from carctl.io import Image, read_image, write_image
+            from carctl.spatial.grid import Grid
+            from carctl.synthetic import known_pair
+
+            a_image = read_image(brats_contrast(data, "t1n"))
+            b_image = read_image(brats_contrast(data, "t2w"))
+            made = known_pair(
+                a_image,
+                b_image,
+                a_image.array > 0,
+                rms_mm=3.0 * scale,
+                degrees=20.0 * scale,
+                translation_mm=20.0 * scale,
+                seed=seed + index,
+            )
+            g = b_image.grid
+            half = g.size[2] // 2
+            low, high = (half, g.size[2]) if upper else (0, half)
+            origin = g.index_to_physical @ np.array([0.0, 0.0, low, 1.0])
+            grid = Grid((*g.size[:2], high - low), g.spacing, tuple(origin[:3]), g.direction)
+            moving = Image(np.ascontiguousarray(b_image.array[low:high]), grid)
+            truth = made.truth
+            landed = grid.to_index(truth.grid.points() + truth.data.double().movedim(0, -1))
+            inside = ((landed >= 0) & (landed <= torch.tensor(grid.size) - 1)).all(dim=-1)
+            write_image(made.fixed, work / "fixed.nii.gz")
+            write_image(moving, work / "moving.nii.gz")
+            mask = made.mask & inside.numpy()
+            return Pair(name, work / "moving.nii.gz", work / "fixed.nii.gz", {}, {}, truth, mask)
+
+        return PairSpec(name, build)
+
+    return [spec(first, "half-top", True), spec(first + 1, "half-bottom", False)]
+
+
 def all_pairs(data: Path, seed: int, scale: float = 1.0) -> list[PairSpec]:
     known = known_pairs(data, seed, scale)
     return [
@@ -630,6 +674,7 @@ def all_pairs(data: Path, seed: int, scale: float = 1.0) -> list[PairSpec]:
         chest_ct_pair(data, seed, len(known), scale, padded=True),
         *prostate_pairs(data),
         *thick_pairs(data, seed, len(known) + 1, scale),
+        *half_pairs(data, seed, len(known) + 3, scale),
     ]
 
 

@@ -169,3 +169,24 @@ def test_large_ct_error_is_zero_for_the_true_motion_and_its_size_for_none(tmp_pa
     sitk.WriteImage(zero, str(tmp_path / "zero.nii"))
     error = large.end_point_error(tmp_path / "zero.nii", tmp_path / "fixed.nii.gz", motion)
     assert 0.5 < error < 1.0
+
+
+def test_half_pairs_cut_the_moving_image_in_place_and_score_where_it_answers(
+    bench, shared_data, tmp_path
+):
+    """``half-top``/``half-bottom``: half of the T2w, each voxel where it was in the whole
+    image; the error is counted where the truth lands inside the half only."""
+    from carctl.io import read_image
+
+    whole = read_image(shared_data / "brats-gli-00001" / "BraTS-GLI-00001-000-t2w.nii.gz")
+    spec = bench.half_pairs(shared_data, seed=0, first=9)[0]  # the upper half
+    assert spec.name == "half-top"
+    pair = spec.build(tmp_path)
+    moving = read_image(pair.moving)
+    low = whole.grid.size[2] // 2
+    assert moving.grid.size == (*whole.grid.size[:2], whole.grid.size[2] - low)
+    corner = moving.grid.index_to_physical @ [3.0, 5.0, 2.0, 1.0]
+    np.testing.assert_allclose(corner, whole.grid.index_to_physical @ [3, 5, 2 + low, 1])
+    np.testing.assert_array_equal(moving.array, whole.array[low:])
+    brain = read_image(pair.fixed).array > 0
+    assert 0.2 < pair.mask.sum() / brain.sum() < 0.8  # half of the brain, give or take
