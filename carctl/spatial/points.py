@@ -7,10 +7,12 @@ differentiates with respect to both the table and the indices. It replaces
 vectorised gathers. Points outside the table read zero (each of the ``2^D`` neighbours
 outside contributes zero, like ``grid_sample(padding_mode="zeros", align_corners=True)``).
 
-On a lattice plane (a whole index along an axis) linear interpolation has a kink, and the
-derivative along that axis is the mean of the two sides': a one-sided derivative would follow
-the storage order (the cell above in index order), so an image stored flipped would start an
-optimiser that sits on the lattice (voxels of two images that coincide) the other way.
+On a lattice plane (a whole index along an axis) linear interpolation has a kink; with
+``both_sides`` the derivative along that axis is the mean of the two sides': a one-sided
+derivative follows the storage order (the cell above in index order), so an image stored
+flipped started an optimiser that sits on the lattice (voxels of two images that coincide)
+the other way. (``carctl qa``'s check keeps the one-sided derivative its thresholds were set
+with.)
 """
 
 from __future__ import annotations
@@ -34,10 +36,13 @@ def _outer(parts: list[torch.Tensor], op) -> torch.Tensor:
     return out
 
 
-def _corners(index: torch.Tensor, shape: tuple[int, ...], derivative: bool):
+def _corners(
+    index: torch.Tensor, shape: tuple[int, ...], derivative: bool, inside_edges: bool = False
+):
     """The ``2^D`` neighbours of every point: flat voxel offsets ``(2^D, P)``, weights
     ``(2^D, P)`` (zero for neighbours outside the table) and, with ``derivative``, the
-    weights' derivatives along each index axis ``(D, 2^D, P)``.
+    weights' derivatives along each index axis ``(D, 2^D, P)`` (with ``inside_edges``, on the
+    table's first and last planes those of the cell inside it).
 
     Built one axis at a time on ``(2, P)`` pairs, then combined by outer sums and products.
     The points are the last, contiguous dimension of every array: elementwise operations
@@ -46,6 +51,10 @@ def _corners(index: torch.Tensor, shape: tuple[int, ...], derivative: bool):
     sizes = list(reversed(shape))  # index order (i, j, k)
     points = index.T
     low = points.floor()
+    if derivative and inside_edges:  # on the first or last plane, the cell inside the table
+        last = index.new_tensor(sizes)[:, None] - 1
+        low = torch.where((low == last) & (last > 0) & (points - low < ON_LATTICE), low - 1, low)
+        low = torch.where((low == -1) & (points - low > 1 - ON_LATTICE), low + 1, low)
     frac = points - low
     low = low.long()
     offsets, factors, signs = [], [], []
@@ -93,9 +102,12 @@ class _Interpolate(torch.autograd.Function):
     # Weighted sums over the 2^D corners accumulate one corner at a time (half the time of
     # a product of all corners and a sum, or of batched (1, 2^D) by (2^D, C) matrix products).
     @staticmethod
-    def forward(ctx, table: torch.Tensor, index: torch.Tensor, shape: tuple[int, ...]):
+    def forward(
+        ctx, table: torch.Tensor, index: torch.Tensor, shape: tuple[int, ...], both_sides: bool
+    ):
         need_index = ctx.needs_input_grad[1]
-        flat, weight, slope = _corners(index.to(table.dtype), shape, need_index)
+        flat, weight, slope = _corners(index.to(table.dtype), shape, need_index, both_sides)
+        ctx.both_sides = both_sides
         corners, values = _weighted(table, flat, weight)
         ctx.shape = table.shape
         if need_index:  # d values / d index = sum over corners of corner value x slope
@@ -113,8 +125,9 @@ class _Interpolate(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             corners, slope, table, index = rest
             grad_index = _index_gradient(corners, slope, grad)
-            _mean_of_both_sides(grad_index, table, index.to(table.dtype), grad)
-        return grad_table, grad_index, None
+            if ctx.both_sides:
+                _mean_of_both_sides(grad_index, table, index.to(table.dtype), grad)
+        return grad_table, grad_index, None, None
 
 
 def _index_gradient(corners: torch.Tensor, slope: torch.Tensor, grad: torch.Tensor):
@@ -129,10 +142,12 @@ def _index_gradient(corners: torch.Tensor, slope: torch.Tensor, grad: torch.Tens
 def _mean_of_both_sides(
     grad_index: torch.Tensor, table: torch.Tensor, index: torch.Tensor, grad: torch.Tensor
 ) -> None:
-    """Along each axis, the points on a lattice plane take the mean of the derivatives in
-    the cells below and above it (in place): the other cell's is read half a voxel away."""
+    """Along each axis, the points on a lattice plane inside the table take the mean of the
+    derivatives in the cells below and above it (in place): the other cell's is read half a
+    voxel away. (On its first and last planes the cell inside it counts alone: _corners.)"""
     whole = index.round()
-    on = (index - whole).abs() < ON_LATTICE
+    last = index.new_tensor(list(reversed(table.shape[:-1]))) - 1
+    on = ((index - whole).abs() < ON_LATTICE) & (whole > 0) & (whole < last)
     counts = on.sum(0).tolist()
     shape = tuple(table.shape[:-1])
     for axis in range(index.shape[1]):
@@ -168,10 +183,13 @@ def _check(shape: tuple[int, ...], index: torch.Tensor) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def interpolate(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def interpolate(table: torch.Tensor, index: torch.Tensor, both_sides: bool = False) -> torch.Tensor:
     """``table`` ``(*shape, C)`` (array order ``(Z, Y, X)``) at continuous indices ``(P, D)``
-    (components ``(i, j, k)``), linearly interpolated: ``(P, C)``."""
-    return _Interpolate.apply(table, index, _check(table.shape[:-1], index))
+    (components ``(i, j, k)``), linearly interpolated: ``(P, C)``. With ``both_sides`` the
+    derivative with respect to the indices on a lattice plane is the mean of both sides' (see
+    the module docstring; the registration's levels), on the table's first and last planes
+    the inside cell's."""
+    return _Interpolate.apply(table, index, _check(table.shape[:-1], index), both_sides)
 
 
 def corners(shape: tuple[int, ...], index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

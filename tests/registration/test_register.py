@@ -80,7 +80,8 @@ def test_interpolate_matches_grid_sample_and_has_gradients():
 def test_interpolate_gradient_on_the_lattice_does_not_follow_the_storage_order():
     """On a whole index the derivative is the mean of the cells below and above: the table
     stored flipped (indices mirrored) gives the mirrored gradient. It used the cell above in
-    index order, so a spine T2 stored flipped moved a rigid answer by up to 1.8 mm."""
+    index order, so a spine T2 stored flipped moved a rigid answer by up to 1.8 mm. (With
+    ``both_sides``, as the registration's levels read; qa's check keeps the old derivative.)"""
     torch.manual_seed(0)
     table = torch.randn(5, 6, 7, 3, dtype=torch.float64)
     weights = torch.randn(3, dtype=torch.float64)
@@ -92,7 +93,7 @@ def test_interpolate_gradient_on_the_lattice_does_not_follow_the_storage_order()
 
     def gradient(t: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
         at = at.clone().requires_grad_(True)
-        (interpolate(t, at) @ weights).sum().backward()
+        (interpolate(t, at, both_sides=True) @ weights).sum().backward()
         return at.grad
 
     for axis, dim in ((0, 2), (1, 1), (2, 0)):  # index component i runs along the last dim
@@ -110,9 +111,19 @@ def test_interpolate_gradient_on_the_lattice_does_not_follow_the_storage_order()
     many = torch.cat([torch.tensor([[2.0, 3.0, 1.0]]), torch.rand(300, 3) * 4 + 0.5]).double()
     right = (table[1, 3, 3] - table[1, 3, 2]) @ weights  # the cell above along i
     torch.testing.assert_close(gradient(table, many)[0, 0], right)
+    # on the table's first and last planes, the slope of the cell inside it (beyond, the
+    # table reads zero: the cell there had the image's edge for a slope)
+    edges = torch.tensor([[0.0, 2.5, 1.5], [6.0, 2.5, 1.5], [6 - 1e-7, 2.5, 1.5]]).double()
+    ends = gradient(table, edges)[:, 0]
+    slopes = ((table[1:3, 2:4, 1] - table[1:3, 2:4, 0]) @ weights).mean()  # cell [0, 1]
+    torch.testing.assert_close(ends[0], slopes)
+    slopes = ((table[1:3, 2:4, 6] - table[1:3, 2:4, 5]) @ weights).mean()  # cell [5, 6]
+    torch.testing.assert_close(ends[1:], torch.stack([slopes, slopes]))
     # off the lattice, the derivative of the cell the point is in, as before
     off = gradient(table, index[4:])
-    assert torch.autograd.gradcheck(interpolate, (table, index[4:].requires_grad_(True)))
+    assert torch.autograd.gradcheck(
+        lambda t, i: interpolate(t, i, both_sides=True), (table, index[4:].requires_grad_(True))
+    )
     assert torch.isfinite(off).all()
 
 
