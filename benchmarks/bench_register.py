@@ -571,6 +571,18 @@ def thick_slices(image, factor: int = THICK_FACTOR):
     return Image(array, grid)
 
 
+def brats_known_pair(data: Path, a: str, b: str, rms_mm: float, degrees: float, seed: int):
+    """BraTS contrast ``a`` deformed (``rms_mm``), turned by up to ``degrees`` and moved by as
+    many mm (carctl.synthetic.known_pair), and contrast ``b`` as it is, the moving image."""
+    from carctl.io import read_image
+    from carctl.synthetic import known_pair
+
+    a_image = read_image(brats_contrast(data, a))
+    b_image = read_image(brats_contrast(data, b))
+    mask = a_image.array > 0
+    return known_pair(a_image, b_image, mask, rms_mm, degrees, degrees, seed)
+
+
 def thick_pairs(data: Path, seed: int, first: int, scale: float = 1.0) -> list[PairSpec]:
     """A clinical thick-slice stack against a 1 mm volume, both ways, with a known deformation
     (as :func:`known_pairs`'): ``thick-t2f5-t1n``, the FLAIR in 5 mm axial slices onto the
@@ -579,21 +591,11 @@ def thick_pairs(data: Path, seed: int, first: int, scale: float = 1.0) -> list[P
 
     def spec(index: int, name: str, a: str, b: str, thick_fixed: bool) -> PairSpec:
         def build(work: Path) -> Pair:
-            from carctl.io import Image, read_image, write_image
+            from carctl.io import Image, write_image
             from carctl.spatial.transform import DisplacementField
-            from carctl.synthetic import known_pair
 
-            a_image = read_image(brats_contrast(data, a))
-            b_image = read_image(brats_contrast(data, b))
-            made = known_pair(
-                a_image,
-                b_image,
-                a_image.array > 0,
-                rms_mm=5.0 * scale,
-                degrees=4.0 * scale,
-                translation_mm=4.0 * scale,
-                seed=seed + index,
-            )
+            made = brats_known_pair(data, a, b, 5.0 * scale, 4.0 * scale, seed + index)
+            b_image = made.moving
             truth, mask, fixed, moving = made.truth, made.mask, made.fixed, b_image
             if thick_fixed:
                 fixed = thick_slices(made.fixed)
@@ -630,21 +632,11 @@ def half_pairs(data: Path, seed: int, first: int, scale: float = 1.0) -> list[Pa
         def build(work: Path) -> Pair:
             import torch
 
-            from carctl.io import Image, read_image, write_image
+            from carctl.io import Image, write_image
             from carctl.spatial.grid import Grid
-            from carctl.synthetic import known_pair
 
-            a_image = read_image(brats_contrast(data, "t1n"))
-            b_image = read_image(brats_contrast(data, "t2w"))
-            made = known_pair(
-                a_image,
-                b_image,
-                a_image.array > 0,
-                rms_mm=3.0 * scale,
-                degrees=20.0 * scale,
-                translation_mm=20.0 * scale,
-                seed=seed + index,
-            )
+            made = brats_known_pair(data, "t1n", "t2w", 3.0 * scale, 20.0 * scale, seed + index)
+            b_image = made.moving
             g = b_image.grid
             half = g.size[2] // 2
             low, high = (half, g.size[2]) if upper else (0, half)
