@@ -496,10 +496,9 @@ class Level:
         where :attr:`pull` says so (the deformable pyramid's coarsest level, near the fixed
         image's edge), a voxel whose moving support is not whole compares the
         support-weighted mix of its features and the fill, detached: it adds to the loss but
-        pulls no point. The edge of the moving field of
-        view is no feature, and stretching it over the fixed image lowers nothing (it did:
-        thick clinical stacks registered both ways disagreed by 1.2-3.8 mm on average,
-        1.1-1.5 mm since; see docs/benchmarks.md).
+        pulls no point. The edge of the moving field of view is no feature, and stretching
+        it over the fixed image lowers nothing (it did: thick clinical stacks registered both
+        ways disagreed by 1.2-3.8 mm on average, 1.1-1.5 mm since; see docs/benchmarks.md).
         """
         values = interpolate(self.moving, moving_index.reshape(-1, self.ndim), both_sides=True)
         reference = self._reference(index)
@@ -695,8 +694,8 @@ def build_level(
         fill = m_features.mean(dim=tuple(range(2, m_features.dim())))[0]
     pull = None
     if fill_pulls:
-        reach = PULL_REACH * float(np.max(grid.spacing))
-        pull = (edge_distance(fixed_grid, grid) <= reach).reshape(-1, 1).to(device, torch.float32)
+        band = PULL_REACH * float(np.max(grid.spacing))  # mm
+        pull = (edge_distance(fixed_grid, grid) <= band).reshape(-1, 1).to(device, torch.float32)
     table = torch.cat([m_features, *supports], dim=1)[0].movedim(0, -1).contiguous()
     return Level(
         grid=grid,
