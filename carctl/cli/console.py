@@ -50,11 +50,8 @@ def run_guarded(fn: Callable[[], Any]) -> int:
         fn()
     except SystemExit as done:
         code = done.code
-        if code == INTERRUPTED and _state.get("terminated"):  # typer made SIGTERM this exit
-            _print_error("terminated")
-            return TERMINATED
-        if code == INTERRUPTED:  # typer turns Ctrl-C into this exit, silently
-            _print_error("interrupted")
+        if code == INTERRUPTED:  # typer turns Ctrl-C (and SIGTERM, see below) into this exit
+            return _stopped()
         return code if isinstance(code, int) else (0 if code is None else 1)
     except CarctlError as error:
         if is_debug():
@@ -62,26 +59,30 @@ def run_guarded(fn: Callable[[], Any]) -> int:
         _print_error(str(error))
         return error.exit_code
     except KeyboardInterrupt:
-        if _state.get("terminated"):
-            _print_error("terminated")
-            return TERMINATED
-        _print_error("interrupted")
-        return INTERRUPTED
-    except Exception as error:  # a bug: keep it short unless asked
-        memory = out_of_memory(error)
-        if memory:
-            if is_debug():
-                traceback.print_exc()
-            _print_error(memory)
-            return 1
+        return _stopped()
+    except Exception as error:  # a bug (or no memory left): keep it short unless asked
         if is_debug():
             traceback.print_exc()
+        memory = out_of_memory(error)
+        if memory:
+            _print_error(memory)
+            return 1
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
         _print_error(
             f"internal error: {type(error).__name__}: {message} (run with --debug for details)"
         )
         return INTERNAL_ERROR
     return 0
+
+
+def _stopped() -> int:
+    """Say why the run stopped (Ctrl-C, or SIGTERM: :func:`terminate_as_interrupt`); its
+    exit status."""
+    if _state.get("terminated"):
+        _print_error("terminated")
+        return TERMINATED
+    _print_error("interrupted")
+    return INTERRUPTED
 
 
 def terminate_as_interrupt() -> None:

@@ -330,10 +330,11 @@ def _text_sections(path: Path) -> list[tuple[str, int | None, int | None]]:
     ]
 
 
-def _expected_counts(kind: str) -> tuple[int, int] | None:
+def _expected_counts(kind: str) -> list[tuple[int, int]] | None:
     """The parameters and fixed parameters that an ITK transform type
     (``AffineTransform_double_3_3``) takes: those of a new one of that type (None for a type
-    SimpleITK does not name)."""
+    SimpleITK does not name), and for Euler3D also the centre alone as fixed parameters, as
+    ITK wrote it before its ZYX flag."""
     sitk = load_sitk()
     base, *rest = kind.split("_")
     try:
@@ -341,7 +342,7 @@ def _expected_counts(kind: str) -> tuple[int, int] | None:
     except (IndexError, ValueError):
         return None
     if base in ("AffineTransform", "MatrixOffsetTransformBase"):
-        return d * d + d, d
+        return [(d * d + d, d)]
     make = getattr(sitk, base, None)
     if make is None or base == "CompositeTransform":
         return None
@@ -351,7 +352,9 @@ def _expected_counts(kind: str) -> tuple[int, int] | None:
         except (TypeError, RuntimeError, NotImplementedError):
             continue
         if fresh.GetDimension() == d:
-            return fresh.GetNumberOfParameters(), fresh.GetNumberOfFixedParameters()
+            counts = (fresh.GetNumberOfParameters(), fresh.GetNumberOfFixedParameters())
+            older = [(counts[0], counts[1] - 1)] if base == "Euler3DTransform" else []
+            return [counts, *older]
     return None
 
 
@@ -362,14 +365,12 @@ def _require_complete(path: Path, sections: list[tuple[str, int | None, int | No
     with too few or too many parameters as a truncated or padded transform, silently."""
     for kind, parameters, fixed in sections:
         wanted = _expected_counts(kind)
-        if wanted and kind.startswith("Euler3DTransform") and fixed == wanted[1] - 1:
-            wanted = (wanted[0], fixed)  # the centre alone: ITK's files before its ZYX flag
-        if parameters is None or fixed is None or (wanted and (parameters, fixed) != wanted):
+        if parameters is None or fixed is None or (wanted and (parameters, fixed) not in wanted):
             holds = ", ".join(
                 f"{'no' if n is None else n} {what}"
                 for n, what in ((parameters, "parameters"), (fixed, "fixed parameters"))
             )
-            takes = f"; a {kind} takes {wanted[0]} and {wanted[1]}" if wanted else ""
+            takes = f"; a {kind} takes {wanted[0][0]} and {wanted[0][1]}" if wanted else ""
             raise InputError(
                 f"cannot read transform '{path}': it is incomplete or malformed (it holds "
                 f"{holds}{takes})"
