@@ -448,3 +448,63 @@ def test_a_network_field_with_a_large_motion_of_its_own_skips_the_check(monkeypa
     )
     assert "network_check_iterations" not in detail and checks == [False]
     assert detail["levels_mm"] == pipeline._schedule(grid, options)["deformable"]
+
+
+class _Totals:
+    """A progress that records each stage's announced step count."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, int] = {}
+
+    def start(self, stage: str, total: int) -> None:
+        self.totals[stage] = total
+
+    def advance(self, steps: int = 1) -> None:
+        pass
+
+
+def test_linear_stages_run_shorter_where_the_network_follows(monkeypatch):
+    """The rigid and affine stages stop earlier (NETWORK_*_ITERATIONS) when the network runs
+    after them (``net``; ``auto`` but on a thick moving stack, whose network ``auto`` skips),
+    and run their whole count where their answer is final or the deformable stage starts from
+    it alone (``affine``, ``io``, ``auto`` on a thick stack)."""
+
+    def header_start(state, progress):  # no search: the stages after it are the subject
+        state.affine = np.eye(4)
+        return pipeline.StageReport("initialise", 0.0)
+
+    skipped = pipeline.StageReport("network", 0.0, detail={"skipped": "test"})
+    monkeypatch.setitem(pipeline.STAGES, "initialise", header_start)
+    monkeypatch.setitem(pipeline.STAGES, "network", lambda state, progress: skipped)
+    monkeypatch.setitem(
+        pipeline.STAGES, "deformable", lambda state, progress: pipeline.StageReport("d", 0.0)
+    )
+    image = blobs()
+    thick_grid = Grid((28, 28, 7), (2.5, 2.5, 10.0), image.grid.origin, image.grid.direction)
+    thick = Image(contrast(image).array[::4], thick_grid)
+    per_level = {}
+    for method, moving in (
+        ("net", contrast(image)),
+        ("auto", contrast(image)),
+        ("io", contrast(image)),
+        ("affine", contrast(image)),
+        ("auto-thick", thick),
+    ):
+        progress = _Totals()
+        options = RegistrationOptions(method=method.split("-")[0])
+        register(moving, image, options, progress=progress)
+        levels = pipeline._schedule(image.grid, options)
+        per_level[method] = (
+            progress.totals["rigid"] // len(levels["rigid"]),
+            progress.totals["affine"] // len(levels["affine"]),
+        )
+    short = (pipeline.NETWORK_RIGID_ITERATIONS, pipeline.NETWORK_AFFINE_ITERATIONS)
+    whole = (pipeline.RIGID_ITERATIONS, pipeline.AFFINE_ITERATIONS)
+    assert short[0] < whole[0] and short[1] < whole[1]
+    assert per_level == {
+        "net": short,
+        "auto": short,
+        "io": whole,
+        "affine": whole,
+        "auto-thick": whole,
+    }
