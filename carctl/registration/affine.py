@@ -84,9 +84,11 @@ def level_loss(
     homogeneous: torch.Tensor,
     function: Callable[..., torch.Tensor],
     index: torch.Tensor | Sample | None = None,
-) -> torch.Tensor:
-    """The loss under one affine ``(D+1, D+1)``, or under each of ``(K, D+1, D+1)``: ``(K,)``."""
-    return level.loss(function, mapped(level, homogeneous, index), index)
+    overlap: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The loss under one affine ``(D+1, D+1)``, or under each of ``(K, D+1, D+1)``: ``(K,)``
+    (with ``overlap``, and :func:`level_overlap`'s, from one reading)."""
+    return level.loss(function, mapped(level, homogeneous, index), index, overlap)
 
 
 def level_overlap(

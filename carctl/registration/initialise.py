@@ -198,8 +198,9 @@ def initialise(
         for group in range(0, len(starts), SCORED_TOGETHER):
             matrices = np.stack([s.matrix for s in starts[group : group + SCORED_TOGETHER]])
             matrices = torch.as_tensor(matrices)
-            scores += level_loss(level, matrices, function, index).tolist()
-            overlaps += level_overlap(level, matrices, index).tolist()
+            score, overlap = level_loss(level, matrices, function, index, overlap=True)
+            scores += score.tolist()
+            overlaps += overlap.tolist()
     require_overlap(
         level,
         best_overlap(level, [s.matrix for s in starts], overlaps),

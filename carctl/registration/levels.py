@@ -482,7 +482,8 @@ class Level:
         function: Callable[..., torch.Tensor],
         moving_index: torch.Tensor,
         index: torch.Tensor | Sample | None = None,
-    ) -> torch.Tensor:
+        overlap: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``function(fixed, moving, weight)`` with the moving features read at continuous
         indices of the moving level grid: ``moving_index`` is ``(voxels, D)`` for every voxel
         of the working grid (``index`` None) or ``(P, D)`` for the voxels ``index`` of the
@@ -499,13 +500,20 @@ class Level:
         pulls no point. The edge of the moving field of view is no feature, and stretching
         it over the fixed image lowers nothing (it did: thick clinical stacks registered both
         ways disagreed by 1.2-3.8 mm on average, 1.1-1.5 mm since; see docs/benchmarks.md).
+
+        With ``overlap``, also :meth:`overlap` of the same mappings, from the same reading.
         """
         values = interpolate(self.moving, moving_index.reshape(-1, self.ndim), both_sides=True)
         reference = self._reference(index)
         if moving_index.dim() == 2:
-            return self._compare(function, values, reference)
-        parts = values.chunk(moving_index.shape[0])
-        return torch.stack([self._compare(function, v, reference) for v in parts])
+            loss = self._compare(function, values, reference)
+        else:
+            parts = values.chunk(moving_index.shape[0])
+            loss = torch.stack([self._compare(function, v, reference) for v in parts])
+        if not overlap:
+            return loss
+        count = moving_index.shape[0] if moving_index.dim() == 3 else 1
+        return loss, _present(values[:, -1], count, reference[1])
 
     def overlap(
         self, moving_index: torch.Tensor, index: torch.Tensor | Sample | None = None
@@ -516,12 +524,7 @@ class Level:
         leaves the images apart scores nothing: it needs this to tell."""
         count = moving_index.shape[0] if moving_index.dim() == 3 else 1
         support = interpolate(self.moving[..., -1:], moving_index.reshape(-1, self.ndim))
-        support = support.reshape(count, -1)
-        _, weight, _, _ = self._reference(index)
-        if weight is None:
-            return support.mean(dim=1)
-        weight = weight.reshape(1, -1)
-        return (support * weight).sum(dim=1) / weight.sum().clamp_min(1e-8)
+        return _present(support, count, self._reference(index)[1])
 
     def _reference(self, index: torch.Tensor | Sample | None) -> tuple:
         """The fixed features, weight and :attr:`pull` at ``index`` (None: as images; the
@@ -707,6 +710,16 @@ def build_level(
         points=grid.points(dtype=torch.float32, device=device),
         pull=pull,
     )
+
+
+def _present(support: torch.Tensor, count: int, weight: torch.Tensor | None) -> torch.Tensor:
+    """The mean moving ``support`` read for each of ``count`` mappings (its points in
+    order), weighted by the fixed ``weight`` at those points (None: all alike): ``(count,)``."""
+    support = support.reshape(count, -1)
+    if weight is None:
+        return support.mean(dim=1)
+    weight = weight.reshape(1, -1)
+    return (support * weight).sum(dim=1) / weight.sum().clamp_min(1e-8)
 
 
 def edge_distance(image: Grid, grid: Grid) -> torch.Tensor:

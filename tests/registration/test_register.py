@@ -1813,3 +1813,37 @@ def test_single_slices_on_parallel_planes_register_in_their_plane(method):
     again = back.transform_points(there)
     centre = fixed.grid.points(torch.float64).reshape(-1, 3)
     assert float((again - centre).norm(dim=1).median()) < 0.05
+
+
+def test_a_loss_read_with_its_overlap_gives_both_as_read_apart(phantom):
+    """The initialisation scores its starts' losses and overlaps from one reading of the
+    moving features (``overlap=True``): the same numbers as :meth:`Level.loss` and
+    :meth:`Level.overlap` apart, for several mappings at once, some leaving the images
+    partly or wholly apart, with and without a fixed mask."""
+    from carctl.losses import similarity
+
+    array = phantom.array
+    grid = phantom.grid
+    box = (np.zeros(3), np.asarray(grid.size, dtype=float) - 1)
+    half = np.zeros_like(array)
+    half[:, :, : array.shape[2] // 2] = 1.0
+    shifts = [(0.0, 0.0, 0.0), (20.0, 0.0, 0.0), (0.0, -35.0, 10.0), (500.0, 0.0, 0.0)]
+    matrices = np.stack([np.eye(4)] * 5)
+    matrices[:4, :3, 3] = shifts
+    matrices[4, :3, :3] = rotation(0.0, 0.0, np.radians(15.0))  # about the origin
+    matrices = torch.as_tensor(matrices)
+    function = similarity.mse_loss
+    for mask in (None, half):
+        level = levels.build_level(
+            array, grid, array, grid, 5.0, similarity.mind_ssc, box, mask, None, reach=2
+        )
+        index = level.sample_index(500, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            loss, overlap = affine_stage.level_loss(level, matrices, function, index, True)
+            alone = affine_stage.level_loss(level, matrices, function, index)
+            present = affine_stage.level_overlap(level, matrices, index)
+        torch.testing.assert_close(loss, alone, rtol=0, atol=0)
+        torch.testing.assert_close(overlap, present, rtol=1e-6, atol=1e-7)
+        # 500 mm apart: none; the others some, each its own
+        assert overlap[3] == 0 and bool((overlap[[0, 1, 2, 4]] > 0.2).all())
+        assert len(set(overlap.tolist())) == 5
