@@ -12,6 +12,7 @@ the affine ``A`` alone and as one displacement field on the fixed grid for the w
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -654,6 +655,18 @@ def _network_follows(state: _State) -> bool:
     )
 
 
+def short_of_gain(gain: float, loss: str) -> str:
+    """Why ``auto`` drops a network field that lowers ``loss`` by the fraction ``gain``, under
+    :data:`NETWORK_MIN_GAIN`: the gain to a tenth of a percent, rounded down (a gain of
+    0.0999 read "lowered mind by 10 % (a start must lower it by 10 %)")."""
+    verb = "lowered" if gain >= 0 else "raised"
+    percent = math.floor(1000 * gain) / 10 if gain >= 0 else -100 * gain
+    return (
+        f"the network's field {verb} {loss} by {percent:.1f} % (a start must lower it by "
+        f"{100 * NETWORK_MIN_GAIN:g} %): not used"
+    )
+
+
 def _stage_network(state: _State, progress: Progress) -> StageReport:
     from carctl.errors import InputError
     from carctl.pretrained import WeightsError, load
@@ -709,11 +722,7 @@ def _stage_network(state: _State, progress: Progress) -> StageReport:
     detail = {"gain": gain}
     if state.options.method == "auto" and gain < NETWORK_MIN_GAIN:
         state.displacement = None  # the deformable stage starts from the affine
-        verb = "lowered" if gain >= 0 else "raised"
-        detail["discarded"] = (
-            f"the network's field {verb} {state.linear_spec.name} by {abs(100 * gain):.0f} % "
-            f"(a start must lower it by {100 * NETWORK_MIN_GAIN:.0f} %): not used"
-        )
+        detail["discarded"] = short_of_gain(gain, state.linear_spec.name)
     detail |= {
         "weights": card.name,
         "steps_trained": card.data.get("training", {}).get("steps_done"),

@@ -508,3 +508,18 @@ def test_linear_stages_run_shorter_where_the_network_follows(monkeypatch):
         "affine": whole,
         "auto-thick": whole,
     }
+
+
+def test_a_dropped_network_field_never_reads_as_meeting_the_bar():
+    """A gain just under NETWORK_MIN_GAIN (0.0999) read "lowered mind by 10 % (a start must
+    lower it by 10 %): not used": the gain is now given to a tenth of a percent, rounded
+    down."""
+    assert pipeline.NETWORK_MIN_GAIN == 0.1
+    assert pipeline.short_of_gain(0.0999, "mind") == (
+        "the network's field lowered mind by 9.9 % (a start must lower it by 10 %): not used"
+    )
+    assert "by 2.4 %" in pipeline.short_of_gain(0.02404, "mind")
+    assert "by 0.0 %" in pipeline.short_of_gain(0.0, "mind")
+    assert pipeline.short_of_gain(-0.08, "mind").startswith(
+        "the network's field raised mind by 8.0 %"
+    )
