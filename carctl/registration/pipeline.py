@@ -126,7 +126,12 @@ NETWORK_MAX_CORRECTION_MM = 4.0
 # 1.66) in about the same time, while on a 2 mm stack it helped (1.41 / 1.43). It still runs when
 # the fixed image's voxels are about as coarse as the moving image's: where both are thick, or
 # the fixed one only, the network helped (5 mm FLAIR onto the T1n in 5 mm slices 1.78 / 1.87
-# mm, tilted 30 degrees 1.90 / 2.04; 1 mm FLAIR onto it 1.77 / 1.84).
+# mm, tilted 30 degrees 1.90 / 2.04; 1 mm FLAIR onto it 1.77 / 1.84). Only stacks count:
+# the moving image's coarsest spacing must also be over this many times its own finest. A
+# coarse image of near-isotropic voxels (3 or 4 mm onto a 1 mm brain, as PET or EPI) was
+# skipped too, though the network helped there: `auto` on the BraTS and SPM contrast pairs
+# with the moving image at 3 and 4 mm, mean end-point error over the ten 1.809 -> 1.786 mm,
+# eight of ten better or alike (at most 0.06 mm worse), in less time.
 NETWORK_THICK = 1.25
 # The check runs this many iterations (or the coarsest level's count, when fewer): half the
 # level's default. It decides, it does not register (its correction is dropped either way),
@@ -629,13 +634,15 @@ def _stage_deformable(state: _State, progress: Progress) -> StageReport:
 
 
 def _too_thick(state: _State) -> str | None:
-    """Why ``auto`` skips the network for a thick moving stack (:data:`NETWORK_THICK`), or
-    None."""
+    """Why ``auto`` skips the network for a moving stack of slices thicker than the fixed
+    image's voxels and the network's grid (:data:`NETWORK_THICK`), or None."""
     from carctl.registration import network
 
     if state.options.method != "auto":
         return None
-    coarsest = max(state.moving.grid.spacing)
+    coarsest, finest = max(state.moving.grid.spacing), min(state.moving.grid.spacing)
+    if coarsest <= NETWORK_THICK * finest:
+        return None  # near-isotropic voxels, however coarse: no stack
     working = network.working_grid(state.fixed.grid, state.box).spacing[0]
     if coarsest <= NETWORK_THICK * max(working, *state.fixed.grid.spacing):
         return None
