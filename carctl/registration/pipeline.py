@@ -131,7 +131,7 @@ NETWORK_MAX_CORRECTION_MM = 4.0
 # coarse image of near-isotropic voxels (3 or 4 mm onto a 1 mm brain, as PET or EPI) was
 # skipped too, though the network helped there: `auto` on the BraTS and SPM contrast pairs
 # with the moving image at 3 and 4 mm, mean end-point error over the ten 1.809 -> 1.786 mm,
-# eight of ten better or alike (at most 0.06 mm worse), in less time.
+# nine of ten better or alike (one 0.06 mm worse), in less time.
 NETWORK_THICK = 1.25
 # The check runs this many iterations (or the coarsest level's count, when fewer): half the
 # level's default. It decides, it does not register (its correction is dropped either way),

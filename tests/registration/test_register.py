@@ -1361,7 +1361,7 @@ def test_auto_runs_the_network_on_a_coarse_moving_image_of_near_isotropic_voxels
     contrasts onto 1 mm were skipped)."""
     grid = phantom.grid
     fixed = contrast(phantom)
-    pipeline_stages = {}
+    network = {}
     for name, factors in (("coarse", (4, 4, 4)), ("stack", (1, 1, 4))):
         spacing = tuple(s * f for s, f in zip(grid.spacing, factors, strict=True))
         size = tuple(n // f for n, f in zip(grid.size, factors, strict=True))
@@ -1369,9 +1369,9 @@ def test_auto_runs_the_network_on_a_coarse_moving_image_of_near_isotropic_voxels
         array = levels.resample_band_limited(phantom.array, grid, low)[0, 0].numpy()
         options = RegistrationOptions(iterations=2)
         stages = register(Image(array, low), fixed, options).stages
-        pipeline_stages[name] = next(s for s in stages if s.name == "network").detail
-    assert "skipped" not in pipeline_stages["coarse"]
-    assert "coarser than the fixed image's" in pipeline_stages["stack"]["skipped"]
+        network[name] = next(s for s in stages if s.name == "network").detail
+    assert "skipped" not in network["coarse"]
+    assert "coarser than the fixed image's" in network["stack"]["skipped"]
 
 
 def test_eroded_weights_spare_thin_axes():
