@@ -107,8 +107,8 @@ EDGE_PULL_LEVELS = 1
 # against io) and -8 % on the spinal cord pair. Where the finest linear level's gain falls
 # short, the linear stages' coarser level's (4 mm on a brain) may meet it instead: noise
 # lowers the finer level's gain more (BraTS T2w with noise at SNR 20: 4 % there, 16 % at 4
-# mm; the SPM T2 template at SNR 40: 9.4 / 10.1 %), while the prostate cases (0.5-3.4 %) and
-# the spine (-1.4 %) stay under it at both.
+# mm; the SPM T2 template at SNR 40: 9.4 / 10.1 %); the prostate cases (0.5-3.4 %) and the
+# spine (-1.4 %), whose linear stages run one level, stay under it.
 NETWORK_MIN_GAIN = 0.1
 # A kept network field is checked at the coarsest deformable level: a correction optimised on
 # top of it (the field itself untouched). When that correction moves the fixed grid's points
