@@ -71,8 +71,8 @@ INIT_ITERATIONS, RIGID_ITERATIONS, AFFINE_ITERATIONS = 20, 60, 60
 # the linear stages leave, so they stop earlier. ``net`` in-process, mean end-point error
 # over the five known contrast pairs (seeds 0 and 1) 1.689 -> 1.692 mm, over the thick and
 # half pairs 1.778 -> 1.750, 0.7-0.9 s less on a 1 mm brain (80 steps instead of 200); the
-# whole benchmark, ``auto`` and ``net``, within 0.03 mm / 0.004 Dice on every pair but the
-# prostate cases, which swing either way under any change to these stages (docs/benchmarks.md).
+# whole benchmark, ``auto`` and ``net``, no pair worse by more than 0.03 mm / 0.004 Dice but
+# the prostate cases, which swing either way under any change to these stages (docs/benchmarks.md).
 NETWORK_RIGID_ITERATIONS, NETWORK_AFFINE_ITERATIONS = 20, 30
 # Features of the initialisation and the linear stages are computed at their level's spacing
 # (oversampling them, as the deformable stage's are, cost 3-5 s on a 1 mm brain and changed
