@@ -633,15 +633,12 @@ def half_pairs(data: Path, seed: int, first: int, scale: float = 1.0) -> list[Pa
             import torch
 
             from carctl.io import Image, write_image
-            from carctl.spatial.grid import Grid
 
             made = brats_known_pair(data, "t1n", "t2w", 3.0 * scale, 20.0 * scale, seed + index)
             b_image = made.moving
-            g = b_image.grid
-            half = g.size[2] // 2
-            low, high = (half, g.size[2]) if upper else (0, half)
-            origin = g.index_to_physical @ np.array([0.0, 0.0, low, 1.0])
-            grid = Grid((*g.size[:2], high - low), g.spacing, tuple(origin[:3]), g.direction)
+            half = b_image.grid.size[2] // 2
+            low, high = (half, b_image.grid.size[2]) if upper else (0, half)
+            grid = b_image.grid.slab(low, high)
             moving = Image(np.ascontiguousarray(b_image.array[low:high]), grid)
             truth = made.truth
             landed = grid.to_index(truth.grid.points() + truth.data.double().movedim(0, -1))

@@ -445,13 +445,15 @@ class Level:
         return torch.as_tensor([n - 1 for n in self.grid.size]).to(self.points)
 
     @functools.cached_property
-    def _strides(self) -> torch.Tensor:  # of (i, j, k) in the flattened grid
-        return torch.as_tensor(np.cumprod([1, *self.grid.size[:-1]]), device=self.points.device)
+    def _strides(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The strides of (i, j, k) in the flattened grid, and the grid's size."""
+        size = torch.as_tensor(self.grid.size, device=self.points.device)
+        return torch.cumprod(torch.cat([size.new_ones(1), size[:-1]]), 0), size
 
     def _voxel_indices(self, index: torch.Tensor) -> torch.Tensor:
         """Whole grid indices ``(P, D)`` (components ``(i, j, k)``) of flat voxel numbers."""
-        size = torch.as_tensor(self.grid.size, device=index.device)
-        return (index[:, None] // self._strides % size).to(self.points)
+        strides, size = self._strides
+        return (index[:, None] // strides % size).to(self.points)
 
     @functools.cached_property
     def _index_to_physical(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -534,13 +536,12 @@ class Level:
         if index is None:
             return self.fixed, self.weight, pull, True
         c = self.fixed.shape[1]
-        voxels = index.index if isinstance(index, Sample) else index
         if isinstance(index, Sample):
-            table = self._rows.reshape(*self.grid.shape, -1)
-            rows = interpolate(table, index.at).T[None]
+            rows = interpolate(self._rows.reshape(*self.grid.shape, -1), index.at).T[None]
+            index = index.index  # the voxels, for the pull
         else:
             rows = self._rows.index_select(0, index).T[None]
-        pull = None if pull is None else pull.index_select(0, voxels)
+        pull = None if pull is None else pull.index_select(0, index)
         return rows[:, :c], None if self.weight is None else rows[:, c:], pull, False
 
     def _compare(
@@ -674,15 +675,16 @@ def build_level(
     m_features = features(band_limited(moving, moving_grid, m_fine))
     m_features, m_grid = pool(m_features, m_fine, m_factors)
     fill_pulls = fills_outside and fill_pulls
-    whole = inside(moving_grid, m_grid).to(device)
-    support = whole
+    # the support: eroded by the reach where there is one; where the fill pulls, the points
+    # read the moving image up to its edge: the support not eroded is kept for them too
+    supports = []
+    if fill_pulls or not reach:
+        supports.append(inside(moving_grid, m_grid).to(device))
     if reach:
-        support, _ = pool(interior(moving_grid, m_fine, reach).to(device), m_fine, m_factors)
+        supports.append(pool(interior(moving_grid, m_fine, reach).to(device), m_fine, m_factors)[0])
     if moving_mask is not None:
         mask, _ = pool(band_limited(moving_mask > 0, moving_grid, m_fine), m_fine, m_factors)
-        support, whole = support * mask, whole * mask
-    # where the fill pulls, the points read the moving image up to its edge (uneroded)
-    supports = [whole, support] if fill_pulls and reach else [support]
+        supports = [support * mask for support in supports]
     weight = None
     if reach:
         # the fixed image's own edge: its descriptors there read beyond it too

@@ -678,6 +678,15 @@ def short_of_gain(gain: float, loss: str) -> str:
     )
 
 
+def _with_network(state: _State, spacing: float) -> tuple[float, float, float]:
+    """The linear stages' loss at the level of ``spacing`` under the affine alone and with
+    the network's field (``state.displacement``), and the fraction by which the field lowers
+    it (its gain)."""
+    before = _similarity(state, spacing, state.affine, linear=True)
+    after = _similarity(state, spacing, state.affine, state.displacement, linear=True)
+    return before, after, (before - after) / abs(before) if before else 0.0
+
+
 def _stage_network(state: _State, progress: Progress) -> StageReport:
     from carctl.errors import InputError
     from carctl.pretrained import WeightsError, load
@@ -705,7 +714,6 @@ def _stage_network(state: _State, progress: Progress) -> StageReport:
     # stage's from it
     answer = "deformable" not in METHODS[state.options.method]
     mirrors = network.MIRRORS if answer else ()
-    before = _similarity(state, last, state.affine, linear=True)
     grid, u = network.predict(
         model,
         state.fixed_norm,
@@ -728,15 +736,12 @@ def _stage_network(state: _State, progress: Progress) -> StageReport:
             "network", 0.0, detail={"skipped": "a non-finite field", "warning": warning}
         )
     state.displacement = (grid, u)
-    after = _similarity(state, last, state.affine, state.displacement, linear=True)
-    gain = (before - after) / abs(before) if before else 0.0
+    before, after, gain = _with_network(state, last)
     detail = {"gain": gain}
     coarse = state.schedule["affine"][0]
     if state.options.method == "auto" and gain < NETWORK_MIN_GAIN and coarse != last:
         # noise lowers the finer level's gain more (NETWORK_MIN_GAIN): the coarser level's
-        before = _similarity(state, coarse, state.affine, linear=True)
-        after = _similarity(state, coarse, state.affine, state.displacement, linear=True)
-        detail["coarse_gain"] = (before - after) / abs(before) if before else 0.0
+        detail["coarse_gain"] = _with_network(state, coarse)[2]
         gain = max(gain, detail["coarse_gain"])
     if state.options.method == "auto" and gain < NETWORK_MIN_GAIN:
         state.displacement = None  # the deformable stage starts from the affine

@@ -557,7 +557,11 @@ def test_auto_asks_the_coarser_linear_level_when_the_finest_gain_falls_short(
         pipeline.STAGES, "deformable", lambda state, progress: pipeline.StageReport("d", 0.0)
     )
     result = register(image, contrast(image), RegistrationOptions(method="auto"))
-    detail = next(s for s in result.stages if s.name == "network").detail
+    stage = next(s for s in result.stages if s.name == "network")
+    detail = stage.detail
+    # the stage's losses stay the finest level's, as every stage's report (the coarser
+    # level's were reported when it was asked)
+    assert (stage.loss_before, stage.loss_after) == (1.0, pytest.approx(0.95))
     assert detail["gain"] == pytest.approx(0.05)
     assert detail["coarse_gain"] == pytest.approx(coarse_gain)
     if coarse_gain >= pipeline.NETWORK_MIN_GAIN:

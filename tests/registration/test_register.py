@@ -499,7 +499,7 @@ def test_the_fill_pulls_only_near_the_fixed_image_s_own_edge():
     image = blobs(size=(40, 28, 28))
     norm = levels.normalise(image.array)
     g = image.grid
-    half = Grid((20, *g.size[1:]), g.spacing, g.origin, g.direction)  # cut along x at 20
+    half = g.crop((0, 0, 0), (20, *g.size[1:]))  # cut along x at 20
     level = levels.build_level(
         norm,
         g,
