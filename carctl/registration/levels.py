@@ -741,11 +741,20 @@ def eroded(weight: torch.Tensor, reach: int, beyond: float = 0.0) -> torch.Tenso
     voxel's ``2 reach + 1`` neighbourhood, ``beyond`` beyond the grid (0: the grid's own
     edge erodes too). Axes of at most ``4 reach`` voxels (thin stacks) are not eroded: that
     would leave little or nothing."""
-    d = weight.dim() - 2
     steps = [reach if n > 4 * reach else 0 for n in weight.shape[2:]]  # tensor order
     padded = F.pad(weight, [p for r in reversed(steps) for p in (r, r)], value=beyond)
-    max_pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[d - 1]
-    return -max_pool(-padded, tuple(2 * r + 1 for r in steps), stride=1)
+    # one axis at a time, as the minimum of shifted views: a box's minimum is the minimum
+    # along each axis in turn (torch's max pooling read the whole box per voxel, 125 values
+    # for a reach of 2, and took 0.16 s on a 1 M-voxel grid; this 0.01 s)
+    out = padded
+    for axis, r in enumerate(steps):
+        if r:
+            dim, n = 2 + axis, out.shape[2 + axis] - 2 * r
+            low = out.narrow(dim, 0, n).clone()
+            for k in range(1, 2 * r + 1):
+                torch.minimum(low, out.narrow(dim, k, n), out=low)
+            out = low
+    return out
 
 
 def resample_band_limited(
@@ -855,10 +864,23 @@ def inside(image: Grid, grid: Grid) -> torch.Tensor:
     profiles = _inside_profiles(image, grid)
     if profiles is not None:
         return _outer(profiles)
-    index = image.to_index(grid.points(dtype=torch.float64))
-    upper = torch.as_tensor([n - 1 for n in image.size], dtype=index.dtype)
-    beyond = torch.maximum(-index, index - upper).clamp_min(0.0)
-    return (1.0 - beyond).clamp_min(0.0).prod(dim=-1).float()[None, None]
+    # turned axes: each index of ``image`` is an affine function of ``grid``'s index, a sum
+    # of one term per axis broadcast (no point per voxel: a 1 mm brain's level turned by 20
+    # degrees 1.07 -> 0.2 s)
+    d = grid.ndim
+    matrix = image.physical_to_index @ grid.index_to_physical
+    steps = [torch.arange(n, dtype=torch.float64) for n in grid.size]  # index order
+    out = None
+    for axis in range(d):
+        index = torch.full((1,) * d, float(matrix[axis, d]), dtype=torch.float64)
+        for along, step in enumerate(steps):
+            view = [1] * d
+            view[d - 1 - along] = -1  # index axis i, j, k is tensor dimension D-1, ...
+            index = index + (matrix[axis, along] * step).view(view)
+        beyond = torch.maximum(index.neg(), index.sub_(image.size[axis] - 1)).clamp_min_(0.0)
+        factor = beyond.neg_().add_(1.0).clamp_min_(0.0)
+        out = factor if out is None else out.mul_(factor)
+    return out.float()[None, None]
 
 
 def interior(image: Grid, grid: Grid, reach: int, beyond: float = 0.0) -> torch.Tensor:

@@ -178,9 +178,25 @@ NETWORK_MAX_MOTION_MM = MOTION_SCALE_MM
 # turned by 30 / 45 degrees, from a start 5 degrees off, ended 2.1 / 18.8 mm off (0.4 / 0.4).
 # Below 25 degrees it is not used: from 5 degrees it moved the clinical TCGA stacks (starts
 # turned by about 10-17 degrees) both ways, better on two pairs' inverse consistency and worse
-# on one (FLAIR <-> T2, rigid, 0.31 -> 1.48 mm); following the rotation the later stages find
-# instead cost the prostate MR->ultrasound pairs (0.570 -> 0.519 mean gland Dice).
+# on one (FLAIR <-> T2, rigid, 0.31 -> 1.48 mm); following every rotation the later stages
+# find (from half a degree) cost the prostate MR->ultrasound pairs (0.570 -> 0.519 mean gland
+# Dice). Larger rotations the linear stages find are followed: FOLLOW_DEGREES.
 FRAME_DEGREES = 25.0
+# After the rigid and the affine stage, once the rotation found is this many degrees or more
+# from the axes the moving features are taken along, the later stages take them along it
+# (rebuilding their levels; see _follow_frame). The initialisation's starts come in steps of
+# 20 degrees and turn the features from 25: a start at 20 degrees, or a rotation the linear
+# stages find, left the descriptors turned against each other, and the deformable stage
+# paid for it. `auto` on the SPM T2 / PD templates onto the T1 under a known rotation of
+# 15 / 20 degrees (about all three axes), 20 mm and 3 mm RMS (seed 1; mm): 1.57 / 2.21 and
+# 1.80 / 2.44 -> 1.06 / 1.07 and 1.11 / 1.15; T2 at 25 / 30 degrees (seed 0) 3.66 / 5.72 ->
+# 1.21 / 1.25. At 12 degrees it turned one prostate MR -> ultrasound case (12.3 degrees;
+# gland Dice 0.495 -> 0.401); the other cases and the benchmark's brains turn by 4-10.
+# Moving stacks of slices (coarsest spacing over NETWORK_THICK times the finest) keep their
+# axes: their voxels are resampled across the slices along turned axes, and the
+# thick-slice handling of the levels (levels.MOVING_GROWTH) reads the spacing along each
+# axis (the clinical TCGA FLAIR <-> T2 stacks, inverse consistency 0.87 -> 1.20 mm).
+FOLLOW_DEGREES = 15.0
 # Voxels read per stochastic step (losses that compare voxel by voxel).
 INIT_VOXELS, LINEAR_VOXELS, DEFORMABLE_VOXELS = 1 << 13, 1 << 13, 1 << 15
 
@@ -296,16 +312,15 @@ class _State:
         return self._levels[key]
 
 
-def rotation_frame(affine: np.ndarray) -> np.ndarray | None:
+def rotation_frame(affine: np.ndarray, least: float = FRAME_DEGREES) -> np.ndarray | None:
     """The rotation of ``affine``'s linear part (its polar factor), or None when it turns
-    by less than :data:`FRAME_DEGREES` or mirrors (the moving features keep the fixed
-    axes)."""
+    by less than ``least`` degrees or mirrors (the moving features keep the fixed axes)."""
     d = affine.shape[0] - 1
     u, _, vt = np.linalg.svd(np.asarray(affine, float)[:d, :d])
     rotation = u @ vt
     if np.linalg.det(rotation) < 0:
         return None  # a mirror: no rotation takes one frame to the other
-    return rotation if degrees(rotation) >= FRAME_DEGREES else None
+    return rotation if degrees(rotation) >= least else None
 
 
 def degrees(rotation: np.ndarray) -> float:
@@ -388,6 +403,26 @@ def _stage_initialise(state: _State, progress: Progress) -> StageReport:
     return StageReport("initialise", 0.0, header.score, best.score, detail)
 
 
+def _follow_frame(state: _State, detail: dict) -> None:
+    """After a linear stage: when the rotation it found is :data:`FOLLOW_DEGREES` or more
+    from the axes the moving features are taken along (the fixed image's, or the start's
+    frame), the levels built from now on take them along that rotation (along the fixed
+    axes again when it turns by less than that); the levels built so far are dropped. Not
+    for a moving stack of slices (see :data:`FOLLOW_DEGREES`)."""
+    spacing = state.moving.grid.spacing
+    if max(spacing) > NETWORK_THICK * min(spacing):
+        return
+    rotation = rotation_frame(state.affine, 0.0)
+    if rotation is None:
+        return  # a mirror
+    current = np.eye(len(spacing)) if state.frame is None else state.frame
+    if degrees(rotation @ current.T) < FOLLOW_DEGREES:
+        return
+    state.frame = rotation if degrees(rotation) >= FOLLOW_DEGREES else None
+    state._levels.clear()
+    detail["frame_degrees"] = 0.0 if state.frame is None else degrees(rotation)
+
+
 def _turn_frame(state: _State, detail: dict) -> None:
     """After the initialisation: the start's rotation, when it turns (see
     :data:`FRAME_DEGREES`), becomes the frame of the moving features of every level built
@@ -440,6 +475,7 @@ def _linear_stage(name: str, affine: bool) -> Callable[[_State, Progress], Stage
         # both at the finest level; the last level's optimisation measured the loss after
         before, after = _similarity(state, spacings[-1], start, linear=True), losses[-1][1]
         detail = {"levels_mm": spacings, "level_losses": [list(pair) for pair in losses]}
+        _follow_frame(state, detail)
         return StageReport(name, 0.0, before, after, detail)
 
     return run
