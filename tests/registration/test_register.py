@@ -1405,22 +1405,24 @@ def _turned(phantom: Image, degrees: float) -> tuple[Image, np.ndarray]:
     return moved(contrast(phantom), truth), truth
 
 
-def test_the_features_follow_the_rotation_the_linear_stages_find(phantom, monkeypatch):
-    """Turned by 20 degrees: the initialisation starts from a rotation of 20 degrees, under
-    the 25 from which the start turns the moving features, and the rigid stage, comparing
-    descriptors along axes turned against each other, stopped at 16.6 degrees; the affine
-    stage ended 1.39 mm off. Once the rigid stage has found 15 degrees or more the later
-    stages take the moving features along its rotation: 0.49 mm."""
-    fixed, truth = _turned(phantom, 20.0)
+@pytest.mark.parametrize("degrees", [12.0, 20.0])
+def test_the_features_follow_the_rotation_the_linear_stages_find(phantom, monkeypatch, degrees):
+    """Turned by 12 / 20 degrees: the initialisation starts from no rotation / 20 degrees,
+    under the 25 from which the start turns the moving features, and the rigid stage,
+    comparing descriptors along axes turned against each other, stopped short (9.6 / 16.6
+    degrees); the affine stage ended 1.22 / 1.39 mm off. Once the rigid stage has found 8
+    degrees or more the later stages take the moving features along its rotation: 0.71 /
+    0.49 mm."""
+    fixed, truth = _turned(phantom, degrees)
     mask = fixed.array > 0
     result = register(phantom, fixed, RegistrationOptions(method="affine"))
     rigid = next(s for s in result.stages if s.name == "rigid")
-    assert 15.0 <= rigid.detail["frame_degrees"] <= 25.0
+    assert pipeline.FOLLOW_DEGREES <= rigid.detail["frame_degrees"] < degrees
     assert mean_error(result.field, truth, mask) < 0.8
     monkeypatch.setattr(pipeline, "FOLLOW_DEGREES", 1000.0)
     kept = register(phantom, fixed, RegistrationOptions(method="affine"))
     assert all("frame_degrees" not in s.detail for s in kept.stages)
-    assert mean_error(kept.field, truth, mask) > 1.2
+    assert mean_error(kept.field, truth, mask) > 1.1
 
 
 def test_a_moving_stack_keeps_its_axes(phantom):
