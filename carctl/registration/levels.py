@@ -866,7 +866,7 @@ def inside(image: Grid, grid: Grid) -> torch.Tensor:
         return _outer(profiles)
     # turned axes: each index of ``image`` is an affine function of ``grid``'s index, a sum
     # of one term per axis broadcast (no point per voxel: a 1 mm brain's level turned by 20
-    # degrees 1.07 -> 0.2 s)
+    # degrees, 6.7 M voxels, 0.73 -> 0.25 s)
     d = grid.ndim
     matrix = image.physical_to_index @ grid.index_to_physical
     steps = [torch.arange(n, dtype=torch.float64) for n in grid.size]  # index order

@@ -205,11 +205,11 @@ FRAME_DEGREES = 25.0
 # Repeating both linear stages wherever they turn the features changed `auto` on the SPM
 # pairs by at most 0.005 mm (10-30 degrees) and moved the prostate cases, whose affine stage
 # turns by 11-13 degrees (`--method affine` gland Dice 0.517 -> 0.481, `auto` 0.568 ->
-# 0.575). Moving stacks of slices (coarsest spacing over
-# NETWORK_THICK times the finest) keep their axes: their voxels would be resampled across
-# the slices along turned axes, and the levels' thick-slice handling (levels.MOVING_GROWTH)
-# reads the spacing along each axis (the clinical TCGA FLAIR <-> T2 stacks, turned by 10-17
-# degrees: inverse consistency 0.87 -> 1.20 mm when they followed from 15).
+# 0.575). Moving stacks of slices (coarsest spacing over NETWORK_THICK times the finest)
+# keep their axes: their voxels would be resampled across the slices along turned axes, and
+# the levels' thick-slice handling (levels.MOVING_GROWTH) reads the spacing along each axis
+# (the clinical TCGA FLAIR <-> T2 stacks, turned by 10-17 degrees: inverse consistency 0.87
+# -> 1.20 mm when they followed from 15).
 FOLLOW_DEGREES = 8.0
 # Voxels read per stochastic step (losses that compare voxel by voxel).
 INIT_VOXELS, LINEAR_VOXELS, DEFORMABLE_VOXELS = 1 << 13, 1 << 13, 1 << 15
@@ -490,18 +490,19 @@ def _linear_stage(name: str, affine: bool) -> Callable[[_State, Progress], Stage
 
         for spacing in spacings:
             optimise(spacing, last and spacing == spacings[-1])
+        # both at the finest level; the last level's optimisation measured the loss after
+        before = _similarity(state, spacings[-1], start, linear=True)
         detail = {"levels_mm": list(spacings)}
         if _follow_frame(state, detail) and last and not affine:
             # `--method rigid`: the finest level once more, its features along the rotation
             # found (see FOLLOW_DEGREES); turned against each other, they had stopped the
-            # stage short (later stages start from it with the features turned)
+            # stage short
             progress.start(name, iterations)
             optimise(spacings[-1], last)
             detail["levels_mm"].append(spacings[-1])
+            before = _similarity(state, spacings[-1], start, linear=True)  # turned, as after
         detail["level_losses"] = [list(pair) for pair in losses]
-        # both at the finest level; the last level's optimisation measured the loss after
-        before, after = _similarity(state, spacings[-1], start, linear=True), losses[-1][1]
-        return StageReport(name, 0.0, before, after, detail)
+        return StageReport(name, 0.0, before, losses[-1][1], detail)
 
     return run
 
