@@ -471,7 +471,7 @@ def _progress(console, quiet: bool):
         return
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    columns = (TextColumn("{task.description:<11}"), BarColumn())
+    columns = (TextColumn("{task.description:<13}"), BarColumn())  # "rigid, turned"
     columns += (TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
     with Progress(*columns, console=console) as bars:
         stages = _StageBars(bars)

@@ -497,7 +497,7 @@ def _linear_stage(name: str, affine: bool) -> Callable[[_State, Progress], Stage
             # `--method rigid`: the finest level once more, its features along the rotation
             # found (see FOLLOW_DEGREES); turned against each other, they had stopped the
             # stage short
-            progress.start(name, iterations)
+            progress.start(f"{name}, turned", iterations)
             optimise(spacings[-1], last)
             detail["levels_mm"].append(spacings[-1])
             before = _similarity(state, spacings[-1], start, linear=True)  # turned, as after
