@@ -201,7 +201,7 @@ FRAME_DEGREES = 25.0
 # change to the linear stages); every other pair is unchanged. Where the rigid stage is the
 # last (`--method rigid`) and has turned the features, it runs its finest level once more
 # along them: with a rigid truth (SPM T2 / PD and BraTS T2w onto T1, seeds 0 and 1, mean
-# mm) at 10 / 15 / 20 degrees 0.56 / 0.70 / 0.90 -> 0.45 / 0.44 / 0.46, for 0.8-1.1 s more.
+# mm) at 10 / 15 / 20 degrees 0.56 / 0.70 / 0.90 -> 0.45 / 0.44 / 0.46, for 0.3-1.3 s more.
 # Repeating both linear stages wherever they turn the features changed `auto` on the SPM
 # pairs by at most 0.005 mm (10-30 degrees) and moved the prostate cases, whose affine stage
 # turns by 11-13 degrees (`--method affine` gland Dice 0.517 -> 0.481, `auto` 0.568 ->
