@@ -696,7 +696,17 @@ def build_level(
         weight = mask if weight is None else weight * mask
     fill = None
     if fills_outside:
-        fill = m_features.mean(dim=tuple(range(2, m_features.dim())))[0]
+        # the moving image's mean descriptor: a turned working grid's corners lie beyond the
+        # image (descriptors of nothing), and with a moving mask the fill stands for most of
+        # the fixed image (SPM T2 onto T1 turned by 20 degrees, the brain as moving mask,
+        # `auto`, seeds 0-2: 1.36 / 1.19 / 1.39 mm without them, about 2.5 with them, 1.67 /
+        # 1.75 / 1.77 with the features unturned)
+        axes = tuple(range(2, m_features.dim()))
+        present = inside(moving_grid, m_grid).to(device)
+        if float(present.min()) >= 1.0:
+            fill = m_features.mean(dim=axes)[0]
+        else:
+            fill = ((m_features * present).sum(dim=axes) / present.sum().clamp_min(1e-6))[0]
     pull = None
     if fill_pulls:
         band = PULL_REACH * float(np.max(grid.spacing))  # mm
