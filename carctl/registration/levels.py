@@ -677,9 +677,12 @@ def build_level(
     fill_pulls = fills_outside and fill_pulls
     # the support: eroded by the reach where there is one; where the fill pulls, the points
     # read the moving image up to its edge: the support not eroded is kept for them too
+    whole = None  # how much of each voxel lies in the moving image
+    if fill_pulls or not reach or fills_outside:
+        whole = inside(moving_grid, m_grid).to(device)
     supports = []
     if fill_pulls or not reach:
-        supports.append(inside(moving_grid, m_grid).to(device))
+        supports.append(whole)
     if reach:
         supports.append(pool(interior(moving_grid, m_fine, reach).to(device), m_fine, m_factors)[0])
     if moving_mask is not None:
@@ -702,11 +705,7 @@ def build_level(
         # `auto`, seeds 0-2: 1.36 / 1.19 / 1.39 mm without them, about 2.5 with them, 1.67 /
         # 1.75 / 1.77 with the features unturned)
         axes = tuple(range(2, m_features.dim()))
-        present = inside(moving_grid, m_grid).to(device)
-        if float(present.min()) >= 1.0:
-            fill = m_features.mean(dim=axes)[0]
-        else:
-            fill = ((m_features * present).sum(dim=axes) / present.sum().clamp_min(1e-6))[0]
+        fill = ((m_features * whole).sum(dim=axes) / whole.sum().clamp_min(1e-6))[0]
     pull = None
     if fill_pulls:
         band = PULL_REACH * float(np.max(grid.spacing))  # mm

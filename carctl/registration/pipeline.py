@@ -423,18 +423,18 @@ def _follow_frame(state: _State, detail: dict) -> bool:
     frame), the levels built from now on take them along that rotation (along the fixed
     axes again when it turns by less than that); the levels built so far are dropped. Not
     for a moving stack of slices (see :data:`FOLLOW_DEGREES`). Whether the frame changed."""
-    spacing = state.moving.grid.spacing
-    if max(spacing) > NETWORK_THICK * min(spacing):
+    if _stack(state.moving.grid):
         return False
     rotation = rotation_frame(state.affine, 0.0)
     if rotation is None:
         return False  # a mirror
-    current = np.eye(len(spacing)) if state.frame is None else state.frame
+    current = np.eye(state.moving.grid.ndim) if state.frame is None else state.frame
     if degrees(rotation @ current.T) < FOLLOW_DEGREES:
         return False
-    state.frame = rotation if degrees(rotation) >= FOLLOW_DEGREES else None
+    turned = degrees(rotation)
+    state.frame = rotation if turned >= FOLLOW_DEGREES else None
     state._levels.clear()
-    detail["frame_degrees"] = 0.0 if state.frame is None else degrees(rotation)
+    detail["frame_degrees"] = turned if state.frame is not None else 0.0
     return True
 
 
@@ -699,16 +699,20 @@ def _stage_deformable(state: _State, progress: Progress) -> StageReport:
     )
 
 
+def _stack(grid: Grid) -> bool:
+    """Whether ``grid`` is a stack of slices: its coarsest spacing over
+    :data:`NETWORK_THICK` times its finest."""
+    return max(grid.spacing) > NETWORK_THICK * min(grid.spacing)
+
+
 def _too_thick(state: _State) -> str | None:
     """Why ``auto`` skips the network for a moving stack of slices thicker than the fixed
     image's voxels and the network's grid (:data:`NETWORK_THICK`), or None."""
     from carctl.registration import network
 
-    if state.options.method != "auto":
-        return None
-    coarsest, finest = max(state.moving.grid.spacing), min(state.moving.grid.spacing)
-    if coarsest <= NETWORK_THICK * finest:
+    if state.options.method != "auto" or not _stack(state.moving.grid):
         return None  # near-isotropic voxels, however coarse: no stack
+    coarsest = max(state.moving.grid.spacing)
     working = network.working_grid(state.fixed.grid, state.box).spacing[0]
     if coarsest <= NETWORK_THICK * max(working, *state.fixed.grid.spacing):
         return None
