@@ -3,8 +3,10 @@
 Candidates are the scanner header (identity in physical space), the centres of the two image
 grids matched, the intensity centres of mass matched, and for each of these a coarse grid of
 rotations about the fixed centre. The best-scoring starts are refined with a short rigid
-optimisation; the header wins unless another start ends clearly better, so a good header is
-never traded for a worse guess. A start that leaves the images (almost) apart is set aside
+optimisation (a start turned far, with the moving features taken along its own rotation:
+along the fixed axes it stopped short, and from 35 degrees on the header won); the header
+wins unless another start ends clearly better, so a good header is never traded for a
+worse guess. A start that leaves the images (almost) apart is set aside
 first: the losses compare the images where both are present, so such a start scores as
 well as a perfect one.
 """
@@ -186,11 +188,16 @@ def initialise(
     progress: Callable[[int], None] | None = None,
     budget: int | None = None,
     masked: bool = False,
+    turned: Callable[[np.ndarray], Level | None] | None = None,
 ) -> tuple[Start, list[Start]]:
     """Score every start at ``level``, refine the best few and the header rigidly, and return
     the winner (its matrix refined) and all scored starts (best first; those set aside for
     too little overlap, see :data:`MIN_OVERLAP`, last). ``masked``: masks were given (said
-    when the images are refused for too little overlap)."""
+    when the images are refused for too little overlap).
+
+    ``turned(matrix)``: for a start whose rotation turns far enough, the level (``level``'s
+    grids) whose moving features are taken along that rotation, else None; the chosen
+    starts it gives a level for are refined there."""
     generator = torch.Generator().manual_seed(0)
     index = level.sample_index(SCORE_VOXELS, generator)  # the same voxels for every start
     with torch.no_grad():
@@ -222,17 +229,21 @@ def initialise(
             chosen.append(s)
     if all(c.name != "header" for c in chosen):
         chosen.append(header)
-    params = [AffineParameters(start.matrix, center, affine=False) for start in chosen]
-    losses = optimise(level, params, function, iterations, radius, progress, budget, generator)
-    matrices = [p.homogeneous().detach() for p in params]
-    with torch.no_grad():
-        overlaps = level_overlap(level, torch.stack(matrices), index).tolist()
-    refined = [
-        Start(start.name, matrix.numpy(), last, overlap)
-        for start, matrix, (_, last), overlap in zip(
-            chosen, matrices, losses, overlaps, strict=True
-        )
-    ]
+    # the starts turned far enough are refined on their own levels, the others side by side
+    # on ``level`` (first, drawing the random voxels as before)
+    levels = [(turned(s.matrix) if turned else None) or level for s in chosen]
+    refined: list[Start | None] = [None] * len(chosen)
+    for own in dict.fromkeys([level, *levels]):
+        members = [i for i, lv in enumerate(levels) if lv is own]
+        if not members:
+            continue
+        params = [AffineParameters(chosen[i].matrix, center, affine=False) for i in members]
+        losses = optimise(own, params, function, iterations, radius, progress, budget, generator)
+        matrices = [p.homogeneous().detach() for p in params]
+        with torch.no_grad():
+            overlaps = level_overlap(own, torch.stack(matrices), index).tolist()
+        for i, matrix, (_, last), overlap in zip(members, matrices, losses, overlaps, strict=True):
+            refined[i] = Start(chosen[i].name, matrix.numpy(), last, overlap)
     usable = [s for s in refined if s.overlap >= least] or refined
     best = min(usable, key=lambda s: s.score)
     header_refined = next((s for s in usable if s.name == "header"), None)

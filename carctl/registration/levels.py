@@ -377,6 +377,7 @@ class Level:
     # (voxels, 1): 1 where, reading beyond the moving image, the fill pulls the points (near
     # the fixed image's own edge, on the deformable pyramid's coarsest level; see :meth:`loss`)
     pull: torch.Tensor | None = None
+    recipe: tuple = ()  # what the fixed side was made from (see build_level's ``like``)
 
     @property
     def ndim(self) -> int:
@@ -610,6 +611,7 @@ def build_level(
     fill_pulls: bool = False,
     frame: np.ndarray | None = None,
     match_resolution: bool = True,
+    like: Level | None = None,
 ) -> Level:
     """Resample both (normalised) images to ``spacing / oversample`` mm (never finer than
     the fixed image's own voxels; the moving image at the fixed one's spacing, blurring the
@@ -630,7 +632,11 @@ def build_level(
     The moving working grid's axes are the fixed grid's, turned by the rotation ``frame``
     (physical, fixed -> moving) when given: MIND-SSC compares neighbours along the grid's
     axes, so where the moving image shows the anatomy turned (by the affine's rotation),
-    its descriptors must be taken along the turned axes to mean what the fixed image's do."""
+    its descriptors must be taken along the turned axes to mean what the fixed image's do.
+
+    ``like``: a level built from the same fixed image, mask, box and spacing (another
+    ``frame``): its fixed side (grid, features, weights) is taken as it is where it was made
+    on the same grid (otherwise built anew)."""
     f_box = widened(box, fixed_grid)
     m_box = None if moving_box is None else widened(moving_box, moving_grid)
     steps = axis_spacing(spacing, fixed_grid, f_box, moving_grid, m_box)
@@ -670,8 +676,16 @@ def build_level(
         return [max(1, round(max(s, t) / s)) for s, t in zip(grid.spacing, steps, strict=True)]
 
     f_factors, m_factors = factors(fine), factors(m_fine)
-    f_features = features(band_limited(fixed, fixed_grid, fine, resolution))
-    f_features, grid = pool(f_features, fine, f_factors)
+    # what the fixed side is made from (the moving image's voxels along a turned frame can
+    # change it): ``like``'s is taken only where it is the same
+    recipe = (fine, tuple(f_factors), None if resolution is None else tuple(resolution))
+    if like is not None and like.recipe != recipe:
+        like = None
+    if like is None:
+        f_features = features(band_limited(fixed, fixed_grid, fine, resolution))
+        f_features, grid = pool(f_features, fine, f_factors)
+    else:
+        f_features, grid = like.fixed, like.grid
     m_features = features(band_limited(moving, moving_grid, m_fine))
     m_features, m_grid = pool(m_features, m_fine, m_factors)
     fill_pulls = fills_outside and fill_pulls
@@ -688,13 +702,13 @@ def build_level(
     if moving_mask is not None:
         mask, _ = pool(band_limited(moving_mask > 0, moving_grid, m_fine), m_fine, m_factors)
         supports = [support * mask for support in supports]
-    weight = None
-    if reach:
+    weight = None if like is None else like.weight
+    if reach and like is None:
         # the fixed image's own edge: its descriptors there read beyond it too
         edge = interior(fixed_grid, fine, reach, beyond=1.0)
         if float(edge.min()) < 1.0:
             weight, _ = pool(edge.to(device), fine, f_factors)
-    if fixed_mask is not None:
+    if fixed_mask is not None and like is None:
         mask, _ = pool(band_limited(fixed_mask > 0, fixed_grid, fine), fine, f_factors)
         weight = mask if weight is None else weight * mask
     fill = None
@@ -706,8 +720,8 @@ def build_level(
         # 1.75 / 1.77 with the features unturned)
         axes = tuple(range(2, m_features.dim()))
         fill = ((m_features * whole).sum(dim=axes) / whole.sum().clamp_min(1e-6))[0]
-    pull = None
-    if fill_pulls:
+    pull = None if like is None else like.pull
+    if fill_pulls and like is None:
         band = PULL_REACH * float(np.max(grid.spacing))  # mm
         pull = (edge_distance(fixed_grid, grid) <= band).reshape(-1, 1).to(device, torch.float32)
     table = torch.cat([m_features, *supports], dim=1)[0].movedim(0, -1).contiguous()
@@ -718,8 +732,9 @@ def build_level(
         moving_grid=m_grid,
         moving=table,
         fill=fill,
-        points=grid.points(dtype=torch.float32, device=device),
+        points=grid.points(dtype=torch.float32, device=device) if like is None else like.points,
         pull=pull,
+        recipe=recipe,
     )
 
 

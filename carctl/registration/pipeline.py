@@ -278,6 +278,7 @@ class _State:
     displacement: tuple[Grid, torch.Tensor] | None = None
     initial: np.ndarray | None = None  # a given start (--initial-affine) instead of a search
     frame: np.ndarray | None = None  # the start's rotation, for the moving features' axes
+    followed: bool = False  # a linear stage has set (or kept) the frame
     masked: bool = False  # masks were given (the two above hold scanner padding too)
     generator: torch.Generator = field(default_factory=torch.Generator)
     _levels: dict = field(default_factory=dict)
@@ -298,32 +299,43 @@ class _State:
         ``spacing / LINEAR_OVERSAMPLE`` and compared only where both images are present
         (see the note after :data:`LINEAR_OVERSAMPLE`)."""
         spec = loss_spec(loss) if loss else self.spec
-        oversample = LINEAR_OVERSAMPLE if linear else OVERSAMPLE
         key = (round(spacing, 6), spec.name, linear)
         if key not in self._levels:
-            # the deformable pyramid's coarsest level lets the fill pull (EDGE_PULL_LEVELS)
-            coarsest = self.schedule["deformable"][:EDGE_PULL_LEVELS]
-            pulls = not linear and any(abs(spacing - s) < 1e-6 for s in coarsest)
-            self._levels[key] = build_level(
-                self.fixed_norm,
-                self.fixed.grid,
-                self.moving_norm,
-                self.moving.grid,
-                spacing,
-                spec.features,
-                self.box,
-                self.fixed_mask,
-                self.moving_mask,
-                spec.fills_outside and not linear,
-                self.device,
-                self.moving_box,
-                oversample,
-                spec.reach,
-                pulls,
-                self.frame,
-                spec.match_resolution,
-            )
+            self._levels[key] = self._build(spacing, spec, linear, self.frame)
         return self._levels[key]
+
+    def turned(self, spacing: float, frame: np.ndarray) -> Level:
+        """The initialisation's level of ``spacing`` (MIND, ``linear``) with the moving
+        features taken along ``frame`` (not cached; the fixed side is the cached level's)."""
+        like = self.level(spacing, "mind", linear=True)
+        return self._build(spacing, loss_spec("mind"), True, frame, like)
+
+    def _build(
+        self, spacing: float, spec: LossSpec, linear: bool, frame: np.ndarray | None, like=None
+    ) -> Level:
+        # the deformable pyramid's coarsest level lets the fill pull (EDGE_PULL_LEVELS)
+        coarsest = self.schedule["deformable"][:EDGE_PULL_LEVELS]
+        pulls = not linear and any(abs(spacing - s) < 1e-6 for s in coarsest)
+        return build_level(
+            self.fixed_norm,
+            self.fixed.grid,
+            self.moving_norm,
+            self.moving.grid,
+            spacing,
+            spec.features,
+            self.box,
+            self.fixed_mask,
+            self.moving_mask,
+            spec.fills_outside and not linear,
+            self.device,
+            self.moving_box,
+            LINEAR_OVERSAMPLE if linear else OVERSAMPLE,
+            spec.reach,
+            pulls,
+            frame,
+            spec.match_resolution,
+            like,
+        )
 
 
 def rotation_frame(affine: np.ndarray, least: float = FRAME_DEGREES) -> np.ndarray | None:
@@ -398,6 +410,7 @@ def _stage_initialise(state: _State, progress: Progress) -> StageReport:
         progress.advance,
         INIT_VOXELS,
         state.masked,
+        _turned_levels(state, state.schedule["initialise"]),
     )
     header = next(s for s in scored if s.name == "header")
     state.affine = best.matrix
@@ -417,6 +430,24 @@ def _stage_initialise(state: _State, progress: Progress) -> StageReport:
     return StageReport("initialise", 0.0, header.score, best.score, detail)
 
 
+def _turned_levels(state: _State, spacing: float) -> Callable[[np.ndarray], Level | None]:
+    """For the initialisation: the level of ``spacing`` whose moving features are taken along
+    a start's rotation when it turns by :data:`FRAME_DEGREES` or more (not for a moving stack
+    of slices, see :data:`FOLLOW_DEGREES`), else None; each built once."""
+    built: dict[bytes, Level] = {}
+
+    def level(matrix: np.ndarray) -> Level | None:
+        frame = rotation_frame(matrix, FRAME_DEGREES)
+        if frame is None or _stack(state.moving.grid):
+            return None
+        key = np.round(frame, 9).tobytes()
+        if key not in built:
+            built[key] = state.turned(spacing, frame)
+        return built[key]
+
+    return level
+
+
 def _follow_frame(state: _State, detail: dict) -> bool:
     """After a linear stage: when the rotation it found is :data:`FOLLOW_DEGREES` or more
     from the axes the moving features are taken along (the fixed image's, or the start's
@@ -429,7 +460,11 @@ def _follow_frame(state: _State, detail: dict) -> bool:
     if rotation is None:
         return False  # a mirror
     current = np.eye(state.moving.grid.ndim) if state.frame is None else state.frame
-    if degrees(rotation @ current.T) < FOLLOW_DEGREES:
+    # the start's frame (a candidate's rotation, briefly refined) gives way to the first
+    # linear stage's rotation however close
+    least = FOLLOW_DEGREES if state.frame is None or state.followed else 0.0
+    state.followed = True
+    if degrees(rotation @ current.T) < least:
         return False
     turned = degrees(rotation)
     state.frame = rotation if turned >= FOLLOW_DEGREES else None
