@@ -311,7 +311,12 @@ class _State:
         return self._build(spacing, loss_spec("mind"), True, frame, like)
 
     def _build(
-        self, spacing: float, spec: LossSpec, linear: bool, frame: np.ndarray | None, like=None
+        self,
+        spacing: float,
+        spec: LossSpec,
+        linear: bool,
+        frame: np.ndarray | None,
+        like: Level | None = None,
     ) -> Level:
         # the deformable pyramid's coarsest level lets the fill pull (EDGE_PULL_LEVELS)
         coarsest = self.schedule["deformable"][:EDGE_PULL_LEVELS]
@@ -452,8 +457,9 @@ def _follow_frame(state: _State, detail: dict) -> bool:
     """After a linear stage: when the rotation it found is :data:`FOLLOW_DEGREES` or more
     from the axes the moving features are taken along (the fixed image's, or the start's
     frame), the levels built from now on take them along that rotation (along the fixed
-    axes again when it turns by less than that); the levels built so far are dropped. Not
-    for a moving stack of slices (see :data:`FOLLOW_DEGREES`). Whether the frame changed."""
+    axes again when it turns by less than that); the levels built so far are dropped. The
+    start's frame gives way to the first linear stage's rotation however close. Not for a
+    moving stack of slices (see :data:`FOLLOW_DEGREES`). Whether the frame changed."""
     if _stack(state.moving.grid):
         return False
     rotation = rotation_frame(state.affine, 0.0)
