@@ -871,8 +871,15 @@ def test_evaluate_refuses_non_label_images(cli, tmp_path):
 
 
 def test_demo_runs_on_the_bundled_pair(cli, tmp_path):
+    """Earlier outputs are refused without ``--force`` and overwritten with it (one run of
+    the demo: its outputs are what the refusal looks for)."""
     out = tmp_path / "demo"
-    result = cli("demo", "-o", out)
+    out.mkdir()
+    (out / "evaluation.json").write_text("an earlier run's")
+    again = cli("demo", "-o", out)
+    _assert_one_line_error(again, 1, "exists; use --force")
+    assert (out / "evaluation.json").read_text() == "an earlier run's"
+    result = cli("demo", "-o", out, "--force")
     assert result.code == 0, result.err
     assert sorted(p.name for p in out.iterdir()) == [
         "evaluation.json",
@@ -885,9 +892,6 @@ def test_demo_runs_on_the_bundled_pair(cli, tmp_path):
     assert report["dice_header"] == pytest.approx(0.85, abs=0.01)
     assert report["dice_mean"] > 0.9  # after registration
     assert report["field"]["folding_percent"] < 0.05
-    again = cli("demo", "-o", out)
-    _assert_one_line_error(again, 1, "exists; use --force")
-    assert cli("demo", "-o", out, "--force").code == 0
 
 
 def test_native_reader_messages_do_not_leak(tmp_path):
