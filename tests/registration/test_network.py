@@ -254,7 +254,8 @@ def test_a_large_motion_found_by_the_first_level_scales_the_default_weight(monke
     by MOTION_SCALE_MM / the first level's mean motion when that is larger; a weight given
     with --regularization is kept, and a motion under the scale changes nothing."""
     image = blobs()
-    options = RegistrationOptions(method="io", regularization=given)
+    # few iterations: the weights are what is checked
+    options = RegistrationOptions(method="io", regularization=given, iterations=10)
     monkeypatch.setattr(pipeline, "MOTION_SCALE_MM", 1e-6)  # every motion counts as large
     detail = next(
         s for s in register(image, contrast(image), options).stages if s.name == "deformable"
