@@ -185,6 +185,15 @@ def _angles(angles: tuple[float, ...]) -> str:
     return "/".join(f"{a:+g}" for a in angles) + " deg"
 
 
+def _by_level(first: Level, levels: list[Level]) -> list[tuple[Level, list[int]]]:
+    """The indices into ``levels`` of each level in it, ``first``'s first (its random voxels
+    drawn as before any other level came in)."""
+    groups: dict[int, tuple[Level, list[int]]] = {id(first): (first, [])}
+    for i, lv in enumerate(levels):
+        groups.setdefault(id(lv), (lv, []))[1].append(i)
+    return [group for group in groups.values() if group[1]]
+
+
 def initialise(
     level: Level,
     starts: list[Start],
@@ -214,8 +223,7 @@ def initialise(
     scoring = [(turned(s.matrix) if own else None) or level for s in starts]
     scores, overlaps = [0.0] * len(starts), [0.0] * len(starts)
     with torch.no_grad():
-        for where in dict.fromkeys([level, *scoring]):
-            members = [i for i, lv in enumerate(scoring) if lv is where]
+        for where, members in _by_level(level, scoring):
             for group in range(0, len(members), SCORED_TOGETHER):
                 some = members[group : group + SCORED_TOGETHER]
                 matrices = torch.as_tensor(np.stack([starts[i].matrix for i in some]))
@@ -244,13 +252,10 @@ def initialise(
     if all(c.name != "header" for c in chosen):
         chosen.append(header)
     # the starts turned far enough are refined on their own levels, the others side by side
-    # on ``level`` (first, drawing the random voxels as before)
+    # on ``level``
     levels = [(turned(s.matrix) if turned else None) or level for s in chosen]
     refined: list[Start | None] = [None] * len(chosen)
-    for own in dict.fromkeys([level, *levels]):
-        members = [i for i, lv in enumerate(levels) if lv is own]
-        if not members:
-            continue
+    for own, members in _by_level(level, levels):
         params = [AffineParameters(chosen[i].matrix, center, affine=False) for i in members]
         losses = optimise(own, params, function, iterations, radius, progress, budget, generator)
         matrices = [p.homogeneous().detach() for p in params]

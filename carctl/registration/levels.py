@@ -634,9 +634,9 @@ def build_level(
     axes, so where the moving image shows the anatomy turned (by the affine's rotation),
     its descriptors must be taken along the turned axes to mean what the fixed image's do.
 
-    ``like``: a level built from the same fixed image, mask, box and spacing (another
-    ``frame``): its fixed side (grid, features, weights) is taken as it is where it was made
-    on the same grid (otherwise built anew)."""
+    ``like``: a level built from the same fixed image, mask and box (another ``frame``): its
+    fixed side (features, grid, weights, points) is taken as it is where it was made the
+    same way (grid, features, reach; otherwise built anew)."""
     f_box = widened(box, fixed_grid)
     m_box = None if moving_box is None else widened(moving_box, moving_grid)
     steps = axis_spacing(spacing, fixed_grid, f_box, moving_grid, m_box)
@@ -676,19 +676,45 @@ def build_level(
         return [max(1, round(max(s, t) / s)) for s, t in zip(grid.spacing, steps, strict=True)]
 
     f_factors, m_factors = factors(fine), factors(m_fine)
+    fill_pulls = fills_outside and fill_pulls
+
+    def fixed_side() -> tuple:
+        """The fixed features and their grid, weight, pull and points."""
+        f_features, grid = pool(
+            features(band_limited(fixed, fixed_grid, fine, resolution)), fine, f_factors
+        )
+        weight = None
+        if reach:
+            # the fixed image's own edge: its descriptors there read beyond it too
+            edge = interior(fixed_grid, fine, reach, beyond=1.0)
+            if float(edge.min()) < 1.0:
+                weight, _ = pool(edge.to(device), fine, f_factors)
+        if fixed_mask is not None:
+            mask, _ = pool(band_limited(fixed_mask > 0, fixed_grid, fine), fine, f_factors)
+            weight = mask if weight is None else weight * mask
+        pull = None
+        if fill_pulls:
+            band = PULL_REACH * float(np.max(grid.spacing))  # mm
+            near = edge_distance(fixed_grid, grid) <= band
+            pull = near.reshape(-1, 1).to(device, torch.float32)
+        return f_features, grid, weight, pull, grid.points(dtype=torch.float32, device=device)
+
     # what the fixed side is made from (the moving image's voxels along a turned frame can
-    # change it): ``like``'s is taken only where it is the same
-    recipe = (fine, tuple(f_factors), None if resolution is None else tuple(resolution))
-    if like is not None and like.recipe != recipe:
-        like = None
-    if like is None:
-        f_features = features(band_limited(fixed, fixed_grid, fine, resolution))
-        f_features, grid = pool(f_features, fine, f_factors)
+    # change its grid): ``like``'s is taken only where it is the same
+    resolved = None if resolution is None else tuple(resolution)
+    recipe = (fine, tuple(f_factors), resolved, features, reach, fill_pulls)
+    if like is not None and like.recipe == recipe:
+        f_features, grid, weight, pull, points = (
+            like.fixed,
+            like.grid,
+            like.weight,
+            like.pull,
+            like.points,
+        )
     else:
-        f_features, grid = like.fixed, like.grid
+        f_features, grid, weight, pull, points = fixed_side()
     m_features = features(band_limited(moving, moving_grid, m_fine))
     m_features, m_grid = pool(m_features, m_fine, m_factors)
-    fill_pulls = fills_outside and fill_pulls
     # the support: eroded by the reach where there is one; where the fill pulls, the points
     # read the moving image up to its edge: the support not eroded is kept for them too
     whole = None  # how much of each voxel lies in the moving image
@@ -702,15 +728,6 @@ def build_level(
     if moving_mask is not None:
         mask, _ = pool(band_limited(moving_mask > 0, moving_grid, m_fine), m_fine, m_factors)
         supports = [support * mask for support in supports]
-    weight = None if like is None else like.weight
-    if reach and like is None:
-        # the fixed image's own edge: its descriptors there read beyond it too
-        edge = interior(fixed_grid, fine, reach, beyond=1.0)
-        if float(edge.min()) < 1.0:
-            weight, _ = pool(edge.to(device), fine, f_factors)
-    if fixed_mask is not None and like is None:
-        mask, _ = pool(band_limited(fixed_mask > 0, fixed_grid, fine), fine, f_factors)
-        weight = mask if weight is None else weight * mask
     fill = None
     if fills_outside:
         # the moving image's mean descriptor: a turned working grid's corners lie beyond the
@@ -720,10 +737,6 @@ def build_level(
         # 1.75 / 1.77 with the features unturned)
         axes = tuple(range(2, m_features.dim()))
         fill = ((m_features * whole).sum(dim=axes) / whole.sum().clamp_min(1e-6))[0]
-    pull = None if like is None else like.pull
-    if fill_pulls and like is None:
-        band = PULL_REACH * float(np.max(grid.spacing))  # mm
-        pull = (edge_distance(fixed_grid, grid) <= band).reshape(-1, 1).to(device, torch.float32)
     table = torch.cat([m_features, *supports], dim=1)[0].movedim(0, -1).contiguous()
     return Level(
         grid=grid,
@@ -732,7 +745,7 @@ def build_level(
         moving_grid=m_grid,
         moving=table,
         fill=fill,
-        points=grid.points(dtype=torch.float32, device=device) if like is None else like.points,
+        points=points,
         pull=pull,
         recipe=recipe,
     )
