@@ -1059,15 +1059,16 @@ def test_deformable_recovers_known_deformation(phantom):
     )
     identity = compose(pair.fixed.grid, np.eye(4), None)
     before = end_point_error(identity, pair.truth, pair.mask)
-    affine = register(pair.moving, pair.fixed, RegistrationOptions(method="affine"))
     full = register(pair.moving, pair.fixed, RegistrationOptions(method="io"))
-    after_affine = end_point_error(affine.field, pair.truth, pair.mask)
+    # io's linear stages are the affine method's (the same counts and random numbers)
+    affine = compose(pair.fixed.grid, full.affine.homogeneous, None)
+    after_affine = end_point_error(affine, pair.truth, pair.mask)
     after = end_point_error(full.field, pair.truth, pair.mask)
     # affine -> deformable over seeds 3, 5, 7 and 11: 1.09 -> 0.91, 2.67 -> 1.18, 1.61 -> 1.05,
     # 1.99 -> 1.18 mm (seed 3's affine was 1.50 mm while the linear stages compared MIND with
-    # a constant outside the moving image)
+    # a constant outside the moving image; 1.21 since the 26th session)
     assert after < 0.9 * after_affine < before, (before, after_affine, after)
-    # under half a 2.5 mm voxel (0.91 here)
+    # under half a 2.5 mm voxel
     assert after < 1.1, (before, after_affine, after)
     assert float((jacobian_determinant(full.field) <= 0).float().mean()) < 1e-3
 
