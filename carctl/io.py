@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".hdr")
 # Transform files (read and written by carctl.spatial.files; here so that commands check
 # their outputs' names before loading torch).
-AFFINE_EXTENSIONS = (".mat", ".tfm", ".txt")
+AFFINE_EXTENSIONS = (".mat", ".tfm", ".txt", ".h5")
 FIELD_EXTENSIONS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
 # Files that an image format writes next to its header.
 _COMPANIONS = {".mhd": (".raw", ".zraw"), ".hdr": (".img", ".img.gz"), ".nhdr": (".raw.gz",)}

@@ -240,11 +240,12 @@ def read_affine(path: str | os.PathLike) -> Affine:
     path = Path(path)
     require_file(path)
     if image_suffix(path) in IMAGE_EXTENSIONS:
-        raise InputError(f"'{path}' is an image, not an affine transform (.mat, .tfm, .txt)")
+        raise InputError(f"'{path}' is an image, not an affine transform (.mat, .tfm, .txt, .h5)")
     if path.stat().st_size == 0:
         raise InputError(f"cannot read transform '{path}': the file is empty")
     # a .mat's sizes before ITK reads it (ITK fills a file cut short from memory)
-    matlab = _matlab_sections(path) if path.suffix.lower() == ".mat" else None
+    suffix = path.suffix.lower()
+    matlab = _matlab_sections(path) if suffix == ".mat" else None
     try:
         with native_output_silenced():
             transform = sitk.ReadTransform(os.fspath(path))
@@ -252,12 +253,15 @@ def read_affine(path: str | os.PathLike) -> Affine:
         reason = one_line_reason(error)
         if reason == str(path) or reason == path.name:  # ITK names the file, not the problem
             reason = "not an ITK transform file"
+        elif "unsupported type" in reason:  # no reader took it: an .h5 cut short, say
+            reason = "not a readable ITK transform file (damaged or cut short?)"
         elif "parameters array size" in reason:
             reason = "its parameters are missing or not numbers"
         raise InputError(f"cannot read transform '{path}': {reason}") from error
     if not transform.IsLinear():
         raise InputError(f"'{path}' holds a non-linear transform; carctl reads affines from it")
-    _require_complete(path, _text_sections(path) if matlab is None else matlab)
+    if suffix != ".h5":  # HDF5 keeps its arrays' sizes: ITK refuses one cut short itself
+        _require_complete(path, _text_sections(path) if matlab is None else matlab)
     d = transform.GetDimension()
     # Any linear transform is fully known from the images of the origin and unit vectors.
     offset = np.asarray(transform.TransformPoint((0.0,) * d))

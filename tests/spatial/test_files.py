@@ -345,7 +345,7 @@ def test_a_field_with_a_non_finite_vector_is_refused_either_way(tmp_path):
 
 
 @pytest.mark.parametrize("ndim", [2, 3])
-@pytest.mark.parametrize("extension", [".mat", ".tfm"])
+@pytest.mark.parametrize("extension", [".mat", ".tfm", ".h5"])
 def test_written_affine_maps_points_like_simpleitk(tmp_path, extension, ndim):
     """write_affine -> sitk.ReadTransform maps points as carctl's Affine does (1e-9 mm), and
     read_affine gives the same affine back (centre included)."""
@@ -416,7 +416,7 @@ def simpleitk_linear_transforms():
     }
 
 
-@pytest.mark.parametrize("extension", [".mat", ".tfm"])
+@pytest.mark.parametrize("extension", [".mat", ".tfm", ".h5"])
 @pytest.mark.parametrize("kind", list(simpleitk_linear_transforms()))
 def test_read_affine_reads_simpleitk_transform_files(tmp_path, kind, extension):
     """read_affine of a SimpleITK-written Euler/similarity/versor/affine/translation file maps
@@ -633,6 +633,28 @@ def test_an_euler_transform_of_older_itk_without_its_flag_is_read(tmp_path):
     affine = read_affine(path)
     np.testing.assert_allclose(affine.translation, [1.0, 2.0, 3.0])
     np.testing.assert_allclose(affine.center, [5.0, 6.0, 7.0])
+
+
+def test_hdf5_transforms_are_read_as_every_command_reads_them(tmp_path):
+    """Found by a sweep: ``apply/points/qa -t A.h5`` refused an ITK HDF5 affine ("not a
+    transform file") that ``-a`` and ``--initial-affine`` read. Now read_transform takes it;
+    one with a field inside (ANTs' composite) or cut short is refused in one line."""
+    from carctl.spatial.files import read_transform
+
+    transform = simpleitk_linear_transforms()["affine3d"]
+    path = tmp_path / "a.h5"
+    sitk.WriteTransform(transform, str(path))
+    points = random_points(3)
+    read = read_transform(path)
+    assert np.abs(carctl_points(read, points) - sitk_points(transform, points)).max() < 1e-9
+    field = sitk.DisplacementFieldTransform(sitk.Image([4, 4, 4], sitk.sitkVectorFloat64, 3))
+    sitk.WriteTransform(sitk.CompositeTransform([transform, field]), str(tmp_path / "c.h5"))
+    with pytest.raises(InputError, match="holds a non-linear transform"):
+        read_transform(tmp_path / "c.h5")
+    data = path.read_bytes()
+    (tmp_path / "short.h5").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="damaged or cut short"):
+        read_transform(tmp_path / "short.h5")
 
 
 @pytest.mark.parametrize("keep", [60, 150, 185, 190, -1])
