@@ -19,6 +19,8 @@ LOSSES = ("mind", "mi", "lncc", "ncc", "mse", "imse", "mind+imse")
 # keeps the two in step): without a deformable stage they change nothing.
 LINEAR_MIND_LOSSES = ("lncc", "imse", "mind+imse")
 REGULARISERS = ("diffusion", "bending")
+# The initialisation's rotation search (carctl.registration.initialise).
+SEARCHES = ("default", "wide")
 
 
 def check_seed(seed: int) -> None:
@@ -43,6 +45,7 @@ class RegistrationOptions:
     resolution: float | None = None  # finest deformable spacing, mm
     device: str = "cpu"  # or "cuda"; "auto" picks CUDA when there is one
     seed: int = 0
+    search: str = "default"  # see SEARCHES: the initialisation's rotations
 
     def unused(self) -> list[str]:
         """The options given that ``method`` does not use: those of the deformable stage
@@ -67,6 +70,7 @@ class RegistrationOptions:
             ("--loss", self.loss, LOSSES),
             ("regulariser", self.regulariser, REGULARISERS),
             ("--device", self.device, DEVICES),
+            ("--search", self.search, SEARCHES),
         ):
             if value not in choices:
                 raise UsageError(f"unknown {option} '{value}'; choose from {', '.join(choices)}")

@@ -52,6 +52,7 @@ def command(
     regularization: register.Regularization = None,
     iterations: register.Iterations = None,
     resolution: register.Resolution = None,
+    search: register.Search = "default",
     inverse: Annotated[
         bool, typer.Option("--inverse", help="Also write each inverse field (moving grid).")
     ] = False,
@@ -95,6 +96,7 @@ def command(
         resolution=resolution,
         device=device,
         seed=seed,
+        search=search,
     )
     from carctl.cli.register import warn_unused
 

@@ -42,6 +42,14 @@ Iterations = Annotated[
 Resolution = Annotated[
     float | None, typer.Option("--resolution", help="Finest deformable spacing, mm.")
 ]
+Search = Annotated[
+    str,
+    typer.Option(
+        "--search",
+        help="The start's rotations: default (0 and +-20 degrees about each axis) | wide "
+        "(every 30 up to +-60, for orientations up to ~90 degrees apart; seconds more).",
+    ),
+]
 Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")]
 Threads = Annotated[int | None, typer.Option("--threads", help="CPU threads.")]
 Seed = Annotated[int, typer.Option("--seed", help="Random seed (same seed, same result).")]
@@ -123,6 +131,7 @@ def command(
     regularization: Regularization = None,
     iterations: Iterations = None,
     resolution: Resolution = None,
+    search: Search = "default",
     device: Device = "auto",
     threads: Threads = None,
     seed: Seed = 0,
@@ -178,6 +187,7 @@ def command(
         resolution=resolution,
         device=device,
         seed=seed,
+        search=search,
     )
     warn_unused(settings)
     if json_out == "-":
@@ -306,6 +316,11 @@ def run(
             f"{moving_image.grid.ndim}-D"
         )
     require_file(options.get("initial_affine"))
+    if options.get("initial_affine") and settings.search != "default":
+        stderr().print(
+            f"warning: --search {settings.search} has no effect with an initial affine (it "
+            "replaces the search)"
+        )
     for key in ("warped", "warped_labels", "field", "inverse_field"):
         if key in outputs:
             grid = moving_image.grid if key == "inverse_field" else fixed_image.grid
