@@ -164,10 +164,15 @@ def _run_all(
 
 
 def _chosen(settings: RegistrationOptions) -> dict:
-    """The options that make a pair's result what it is (summary.json keeps them)."""
+    """The options that make a pair's result what it is (summary.json keeps them); the
+    default ``search`` left out, as summaries written before it existed have it (their pairs
+    are not redone for it)."""
     import dataclasses
 
-    return {k: v for k, v in dataclasses.asdict(settings).items() if k != "device"}
+    chosen = dataclasses.asdict(settings)
+    if chosen["search"] == "default":
+        del chosen["search"]
+    return {k: v for k, v in chosen.items() if k != "device"}
 
 
 def _recipe(pair: Pair, settings: RegistrationOptions, options: dict) -> dict:

@@ -354,3 +354,14 @@ def test_batch_refuses_a_bad_list_or_option_before_any_work(cli, listing, tmp_pa
     result = cli("batch", kept, "-o", listing.parent, "--method", "rigid", "-q")
     assert result.code == 1 and "it is one of the inputs" in result.err
     assert kept.read_text() == listing.read_text() and not (listing.parent / "one").exists()
+
+
+def test_the_default_search_is_left_out_of_the_recorded_options():
+    """summary.json's options name ``search`` only when it is not the default: summaries
+    written before the option existed match a batch run with the default (not redone)."""
+    from carctl.cli.batch import _chosen
+    from carctl.config import RegistrationOptions
+
+    assert "search" not in _chosen(RegistrationOptions())
+    assert _chosen(RegistrationOptions(search="wide"))["search"] == "wide"
+    assert "device" not in _chosen(RegistrationOptions())
