@@ -685,7 +685,9 @@ def test_initialisation_recovers_large_offsets(phantom):
 
 def _unturned(monkeypatch) -> None:
     """The initialisation as before: every start refined along the fixed axes."""
-    monkeypatch.setattr(pipeline, "_turned_levels", lambda state, spacing: lambda matrix: None)
+    monkeypatch.setattr(
+        pipeline, "_turned_levels", lambda state, spacing, keep=True: lambda m: None
+    )
 
 
 def test_starts_turned_far_are_refined_along_their_own_rotation(phantom, monkeypatch):
