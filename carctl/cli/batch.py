@@ -165,8 +165,8 @@ def _run_all(
 
 def _chosen(settings: RegistrationOptions) -> dict:
     """The options that make a pair's result what it is (summary.json keeps them); the
-    default ``search`` left out, as summaries written before it existed have it (their pairs
-    are not redone for it)."""
+    default ``search`` left out: summaries written before the option existed lack it, and
+    their pairs are not redone for it."""
     import dataclasses
 
     chosen = dataclasses.asdict(settings)

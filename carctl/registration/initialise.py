@@ -205,7 +205,7 @@ def _by_level(first: Level, levels: list[Level]) -> list[tuple[Level, list[int]]
     return [group for group in groups.values() if group[1]]
 
 
-def _by_rotation(starts: list[Start]) -> list[list[int]]:
+def by_rotation(starts: list[Start]) -> list[list[int]]:
     """The indices of ``starts`` grouped by their rotation, in the order they first appear."""
     groups: dict[bytes, list[int]] = {}
     for i, s in enumerate(starts):
@@ -234,7 +234,7 @@ def initialise(
     ``turned(matrix)``: for a start whose rotation turns far enough, the level (``level``'s
     grids) whose moving features are taken along that rotation, else None; the chosen
     starts it gives a level for are refined there (in 2-D, and with ``own``, every start is
-    scored there too)."""
+    scored there too; in 3-D ``progress`` then also advances by one per rotation scored)."""
     generator = torch.Generator().manual_seed(0)
     index = level.sample_index(SCORE_VOXELS, generator)  # the same voxels for every start
     # in 2-D each start is scored along its own rotation: along the fixed axes a start near
@@ -253,8 +253,10 @@ def initialise(
 
     with torch.no_grad():
         if own and level.ndim == 3:  # a level per rotation, each dropped once it has scored
-            for members in _by_rotation(starts):
+            for members in by_rotation(starts):
                 score(turned(starts[members[0]].matrix) or level, members)
+                if progress is not None:  # seconds in all: a step per rotation
+                    progress(1)
         else:
             scoring = [(turned(s.matrix) if own else None) or level for s in starts]
             for where, members in _by_level(level, scoring):

@@ -410,6 +410,8 @@ def _stage_initialise(state: _State, progress: Progress) -> StageReport:
         wide,
     )
     refined = (init_stage.REFINED + 1) * INIT_ITERATIONS
+    if wide and state.fixed.grid.ndim == 3:  # and a step per rotation scored
+        refined += len(init_stage.by_rotation(starts))
     progress.start("initialise", refined)
     best, scored = init_stage.initialise(
         level,

@@ -1509,7 +1509,19 @@ def test_a_wide_search_finds_a_phantom_turned_by_60_degrees(phantom):
     search (0 and +-20 degrees) ends 35 mm off."""
     fixed, truth = _turned(phantom, 60.0)
     mask = fixed.array > 0
-    wide = register(phantom, fixed, RegistrationOptions(method="rigid", search="wide"))
+    steps: dict[str, list[int]] = {}  # a stage's announced total and the steps it took
+
+    class Steps:
+        def start(self, stage: str, total: int) -> None:
+            steps[stage] = [total, 0]
+
+        def advance(self, n: int = 1) -> None:
+            steps[list(steps)[-1]][1] += n
+
+    options = RegistrationOptions(method="rigid", search="wide")
+    wide = register(phantom, fixed, options, progress=Steps())
+    # the progress bar counts the rotations scored too, and ends full
+    assert steps["initialise"][0] == steps["initialise"][1] > len(initialise.WIDE_ANGLES) ** 3
     assert wide.stages[0].detail["search"] == "wide"
     assert wide.stages[0].detail["candidates"] == 3 * len(initialise.WIDE_ANGLES) ** 3
     assert mean_error(wide.field, truth, mask) < 0.5
