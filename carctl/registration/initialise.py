@@ -233,14 +233,11 @@ def initialise(
 
     ``turned(matrix)``: for a start whose rotation turns far enough, the level (``level``'s
     grids) whose moving features are taken along that rotation, else None; the chosen
-    starts it gives a level for are refined there (in 2-D, and with ``own``, every start is
-    scored there too; in 3-D ``progress`` then also advances by one per rotation scored)."""
+    starts it gives a level for are refined there. With ``own`` every start is scored there
+    too, rotation by rotation (:func:`by_rotation`; ``progress`` advances by one for each),
+    each level asked for once."""
     generator = torch.Generator().manual_seed(0)
     index = level.sample_index(SCORE_VOXELS, generator)  # the same voxels for every start
-    # in 2-D each start is scored along its own rotation: along the fixed axes a start near
-    # a large rotation scored worse than the header (and a level costs little there); in 3-D
-    # when asked (``--search wide``)
-    own = turned is not None and (own or level.ndim == 2)
     scores, overlaps = [0.0] * len(starts), [0.0] * len(starts)
 
     def score(where: Level, members: list[int]) -> None:
@@ -252,15 +249,13 @@ def initialise(
                 scores[i], overlaps[i] = sc, ov
 
     with torch.no_grad():
-        if own and level.ndim == 3:  # a level per rotation, each dropped once it has scored
+        if own and turned is not None:
             for members in by_rotation(starts):
                 score(turned(starts[members[0]].matrix) or level, members)
-                if progress is not None:  # seconds in all: a step per rotation
+                if progress is not None:
                     progress(1)
         else:
-            scoring = [(turned(s.matrix) if own else None) or level for s in starts]
-            for where, members in _by_level(level, scoring):
-                score(where, members)
+            score(level, list(range(len(starts))))
     require_overlap(
         level,
         best_overlap(level, [s.matrix for s in starts], overlaps),
@@ -286,12 +281,12 @@ def initialise(
     # on ``level``
     levels = [(turned(s.matrix) if turned else None) or level for s in chosen]
     refined: list[Start | None] = [None] * len(chosen)
-    for own, members in _by_level(level, levels):
+    for where, members in _by_level(level, levels):
         params = [AffineParameters(chosen[i].matrix, center, affine=False) for i in members]
-        losses = optimise(own, params, function, iterations, radius, progress, budget, generator)
+        losses = optimise(where, params, function, iterations, radius, progress, budget, generator)
         matrices = [p.homogeneous().detach() for p in params]
         with torch.no_grad():
-            overlaps = level_overlap(own, torch.stack(matrices), index).tolist()
+            overlaps = level_overlap(where, torch.stack(matrices), index).tolist()
         for i, matrix, (_, last), overlap in zip(members, matrices, losses, overlaps, strict=True):
             refined[i] = Start(chosen[i].name, matrix.numpy(), last, overlap)
     usable = [s for s in refined if s.overlap >= least] or refined

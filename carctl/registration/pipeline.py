@@ -401,6 +401,10 @@ def _stage_initialise(state: _State, progress: Progress) -> StageReport:
         _turn_frame(state, detail)
         return StageReport("initialise", 0.0, header, given, detail)
     wide = state.options.search == "wide"
+    # each start scored along its own rotation: in 2-D (along the fixed axes a start near a
+    # large rotation scored worse than the header, and a level costs little there), and in
+    # 3-D when asked (--search wide: 124 levels, each dropped once it has scored)
+    own = wide or state.fixed.grid.ndim == 2
     starts = init_stage.candidates(
         state.fixed_norm,
         state.fixed.grid,
@@ -409,10 +413,10 @@ def _stage_initialise(state: _State, progress: Progress) -> StageReport:
         state.center,
         wide,
     )
-    refined = (init_stage.REFINED + 1) * INIT_ITERATIONS
-    if wide and state.fixed.grid.ndim == 3:  # and a step per rotation scored
-        refined += len(init_stage.by_rotation(starts))
-    progress.start("initialise", refined)
+    steps = (init_stage.REFINED + 1) * INIT_ITERATIONS
+    if own:  # and one per rotation scored
+        steps += len(init_stage.by_rotation(starts))
+    progress.start("initialise", steps)
     best, scored = init_stage.initialise(
         level,
         starts,
@@ -424,12 +428,16 @@ def _stage_initialise(state: _State, progress: Progress) -> StageReport:
         INIT_VOXELS,
         state.masked,
         _turned_levels(state, state.schedule["initialise"], keep=not wide),
-        own=wide,
+        own=own,
     )
     header = next(s for s in scored if s.name == "header")
     state.affine = best.matrix
-    detail = {"start": best.name, "candidates": len(scored), "spacing_mm": level.spacing}
-    detail["search"] = state.options.search
+    detail = {
+        "start": best.name,
+        "candidates": len(scored),
+        "spacing_mm": level.spacing,
+        "search": state.options.search,
+    }
     if header.overlap < init_stage.least_overlap(scored):
         detail["set_aside"] = (
             f"the header: the images overlap on {100 * header.overlap:.1f} % of the fixed "
