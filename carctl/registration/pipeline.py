@@ -404,7 +404,10 @@ def _stage_initialise(state: _State, progress: Progress) -> StageReport:
     # each start scored along its own rotation: in 2-D (along the fixed axes a start near a
     # large rotation scored worse than the header, and a level costs little there), and in
     # 3-D when asked (--search wide: 124 levels, each dropped once it has scored)
-    own = wide or state.fixed.grid.ndim == 2
+    planar = state.fixed.grid.ndim == 2
+    own = wide or planar
+    # in 2-D more finalists, judged on the linear stages' finest level (REFINED_2D)
+    refined = init_stage.REFINED_2D if planar else init_stage.REFINED
     starts = init_stage.candidates(
         state.fixed_norm,
         state.fixed.grid,
@@ -413,7 +416,7 @@ def _stage_initialise(state: _State, progress: Progress) -> StageReport:
         state.center,
         wide,
     )
-    steps = (init_stage.REFINED + 1) * INIT_ITERATIONS
+    steps = (refined + 1) * INIT_ITERATIONS
     if own:  # and one per rotation scored
         steps += len(init_stage.by_rotation(starts))
     progress.start("initialise", steps)
@@ -429,6 +432,8 @@ def _stage_initialise(state: _State, progress: Progress) -> StageReport:
         state.masked,
         _turned_levels(state, state.schedule["initialise"], keep=not wide),
         own=own,
+        refined=refined,
+        judge=_judge(state, state.schedule["affine"][-1]) if planar else None,
     )
     header = next(s for s in scored if s.name == "header")
     state.affine = best.matrix
@@ -451,6 +456,26 @@ def _stage_initialise(state: _State, progress: Progress) -> StageReport:
         )
     _turn_frame(state, detail)
     return StageReport("initialise", 0.0, header.score, best.score, detail)
+
+
+def _judge(state: _State, spacing: float) -> Callable[[list[np.ndarray]], list[float]]:
+    """For the initialisation: MIND under each of the refined starts' matrices on the
+    (linear) level of ``spacing``, the moving features along each one's rotation as at the
+    initialisation's level (:func:`_turned_levels`), on a fixed subset of its voxels."""
+    turned = _turned_levels(state, spacing)
+    function = LOSSES["mind"].function
+
+    def judge(matrices: list[np.ndarray]) -> list[float]:
+        losses = []
+        with torch.no_grad():
+            for matrix in matrices:
+                level = turned(matrix) or state.level(spacing, "mind", linear=True)
+                index = level.report_index(init_stage.SCORE_VOXELS)
+                loss = affine_stage.level_loss(level, torch.as_tensor(matrix), function, index)
+                losses.append(float(loss))
+        return losses
+
+    return judge
 
 
 def _turned_levels(
