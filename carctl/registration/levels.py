@@ -612,6 +612,7 @@ def build_level(
     frame: np.ndarray | None = None,
     match_resolution: bool = True,
     like: Level | None = None,
+    moving_memo: dict | None = None,
 ) -> Level:
     """Resample both (normalised) images to ``spacing / oversample`` mm (never finer than
     the fixed image's own voxels; the moving image at the fixed one's spacing, blurring the
@@ -636,7 +637,9 @@ def build_level(
 
     ``like``: a level built from the same fixed image, mask and box (another ``frame``): its
     fixed side (features, grid, weights, points) is taken as it is where it was made the
-    same way (grid, features, reach; otherwise built anew)."""
+    same way (grid, features, reach; otherwise built anew). ``moving_memo``: the moving
+    image's ``memo`` for :func:`resample_band_limited` (levels of one spacing along many
+    frames blur it once)."""
     f_box = widened(box, fixed_grid)
     m_box = None if moving_box is None else widened(moving_box, moving_grid)
     steps = axis_spacing(spacing, fixed_grid, f_box, moving_grid, m_box)
@@ -713,7 +716,11 @@ def build_level(
         )
     else:
         f_features, grid, weight, pull, points = fixed_side()
-    m_features = features(band_limited(moving, moving_grid, m_fine))
+    m_features = features(
+        resample_band_limited(
+            moving, moving_grid, m_fine, device=device, per_axis=True, memo=moving_memo
+        )
+    )
     m_features, m_grid = pool(m_features, m_fine, m_factors)
     # the support: eroded by the reach where there is one; where the fill pulls, the points
     # read the moving image up to its edge: the support not eroded is kept for them too
@@ -802,23 +809,38 @@ def resample_band_limited(
     device: torch.device | str = "cpu",
     per_axis: bool = False,
     resolution: np.ndarray | None = None,
+    memo: dict | None = None,
 ) -> torch.Tensor:
     """``array`` (on ``source``) blurred for ``target``'s finest spacing (with ``per_axis``,
     without ``transforms``: for its spacing along each of the source's axes, or for
     ``resolution`` (mm, per source axis) where that is coarser), then resampled onto
     ``target`` through ``transforms`` (see :func:`warp`): ``(1, 1, *target.shape)``
-    float32."""
-    t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
+    float32.
+
+    ``memo``: a dict the caller keeps for this ``array`` and ``source`` alone, when it
+    resamples them onto many targets of one spacing (``--search wide``'s turned levels): the
+    image blurred for a spacing is kept there whole and each target crops it, instead of
+    cropping first and blurring each crop (the same values where the target reads: the crop
+    keeps the blur's reach)."""
     if per_axis and not transforms:
         step = _spacing_along(source, target)
         if resolution is not None:
             step = np.maximum(step, resolution)
     else:
         step = float(np.min(target.spacing))
-    t, source = reduce(t.to(device), source, step)
-    sigma = smoothing_sigma(source.spacing, step)
+    key = (tuple(np.broadcast_to(step, (source.ndim,)).tolist()), str(device))
+    if memo is not None and key in memo:
+        t, source, sigma = memo[key]
+    else:
+        t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
+        t, source = reduce(t.to(device), source, step)
+        sigma = smoothing_sigma(source.spacing, step)
+        if memo is not None:
+            t = gaussian_blur(t, sigma)
+            memo[key] = (t, source, sigma)
     t, source = _crop_to_target(t, source, target, transforms, math.ceil(3 * max(sigma)) + 2)
-    t = gaussian_blur(t, sigma)
+    if memo is None:
+        t = gaussian_blur(t, sigma)
     lattice = None if transforms else _sublattice(source, target)
     return t[lattice].contiguous() if lattice is not None else warp(t, source, target, transforms)
 

@@ -304,11 +304,12 @@ class _State:
             self._levels[key] = self._build(spacing, spec, linear, self.frame)
         return self._levels[key]
 
-    def turned(self, spacing: float, frame: np.ndarray) -> Level:
+    def turned(self, spacing: float, frame: np.ndarray, memo: dict | None = None) -> Level:
         """The initialisation's level of ``spacing`` (MIND, ``linear``) with the moving
-        features taken along ``frame`` (not cached; the fixed side is the cached level's)."""
+        features taken along ``frame`` (not cached; the fixed side is the cached level's;
+        ``memo``: the moving image's, see :func:`~carctl.registration.levels.build_level`)."""
         like = self.level(spacing, "mind", linear=True)
-        return self._build(spacing, loss_spec("mind"), True, frame, like)
+        return self._build(spacing, loss_spec("mind"), True, frame, like, memo)
 
     def _build(
         self,
@@ -317,6 +318,7 @@ class _State:
         linear: bool,
         frame: np.ndarray | None,
         like: Level | None = None,
+        memo: dict | None = None,
     ) -> Level:
         # the deformable pyramid's coarsest level lets the fill pull (EDGE_PULL_LEVELS)
         coarsest = self.schedule["deformable"][:EDGE_PULL_LEVELS]
@@ -340,6 +342,7 @@ class _State:
             frame,
             spec.match_resolution,
             like,
+            memo,
         )
 
 
@@ -485,8 +488,10 @@ def _turned_levels(
     a start's rotation when it turns by :data:`FRAME_DEGREES` or more (not for a moving stack
     of slices, see :data:`FOLLOW_DEGREES`), else None; each built once, or with ``keep``
     False only the last one kept (``--search wide`` scores 124 of them: all kept, 3.8 GB at
-    the peak on a 1 mm brain instead of 0.85)."""
+    the peak on a 1 mm brain instead of 0.85). The moving image is blurred for them once
+    (``memo``: on a 1 mm brain 125 wide-search levels 13.3 -> 10 s, see docs/benchmarks.md)."""
     built: dict[bytes, Level] = {}
+    memo: dict = {}
 
     def level(matrix: np.ndarray) -> Level | None:
         frame = rotation_frame(matrix, FRAME_DEGREES)
@@ -496,7 +501,7 @@ def _turned_levels(
         if key not in built:
             if not keep:
                 built.clear()
-            built[key] = state.turned(spacing, frame)
+            built[key] = state.turned(spacing, frame, memo)
         return built[key]
 
     return level

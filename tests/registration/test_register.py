@@ -410,6 +410,28 @@ def test_band_limited_resampling_crops_without_changing_values(monkeypatch, move
     torch.testing.assert_close(cropped, whole, rtol=0, atol=1e-6)
 
 
+def test_band_limited_resampling_through_a_memo_blurs_once_with_the_same_values(monkeypatch):
+    """Targets of one spacing along other frames (``--search wide``'s turned levels) read the
+    source blurred once, whole, from the memo: the values of blurring each one's crop."""
+    source = Grid((40, 36, 30), (1.0, 1.0, 1.0), (-20.0, -18.0, -15.0), tuple(np.eye(3).ravel()))
+    array = np.random.default_rng(2).random((30, 36, 40)).astype(np.float32)
+    targets = [
+        Grid((9, 8, 7), (2.5, 2.5, 2.5), (-8.0, -6.0, -5.0), tuple(rotation(*a).ravel()))
+        for a in ((0.5, 0.0, 0.0), (0.0, -0.6, 0.2), (0.3, 0.3, -0.4))
+    ]
+    blurs = []
+    blur = levels.gaussian_blur
+    monkeypatch.setattr(levels, "gaussian_blur", lambda t, s: blurs.append(t.shape) or blur(t, s))
+    memo: dict = {}
+    for target in targets:
+        alone = levels.resample_band_limited(array, source, target, per_axis=True)
+        shared = levels.resample_band_limited(array, source, target, per_axis=True, memo=memo)
+        torch.testing.assert_close(shared, alone, rtol=0, atol=0)
+    assert len(memo) == 1
+    # each target alone blurred its crop; the memo blurred the whole (reduced) source once
+    assert len(blurs) == len(targets) + 1 and len(set(blurs)) > 1
+
+
 @pytest.mark.parametrize(
     ("spacing", "shift", "sliced"),
     [(1.0, (3.0, 2.0, 1.0), True), (2.0, (3.0, 2.0, 1.0), True), (1.0, (3.5, 2.0, 1.0), False)],
