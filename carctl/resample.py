@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from carctl.errors import InputError
-from carctl.io import Image, transform_spec
+from carctl.io import Image, Volumes, transform_spec
 from carctl.spatial.files import read_affine, read_field, read_transform
 from carctl.spatial.grid import Grid
 from carctl.spatial.sample import INTERPOLATORS, warp
@@ -87,15 +87,62 @@ def resample_image(
     ``linear`` and ``bspline`` give float32 (float64 for a float64 input); ``nearest`` and
     ``label`` keep the input's pixel type (see :data:`INTERPOLATORS`).
     """
+    _check(image.array.dtype, image.grid, reference, transforms, interpolation, fill)
+    out = warp(image.tensor(), image.grid, reference, transforms, mode=interpolation, fill=fill)
+    return Image(out[0, 0].numpy(), reference)
+
+
+# Voxels (volumes x the larger of their grid and the reference) that resample_volumes reads
+# in one call of warp(): bounds the memory of a chunk (a float32 chunk's output 128 MB).
+VOLUME_CHUNK_VOXELS = 1 << 25
+
+
+def resample_volumes(
+    volumes: Volumes,
+    reference: Grid,
+    transforms: Sequence[Transform] = (),
+    interpolation: str = "linear",
+    fill: float = 0.0,
+) -> Volumes:
+    """Every volume of a 4-D image resampled as :func:`resample_image` resamples one (the
+    same values; ``antsApplyTransforms -e 3``), the fourth axis kept. The volumes are read
+    a chunk at a time as the channels of one image, so that the mapping of the reference's
+    voxels is computed once per chunk, not once per volume."""
+    _check(volumes.array.dtype, volumes.grid, reference, transforms, interpolation, fill)
+    import torch
+
+    per = max(
+        1, VOLUME_CHUNK_VOXELS // max(math.prod(volumes.grid.size), math.prod(reference.size))
+    )
+    out = None
+    for first in range(0, len(volumes), per):
+        part = torch.from_numpy(np.ascontiguousarray(volumes.array[first : first + per]))[None]
+        values = warp(part, volumes.grid, reference, transforms, mode=interpolation, fill=fill)
+        if out is None:
+            dtype = values.numpy().dtype
+            out = np.empty((len(volumes), *reference.shape), dtype=dtype)
+        out[first : first + per] = values[0].numpy()
+    return Volumes(out, reference, volumes.step, volumes.start)
+
+
+def _check(
+    kind: np.dtype,
+    grid: Grid,
+    reference: Grid,
+    transforms: Sequence[Transform],
+    interpolation: str,
+    fill: float,
+) -> None:
+    """Refuse (:class:`InputError`) an interpolation, dimensions or a fill value that do not
+    fit an image of voxel type ``kind`` on ``grid`` and the ``reference``."""
     check_interpolation(interpolation)
     for transform in transforms:
         if transform.ndim != reference.ndim:
             raise InputError(
                 f"a {transform.ndim}-D transform cannot map a {reference.ndim}-D reference"
             )
-    if image.grid.ndim != reference.ndim:
-        raise InputError(f"the image is {image.grid.ndim}-D and the reference {reference.ndim}-D")
-    kind = image.array.dtype
+    if grid.ndim != reference.ndim:
+        raise InputError(f"the image is {grid.ndim}-D and the reference {reference.ndim}-D")
     if INTERPOLATORS[interpolation].keeps_type and np.issubdtype(kind, np.integer):
         limits = np.iinfo(kind)
         if not (math.isfinite(fill) and fill == int(fill) and limits.min <= fill <= limits.max):
@@ -103,5 +150,3 @@ def resample_image(
                 f"the fill value {fill:g} does not fit the image's {kind} voxels ({interpolation} "
                 f"keeps their type): give a whole number from {limits.min} to {limits.max}"
             )
-    out = warp(image.tensor(), image.grid, reference, transforms, mode=interpolation, fill=fill)
-    return Image(out[0, 0].numpy(), reference)

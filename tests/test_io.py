@@ -127,6 +127,57 @@ def test_a_4d_file_of_one_volume_takes_volume_0(tmp_path, name):
         read_image(f"{plain}:0")
 
 
+def _four_d(tmp_path, volumes: int = 5, name: str = "series.nii.gz"):
+    """A 4-D file of ``volumes`` volumes on an oblique 3-D grid, its fourth axis of 2.5 (from
+    10)."""
+    direction = rotation(0.2, -0.1, 0.3)
+    series = sitk.JoinSeries(
+        [
+            make_image((7, 6, 5), (1.0, 1.2, 1.5), (3.0, -2.0, 1.0), direction, seed=s)
+            for s in range(volumes)
+        ],
+        10.0,
+        2.5,
+    )
+    return write(series, tmp_path / name)
+
+
+def test_a_4d_file_is_read_whole_as_volumes_and_written_back(tmp_path):
+    """``read_image_or_volumes`` (``carctl apply``) reads a 4-D file whole: its volumes, their
+    3-D grid and the fourth axis's spacing and origin, which ``write_volumes`` keeps; a
+    volume named as FILE:N, and a 4-D file of one volume, come back as 3-D images."""
+    from carctl.io import Image, Volumes, read_image_or_volumes, write_volumes
+
+    path = _four_d(tmp_path)
+    volumes = read_image_or_volumes(path)
+    assert isinstance(volumes, Volumes) and len(volumes) == 5
+    assert (volumes.step, volumes.start) == (2.5, 10.0)
+    assert volumes.grid == read_image(f"{path}:3").grid
+    np.testing.assert_array_equal(volumes.array[3], read_image(f"{path}:3").array)
+    out = write_volumes(volumes, tmp_path / "copy.mha")
+    back = sitk.ReadImage(str(out))
+    assert back.GetSize() == (7, 6, 5, 5)
+    original = sitk.ReadImage(str(path))
+    for key in ("GetSpacing", "GetOrigin", "GetDirection"):
+        assert getattr(back, key)() == pytest.approx(getattr(original, key)(), abs=1e-6)
+    assert isinstance(read_image_or_volumes(f"{path}:1"), Image)
+    one = _four_d(tmp_path, 1, "one.nii.gz")
+    assert isinstance(read_image_or_volumes(one), Image)
+
+
+def test_a_4d_file_whose_fourth_axis_mixes_with_space_is_refused(tmp_path):
+    from carctl.io import read_image_or_volumes
+
+    series = sitk.ReadImage(str(_four_d(tmp_path)))
+    direction = np.eye(4)
+    direction[:2, :2] = [[0.8, 0.6], [-0.6, 0.8]]
+    direction[[0, 3]] = direction[[3, 0]]  # the fourth index axis along x
+    series.SetDirection(direction.ravel().tolist())
+    path = write(series, tmp_path / "mixed.mha")
+    with pytest.raises(InputError, match="fourth axis is not apart from the three spatial"):
+        read_image_or_volumes(path)
+
+
 def test_dicom_series_sorted_by_position(shared_data):
     image = read_image(shared_data / "dicom/ct-chest-40")
     assert image.grid.size == (512, 512, 40)
@@ -490,6 +541,32 @@ def test_large_nifti_gz_written_in_parallel_reads_back_as_itk_writes_it(
         ours = stream.read()
     itk = (tmp_path / "itk.nii").read_bytes()
     assert ours[:352] == itk[:352] and ours == itk
+
+
+def test_large_4d_nifti_gz_written_in_parallel_reads_back_as_itk_writes_it(
+    tmp_path, monkeypatch
+):
+    """The same for a 4-D series (``apply`` on a time series): ITK's 4-D header, its fourth
+    axis's spacing and origin kept, the voxels of every volume."""
+    import carctl.io as io
+    from carctl.io import Volumes, read_image_or_volumes, write_volumes
+
+    monkeypatch.setattr(io, "PARALLEL_GZIP_BYTES", 1000)
+    monkeypatch.setattr(io, "_GZIP_PIECE", 4096)
+    array = (np.random.default_rng(1).random((6, 13, 11, 9)) * 100).astype(np.float32)
+    grid = Grid(
+        (9, 11, 13), (0.7, 1.1, 2.5), (-3.0, 4.0, 5.5), tuple(rotation(0.2, -0.1, 0.3).ravel())
+    )
+    volumes = Volumes(array, grid, 2.5, 7.0)
+    written = write_volumes(volumes, tmp_path / "big.nii.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.nii.gz"]
+    back = read_image_or_volumes(written)
+    np.testing.assert_array_equal(back.array, array)
+    assert back.grid.same_as(grid) and (back.step, back.start) == (2.5, 7.0)
+    sitk.WriteImage(volumes.to_sitk(), str(tmp_path / "itk.nii"), useCompression=False)
+    with gzip.open(written, "rb") as stream:
+        ours = stream.read()
+    assert ours == (tmp_path / "itk.nii").read_bytes()
 
 
 def test_a_dicom_series_off_a_regular_grid_is_refused(shared_data, tmp_path):

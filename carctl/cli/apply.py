@@ -11,7 +11,10 @@ NAME = "apply"
 
 def command(
     image: Annotated[
-        str, typer.Argument(help="Image to resample (file, FILE:N or DICOM directory).")
+        str,
+        typer.Argument(
+            help="Image to resample (file, FILE:N or DICOM directory); a 4-D file: every volume."
+        ),
     ],
     reference: Annotated[
         str,
@@ -69,18 +72,21 @@ def command(
 
     Each reference voxel is mapped through physical space: first by the field, then by the
     affine (-t: in the order given); with neither, the image is resampled through the
-    scanner headers alone.
+    scanner headers alone. A 4-D IMAGE (a time series, one map per channel) has every volume
+    resampled, its fourth axis kept (FILE:N picks one volume).
     """
     from carctl.cli.console import stderr
     from carctl.io import (
+        Volumes,
         check_output,
         read_grid,
-        read_image,
+        read_image_or_volumes,
         require_fit,
         transform_paths,
         write_image,
+        write_volumes,
     )
-    from carctl.resample import check_interpolation, load_chain, resample_image
+    from carctl.resample import check_interpolation, load_chain, resample_image, resample_volumes
     from carctl.runtime import set_threads
 
     transforms = chosen_transforms(field, affine, transform)
@@ -89,12 +95,17 @@ def command(
     check_output(output, force=force, inputs=inputs)
     check_interpolation(interp)
     set_threads(threads)
-    moving = read_image(image, series, series_option="--series")
+    moving = read_image_or_volumes(image, series, series_option="--series")
     # the reference's grid only (its header, where the format allows): reading a large
     # reference's voxels cost a second and its size in memory for nothing
     grid = read_grid(reference, reference_series, series_option="--reference-series")
     require_fit(output, grid)  # before the work
     chain = load_chain(field, affine, moving.grid.ndim, transforms)
+    if isinstance(moving, Volumes):
+        warped = resample_volumes(moving, grid, chain, interpolation=interp, fill=fill)
+        write_volumes(warped, output, force=force, inputs=inputs)
+        stderr().print(f"wrote {output} ({grid.describe()}, {len(warped)} volumes)")
+        return
     warped = resample_image(moving, grid, chain, interpolation=interp, fill=fill)
     write_image(warped, output, force=force, inputs=inputs)
     stderr().print(f"wrote {output} ({grid.describe()})")

@@ -74,7 +74,7 @@ def command(
                 _show_series(payload["dicom_series"])
             emit_json(payload, json_out, force=force, inputs=[image])
             return
-    facts = describe(read_sitk(image, series, series_option="--series"), image)
+    facts = describe(read_sitk(image, series, series_option="--series", whole=True), image)
     payload.update(facts)
     if json_out != "-":
         rows = [(k.replace("_", " "), _format(v)) for k, v in facts.items()]
@@ -89,14 +89,22 @@ def describe(image, spec: str) -> dict:
     import numpy as np
     import SimpleITK as sitk
 
-    from carctl.io import grid_of
+    from carctl.io import first_volume, grid_of
     from carctl.padding import padding, summarised
 
-    grid = grid_of(image, spec)
+    grid = grid_of(first_volume(image), spec)
     array = sitk.GetArrayViewFromImage(image)
     finite = array[np.isfinite(array)] if array.dtype.kind == "f" else array
+    volumes = {}
+    if image.GetDimension() == 4:  # its volumes' grid, and the fourth axis
+        volumes = {
+            "volumes": image.GetSize()[3],
+            "volume_spacing": image.GetSpacing()[3],
+            "volume_origin": image.GetOrigin()[3],
+        }
     facts = {
         **_grid_facts(grid),
+        **volumes,
         "oblique": grid.is_oblique,
         "pixel_type": image.GetPixelIDTypeAsString(),
         "minimum": float(finite.min()) if finite.size else None,
@@ -104,7 +112,8 @@ def describe(image, spec: str) -> dict:
     }
     if finite.size < array.size:  # NaN and infinities: read as no data by register and qa
         facts["non_finite_voxels"] = int(array.size - finite.size)
-    found = padding(array) if image.GetNumberOfComponentsPerPixel() == 1 else None
+    scalar = image.GetNumberOfComponentsPerPixel() == 1 and not volumes
+    found = padding(array) if scalar else None
     if found is not None:  # what register and qa leave out (see carctl.padding)
         facts["padding"] = summarised(found)
     return facts

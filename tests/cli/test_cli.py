@@ -398,6 +398,62 @@ def test_apply_through_the_headers_matches_sitk(cli, pair, tmp_path):
     )
 
 
+def test_apply_resamples_every_volume_of_a_4d_image(cli, pair, tmp_path, monkeypatch):
+    """A 4-D image (a time series) comes out 4-D on the reference grid, its fourth axis kept,
+    each volume as ``apply FILE:N`` resamples it alone (read two volumes at a time here, in
+    three chunks); a fill its kept voxel type cannot hold is refused as for a 3-D image."""
+    import carctl.resample
+
+    moving, fixed = pair
+    geometry = sitk.ReadImage(str(moving))
+    volumes = [
+        make_image(geometry.GetSize(), geometry.GetSpacing(), geometry.GetOrigin(), seed=s)
+        for s in range(5)
+    ]
+    series = write(sitk.JoinSeries(volumes, 3.0, 2.0), tmp_path / "series.nii.gz")
+    turn = sitk.AffineTransform(3)
+    turn.SetMatrix(rotation(0.1, 0.05, -0.08).ravel().tolist())
+    turn.SetTranslation((1.5, -1.0, 0.5))
+    affine = tmp_path / "affine.mat"
+    sitk.WriteTransform(turn, str(affine))
+    voxels = np.prod(geometry.GetSize())
+    monkeypatch.setattr(carctl.resample, "VOLUME_CHUNK_VOXELS", int(2 * voxels))
+    out = tmp_path / "out.nii.gz"
+    result = cli("apply", series, "-r", fixed, "-t", affine, "-o", out)
+    assert result.code == 0, result.err
+    assert "5 volumes" in result.err
+    warped = sitk.ReadImage(str(out))
+    assert warped.GetSize() == (16, 15, 14, 5)
+    assert warped.GetSpacing()[3] == 2.0 and warped.GetOrigin()[3] == 3.0
+    every = sitk.GetArrayFromImage(warped)
+    for n in (0, 2, 4):
+        alone = tmp_path / f"alone{n}.nii.gz"
+        assert cli("apply", f"{series}:{n}", "-r", fixed, "-t", affine, "-o", alone).code == 0
+        expected = sitk.GetArrayFromImage(sitk.ReadImage(str(alone)))
+        np.testing.assert_array_equal(every[n], expected)
+    labels = sitk.JoinSeries([sitk.Cast(v > 0.5, sitk.sitkUInt8) for v in volumes])
+    labels_path = write(labels, tmp_path / "labels.nii.gz")
+    unused = tmp_path / "labels_out.nii.gz"
+    refused = cli("apply", labels_path, "-r", fixed, "-n", "label", "--fill", "-5", "-o", unused)
+    assert refused.code == 1 and "does not fit the image's uint8 voxels" in refused.err
+
+
+def test_info_describes_a_4d_file_by_its_volumes(cli, tmp_path):
+    """``info`` on a 4-D file refused it ('choose one as FILE:N'): now its volumes' grid, how
+    many, the fourth axis, and the range over all of them."""
+    volumes = [make_image((6, 5, 4), (1.0, 1.0, 2.0), seed=s) for s in range(3)]
+    volumes[2] = volumes[2] + 100.0
+    series = write(sitk.JoinSeries(volumes, 7.0, 0.5), tmp_path / "series.nii.gz")
+    result = cli("info", series, "--json", "-")
+    assert result.code == 0, result.err
+    facts = json.loads(result.out)
+    assert facts["size"] == [6, 5, 4] and facts["spacing"] == [1.0, 1.0, 2.0]
+    assert (facts["volumes"], facts["volume_spacing"], facts["volume_origin"]) == (3, 0.5, 7.0)
+    assert facts["maximum"] > 100.0
+    one = cli("info", f"{series}:1", "--json", "-")
+    assert "volumes" not in json.loads(one.out)
+
+
 def test_apply_label_interpolation_keeps_pixel_type_and_labels(cli, pair, tmp_path):
     moving, fixed = pair
     labels = sitk.Cast(sitk.ReadImage(str(moving)) > 50, sitk.sitkUInt8) * 3
@@ -941,9 +997,11 @@ def test_apply_reads_the_reference_s_header_only(cli, tmp_path, monkeypatch):
         tmp_path / "reference.nii.gz",
     )
     read = []
-    original = io.read_image
+    original = io.read_image_or_volumes
     monkeypatch.setattr(
-        io, "read_image", lambda spec, *a, **k: read.append(spec) or original(spec, *a, **k)
+        io,
+        "read_image_or_volumes",
+        lambda spec, *a, **k: read.append(spec) or original(spec, *a, **k),
     )
     result = cli("apply", image, "-r", reference, "-o", tmp_path / "out.nii.gz")
     assert result.code == 0, result.err
