@@ -543,9 +543,7 @@ def test_large_nifti_gz_written_in_parallel_reads_back_as_itk_writes_it(
     assert ours[:352] == itk[:352] and ours == itk
 
 
-def test_large_4d_nifti_gz_written_in_parallel_reads_back_as_itk_writes_it(
-    tmp_path, monkeypatch
-):
+def test_large_4d_nifti_gz_written_in_parallel_reads_back_as_itk_writes_it(tmp_path, monkeypatch):
     """The same for a 4-D series (``apply`` on a time series): ITK's 4-D header, its fourth
     axis's spacing and origin kept, the voxels of every volume."""
     import carctl.io as io
