@@ -287,11 +287,14 @@ def run(
         AFFINE_EXTENSIONS,
         FIELD_EXTENSIONS,
         IMAGE_EXTENSIONS,
+        Volumes,
         check_output,
         output_group,
         read_image,
+        read_image_or_volumes,
         require_file,
         write_image,
+        write_volumes,
     )
     from carctl.runtime import check_threads
 
@@ -309,7 +312,8 @@ def run(
     fixed_image = read_image(fixed)
     fixed_mask = read_image(options["fixed_mask"]) if options["fixed_mask"] else None
     moving_mask = read_image(options["moving_mask"]) if options["moving_mask"] else None
-    labels = read_image(options["labels"]) if options["labels"] else None
+    # a 4-D label map (one map per structure, as the prostate data's): every volume carried
+    labels = read_image_or_volumes(options["labels"]) if options["labels"] else None
     if labels is not None and labels.grid.ndim != moving_image.grid.ndim:
         raise InputError(
             f"--labels: the label map is {labels.grid.ndim}-D and the moving image "
@@ -330,7 +334,7 @@ def run(
 
     from carctl.metrics import jacobian_summary
     from carctl.registration.pipeline import register
-    from carctl.resample import resample_image
+    from carctl.resample import resample_image, resample_volumes
     from carctl.runtime import resolve_device, set_threads
     from carctl.spatial.files import read_affine, write_affine, write_field
     from carctl.spatial.transform import jacobian_determinant
@@ -367,7 +371,10 @@ def run(
                 writers.submit(write_image, warped, outputs["warped"], force=force, inputs=inputs)
             )
             write_affine(result.affine, outputs["affine"], force=force, inputs=inputs)
-            if "warped_labels" in outputs:
+            if isinstance(labels, Volumes):
+                warped_maps = resample_volumes(labels, fixed_image.grid, [result.field], "label")
+                write_volumes(warped_maps, outputs["warped_labels"], force=force, inputs=inputs)
+            elif labels is not None:
                 warped_labels = resample_image(labels, fixed_image.grid, [result.field], "label")
                 write_image(warped_labels, outputs["warped_labels"], force=force, inputs=inputs)
             if "inverse_field" in outputs:

@@ -1273,6 +1273,38 @@ def test_different_grids_and_orientations(phantom):
 # --- command line -----------------------------------------------------------------------------
 
 
+def test_a_4d_label_map_is_carried_volume_by_volume(tmp_path, cli, phantom):
+    """``--labels`` with a 4-D label map (one map per structure, as the prostate data's) was
+    refused ('choose one as FILE:N'): every volume is now warped with label interpolation,
+    each as ``apply FILE:N --field`` warps it, the fourth axis kept."""
+    truth = initialise.about(rotation(0.0, 0.05, 0.0), centre(phantom), np.array([3.0, 0.0, -2.0]))
+    moving_path = write(phantom.to_sitk(), tmp_path / "moving.nii.gz")
+    fixed_path = write(moved(contrast(phantom), truth).to_sitk(), tmp_path / "fixed.nii.gz")
+    maps = [
+        Image((phantom.array > t).astype(np.uint8) * k, phantom.grid) for k, t in ((1, 40), (2, 90))
+    ]
+    labels_path = write(
+        sitk.JoinSeries([m.to_sitk() for m in maps], 0.0, 1.0), tmp_path / "l.nii.gz"
+    )
+    out = tmp_path / "out"
+    options = ("--method", "affine", "--labels", labels_path, "-o", out)
+    result = cli("register", moving_path, fixed_path, *options)
+    assert result.code == 0, result.err
+    warped = sitk.ReadImage(str(out / "moving_warped_labels.nii.gz"))
+    assert warped.GetSize() == (*sitk.ReadImage(str(fixed_path)).GetSize(), 2)
+    assert warped.GetPixelID() == sitk.sitkUInt8
+    every = sitk.GetArrayFromImage(warped)
+    for n in range(2):
+        alone = tmp_path / f"alone{n}.nii.gz"
+        field = out / "moving_field.nii"
+        done = cli(
+            "apply", f"{labels_path}:{n}", "-r", fixed_path, "-f", field, "-n", "label", "-o", alone
+        )
+        assert done.code == 0, done.err
+        np.testing.assert_array_equal(every[n], sitk.GetArrayFromImage(sitk.ReadImage(str(alone))))
+    assert set(np.unique(every[1])) == {0, 2}
+
+
 def test_cli_writes_ants_readable_outputs(tmp_path, cli, phantom):
     truth = initialise.about(rotation(0.0, 0.05, 0.0), centre(phantom), np.array([3.0, 0.0, -2.0]))
     fixed = moved(contrast(phantom), truth)
