@@ -609,6 +609,17 @@ def read_grid(
     return read_image(spec, series, series_option=series_option).grid
 
 
+def headers_read(*specs: str | os.PathLike) -> bool:
+    """Whether each image of ``specs`` is a directory (a DICOM series) or a file whose header
+    reads: what a command checks before it starts work that only pays off if the images
+    will read (see :func:`carctl.runtime.import_in_background`)."""
+    for spec in specs:
+        path, _ = split_volume(spec)
+        if not path.is_dir() and not (path.is_file() and read_header(path) is not None):
+            return False
+    return True
+
+
 def input_files(spec: str | os.PathLike) -> list[Path]:
     """Every file an input reads: the file itself, its data files (those its format's writer
     names after it, and those its header names), or a directory's files."""

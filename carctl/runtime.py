@@ -87,3 +87,14 @@ def keep_freed_memory() -> bool:
         )
     except (OSError, AttributeError):
         return False
+
+
+def import_in_background(name: str) -> None:
+    """Start importing the module ``name`` on another thread, so that the caller's work in
+    the meantime (reading images: SimpleITK leaves the interpreter lock while it reads and
+    decompresses) overlaps it; the caller's own ``import`` of it later waits for it to end.
+    For a module that the caller will import in any case (torch, after the inputs are read)."""
+    import importlib
+    import threading
+
+    threading.Thread(target=importlib.import_module, args=(name,), daemon=True).start()

@@ -127,6 +127,21 @@ def test_a_4d_file_of_one_volume_takes_volume_0(tmp_path, name):
         read_image(f"{plain}:0")
 
 
+def test_headers_read_only_for_images_whose_header_reads(tmp_path):
+    """``register`` starts importing torch once both images' headers read (while their voxels
+    are read): not for a missing file, nor for one that is no image."""
+    from carctl.io import headers_read
+
+    image = write(make_image((6, 5, 4)), tmp_path / "image.nii.gz")
+    text = tmp_path / "notes.nii.gz"
+    text.write_text("not an image")
+    folder = tmp_path / "series"
+    folder.mkdir()
+    assert headers_read(image, folder, f"{image}:0")
+    assert not headers_read(image, text)
+    assert not headers_read(tmp_path / "missing.nii.gz", image)
+
+
 def _four_d(tmp_path, volumes: int = 5, name: str = "series.nii.gz"):
     """A 4-D file of ``volumes`` volumes on an oblique 3-D grid, its fourth axis of 2.5 (from
     10)."""

@@ -289,6 +289,7 @@ def run(
         IMAGE_EXTENSIONS,
         Volumes,
         check_output,
+        headers_read,
         output_group,
         read_image,
         read_image_or_volumes,
@@ -296,7 +297,7 @@ def run(
         write_image,
         write_volumes,
     )
-    from carctl.runtime import check_threads
+    from carctl.runtime import check_threads, import_in_background
 
     check_threads(options["threads"])
     force, inputs = options["force"], options["inputs"]
@@ -307,7 +308,12 @@ def run(
             path, force=force, inputs=inputs, extensions=transforms.get(key, IMAGE_EXTENSIONS)
         )
     # the images before torch: a missing or unreadable input is refused in a fraction of a
-    # second instead of after loading torch (about 1.3 s)
+    # second instead of after loading torch (about 1.3 s); once their headers read, torch is
+    # imported while their voxels are read (BraTS `--method net` 4.80 -> 4.62 s, the spine
+    # pair 4.50 -> 4.35 s whole-process, four rounds interleaved)
+    require_file(options.get("initial_affine"))
+    if headers_read(moving, fixed):
+        import_in_background("torch")
     moving_image = read_image(moving)
     fixed_image = read_image(fixed)
     fixed_mask = read_image(options["fixed_mask"]) if options["fixed_mask"] else None
@@ -319,7 +325,6 @@ def run(
             f"--labels: the label map is {labels.grid.ndim}-D and the moving image "
             f"{moving_image.grid.ndim}-D"
         )
-    require_file(options.get("initial_affine"))
     if options.get("initial_affine") and settings.search != "default":
         stderr().print(
             f"warning: --search {settings.search} has no effect with an initial affine (it "
