@@ -63,6 +63,14 @@ def centre(image: Image) -> np.ndarray:
 # --- pieces ---------------------------------------------------------------------------------
 
 
+def brats_slice(shared_data, contrast: str, index: int) -> Image:
+    """Axial slice ``index`` of the shared BraTS case's ``contrast`` as a 2-D image."""
+    path = shared_data / "brats-gli-00001" / f"BraTS-GLI-00001-000-{contrast}.nii.gz"
+    if not path.is_file():
+        pytest.skip("no BraTS case in the shared data")
+    return Image.from_sitk(sitk.ReadImage(str(path), sitk.sitkFloat32)[:, :, index])
+
+
 def test_interpolate_matches_grid_sample_and_has_gradients():
     torch.manual_seed(0)
     table = torch.randn(5, 6, 7, 2, dtype=torch.float64, requires_grad=True)
@@ -649,16 +657,8 @@ def test_2d_slices_are_judged_on_a_finer_level(shared_data, degrees, seed):
     coarse level scored the right start 0.131 and the header 0.152, within HEADER_MARGIN, and
     the header won (17.5 mm off; -20 degrees seed 2: 105 mm off, the right start not among
     the three refined). Eight finalists judged on the finer level find it (1.7-1.9 mm)."""
-    folder = shared_data / "brats-gli-00001"
-
-    def plane(name: str) -> Image:
-        volume = sitk.ReadImage(
-            str(folder / f"BraTS-GLI-00001-000-{name}.nii.gz"), sitk.sitkFloat32
-        )
-        return Image.from_sitk(volume[:, :, 60])
-
-    fixed = plane("t1n")
-    made = known_pair(fixed, plane("t2f"), fixed.array > 0, 2.0, degrees, 10.0, seed=seed)
+    fixed, moving = brats_slice(shared_data, "t1n", 60), brats_slice(shared_data, "t2f", 60)
+    made = known_pair(fixed, moving, fixed.array > 0, 2.0, degrees, 10.0, seed=seed)
     result = register(made.moving, made.fixed, RegistrationOptions(method="affine"))
     assert result.stages[0].detail["start"] != "header"
     assert end_point_error(result.field, made.truth, made.mask) < 2.5
@@ -2118,17 +2118,8 @@ def test_2d_contrast_slices_are_not_bent_by_the_deformable_stage(shared_data):
     deformation): under the 3-D default weight (0.2) the deformable stage bent it (Jacobian
     0.38-1.99, mean error 1.57 mm against the rigid truth, the rigid stage alone 0.68); the
     2-D default (0.5) bends it far less."""
-    folder = shared_data / "brats-gli-00001"
-    if not folder.is_dir():
-        pytest.skip("no BraTS case in the shared data")
-
-    def plane(name: str) -> Image:
-        volume = sitk.ReadImage(
-            str(folder / f"BraTS-GLI-00001-000-{name}.nii.gz"), sitk.sitkFloat32
-        )
-        return Image.from_sitk(volume[:, :, 77])
-
-    moving, fixed, mask = plane("t2w"), plane("t1n"), plane("mask").array > 0
+    moving, fixed = brats_slice(shared_data, "t2w", 77), brats_slice(shared_data, "t1n", 77)
+    mask = brats_slice(shared_data, "mask", 77).array > 0
     turn = np.eye(3)
     angle = np.radians(6.0)
     turn[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
@@ -2227,16 +2218,8 @@ def test_2d_slices_turned_far_are_found(shared_data, degrees):
     """A BraTS T2w slice onto the T1n slice turned by 90 / 150 degrees (10 mm, 2 mm RMS): with
     the +-20 degrees of 3-D the header won, 79 / 105 mm off; the whole circle of starts,
     each scored along its own rotation, finds it (1.8 / 1.7 mm, as at 0 degrees)."""
-    folder = shared_data / "brats-gli-00001"
-
-    def plane(name: str) -> Image:
-        volume = sitk.ReadImage(
-            str(folder / f"BraTS-GLI-00001-000-{name}.nii.gz"), sitk.sitkFloat32
-        )
-        return Image.from_sitk(volume[:, :, 77])
-
-    fixed = plane("t1n")
-    made = known_pair(fixed, plane("t2w"), fixed.array > 0, 2.0, degrees, 10.0, seed=0)
+    fixed, moving = brats_slice(shared_data, "t1n", 77), brats_slice(shared_data, "t2w", 77)
+    made = known_pair(fixed, moving, fixed.array > 0, 2.0, degrees, 10.0, seed=0)
     result = register(made.moving, made.fixed, RegistrationOptions(method="affine"))
     assert result.stages[0].detail["start"] != "header"
     assert end_point_error(result.field, made.truth, made.mask) < 2.5
