@@ -85,13 +85,14 @@ class Image:
 @dataclass(eq=False)
 class Volumes:
     """The volumes of a 4-D file on one 3-D grid (a time series, or one map per channel):
-    ``array`` ``(T, Z, Y, X)`` and the fourth axis's spacing and origin (``step``, ``start``),
-    which are written back as read."""
+    ``array`` ``(T, Z, Y, X)`` and the fourth axis's spacing, origin and direction (``step``,
+    ``start``, ``sense``), which are written back as read."""
 
     array: np.ndarray
     grid: Grid
     step: float = 1.0
     start: float = 0.0
+    sense: float = 1.0  # the fourth axis's direction: +1, or -1 (later volumes earlier)
 
     def __post_init__(self) -> None:
         if self.grid.ndim != 3 or self.array.shape[1:] != self.grid.shape:
@@ -107,6 +108,7 @@ class Volumes:
         image = sitk.GetImageFromArray(self.array, isVector=False)
         direction = np.eye(4)
         direction[:3, :3] = self.grid.direction_matrix
+        direction[3, 3] = self.sense
         image.SetSpacing((*self.grid.spacing, self.step))
         image.SetOrigin((*self.grid.origin, self.start))
         image.SetDirection(tuple(float(c) for c in direction.ravel()))
@@ -333,12 +335,7 @@ def read_sitk(
     size = image.GetSize()
     if not whole or image.GetDimension() != 4 or volume is not None or size[3] == 1:
         return _select_volume(image, path, volume)
-    direction = np.asarray(image.GetDirection(), float).reshape(4, 4)
-    if np.abs(direction[3, :3]).max() > 1e-6 or np.abs(direction[:3, 3]).max() > 1e-6:
-        raise InputError(
-            f"'{path}': its fourth axis is not apart from the three spatial ones (its direction "
-            "mixes them); choose a volume as FILE:N"
-        )
+    _fourth_axis_apart(image, path)
     return image
 
 
@@ -526,6 +523,23 @@ def _incomplete(path: Path) -> str | None:
     return None
 
 
+def _volumes(count: int) -> str:
+    return f"{count} volume" + ("s" if count != 1 else "")
+
+
+def _fourth_axis_apart(image: sitk.Image, path: Path) -> None:
+    """Refuse (:class:`InputError`) a 4-D image whose fourth axis is not apart from the three
+    spatial ones: its volumes lie at other places in space (ITK's ``Extract`` put each at the
+    first one's origin, along a direction that is not a rotation)."""
+    direction = np.asarray(image.GetDirection(), float).reshape(4, 4)
+    mixed = max(np.abs(direction[3, :3]).max(), np.abs(direction[:3, 3]).max()) > 1e-6
+    if mixed or abs(abs(direction[3, 3]) - 1.0) > 1e-6:
+        raise InputError(
+            f"'{path}': its fourth axis is not apart from the three spatial ones (its direction "
+            "mixes them), so its volumes cannot be placed in space; resample it with ITK first"
+        )
+
+
 def _select_volume(image: sitk.Image, path: Path, volume: int | None) -> sitk.Image:
     sitk = load_sitk()
     dim = image.GetDimension()
@@ -535,13 +549,16 @@ def _select_volume(image: sitk.Image, path: Path, volume: int | None) -> sitk.Im
             volume = 0
         if volume is None:
             raise InputError(
-                f"'{path}' is 4-D with {size[3]} volumes; choose one as '{path}:N' (N from 0)"
+                f"'{path}' is 4-D with {_volumes(size[3])}; choose one as '{path}:N' (N from 0)"
             )
         if volume >= size[3]:
-            raise InputError(f"'{path}' has {size[3]} volumes; there is no volume {volume}")
+            raise InputError(f"'{path}' has {_volumes(size[3])}; there is no volume {volume}")
+        _fourth_axis_apart(image, path)
         return sitk.Extract(image, [*size[:3], 0], [0, 0, 0, volume])
-    if volume == 0 and _single_volume_4d(path):  # ITK read it as 3-D; a loop over :N works
-        return image
+    if volume is not None and _single_volume_4d(path):  # ITK read it as 3-D
+        if volume == 0:  # a loop over :N works
+            return image
+        raise InputError(f"'{path}' has 1 volume; there is no volume {volume}")
     if volume is not None:
         raise InputError(f"'{path}' is {dim}-D; ':{volume}' selects a volume of a 4-D file")
     if dim not in (2, 3):
@@ -569,7 +586,9 @@ def read_image_or_volumes(
     if image.GetDimension() != 4:
         return Image(array, grid_of(image, spec))
     spacing, origin = image.GetSpacing()[3], image.GetOrigin()[3]
-    return Volumes(array, grid_of(first_volume(image), spec), float(spacing), float(origin))
+    sense = 1.0 if image.GetDirection()[15] > 0 else -1.0
+    grid = grid_of(first_volume(image), spec)
+    return Volumes(array, grid, float(spacing), float(origin), sense)
 
 
 def grid_of(image: sitk.Image | sitk.ImageFileReader, spec: str | os.PathLike) -> Grid:
@@ -1063,7 +1082,8 @@ def nifti_header(
     d = grid.ndim
     two = Grid((2,) * d, grid.spacing, grid.origin, grid.direction)
     if volumes is not None:
-        proxy = Volumes(np.zeros((2, *two.shape), dtype), two, volumes.step, volumes.start)
+        zeros = np.zeros((2, *two.shape), dtype)
+        proxy = Volumes(zeros, two, volumes.step, volumes.start, volumes.sense)
         proxy, d, sizes = proxy.to_sitk(), 4, (*grid.size, len(volumes))
     else:
         shape = (2,) * d + ((components,) if components > 1 else ())

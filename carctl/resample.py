@@ -122,7 +122,7 @@ def resample_volumes(
             dtype = values.numpy().dtype
             out = np.empty((len(volumes), *reference.shape), dtype=dtype)
         out[first : first + per] = values[0].numpy()
-    return Volumes(out, reference, volumes.step, volumes.start)
+    return Volumes(out, reference, volumes.step, volumes.start, volumes.sense)
 
 
 def _check(

@@ -96,11 +96,13 @@ def describe(image, spec: str) -> dict:
     array = sitk.GetArrayViewFromImage(image)
     finite = array[np.isfinite(array)] if array.dtype.kind == "f" else array
     volumes = {}
-    if image.GetDimension() == 4:  # its volumes' grid, and the fourth axis
+    if image.GetDimension() == 4:  # the file's dimension, its volumes' grid, the fourth axis
         volumes = {
+            "dimension": 4,
             "volumes": image.GetSize()[3],
             "volume_spacing": image.GetSpacing()[3],
             "volume_origin": image.GetOrigin()[3],
+            "volume_direction": image.GetDirection()[15],
         }
     facts = {
         **_grid_facts(grid),

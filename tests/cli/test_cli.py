@@ -449,6 +449,7 @@ def test_info_describes_a_4d_file_by_its_volumes(cli, tmp_path):
     facts = json.loads(result.out)
     assert facts["size"] == [6, 5, 4] and facts["spacing"] == [1.0, 1.0, 2.0]
     assert (facts["volumes"], facts["volume_spacing"], facts["volume_origin"]) == (3, 0.5, 7.0)
+    assert facts["dimension"] == 4 and facts["volume_direction"] == 1.0
     assert facts["maximum"] > 100.0
     one = cli("info", f"{series}:1", "--json", "-")
     assert "volumes" not in json.loads(one.out)
