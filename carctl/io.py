@@ -3,8 +3,8 @@
 Readable: NIfTI (``.nii``, ``.nii.gz``), MetaImage (``.mha``, ``.mhd``), NRRD (``.nrrd``,
 ``.nhdr``), Analyze (``.hdr``/``.img``), a single DICOM file and a DICOM series given as a
 directory. 2-D and 3-D scalar images; a 4-D file is read one volume at a time with the
-``PATH:N`` syntax (see :func:`split_volume`), or whole for ``carctl apply``
-(:func:`read_image_or_volumes`).
+``PATH:N`` syntax (see :func:`split_volume`), or whole where a command takes every volume
+(``apply``, ``register --labels``: :func:`read_image_or_volumes`; ``info``).
 
 Every output is written atomically: into a temporary folder beside the target, then moved
 into place, so that an interrupted run leaves no partial file. An existing output is only
@@ -578,8 +578,8 @@ def read_image_or_volumes(
     spec: str | os.PathLike, series: str | None = None, *, series_option: str | None = None
 ) -> Image | Volumes:
     """:func:`read_image`, except that a 4-D file of several volumes named without ``:N``
-    comes back whole, as :class:`Volumes` (for ``carctl apply``). Its fourth axis must be
-    apart from the three spatial ones (as NIfTI's time axis is)."""
+    comes back whole, as :class:`Volumes` (``apply``, ``register --labels``). Its fourth axis
+    must be apart from the three spatial ones (as NIfTI's time axis is)."""
     sitk = load_sitk()
     image = read_sitk(spec, series, series_option=series_option, whole=True)
     array = sitk.GetArrayFromImage(image)

@@ -93,8 +93,15 @@ def import_in_background(name: str) -> None:
     """Start importing the module ``name`` on another thread, so that the caller's work in
     the meantime (reading images: SimpleITK leaves the interpreter lock while it reads and
     decompresses) overlaps it; the caller's own ``import`` of it later waits for it to end.
-    For a module that the caller will import in any case (torch, after the inputs are read)."""
+    For a module that the caller will import in any case (torch, after the inputs are read):
+    should its import fail, the caller's own import fails again and says why (the thread says
+    nothing: a traceback on stderr from it would precede the one-line error)."""
+    import contextlib
     import importlib
     import threading
 
-    threading.Thread(target=importlib.import_module, args=(name,), daemon=True).start()
+    def load() -> None:
+        with contextlib.suppress(BaseException):  # the caller's own import reports it
+            importlib.import_module(name)
+
+    threading.Thread(target=load, daemon=True).start()

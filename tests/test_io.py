@@ -142,6 +142,23 @@ def test_headers_read_only_for_images_whose_header_reads(tmp_path):
     assert not headers_read(tmp_path / "missing.nii.gz", image)
 
 
+def test_a_background_import_that_fails_says_nothing(capfd):
+    """``register`` imports torch on another thread while it reads the images: a failing
+    import there must not print a traceback before the one-line error the caller's own
+    import then gives."""
+    import threading
+
+    from carctl.runtime import import_in_background
+
+    before = set(threading.enumerate())
+    import_in_background("carctl_no_such_module")
+    for thread in set(threading.enumerate()) - before:
+        thread.join(10)
+    assert capfd.readouterr().err == ""
+    with pytest.raises(ModuleNotFoundError):
+        import carctl_no_such_module  # noqa: F401
+
+
 def _four_d(tmp_path, volumes: int = 5, name: str = "series.nii.gz"):
     """A 4-D file of ``volumes`` volumes on an oblique 3-D grid, its fourth axis of 2.5 (from
     10)."""
