@@ -9,7 +9,15 @@ import torch
 
 from carctl import metrics
 from carctl.errors import InputError
-from carctl.io import Image, points_dimension, read_grid, read_image, read_points, write_image
+from carctl.io import (
+    Image,
+    Volumes,
+    points_dimension,
+    read_grid,
+    read_image_or_volumes,
+    read_points,
+    write_image,
+)
 from carctl.resample import load_chain
 from carctl.spatial.transform import Transform, jacobian_determinant
 
@@ -57,26 +65,47 @@ def evaluate(
 
 
 def _label_report(fixed_path: PathLike, warped_path: PathLike) -> dict:
-    fixed, warped = read_image(fixed_path), read_image(warped_path)
+    """Per-label scores of two label maps on one grid; of two 4-D maps (one volume per
+    structure, as ``register --labels`` carries them), volume by volume, each entry with its
+    ``volume``."""
+    fixed, warped = read_image_or_volumes(fixed_path), read_image_or_volumes(warped_path)
+    four = [isinstance(m, Volumes) for m in (fixed, warped)]
+    if four[0] != four[1] or (all(four) and len(fixed) != len(warped)):
+        counts = [
+            f"{len(m)} volumes" if f else "one map"
+            for m, f in zip((fixed, warped), four, strict=True)
+        ]
+        raise InputError(
+            f"'{fixed_path}' ({counts[0]}) and '{warped_path}' ({counts[1]}) do not pair up: "
+            "give two label maps, or two 4-D files of as many volumes (or FILE:N each)"
+        )
     if not fixed.grid.same_as(warped.grid, tolerance=1e-3):
         raise InputError(
             f"'{warped_path}' is not on the grid of '{fixed_path}' "
             f"({warped.grid.differences(fixed.grid, 1e-3)}); resample it with carctl apply "
             "--interp label"
         )
-    try:
-        a = metrics.as_label_map(fixed.array, f"'{fixed_path}'")
-        b = metrics.as_label_map(warped.array, f"'{warped_path}'")
-    except ValueError as error:
-        raise InputError(str(error)) from error
-    scores = metrics.label_scores(a, b, fixed.grid)
-    if not scores:
+    pairs = (
+        [(n, fixed.array[n], warped.array[n]) for n in range(len(fixed))]
+        if all(four)
+        else [(None, fixed.array, warped.array)]
+    )
+    entries = []
+    for volume, a, b in pairs:
+        try:
+            a = metrics.as_label_map(a, f"'{fixed_path}'")
+            b = metrics.as_label_map(b, f"'{warped_path}'")
+        except ValueError as error:
+            raise InputError(str(error)) from error
+        for score in metrics.label_scores(a, b, fixed.grid):
+            entries.append(({"volume": volume} if volume is not None else {}) | vars(score))
+    if not entries:
         raise InputError(f"no labels (non-zero voxels) in '{fixed_path}' or '{warped_path}'")
-    hd95 = [s.hd95 for s in scores if s.hd95 is not None]
-    hd = [s.hd for s in scores if s.hd is not None]
+    hd95 = [e["hd95"] for e in entries if e["hd95"] is not None]
+    hd = [e["hd"] for e in entries if e["hd"] is not None]
     report = {
-        "labels": [vars(s) for s in scores],
-        "dice_mean": float(np.mean([s.dice for s in scores])),
+        "labels": entries,
+        "dice_mean": float(np.mean([e["dice"] for e in entries])),
         "hd95_mean": float(np.mean(hd95)) if hd95 else None,
         "hd_mean": float(np.mean(hd)) if hd else None,
     }

@@ -142,8 +142,9 @@ def show_report(report: dict, console) -> None:
         for column in ("label", "Dice", "HD95 (mm)", "HD (mm)", "fixed voxels", "warped voxels"):
             table.add_column(column, justify="right")
         for score in report["labels"]:
+            volume = score.get("volume")
             table.add_row(
-                str(score["label"]),
+                str(score["label"]) if volume is None else f"{volume}:{score['label']}",
                 _number(score["dice"]),
                 _number(score["hd95"]),
                 _number(score["hd"]),

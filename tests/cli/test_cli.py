@@ -771,6 +771,40 @@ def test_evaluate_labels_json(cli, tmp_path):
     assert json.loads(out.read_text()) == report
 
 
+def test_evaluate_pairs_4d_label_maps_volume_by_volume(cli, tmp_path):
+    """Two 4-D label maps (one volume per structure: what ``register --labels`` writes for a
+    4-D map) are scored volume by volume, each entry with its volume, as FILE:N each gives;
+    a 4-D map against one map, or against another count of volumes, is refused."""
+    fixed_maps = [sitk.ReadImage(str(_labels(tmp_path, f"f{k}.nii.gz"))) for k in range(3)]
+    warped_maps = [
+        sitk.ReadImage(str(_labels(tmp_path, f"w{k}.nii.gz", shift=k))) for k in range(3)
+    ]
+    fixed = write(sitk.JoinSeries(fixed_maps), tmp_path / "fixed4.nii.gz")
+    warped = write(sitk.JoinSeries(warped_maps), tmp_path / "warped4.nii.gz")
+    result = cli("evaluate", "--fixed-labels", fixed, "--warped-labels", warped, "--json", "-")
+    assert result.code == 0, result.err
+    report = json.loads(result.out)
+    assert sorted({e["volume"] for e in report["labels"]}) == [0, 1, 2]
+    for k in range(3):
+        alone = cli(
+            "evaluate",
+            "--fixed-labels",
+            f"{fixed}:{k}",
+            "--warped-labels",
+            f"{warped}:{k}",
+            "--json",
+            "-",
+        )
+        expected = json.loads(alone.out)["labels"]
+        assert [{**e, "volume": k} for e in expected] == [
+            e for e in report["labels"] if e["volume"] == k
+        ]
+    assert cli("evaluate", "--fixed-labels", fixed, "--warped-labels", warped).code == 0
+    for other in (f"{warped}:0", write(sitk.JoinSeries(warped_maps[:2]), tmp_path / "two.nii.gz")):
+        refused = cli("evaluate", "--fixed-labels", fixed, "--warped-labels", other)
+        assert refused.code == 1 and "do not pair up" in refused.err
+
+
 def test_evaluate_field_and_landmarks(cli, tmp_path):
     from carctl.spatial.files import write_affine, write_field
     from carctl.spatial.grid import Grid
