@@ -79,6 +79,24 @@ def test_working_grid_is_padded_isotropic_and_keeps_the_direction():
     assert (index >= -1e-6).all() and (index <= np.asarray(grid.size) - 1 + 1e-6).all()
 
 
+def test_the_working_grid_keeps_its_budget_padding_included():
+    """A box that fills the field of view: padded to the multiple, the grid held 37 % more
+    voxels than its budget (OASIS's answer grid 2.06 M for 1.5 M); now its spacing grows until
+    the padded grid fits. A grid within its budget keeps the spacing of the field of view."""
+    from carctl.networks.evaluator import WORKING_VOXELS, working_spacing
+
+    fixed = Grid((160, 192, 224), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+    whole = (np.zeros(3), np.asarray(fixed.size, float) - 1)
+    for voxels in (network.ANSWER_VOXELS, None):
+        grid = network.working_grid(fixed, whole, voxels)
+        assert np.prod(grid.size) <= (voxels or WORKING_VOXELS)
+        assert grid.spacing[0] > working_spacing(fixed.spacing, fixed.size, voxels)
+        assert all(n % network.MULTIPLE == 0 for n in grid.size)
+    half = (np.array([40.0, 48.0, 56.0]), np.array([120.0, 144.0, 168.0]))
+    grid = network.working_grid(fixed, half, network.ANSWER_VOXELS)
+    assert grid.spacing[0] == working_spacing(fixed.spacing, fixed.size, network.ANSWER_VOXELS)
+
+
 def test_voxel_displacements_become_physical_along_the_grid_axes():
     direction = rotation(0.0, 0.0, np.pi / 2)  # index x runs along physical y
     grid = Grid((16, 16, 16), (2.0, 2.0, 2.0), (0.0, 0.0, 0.0), tuple(direction.ravel()))
