@@ -489,7 +489,7 @@ def _turned_levels(
     of slices, see :data:`FOLLOW_DEGREES`), else None; each built once, or with ``keep``
     False only the last one kept (``--search wide`` scores 124 of them: all kept, 3.8 GB at
     the peak on a 1 mm brain instead of 0.85). The moving image is blurred for them once
-    (``memo``: on a 1 mm brain 125 wide-search levels 13.3 -> 10 s, see docs/benchmarks.md)."""
+    (``memo``: on a 1 mm brain the wide search 11.8-12.5 -> 7.2-7.6 s, see docs/benchmarks.md)."""
     built: dict[bytes, Level] = {}
     memo: dict = {}
 
