@@ -69,15 +69,15 @@ def _label_report(fixed_path: PathLike, warped_path: PathLike) -> dict:
     structure, as ``register --labels`` carries them), volume by volume, each entry with its
     ``volume``."""
     fixed, warped = read_image_or_volumes(fixed_path), read_image_or_volumes(warped_path)
-    four = [isinstance(m, Volumes) for m in (fixed, warped)]
-    if four[0] != four[1] or (all(four) and len(fixed) != len(warped)):
-        counts = [
-            f"{len(m)} volumes" if f else "one map"
-            for m, f in zip((fixed, warped), four, strict=True)
-        ]
+
+    def count(maps: Image | Volumes) -> int | None:  # volumes of a 4-D map, None for one map
+        return len(maps) if isinstance(maps, Volumes) else None
+
+    if count(fixed) != count(warped):
+        described = [f"{n} volumes" if n else "one map" for n in (count(fixed), count(warped))]
         raise InputError(
-            f"'{fixed_path}' ({counts[0]}) and '{warped_path}' ({counts[1]}) do not pair up: "
-            "give two label maps, or two 4-D files of as many volumes (or FILE:N each)"
+            f"'{fixed_path}' ({described[0]}) and '{warped_path}' ({described[1]}) do not pair "
+            "up: give two label maps, or two 4-D files of as many volumes (or FILE:N each)"
         )
     if not fixed.grid.same_as(warped.grid, tolerance=1e-3):
         raise InputError(
@@ -87,7 +87,7 @@ def _label_report(fixed_path: PathLike, warped_path: PathLike) -> dict:
         )
     pairs = (
         [(n, fixed.array[n], warped.array[n]) for n in range(len(fixed))]
-        if all(four)
+        if count(fixed)
         else [(None, fixed.array, warped.array)]
     )
     entries = []

@@ -308,11 +308,11 @@ def initialise(
         for i, matrix, (_, last), overlap in zip(members, matrices, losses, overlaps, strict=True):
             ends[i] = Start(chosen[i].name, matrix.numpy(), last, overlap)
     usable = [s for s in ends if s.overlap >= least] or ends
-    losses = judge([s.matrix for s in usable]) if judge else [s.score for s in usable]
-    lowest = min(range(len(usable)), key=losses.__getitem__)
+    deciding = judge([s.matrix for s in usable]) if judge else [s.score for s in usable]
+    lowest = min(range(len(usable)), key=deciding.__getitem__)
     best = usable[lowest]
     header_at = next((i for i, s in enumerate(usable) if s.name == "header"), None)
-    margin = HEADER_MARGIN * abs(losses[lowest])
-    if header_at is not None and losses[header_at] <= losses[lowest] + margin:
+    margin = HEADER_MARGIN * abs(deciding[lowest])
+    if header_at is not None and deciding[header_at] <= deciding[lowest] + margin:
         best = usable[header_at]
     return best, scored
