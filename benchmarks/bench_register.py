@@ -24,7 +24,9 @@ convention) and scored by this script with carctl's metrics:
   label (see :func:`atlas_pair`).
 * ``ct-chest``: the chest CT against a copy of itself under a known deformation of 8 mm RMS
   (see :func:`chest_ct_pair`): mean end-point error inside the thorax (mm);
-  ``chest-ct-padded`` the same with both images padded beyond a scanner's circle.
+  ``chest-ct-padded`` the same with both images padded beyond a scanner's circle;
+  ``ct-breath`` under a breathing motion that slides the lungs along the chest wall (see
+  :func:`breathing_pair`): mean end-point error inside the rib cage (mm).
 * ``prostate-*`` (MR -> ultrasound): Dice of the gland and mean Dice of the landmark blobs.
 * every pair: folding (% of fixed voxels where det J of the mapping <= 0).
 
@@ -394,15 +396,82 @@ def known_pairs(data: Path, seed: int, scale: float = 1.0) -> list[PairSpec]:
 
 def thorax(ct: np.ndarray) -> np.ndarray:
     """The thorax of a chest CT ``(Z, Y, X)`` in Hounsfield units: the body (above -500 HU)
-    with what it encloses in each axial slice (the lungs), filled row by row from both sides."""
-    body = ct > -500
-    # a voxel is enclosed when there is body on both of its sides along x and along y
-    enclosed = np.ones_like(body)
+    with what it encloses in each axial slice (the lungs)."""
+    return enclosed(ct > -500)
+
+
+def enclosed(mask: np.ndarray) -> np.ndarray:
+    """``mask`` ``(Z, Y, X)`` with what it encloses in each axial slice: a voxel with mask on
+    both of its sides along x and along y (filled row by row from both sides)."""
+    inside = np.ones_like(mask)
     for axis in (1, 2):
-        before = np.maximum.accumulate(body, axis=axis)
-        after = np.flip(np.maximum.accumulate(np.flip(body, axis=axis), axis=axis), axis=axis)
-        enclosed &= before & after
-    return body | enclosed
+        before = np.maximum.accumulate(mask, axis=axis)
+        after = np.flip(np.maximum.accumulate(np.flip(mask, axis=axis), axis=axis), axis=axis)
+        inside &= before & after
+    return mask | inside
+
+
+def rib_cage(ct: np.ndarray) -> np.ndarray:
+    """What breathing moves in a chest CT ``(Z, Y, X)`` in Hounsfield units: the lungs (air
+    below -500 HU inside the thorax, smoothed over their vessels) with what they enclose in
+    each axial slice (the heart, the mediastinum, the top of the liver)."""
+    import torch
+
+    from carctl.registration.levels import gaussian_blur
+
+    lungs = torch.from_numpy(((ct < -500) & thorax(ct)).astype(np.float32))[None, None]
+    lungs = gaussian_blur(lungs, [2.0, 2.0, 1.0])[0, 0].numpy() > 0.5
+    return enclosed(lungs)
+
+
+def breathing(image, amplitude_mm: float, seed: int, mask: np.ndarray):
+    """A breathing motion of a chest CT: ``mask`` (:func:`rib_cage`, its edge blurred over
+    2 mm) moves down by ``amplitude_mm`` times 0.3 at the image's top to 1 at its bottom (the
+    diaphragm moves most) and out along y by up to a third of that, plus smooth noise of 2 mm
+    RMS; the chest wall stays, so the motion jumps at the pleura (the lungs slide along it).
+    Returns the mapping phi(x) = x + u(x) as a field."""
+    import torch
+
+    from carctl.registration.levels import gaussian_blur
+    from carctl.spatial.transform import DisplacementField
+    from carctl.synthetic import smooth_field
+
+    grid = image.grid
+    inside = torch.from_numpy(mask.astype(np.float64))[None, None]
+    inside = gaussian_blur(inside, [2.0 / s for s in grid.spacing])[0, 0]
+    points = grid.points()
+    height = points[..., 2]
+    top, bottom = float(height.max()), float(height.min())
+    down = 0.3 + 0.7 * (top - height) / (top - bottom)
+    front = points[..., 1] - float(points[..., 1][torch.from_numpy(mask)].mean())
+    u = torch.zeros((3, *grid.shape), dtype=torch.float64)
+    u[1] = amplitude_mm / 3 * torch.tanh(front / 40.0)
+    u[2] = -amplitude_mm * down
+    u = (u + smooth_field(grid, 2.0, seed=seed, mask=mask)) * inside
+    return DisplacementField(grid, u.contiguous())
+
+
+def breathing_pair(data: Path, seed: int, index: int, scale: float = 1.0) -> PairSpec:
+    """``ct-breath``: the chest CT against a copy of itself under :func:`breathing` of 12 mm
+    at the diaphragm (times ``scale``): end-point error inside the rib cage (mm)."""
+
+    def build(work: Path) -> Pair:
+        import torch
+
+        from carctl.io import read_image, write_image
+        from carctl.spatial.sample import warp
+
+        ct = read_image(data / "dicom" / "ct-chest-40")
+        cage = rib_cage(ct.array)
+        truth = breathing(ct, 12.0 * scale, seed + index, cage)
+        cage = torch.from_numpy(cage.astype(np.uint8))[None, None]
+        mask = warp(cage, ct.grid, ct.grid, [truth], mode="nearest")[0, 0].numpy() > 0
+        fixed = continued_beyond(truth, ct)
+        write_image(ct, work / "moving.nii.gz")
+        write_image(fixed, work / "fixed.nii.gz")
+        return Pair("ct-breath", work / "moving.nii.gz", work / "fixed.nii.gz", {}, {}, truth, mask)
+
+    return PairSpec("ct-breath", build)
 
 
 # Scanners store what lies beyond their reconstruction circle as one value far below air.
@@ -437,7 +506,7 @@ def chest_ct_pair(
 
         ct = read_image(data / "dicom" / "ct-chest-40")
         made = known_pair(ct, ct, thorax(ct.array), rms_mm=8.0 * scale, seed=seed + index)
-        fixed = continued_beyond(made, ct)
+        fixed = continued_beyond(made.truth, ct)
         if padded:
             ct, fixed = padded_beyond_circle(ct), padded_beyond_circle(fixed)
         write_image(ct, work / "moving.nii.gz")  # every tool reads the same NIfTI file
@@ -449,20 +518,21 @@ def chest_ct_pair(
     return PairSpec(name, build)
 
 
-def continued_beyond(made, moving):
-    """The fixed image of a known pair of ``moving`` onto itself, with what the truth maps
-    beyond ``moving``'s field of view read at its nearest edge voxel instead of zero. Warping
-    filled that part with zeros: a block whose edge marks the moving image's field of view
-    where the truth puts it, which no real pair shows (each scan is cut by its own field of
-    view) and which a method could align instead of the anatomy (the end-point error is
-    measured where the truth maps inside only, as before)."""
+def continued_beyond(truth, moving):
+    """The fixed image of a known pair of ``moving`` onto itself under the mapping ``truth``
+    (a field on the fixed grid), with what it maps beyond ``moving``'s field of view read at
+    its nearest edge voxel instead of zero. Warping filled that part with zeros: a block whose
+    edge marks the moving image's field of view where the truth puts it, which no real pair
+    shows (each scan is cut by its own field of view) and which a method could align instead
+    of the anatomy (the end-point error is measured where the truth maps inside only, as
+    before)."""
     import torch
 
     from carctl.io import Image
     from carctl.spatial.sample import grid_sample
 
-    grid = made.truth.grid
-    points = grid.points() + made.truth.data.to(torch.float64).movedim(0, -1)
+    grid = truth.grid
+    points = grid.points() + truth.data.to(torch.float64).movedim(0, -1)
     where = moving.grid.index_to_normalised(moving.grid.to_index(points))
     image = torch.from_numpy(np.ascontiguousarray(moving.array, dtype=np.float32))[None, None]
     values = grid_sample(
@@ -661,6 +731,7 @@ def all_pairs(data: Path, seed: int, scale: float = 1.0) -> list[PairSpec]:
         atlas_pair(data),
         chest_ct_pair(data, seed, len(known), scale),
         chest_ct_pair(data, seed, len(known), scale, padded=True),
+        breathing_pair(data, seed, len(known), scale),
         *prostate_pairs(data),
         *thick_pairs(data, seed, len(known) + 1, scale),
         *half_pairs(data, seed, len(known) + 3, scale),

@@ -60,6 +60,31 @@ def test_chest_ct_pair_is_a_known_deformation_of_the_ct(bench, shared_data, tmp_
     assert beyond.mean() > 0.01 and (fixed.array[beyond] == 0).mean() < 0.01
 
 
+def test_breathing_pair_slides_the_rib_cage_along_a_still_chest_wall(bench, shared_data, tmp_path):
+    import torch
+
+    from carctl.io import read_image
+    from carctl.registration.levels import gaussian_blur
+
+    pair = bench.breathing_pair(shared_data, seed=0, index=0).build(tmp_path)
+    moving, fixed = read_image(pair.moving), read_image(pair.fixed)
+    assert moving.grid == fixed.grid == pair.truth.grid
+    cage = bench.rib_cage(moving.array)
+    assert 0.05 < cage.mean() < 0.4 and 0.05 < pair.mask.mean() < 0.4
+    assert (fixed.array != moving.array).mean() > 0.05
+    # the chest wall (the thorax 5 mm or more outside the rib cage) stays
+    length = pair.truth.data.square().sum(dim=0).sqrt().numpy()
+    near = gaussian_blur(torch.from_numpy(cage.astype(np.float32))[None, None], [5.0, 5.0, 2.5])
+    wall = bench.thorax(moving.array) & (near[0, 0].numpy() < 1e-3)
+    assert wall.sum() > 10_000 and length[wall].max() < 0.01
+    # the inside moves, down (-z in LPS), the most in the lowest slices
+    assert 4.0 < length[pair.mask].mean() < 12.0
+    down = pair.truth.data[2].numpy()
+    height = moving.grid.points()[..., 2].numpy()
+    lowest, highest = height == height.min(), height == height.max()
+    assert down[cage & lowest].mean() < down[cage & highest].mean() < -2.0
+
+
 def test_brain_atlas_pair_maps_both_label_sets_to_the_same_structures(bench, shared_data, tmp_path):
     from carctl.io import read_image
 

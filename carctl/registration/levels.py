@@ -63,9 +63,14 @@ def intensity_range(
     return low, (high if high > low else low + 1.0)
 
 
-def normalise(array: np.ndarray, select: np.ndarray | None = None) -> np.ndarray:
-    """Robustly rescale intensities to ``[0, 1]`` (float32), with :func:`intensity_range`."""
-    bounds = intensity_range(array, select)
+def normalise(
+    array: np.ndarray,
+    select: np.ndarray | None = None,
+    bounds: tuple[float, float] | None = None,
+) -> np.ndarray:
+    """Robustly rescale intensities to ``[0, 1]`` (float32), with :func:`intensity_range`
+    (or ``bounds``, its answer for ``array`` when already known)."""
+    bounds = intensity_range(array, select) if bounds is None else bounds
     if bounds is None:
         return np.zeros(array.shape, np.float32)
     low, high = bounds
@@ -81,6 +86,18 @@ def normalise(array: np.ndarray, select: np.ndarray | None = None) -> np.ndarray
         # +Inf as the brightest value (half an image of it moved a rigid result by 1.9 mm)
         out.nan_to_num_(low, posinf=low, neginf=low)
     return out.sub_(low).div_(high - low).clamp_(0.0, 1.0).numpy()
+
+
+# A CT in Hounsfield units: air (-1000 HU) among its darkest voxels and bone (a few hundred
+# to about 3000 HU) among its brightest, at the percentiles of intensity_range. An MR, PET or
+# ultrasound image has no such values below zero.
+HOUNSFIELD_AIR, HOUNSFIELD_TOP = -900.0, 4000.0
+
+
+def hounsfield(bounds: tuple[float, float] | None) -> bool:
+    """Whether an image whose :func:`intensity_range` is ``bounds`` looks like a CT in
+    Hounsfield units (air at the bottom of its range, bone at the top)."""
+    return bounds is not None and bounds[0] <= HOUNSFIELD_AIR and 0.0 < bounds[1] <= HOUNSFIELD_TOP
 
 
 def require_contrast(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -1582,6 +1583,52 @@ def test_auto_runs_the_network_on_a_coarse_moving_image_of_near_isotropic_voxels
         network[name] = next(s for s in stages if s.name == "network").detail
     assert "skipped" not in network["coarse"]
     assert "coarser than the fixed image's" in network["stack"]["skipped"]
+
+
+def test_hounsfield_tells_a_ct_from_other_images():
+    """Air at the bottom of the robust range and bone (not beyond a few thousand) at the top:
+    a CT in Hounsfield units; MR-like, z-scored, phase-like and empty images are not."""
+    rng = np.random.default_rng(0)
+    tissue = rng.normal(40.0, 20.0, 20_000)
+    ct = np.concatenate([np.full(5_000, -1000.0), tissue, rng.uniform(300, 1500, 1_000)])
+    assert levels.hounsfield(levels.intensity_range(ct))
+    assert levels.hounsfield(levels.intensity_range(np.where(ct < -900, -1024.0, ct)))
+    assert not levels.hounsfield(levels.intensity_range(ct + 1024.0))  # stored unsigned
+    assert not levels.hounsfield(levels.intensity_range(np.abs(tissue) * 10))  # MR-like
+    assert not levels.hounsfield(levels.intensity_range((ct - ct.mean()) / ct.std()))
+    assert not levels.hounsfield(levels.intensity_range(rng.uniform(-4096, 4096, 10_000)))
+    assert not levels.hounsfield(None)
+
+
+def _as_ct(image: Image) -> Image:
+    """A phantom as a CT: its range as air (-1000 HU) to soft tissue (+200 HU)."""
+    low, high = float(image.array.min()), float(image.array.max())
+    scaled = (image.array - low) / (high - low) * 1200.0 - 1000.0
+    return Image(scaled.astype(np.float32), image.grid)
+
+
+def test_auto_runs_no_network_and_half_the_weight_between_two_ct_images(phantom):
+    """Between two CT images (in Hounsfield units) ``auto`` skips the network and the
+    deformable stage's default MIND weight is 0.1 (breathing slides the lungs along the chest
+    wall); a CT onto an MR-like image keeps the network and 0.2, ``net`` runs the network on
+    two CT images, and a weight given is kept."""
+    fixed = contrast(phantom)
+    options = RegistrationOptions(iterations=2)
+
+    def stages(moving: Image, target: Image, **given) -> dict:
+        found = register(moving, target, dataclasses.replace(options, **given))
+        return {s.name: s.detail for s in found.stages}
+
+    both = stages(_as_ct(phantom), _as_ct(fixed))
+    assert "both images are CT" in both["network"]["skipped"]
+    assert both["deformable"]["regularization"] == pytest.approx(0.1)
+    one = stages(_as_ct(phantom), fixed)
+    assert "skipped" not in one["network"]
+    assert one["deformable"]["regularization"] == pytest.approx(0.2)
+    net = stages(_as_ct(phantom), _as_ct(fixed), method="net")
+    assert "skipped" not in net["network"] and "grid_size" in net["network"]
+    given = stages(_as_ct(phantom), _as_ct(fixed), regularization=0.3)
+    assert given["deformable"]["regularization"] == pytest.approx(0.3)
 
 
 def test_eroded_weights_spare_thin_axes():
