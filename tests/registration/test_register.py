@@ -1607,11 +1607,11 @@ def _as_ct(image: Image) -> Image:
     return Image(scaled.astype(np.float32), image.grid)
 
 
-def test_auto_runs_no_network_and_half_the_weight_between_two_ct_images(phantom):
-    """Between two CT images (in Hounsfield units) ``auto`` skips the network and the
+def test_auto_between_two_ct_images_skips_the_network_and_halves_the_weight(phantom):
+    """Between two CT images (in Hounsfield units) ``auto`` skips the network, the
     deformable stage's default MIND weight is 0.1 (breathing slides the lungs along the chest
-    wall); a CT onto an MR-like image keeps the network and 0.2, ``net`` runs the network on
-    two CT images, and a weight given is kept."""
+    wall) and its finest level runs 80 iterations; a CT onto an MR-like image keeps the
+    network and 0.2, ``net`` runs the network on two CT images, and a weight given is kept."""
     fixed = contrast(phantom)
     options = RegistrationOptions(iterations=2)
 
@@ -1629,6 +1629,11 @@ def test_auto_runs_no_network_and_half_the_weight_between_two_ct_images(phantom)
     assert "skipped" not in net["network"] and "grid_size" in net["network"]
     given = stages(_as_ct(phantom), _as_ct(fixed), regularization=0.3)
     assert given["deformable"]["regularization"] == pytest.approx(0.3)
+    # and the finest level runs twice the iterations (it went on gaining on the chest CT)
+    default = stages(_as_ct(phantom), _as_ct(fixed), iterations=None)["deformable"]
+    levels_run = len(default["levels_mm"])
+    assert default["iterations"] == list(pipeline.DEFAULT_ITERATIONS_CT[-levels_run:])
+    assert default["iterations"][-1] == 2 * pipeline.DEFAULT_ITERATIONS[-1]
 
 
 def test_eroded_weights_spare_thin_axes():
