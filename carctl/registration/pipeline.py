@@ -61,17 +61,23 @@ DEFAULT_REGULARIZATION = {
 # (benchmarks/bench_2d.py, BraTS slices with a known deformation: mean end-point error 1.41
 # -> 1.26 mm over 15 contrast pairs, better on 11; the same contrast 0.225 -> 0.254 mm).
 DEFAULT_REGULARIZATION_2D = {"mind": 0.5}
-# ... and between two CT images (both in Hounsfield units, levels.hounsfield) in 3-D. Breathing
-# moves the lungs, heart and liver along the chest wall, which stays: a displacement that
-# jumps at the pleura, which the brains' weight smoothed over. Mean end-point error (mm) of
-# `io`, 0.2 -> 0.1 (the default weight, scaled down by the motion rule below either way):
-# the benchmark's `ct-breath` (the chest CT, the inside of its rib cage moved down by up to
-# 12 mm, the most at the diaphragm, and outwards; the wall still), seeds 0 / 1: 1.41 / 1.23
-# -> 1.08 / 0.97; the same with another mask of the rib cage and 8 / 12 / 20 / 28 mm: 0.69 /
-# 1.30 / 2.30 / 4.10 -> 0.64 / 1.02 / 2.00 / 3.09; `ct-chest` (8 mm RMS, smooth), seeds 0-2:
-# 0.885 / 0.968 / 1.443 -> 0.876 / 0.952 / 1.461, at 12 / 16 mm RMS (seed 0) 1.99 / 5.41 ->
-# 1.81 / 4.42. No folding. 0.05 went further on `ct-breath` (0.97 / 0.90) but lost on
-# `ct-chest` (0.98 / 1.06). On the brain pairs half the weight lost 0.01-0.13 mm (all six).
+# ... and between two CT images (both in Hounsfield units, levels.hounsfield) in 3-D, the
+# most weight of the levels after the coarsest (which runs with the loss's default, as the
+# motion rule below measures there). Breathing moves the lungs, heart and liver along the
+# chest wall, which stays: a displacement that jumps at the pleura, which the brains' weight
+# smoothed over. Mean end-point error (mm) of `io`, 0.2 -> 0.1 at every level (scaled by the
+# motion rule either way): the benchmark's `ct-breath` (the chest CT, the inside of its rib
+# cage moved down by up to 12 mm, the most at the diaphragm, and outwards; the wall still),
+# seeds 0 / 1: 1.41 / 1.23 -> 1.08 / 0.97; the same with another mask of the rib cage and
+# 8 / 12 / 20 / 28 mm: 0.69 / 1.30 / 2.30 / 4.10 -> 0.64 / 1.02 / 2.00 / 3.09; `ct-chest`
+# (8 mm RMS, smooth), seeds 0-2: 0.885 / 0.968 / 1.443 -> 0.876 / 0.952 / 1.461. But with the
+# CT turned by 15 / 20 degrees and moved 15 / 20 mm (3 mm RMS deformation) the coarsest
+# level at 0.1 found more motion, the rule cut the weight to 0.03-0.04 and the result was
+# noisy: 0.66 / 1.12 -> 1.17 / 1.81 (with DEFAULT_ITERATIONS_CT). With the coarsest level at
+# 0.2 and the others at most 0.1 (and 80 iterations at the finest, below): `ct-breath` 1.01
+# / 0.89, `ct-chest` 0.79 / 0.84, turned 0.59 / 1.00, `ct-chest` at 16 mm RMS 5.41 -> 5.20
+# (every level at 0.1: 4.10-4.42, the one case that gained from it). No folding. On the
+# brain pairs half the weight lost 0.01-0.13 mm (all six), so brains keep 0.2.
 DEFAULT_REGULARIZATION_CT = {"mind": 0.1}
 # The finest level has 2 mm voxels, or this many voxels across a small image (never finer
 # than the image's own).
@@ -657,17 +663,15 @@ def after_network(counts: list[int]) -> list[int]:
 
 
 def _regularization(state: _State) -> float:
-    """The deformable stage's regularisation weight: the option, or the loss's default (on
-    2-D images, :data:`DEFAULT_REGULARIZATION_2D` where it names the loss; between 3-D CT
-    images, :data:`DEFAULT_REGULARIZATION_CT`)."""
+    """The deformable stage's regularisation weight (its first level's): the option, or the
+    loss's default (on 2-D images, :data:`DEFAULT_REGULARIZATION_2D` where it names the
+    loss)."""
     given = state.options.regularization
     if given is not None:
         return given
     name = state.spec.name
     if state.fixed.grid.ndim == 2:
         return DEFAULT_REGULARIZATION_2D.get(name, DEFAULT_REGULARIZATION[name])
-    if state.ct and name in DEFAULT_REGULARIZATION_CT:
-        return DEFAULT_REGULARIZATION_CT[name]
     return DEFAULT_REGULARIZATION[name]
 
 
@@ -742,10 +746,16 @@ def _mean_length(u: torch.Tensor) -> float:
 
 def _following(state: _State, weight: float, motion_mm: float) -> float:
     """The weight for the levels after one that found ``motion_mm`` (see
-    :data:`MOTION_SCALE_MM`); a weight given as an option stays."""
-    if state.options.regularization is not None or motion_mm <= MOTION_SCALE_MM:
+    :data:`MOTION_SCALE_MM`), at most :data:`DEFAULT_REGULARIZATION_CT` between two 3-D CT
+    images; a weight given as an option stays."""
+    if state.options.regularization is not None:
         return weight
-    return weight * MOTION_SCALE_MM / motion_mm
+    if motion_mm > MOTION_SCALE_MM:
+        weight = weight * MOTION_SCALE_MM / motion_mm
+    most = DEFAULT_REGULARIZATION_CT.get(state.spec.name)
+    if state.ct and state.fixed.grid.ndim == 3 and most is not None:
+        weight = min(weight, most)
+    return weight
 
 
 def _stage_deformable(state: _State, progress: Progress) -> StageReport:

@@ -1609,9 +1609,10 @@ def _as_ct(image: Image) -> Image:
 
 def test_auto_between_two_ct_images_skips_the_network_and_halves_the_weight(phantom):
     """Between two CT images (in Hounsfield units) ``auto`` skips the network, the
-    deformable stage's default MIND weight is 0.1 (breathing slides the lungs along the chest
-    wall) and its finest level runs 80 iterations; a CT onto an MR-like image keeps the
-    network and 0.2, ``net`` runs the network on two CT images, and a weight given is kept."""
+    deformable stage's levels after the coarsest run with a MIND weight of at most 0.1
+    (breathing slides the lungs along the chest wall) and its finest level runs 80
+    iterations; a CT onto an MR-like image keeps the network and 0.2, ``net`` runs the
+    network on two CT images, and a weight given is kept."""
     fixed = contrast(phantom)
     options = RegistrationOptions(iterations=2)
 
@@ -1621,14 +1622,16 @@ def test_auto_between_two_ct_images_skips_the_network_and_halves_the_weight(phan
 
     both = stages(_as_ct(phantom), _as_ct(fixed))
     assert "both images are CT" in both["network"]["skipped"]
-    assert both["deformable"]["regularization"] == pytest.approx(0.1)
-    one = stages(_as_ct(phantom), fixed)
-    assert "skipped" not in one["network"]
-    assert one["deformable"]["regularization"] == pytest.approx(0.2)
+    first, *later = both["deformable"]["level_regularization"]
+    assert first == pytest.approx(0.2) and later and max(later) <= 0.1 + 1e-12
+    one = stages(_as_ct(phantom), fixed, method="io")
+    assert "skipped" not in stages(_as_ct(phantom), fixed)["network"]
+    first, *later = one["deformable"]["level_regularization"]
+    assert first == pytest.approx(0.2) and later and min(later) > 0.1
     net = stages(_as_ct(phantom), _as_ct(fixed), method="net")
     assert "skipped" not in net["network"] and "grid_size" in net["network"]
     given = stages(_as_ct(phantom), _as_ct(fixed), regularization=0.3)
-    assert given["deformable"]["regularization"] == pytest.approx(0.3)
+    assert given["deformable"]["level_regularization"] == pytest.approx([0.3] * len(later) + [0.3])
     # and the finest level runs twice the iterations (it went on gaining on the chest CT)
     default = stages(_as_ct(phantom), _as_ct(fixed), iterations=None)["deformable"]
     levels_run = len(default["levels_mm"])
