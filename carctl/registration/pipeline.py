@@ -844,8 +844,8 @@ def _stack(grid: Grid) -> bool:
 
 
 def _network_skipped(state: _State) -> str | None:
-    """Why ``auto`` skips the network, or None: for two CT images, or
-    a moving stack of slices thicker than the fixed image's voxels and the network's grid
+    """Why ``auto`` skips the network, or None: for two CT images, or a moving stack of
+    slices thicker than the fixed image's voxels and the network's grid
     (:data:`NETWORK_THICK` and the note after it)."""
     from carctl.registration import network
 
