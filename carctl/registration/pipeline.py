@@ -314,7 +314,7 @@ class _State:
     frame: np.ndarray | None = None  # the start's rotation, for the moving features' axes
     followed: bool = False  # a linear stage has set (or kept) the frame
     masked: bool = False  # masks were given (the two above hold scanner padding too)
-    ct: bool = False  # both images are CT in Hounsfield units (levels.hounsfield)
+    ct: bool = False  # two 3-D images, both CT in Hounsfield units (levels.hounsfield)
     generator: torch.Generator = field(default_factory=torch.Generator)
     _levels: dict = field(default_factory=dict)
 
@@ -670,8 +670,8 @@ def _regularization(state: _State) -> float:
     if given is not None:
         return given
     name = state.spec.name
-    if state.fixed.grid.ndim == 2:
-        return DEFAULT_REGULARIZATION_2D.get(name, DEFAULT_REGULARIZATION[name])
+    if state.fixed.grid.ndim == 2 and name in DEFAULT_REGULARIZATION_2D:
+        return DEFAULT_REGULARIZATION_2D[name]
     return DEFAULT_REGULARIZATION[name]
 
 
@@ -753,7 +753,7 @@ def _following(state: _State, weight: float, motion_mm: float) -> float:
     if motion_mm > MOTION_SCALE_MM:
         weight = weight * MOTION_SCALE_MM / motion_mm
     most = DEFAULT_REGULARIZATION_CT.get(state.spec.name)
-    if state.ct and state.fixed.grid.ndim == 3 and most is not None:
+    if state.ct and most is not None:
         weight = min(weight, most)
     return weight
 
@@ -765,8 +765,8 @@ def _stage_deformable(state: _State, progress: Progress) -> StageReport:
     if options.iterations is not None:
         counts = [options.iterations] * len(spacings)
     else:
-        ct = state.ct and state.fixed.grid.ndim == 3
-        counts = list((DEFAULT_ITERATIONS_CT if ct else DEFAULT_ITERATIONS)[-len(spacings) :])
+        default = DEFAULT_ITERATIONS_CT if state.ct else DEFAULT_ITERATIONS
+        counts = list(default[-len(spacings) :])
     detail: dict = {}
     if network is None or len(spacings) < 2:
         if network is not None and options.iterations is None:
@@ -1103,7 +1103,7 @@ def _register(
         affine=np.eye(fixed.grid.ndim + 1),
         initial=initial,
         masked=fixed_mask is not None or moving_mask is not None,
-        ct=all(ct),
+        ct=all(ct) and fixed.grid.ndim == 3,
     )
     state.generator.manual_seed(options.seed)
     reports = []
