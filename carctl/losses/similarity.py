@@ -43,20 +43,61 @@ def _shifted(image: torch.Tensor, offset: tuple[int, ...]) -> torch.Tensor:
     return padded[tuple(slices)]
 
 
-def _box_filter(image: torch.Tensor, radius: int) -> torch.Tensor:
+def _shift_into(out: torch.Tensor, image: torch.Tensor, offset: tuple[int, ...]) -> torch.Tensor:
+    """:func:`_shifted` written into ``out`` (of ``image``'s shape, not overlapping it): the
+    part read inside the image copied at once, then each axis's border from its neighbour,
+    one axis after the other (no padded copy)."""
+    dims = range(image.dim() - 1, 1, -1)  # the tensor dimension of index axes i, j, k
+    if any(abs(o) >= image.shape[dim] for o, dim in zip(offset, dims, strict=True)):
+        return out.copy_(_shifted(image, offset))
+    source, target = image, out
+    for o, dim in zip(offset, dims, strict=True):
+        inside = image.shape[dim] - abs(o)
+        source = source.narrow(dim, max(o, 0), inside)
+        target = target.narrow(dim, max(-o, 0), inside)
+    target.copy_(source)
+    for o, dim in zip(offset, dims, strict=True):
+        n = image.shape[dim]
+        if o > 0:  # the last o read beyond the image: the value of the one before them
+            edge = out.narrow(dim, n - o, o)
+            edge.copy_(out.narrow(dim, n - o - 1, 1).expand_as(edge))
+        elif o < 0:
+            edge = out.narrow(dim, 0, -o)
+            edge.copy_(out.narrow(dim, -o, 1).expand_as(edge))
+    return out
+
+
+def _box_filter(
+    image: torch.Tensor, radius: int, spare: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean over the ``(2 radius + 1)^D`` box around each voxel, of the voxels inside the image
     (``avg_pool`` with ``count_include_pad=False``, also on axes shorter than the box), one
     axis at a time: a box and its count of inside voxels both factor over the axes, and
     torch's CPU pooling reads the whole window per voxel (729 values for LNCC's 9-voxel
-    windows) where this reads ``D (2 radius + 1)``."""
+    windows) where this reads ``D (2 radius + 1)``.
+
+    ``spare``: an array of ``image``'s shape that may be overwritten, as may ``image``
+    (neither differentiated): the axes write to them in turn and no array is allocated (the
+    result is one of the two). The sums are added in the same order either way."""
     if radius == 0:
         return image
     out = image
     for dim in range(2, image.dim()):
         n = out.shape[dim]
-        total = out.clone()  # each voxel's neighbours within the image added in place
+        if spare is None:
+            total = out.clone()  # each voxel's neighbours within the image added in place
+        else:  # the voxel plus its lower neighbour written at once (as clone, then add_)
+            total, spare = spare, out
+            total.narrow(dim, 0, 1).copy_(out.narrow(dim, 0, 1))
+            if n > 1:
+                torch.add(
+                    out.narrow(dim, 1, n - 1),
+                    out.narrow(dim, 0, n - 1),
+                    out=total.narrow(dim, 1, n - 1),
+                )
         for k in range(1, min(radius, n - 1) + 1):
-            total.narrow(dim, k, n - k).add_(out.narrow(dim, 0, n - k))
+            if spare is None or k > 1:
+                total.narrow(dim, k, n - k).add_(out.narrow(dim, 0, n - k))
             total.narrow(dim, 0, n - k).add_(out.narrow(dim, k, n - k))
         index = torch.arange(n, device=image.device)
         count = index.clamp(max=radius) + (n - 1 - index).clamp(max=radius) + 1
@@ -98,21 +139,35 @@ def _patch_distances(image: torch.Tensor, radius: int, dilation: int) -> torch.T
     batch, _, *spatial = image.shape
     if image.requires_grad and torch.is_grad_enabled():
         filtered = torch.cat([(shifted[a] - shifted[b]).square() for a, b in upper], dim=1)
-    else:  # written in place (fresh arrays of a brain's size cost more than the arithmetic)
-        filtered = image.new_empty(batch, len(upper), *spatial)
-        for i, (a, b) in enumerate(upper):
-            torch.sub(shifted[a], shifted[b], out=filtered[:, i : i + 1])
-        filtered.square_()
-    filtered = _box_filter(filtered, radius)
-    channels = []
-    for a, b in pairs:
+        filtered = _box_filter(filtered, radius)
+        channels = []
+        for a, b in pairs:
+            if a % 2 == 1:
+                channels.append(filtered[:, upper.index((a, b))])
+                continue
+            twin = upper.index((a + 1, b ^ 1))  # same axes, both neighbours flipped
+            offset = _difference(neighbours[a], neighbours[b ^ 1])
+            channels.append(_shifted(filtered[:, twin : twin + 1], offset)[:, 0])
+        return torch.stack(channels, dim=1)
+    # written in place (fresh arrays of a brain's size cost more than the arithmetic): the
+    # box filter between two arrays, the channels copied into the result
+    filtered = image.new_empty(batch, len(upper), *spatial)
+    for i, (a, b) in enumerate(upper):
+        torch.sub(shifted[a], shifted[b], out=filtered[:, i : i + 1])
+    filtered = _box_filter(filtered.square_(), radius, torch.empty_like(filtered))
+    result = image.new_empty(batch, len(pairs), *spatial)
+    for i, (a, b) in enumerate(pairs):
         if a % 2 == 1:
-            channels.append(filtered[:, upper.index((a, b))])
+            result[:, i].copy_(filtered[:, upper.index((a, b))])
             continue
-        twin = upper.index((a + 1, b ^ 1))  # same axes, both neighbours flipped
-        offset = tuple(x - y for x, y in zip(neighbours[a], neighbours[b ^ 1], strict=True))
-        channels.append(_shifted(filtered[:, twin : twin + 1], offset)[:, 0])
-    return torch.stack(channels, dim=1)
+        twin = upper.index((a + 1, b ^ 1))
+        offset = _difference(neighbours[a], neighbours[b ^ 1])
+        _shift_into(result[:, i : i + 1], filtered[:, twin : twin + 1], offset)
+    return result
+
+
+def _difference(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(x - y for x, y in zip(a, b, strict=True))
 
 
 def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 1) -> torch.Tensor:
