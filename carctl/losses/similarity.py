@@ -83,26 +83,39 @@ def _box_filter(
         return image
     out = image
     for dim in range(2, image.dim()):
-        n = out.shape[dim]
         if spare is None:
-            total = out.clone()  # each voxel's neighbours within the image added in place
-        else:  # the voxel plus its lower neighbour written at once (as clone, then add_)
+            out = _box_axis(out, out.clone(), dim, radius, copied=True)
+        else:
             total, spare = spare, out
-            total.narrow(dim, 0, 1).copy_(out.narrow(dim, 0, 1))
-            if n > 1:
-                torch.add(
-                    out.narrow(dim, 1, n - 1),
-                    out.narrow(dim, 0, n - 1),
-                    out=total.narrow(dim, 1, n - 1),
-                )
-        for k in range(1, min(radius, n - 1) + 1):
-            if spare is None or k > 1:
-                total.narrow(dim, k, n - k).add_(out.narrow(dim, 0, n - k))
-            total.narrow(dim, 0, n - k).add_(out.narrow(dim, k, n - k))
-        index = torch.arange(n, device=image.device)
-        count = index.clamp(max=radius) + (n - 1 - index).clamp(max=radius) + 1
-        out = total.div_(count.to(out.dtype).reshape(n, *([1] * (image.dim() - 1 - dim))))
+            out = _box_axis(out, total, dim, radius)
     return out
+
+
+def _box_axis(
+    image: torch.Tensor, total: torch.Tensor, dim: int, radius: int, copied: bool = False
+) -> torch.Tensor:
+    """``total`` (of ``image``'s shape, not overlapping it) set to the mean of each voxel's
+    neighbours within ``radius`` along ``dim`` inside the image, and returned; ``copied``:
+    ``total`` holds ``image`` already (else the voxel and its lower neighbour are written at
+    once). The sums are added in one order: the voxel, then the neighbours at 1, 2, ...
+    voxels, the lower before the upper."""
+    n = image.shape[dim]
+    if not copied and (radius == 0 or n == 1):
+        total.copy_(image)
+    elif not copied:
+        total.narrow(dim, 0, 1).copy_(image.narrow(dim, 0, 1))
+        torch.add(
+            image.narrow(dim, 1, n - 1),
+            image.narrow(dim, 0, n - 1),
+            out=total.narrow(dim, 1, n - 1),
+        )
+    for k in range(1, min(radius, n - 1) + 1):
+        if copied or k > 1:  # (k = 1 below was written with the voxel)
+            total.narrow(dim, k, n - k).add_(image.narrow(dim, 0, n - k))
+        total.narrow(dim, 0, n - k).add_(image.narrow(dim, k, n - k))
+    index = torch.arange(n, device=image.device)
+    count = index.clamp(max=radius) + (n - 1 - index).clamp(max=radius) + 1
+    return total.div_(count.to(total.dtype).reshape(n, *([1] * (image.dim() - 1 - dim))))
 
 
 def _face_neighbours(d: int, dilation: int) -> list[tuple[int, ...]]:
@@ -150,19 +163,25 @@ def _patch_distances(image: torch.Tensor, radius: int, dilation: int) -> torch.T
             channels.append(_shifted(filtered[:, twin : twin + 1], offset)[:, 0])
         return torch.stack(channels, dim=1)
     # written in place (fresh arrays of a brain's size cost more than the arithmetic): the
-    # box filter between two arrays, the channels copied into the result
+    # box filter between two arrays, its last axis into the result's channels, from which
+    # the shifted twins are read
     filtered = image.new_empty(batch, len(upper), *spatial)
     for i, (a, b) in enumerate(upper):
         torch.sub(shifted[a], shifted[b], out=filtered[:, i : i + 1])
-    filtered = _box_filter(filtered.square_(), radius, torch.empty_like(filtered))
+    filtered.square_()
+    spare, last = torch.empty_like(filtered), image.dim() - 1
+    for dim in range(2, last):
+        filtered, spare = _box_axis(filtered, spare, dim, radius), filtered
     result = image.new_empty(batch, len(pairs), *spatial)
     for i, (a, b) in enumerate(pairs):
         if a % 2 == 1:
-            result[:, i].copy_(filtered[:, upper.index((a, b))])
-            continue
-        twin = upper.index((a + 1, b ^ 1))
-        offset = _difference(neighbours[a], neighbours[b ^ 1])
-        _shift_into(result[:, i : i + 1], filtered[:, twin : twin + 1], offset)
+            c = upper.index((a, b))
+            _box_axis(filtered[:, c : c + 1], result[:, i : i + 1], last, radius)
+    for i, (a, b) in enumerate(pairs):
+        if a % 2 == 0:
+            twin = pairs.index((a + 1, b ^ 1))  # same axes, both neighbours flipped
+            offset = _difference(neighbours[a], neighbours[b ^ 1])
+            _shift_into(result[:, i : i + 1], result[:, twin : twin + 1], offset)
     return result
 
 

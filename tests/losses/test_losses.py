@@ -160,7 +160,14 @@ def test_mind_descriptor_shapes_and_range():
 
 @pytest.mark.parametrize(
     ("shape", "radius", "dilation"),
-    [((6, 7, 8), 1, 1), ((9, 8, 11), 2, 2), ((1, 8, 9), 1, 1), ((2, 7, 9), 1, 2), ((9, 10), 1, 2)],
+    [
+        ((6, 7, 8), 1, 1),
+        ((7, 8, 9), 0, 1),
+        ((9, 8, 11), 2, 2),
+        ((1, 8, 9), 1, 1),
+        ((2, 7, 9), 1, 2),
+        ((9, 10), 1, 2),
+    ],
 )
 def test_mind_in_place_path_equals_differentiable_path(shape, radius, dilation):
     """Without gradients MIND-SSC is computed in place (fast on whole brains: the box filter
