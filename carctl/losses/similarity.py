@@ -67,27 +67,18 @@ def _shift_into(out: torch.Tensor, image: torch.Tensor, offset: tuple[int, ...])
     return out
 
 
-def _box_filter(
-    image: torch.Tensor, radius: int, spare: torch.Tensor | None = None
-) -> torch.Tensor:
+def _box_filter(image: torch.Tensor, radius: int) -> torch.Tensor:
     """Mean over the ``(2 radius + 1)^D`` box around each voxel, of the voxels inside the image
     (``avg_pool`` with ``count_include_pad=False``, also on axes shorter than the box), one
     axis at a time: a box and its count of inside voxels both factor over the axes, and
     torch's CPU pooling reads the whole window per voxel (729 values for LNCC's 9-voxel
-    windows) where this reads ``D (2 radius + 1)``.
-
-    ``spare``: an array of ``image``'s shape that may be overwritten, as may ``image``
-    (neither differentiated): the axes write to them in turn and no array is allocated (the
-    result is one of the two). The sums are added in the same order either way."""
+    windows) where this reads ``D (2 radius + 1)``. (MIND-SSC without gradients runs
+    :func:`_box_axis` between arrays of its own instead: the same sums in the same order.)"""
     if radius == 0:
         return image
     out = image
     for dim in range(2, image.dim()):
-        if spare is None:
-            out = _box_axis(out, out.clone(), dim, radius, copied=True)
-        else:
-            total, spare = spare, out
-            out = _box_axis(out, total, dim, radius)
+        out = _box_axis(out, out.clone(), dim, radius, copied=True)
     return out
 
 

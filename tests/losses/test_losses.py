@@ -342,9 +342,6 @@ def test_box_filter_matches_brute_force_on_any_size():
     for shape, radius in (((5, 6, 7), 1), ((1, 5, 12), 4), ((2, 3, 10), 2), ((3, 11), 4)):
         image = torch.rand(1, 1, *shape, dtype=torch.float64, generator=generator)
         got = sim._box_filter(image, radius)[0, 0].numpy()
-        # between two arrays that may be overwritten: bit for bit the same
-        spare = sim._box_filter(image.clone(), radius, torch.empty_like(image))
-        assert torch.equal(spare[0, 0], torch.from_numpy(got))
         a = image[0, 0].numpy()
         expected = np.empty_like(a)
         for index in np.ndindex(a.shape):
