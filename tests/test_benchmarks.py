@@ -215,3 +215,20 @@ def test_half_pairs_cut_the_moving_image_in_place_and_score_where_it_answers(
     np.testing.assert_array_equal(moving.array, whole.array[low:])
     brain = read_image(pair.fixed).array > 0
     assert 0.2 < pair.mask.sum() / brain.sum() < 0.8  # half of the brain, give or take
+
+
+@pytest.mark.slow
+def test_bench_features_times_mind_and_fingerprints_it(shared_data):
+    """bench_features prints one row per image: its size, the first call, the median of the
+    rest and a fingerprint of the descriptors."""
+    import subprocess
+
+    script = BENCHMARK.with_name("bench_features.py")
+    command = [sys.executable, str(script), "--data", str(shared_data), "--repeats", "1"]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ")]
+    assert [r[0].strip() for r in rows[1:]] == ["whole", "brain box"]
+    assert [r[1].strip() for r in rows[1:]] == ["155x240x240", "140x215x180"]
+    for row in rows[1:]:
+        assert float(row[2]) > 0 and float(row[3]) > 0
+        assert len(row[4].strip()) == 12 and int(row[4], 16) >= 0
