@@ -51,10 +51,8 @@ def main() -> None:
                 times.append(time.perf_counter() - start)
         digest = hashlib.sha1(features.numpy().tobytes()).hexdigest()[:12]
         shape = "x".join(str(n) for n in image.shape[2:])
-        print(
-            f"| {name} | {shape} | {times[0]:.3f} | {statistics.median(times[1:]):.3f} | "
-            f"{digest} |"
-        )
+        median = statistics.median(times[1:])
+        print(f"| {name} | {shape} | {times[0]:.3f} | {median:.3f} | {digest} |")
 
 
 if __name__ == "__main__":
