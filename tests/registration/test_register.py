@@ -1611,9 +1611,8 @@ def test_auto_between_two_ct_images_skips_the_network_and_lowers_the_weight(phan
     """Between two CT images (in Hounsfield units) ``auto`` skips the network, the
     deformable stage's levels after the coarsest run with a MIND weight of at most 0.05
     (breathing slides the lungs along the chest wall; 0.1 with a fixed mask, which leaves the
-    wall out) and its finest level runs 80
-    iterations; a CT onto an MR-like image keeps the network and 0.2, ``net`` runs the
-    network on two CT images, and a weight given is kept."""
+    wall out) and its finest level runs 80 iterations; a CT onto an MR-like image keeps the
+    network and 0.2, ``net`` runs the network on two CT images, and a weight given is kept."""
     fixed = contrast(phantom)
     options = RegistrationOptions(iterations=2)
 
