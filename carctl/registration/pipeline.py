@@ -81,7 +81,7 @@ DEFAULT_REGULARIZATION_2D = {"mind": 0.5}
 # Then at most 0.05 after the coarsest level (still 0.2 there): breathing went on gaining,
 # the more so the larger it was, and the pairs it cost lost less. `auto`, seeds 0 / 1:
 # `ct-breath` 1.003 / 0.881 -> 0.850 / 0.808, at 20 mm at the diaphragm 2.107 / 1.985 ->
-# 1.958 / 1.807 (ConvexAdam 1.86 on seed 0, with 0.35 % folding, in 180 s), at 28 mm 3.049 /
+# 1.958 / 1.807 (ConvexAdam 1.86 / 1.92, with 0.35 / 0.56 % folding, in 150-180 s), at 28 mm 3.049 /
 # 3.175 -> 2.860 / 2.958; `ct-chest` 0.780 / 0.834 -> 0.799 / 0.858; turned by 15 / 20
 # degrees 0.572 / 0.969 -> 0.737 / 1.049; `ct-chest` at 16 mm RMS 5.01 -> 4.99. (0.03:
 # breathing alike, turned 0.94 / 1.25, `ct-chest` 0.87 / 0.95; 0.05 at every level too:
