@@ -1611,7 +1611,7 @@ def test_auto_between_two_ct_images_skips_the_network_and_lowers_the_weight(phan
     """Between two CT images (in Hounsfield units) ``auto`` skips the network, the
     deformable stage's levels after the coarsest run with a MIND weight of at most 0.05
     (breathing slides the lungs along the chest wall; 0.1 with a fixed mask, which leaves the
-    wall out) and its finest level runs 80 iterations; a CT onto an MR-like image keeps the
+    wall out) and its finest level runs 120 iterations; a CT onto an MR-like image keeps the
     network and 0.2, ``net`` runs the network on two CT images, and a weight given is kept."""
     fixed = contrast(phantom)
     options = RegistrationOptions(iterations=2)
@@ -1639,11 +1639,11 @@ def test_auto_between_two_ct_images_skips_the_network_and_lowers_the_weight(phan
     assert "skipped" not in net["network"] and "grid_size" in net["network"]
     given = stages(_as_ct(phantom), _as_ct(fixed), regularization=0.3)
     assert given["deformable"]["level_regularization"] == pytest.approx([0.3] * len(later) + [0.3])
-    # and the finest level runs twice the iterations (it went on gaining on the chest CT)
+    # and the finest level runs three times the iterations (it went on gaining on the chest CT)
     default = stages(_as_ct(phantom), _as_ct(fixed), iterations=None)["deformable"]
     levels_run = len(default["levels_mm"])
     assert default["iterations"] == list(pipeline.DEFAULT_ITERATIONS_CT[-levels_run:])
-    assert default["iterations"][-1] == 2 * pipeline.DEFAULT_ITERATIONS[-1]
+    assert default["iterations"][-1] == 3 * pipeline.DEFAULT_ITERATIONS[-1]
 
 
 def test_eroded_weights_spare_thin_axes():
