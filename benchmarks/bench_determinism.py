@@ -7,7 +7,7 @@ on CPU; docs/usage.md records a known defect seen with 2 threads on an Intel CPU
 
 Default pair: the spinal-cord T1 onto the T2. Each run's outcome is the initialisation's
 first loss (MIND of the header, at the first level, before any optimisation: where a
-difference starts) and the sha1 of its field and warped image; the table gives each
+difference starts) and the sha256 of its field and warped image; the table gives each
 distinct outcome with its count. ``--env`` sets variables for the runs (e.g.
 ``PYTHONHASHSEED=0``, ``MKL_CBWR=COMPATIBLE``) to test what makes them agree.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import hashlib
 import json
 import os
 import subprocess
@@ -25,10 +24,6 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-
-
-def sha1(path: Path) -> str:
-    return hashlib.sha1(path.read_bytes()).hexdigest()[:12]
 
 
 def main() -> None:
@@ -41,6 +36,9 @@ def main() -> None:
     parser.add_argument("--fixed", type=Path, help="default: the spine pair's T2")
     parser.add_argument("--env", nargs="*", default=[], metavar="NAME=VALUE")
     args = parser.parse_args()
+
+    from carctl.pretrained import sha256
+
     moving = args.moving or args.data / "spine-t1-t2" / "t1w.nii.gz"
     fixed = args.fixed or args.data / "spine-t1-t2" / "t2.nii.gz"
     environment = dict(os.environ)
@@ -59,14 +57,14 @@ def main() -> None:
             subprocess.run(command, env=environment, check=True)
             report = json.loads(summary.read_text())
             first = next(s["loss_before"] for s in report["stages"] if s["name"] == "initialise")
-            field, warped = (sha1(Path(report["outputs"][key])) for key in ("field", "warped"))
+            field, warped = (sha256(Path(report["outputs"][k]))[:12] for k in ("field", "warped"))
             outcomes[(repr(first), field, warped)] += 1
     settings = f" with {' '.join(args.env)}" if args.env else ""
     print(
         f"{args.runs} runs of `register --method {args.method} --threads {args.threads}`"
         f"{settings} on {moving.name} -> {fixed.name}"
     )
-    print("| runs | first loss (initialise) | field sha1 | warped sha1 |")
+    print("| runs | first loss (initialise) | field sha256 | warped sha256 |")
     print("|---|---|---|---|")
     for (first, field, warped), count in outcomes.most_common():
         print(f"| {count} | {first} | {field} | {warped} |")

@@ -36,7 +36,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as the command line does
-    path = args.data / "brats-gli-00001" / "BraTS-GLI-00001-000-t2f.nii.gz"
+    from bench_register import brats_contrast
+
+    path = brats_contrast(args.data, "t2f")
     whole = torch.from_numpy(normalise(read_image(path).array))[None, None]
     crop = whole[:, :, 10:150, 15:230, 30:210].contiguous()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -87,9 +87,10 @@ def _box_axis(
 ) -> torch.Tensor:
     """``total`` (of ``image``'s shape, not overlapping it) set to the mean of each voxel's
     neighbours within ``radius`` along ``dim`` inside the image, and returned; ``copied``:
-    ``total`` holds ``image`` already (else the voxel and its lower neighbour are written at
-    once). The sums are added in one order: the voxel, then the neighbours at 1, 2, ...
-    voxels, the lower before the upper."""
+    ``total`` holds ``image`` already (a clone: the differentiable path, as ``out=`` writes
+    do not take gradients; else the voxel and its lower neighbour are written at once). The
+    sums are added in one order: the voxel, then the neighbours at 1, 2, ... voxels, the
+    lower before the upper."""
     n = image.shape[dim]
     if not copied and (radius == 0 or n == 1):
         total.copy_(image)

@@ -771,12 +771,10 @@ def _following(state: _State, weight: float, motion_mm: float) -> float:
         return weight
     if motion_mm > MOTION_SCALE_MM:
         weight = weight * MOTION_SCALE_MM / motion_mm
-    caps = (
-        DEFAULT_REGULARIZATION_CT if state.fixed_mask is None else DEFAULT_REGULARIZATION_CT_MASKED
-    )
-    most = caps.get(state.spec.name)
-    if state.ct and most is not None:
-        weight = min(weight, most)
+    if state.ct:
+        masked = state.fixed_mask is not None
+        caps = DEFAULT_REGULARIZATION_CT_MASKED if masked else DEFAULT_REGULARIZATION_CT
+        weight = min(weight, caps.get(state.spec.name, weight))
     return weight
 
 
